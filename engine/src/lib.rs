@@ -1,0 +1,1 @@
+//! dlengine's model execution engine.
