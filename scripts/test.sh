@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: every Rust test in the workspace, then each script in
+# scripts/tests.d/ (cross-process and Python-driven tests). Expects scripts/install-deps.sh
+# to have run. Prints one closing line "N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+passed=0; failed=0
+run_part() {
+  local name=$1; shift
+  echo "=== $name"
+  if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $name"; fi
+}
+
+run_part "cargo test --workspace" cargo test --workspace --no-fail-fast
+for t in scripts/tests.d/*.sh; do
+  [ -e "$t" ] || continue
+  run_part "$t" bash "$t"
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
