@@ -1,0 +1,161 @@
+//! The backend boundary: the op set every model is written against.
+//!
+//! A backend owns device memory (weights, activations, the paged KV cache) and runs the
+//! ops below. Model code (crate::models) calls only these ops and never learns which
+//! backend it runs on; the scheduler never sees tensors at all. The CPU backend is the
+//! reference (f32 math); the CUDA backend (crate `dlengine-cuda`) stores bf16 and
+//! accumulates in f32.
+//!
+//! Activations are 2-D, row-major, one row per token of the step. The attention input is
+//! the packed `qkv` projection: each row holds `q_heads` query heads, then `kv_heads` key
+//! heads, then `kv_heads` value heads, each `head_dim` wide ([`QkvLayout`]).
+
+pub mod cpu;
+mod host_tensor;
+mod step_input;
+
+pub use host_tensor::{DType, HostTensor};
+pub use step_input::StepInput;
+
+use crate::error::BackendError;
+use crate::sampler::{SampledToken, SamplingRow};
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Shape of the packed q/k/v projection of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QkvLayout {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvLayout {
+    pub fn width(&self) -> usize {
+        (self.q_heads + 2 * self.kv_heads) * self.head_dim
+    }
+    pub fn q_width(&self) -> usize {
+        self.q_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Geometry of the paged KV cache. Per layer the backend keeps K and V blocks of
+/// `block_size` tokens x `kv_heads` x `head_dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KvCacheLayout {
+    pub num_layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub dtype: DType,
+}
+
+impl KvCacheLayout {
+    /// Bytes one block takes over all layers, K and V.
+    pub fn bytes_per_block(&self) -> usize {
+        2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+}
+
+/// One step of work for a backend. Implementations may keep state (KV cache, workspaces,
+/// captured graphs); ops take `&mut self` so no interior mutability is needed.
+pub trait Backend: Send + 'static {
+    /// A 2-D tensor living on the backend's device.
+    type Tensor: Send;
+    /// A step's batch metadata, uploaded once and read by several ops.
+    type Batch: Send;
+
+    /// Human-readable device description for logs.
+    fn describe(&self) -> String;
+
+    /// Storage dtype of the KV cache this backend uses.
+    fn kv_dtype(&self) -> DType;
+
+    /// Uploads a weight read from disk, converting to the backend's storage dtype.
+    fn weight(&mut self, host: &HostTensor<'_>) -> Result<Self::Tensor>;
+
+    /// Uploads a table kept in f32 whatever the storage dtype (e.g. RoPE cos/sin).
+    fn f32_table(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+
+    /// Bytes the KV cache may take, asked after weights are loaded and one forward at the
+    /// largest step ran (so activation peaks are known).
+    fn kv_cache_budget_bytes(&mut self) -> Result<usize>;
+
+    /// Allocates the KV cache (replacing any earlier one).
+    fn allocate_kv_cache(&mut self, layout: KvCacheLayout, num_blocks: usize) -> Result<()>;
+
+    /// Copies whole KV blocks (all layers): copy-on-write when `n > 1` samples fork.
+    fn copy_kv_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()>;
+
+    /// Uploads the step's metadata.
+    fn prepare(&mut self, input: &StepInput) -> Result<Self::Batch>;
+
+    /// Rows of `table` picked by the step's token ids.
+    fn embedding(&mut self, table: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
+
+    /// RMSNorm of each row: x / sqrt(mean(x^2) + eps) * weight.
+    fn rms_norm(&mut self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+
+    /// `residual += x`, then returns RMSNorm(residual) (the fused pre-norm of the next block).
+    fn add_rms_norm(
+        &mut self,
+        x: &Self::Tensor,
+        residual: &mut Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// `x · wᵀ` for x [n, k] and a weight in Hugging Face layout [m, k]: result [n, m].
+    fn linear(&mut self, x: &Self::Tensor, weight: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// In place, RMSNorm over each q head (with `q_weight`) and each k head (with
+    /// `k_weight`) of the packed qkv rows (Qwen3's q/k norm).
+    fn qk_norm(
+        &mut self,
+        qkv: &mut Self::Tensor,
+        layout: QkvLayout,
+        q_weight: &Self::Tensor,
+        k_weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// In place, rotary embedding (neox layout: the first and second halves of each head
+    /// are the pairs) of the q and k heads, at the step's positions. `cos_sin` is an f32
+    /// table [max_positions, head_dim]: cos in the first half of each row, sin in the second.
+    fn rope(
+        &mut self,
+        qkv: &mut Self::Tensor,
+        layout: QkvLayout,
+        cos_sin: &Self::Tensor,
+        batch: &Self::Batch,
+    ) -> Result<()>;
+
+    /// Writes the step's k and v heads into the paged cache of `layer` at the step's slots.
+    fn write_kv(&mut self, qkv: &Self::Tensor, layout: QkvLayout, layer: usize, batch: &Self::Batch) -> Result<()>;
+
+    /// Causal attention of the step's queries over the cached keys/values of their
+    /// sequences (cached prefix plus the step's own tokens, already written): [n, q_width].
+    fn attention(
+        &mut self,
+        qkv: &Self::Tensor,
+        layout: QkvLayout,
+        layer: usize,
+        scale: f32,
+        batch: &Self::Batch,
+    ) -> Result<Self::Tensor>;
+
+    /// silu(gate) * up, for x = [gate | up] of width 2i: result [n, i].
+    fn silu_mul(&mut self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// The rows of `x` whose logits the step needs (the batch's `logit_rows`).
+    fn gather_logit_rows(&mut self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
+
+    /// Samples one token per row description from `logits` [rows, vocab].
+    fn sample(&mut self, logits: &Self::Tensor, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>>;
+
+    /// Copies a tensor to the host as f32 (tests, teacher-forced logits).
+    fn to_host(&mut self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,341 @@
+//! The engine as async callers see it: a cloneable handle, an engine thread that owns the
+//! model and the scheduler, and one stream per request.
+//!
+//! The thread runs steps back to back while there is work and sleeps on its command
+//! channel when there is none. Per-token events go to each request's unbounded channel;
+//! the request's consumer turns them into text ([`OutputProcessor`]). Dropping a
+//! [`RequestStream`] aborts its request, so a disconnected client frees its blocks at once.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::backend::Backend;
+use crate::config::{EngineConfig, ModelInfo};
+use crate::engine_core::{EngineCore, RequestKey, StepEvent};
+use crate::error::{EngineError, SubmitError};
+use crate::output_processor::{OutputProcessor, TokenEvent};
+use crate::request::{ChoiceDelta, GenerateRequest, Usage};
+use crate::stats::EngineStats;
+use crate::tokenizer::Tokenizer;
+
+enum Command {
+    Add { key: RequestKey, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<RequestEvent> },
+    Abort(RequestKey),
+    StopChoice { key: RequestKey, choice: u32 },
+    Shutdown,
+}
+
+/// What the engine thread tells one request.
+#[derive(Debug)]
+pub(crate) enum RequestEvent {
+    /// First scheduled: how many prompt tokens came from the prefix cache.
+    Started { cached_tokens: usize },
+    Tokens(TokenEvent),
+    Failed(String),
+}
+
+struct Shared {
+    commands: Mutex<mpsc::Sender<Command>>,
+    tokenizer: Arc<Tokenizer>,
+    info: ModelInfo,
+    config: EngineConfig,
+    stats: Arc<Mutex<EngineStats>>,
+    /// Requests submitted but not yet scheduled, for the waiting-queue bound.
+    queued: Arc<AtomicUsize>,
+    draining: AtomicBool,
+    next_key: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A cheap, cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Loads the model from `model_dir` onto `backend`, sizes the KV cache and starts the
+    /// engine thread. Blocks while loading.
+    pub fn start<B: Backend>(model_dir: &Path, config: EngineConfig, backend: B) -> Result<Engine, EngineError> {
+        let tokenizer = Arc::new(Tokenizer::from_dir(model_dir)?);
+        let core = EngineCore::load(model_dir, &config, backend)?;
+        let info = core.info().clone();
+        tracing::info!(
+            model = %model_dir.display(),
+            device = %info.device,
+            kv_blocks = info.num_kv_blocks,
+            max_concurrent_tokens = info.num_kv_blocks * info.kv_layout.block_size,
+            max_model_len = info.max_model_len,
+            "engine ready"
+        );
+        Ok(Self::spawn(core, tokenizer, config, info))
+    }
+
+    fn spawn(core: EngineCore, tokenizer: Arc<Tokenizer>, config: EngineConfig, info: ModelInfo) -> Engine {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(core.stats()));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let loop_stats = stats.clone();
+        let loop_queued = queued.clone();
+        let thread = std::thread::Builder::new()
+            .name("dlengine-engine".into())
+            .spawn(move || engine_loop(core, rx, loop_stats, loop_queued))
+            .expect("spawning the engine thread");
+        Engine {
+            shared: Arc::new(Shared {
+                commands: Mutex::new(tx),
+                tokenizer,
+                info,
+                config,
+                stats,
+                queued,
+                draining: AtomicBool::new(false),
+                next_key: AtomicU64::new(1),
+                thread: Mutex::new(Some(thread)),
+            }),
+        }
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.shared.tokenizer
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks a request against the engine's limits without submitting it.
+    pub fn check(&self, request: &GenerateRequest) -> Result<(), SubmitError> {
+        request.params.validate()?;
+        let prompt_tokens = request.prompt_token_ids.len();
+        if prompt_tokens == 0 {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let vocab_size = self.shared.info.vocab_size;
+        if let Some(&token_id) = request.prompt_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(SubmitError::TokenOutOfVocab { token_id, vocab_size });
+        }
+        let max_model_len = self.shared.info.max_model_len;
+        if prompt_tokens + request.params.max_tokens > max_model_len {
+            return Err(SubmitError::TooLong { prompt_tokens, max_tokens: request.params.max_tokens, max_model_len });
+        }
+        Ok(())
+    }
+
+    /// Queues a request; its output arrives on the returned stream.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        if self.shared.draining.load(Ordering::Acquire) {
+            return Err(SubmitError::Draining);
+        }
+        self.check(&request)?;
+        let limit = self.shared.config.max_waiting_requests;
+        if self.shared.queued.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull { limit });
+        }
+        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events_rx) = tokio_mpsc::unbounded_channel();
+        let processor = OutputProcessor::new(self.shared.tokenizer.clone(), &request.prompt_token_ids, &request.params);
+        let prompt_tokens = request.prompt_token_ids.len();
+        let sent = self.send(Command::Add { key, request, events: events_tx });
+        if !sent {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Draining);
+        }
+        Ok(RequestStream {
+            key,
+            engine: self.clone(),
+            events: events_rx,
+            processor,
+            usage: Usage { prompt_tokens, ..Usage::default() },
+            done: false,
+        })
+    }
+
+    fn send(&self, command: Command) -> bool {
+        let tx = self.shared.commands.lock().unwrap_or_else(|e| e.into_inner());
+        tx.send(command).is_ok()
+    }
+
+    /// Refuses new requests from now on; running ones continue.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// Aborts every request and stops the engine thread.
+    pub fn shutdown(&self) {
+        self.begin_drain();
+        self.send(Command::Shutdown);
+        let handle = self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn engine_loop(
+    mut core: EngineCore,
+    rx: mpsc::Receiver<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+    queued: Arc<AtomicUsize>,
+) {
+    let mut streams: std::collections::HashMap<RequestKey, tokio_mpsc::UnboundedSender<RequestEvent>> =
+        Default::default();
+    let mut running = true;
+    while running {
+        // Sleep on the channel only when idle; otherwise just drain what arrived.
+        let first = if core.has_work() { rx.try_recv().ok() } else { rx.recv().ok().or(Some(Command::Shutdown)) };
+        for command in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match command {
+                Command::Add { key, request, events } => {
+                    streams.insert(key, events);
+                    core.add_request(key, request);
+                }
+                Command::Abort(key) => {
+                    if core.abort(key) {
+                        queued.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    streams.remove(&key);
+                }
+                Command::StopChoice { key, choice } => core.stop_choice(key, choice),
+                Command::Shutdown => running = false,
+            }
+        }
+        if !running {
+            break;
+        }
+        if core.has_work() {
+            let events = core.step();
+            deliver(events, &mut streams, &queued);
+        }
+        *stats.lock().unwrap_or_else(|e| e.into_inner()) = core.stats();
+    }
+    for (key, tx) in streams.drain() {
+        core.abort(key);
+        let _ = tx.send(RequestEvent::Failed("the engine shut down".into()));
+    }
+}
+
+fn deliver(
+    events: Vec<StepEvent>,
+    streams: &mut std::collections::HashMap<RequestKey, tokio_mpsc::UnboundedSender<RequestEvent>>,
+    queued: &AtomicUsize,
+) {
+    for event in events {
+        let (key, message, last) = match event {
+            StepEvent::Started { key, cached_tokens } => {
+                queued.fetch_sub(1, Ordering::AcqRel);
+                (key, RequestEvent::Started { cached_tokens }, false)
+            }
+            StepEvent::Token { key, event, request_finished } => (key, RequestEvent::Tokens(event), request_finished),
+            StepEvent::Failed { key, message, was_queued } => {
+                if was_queued {
+                    queued.fetch_sub(1, Ordering::AcqRel);
+                }
+                (key, RequestEvent::Failed(message), true)
+            }
+        };
+        if let Some(tx) = streams.get(&key) {
+            let _ = tx.send(message);
+        }
+        if last {
+            streams.remove(&key);
+        }
+    }
+}
+
+/// The output of one request. Dropping it aborts the request.
+pub struct RequestStream {
+    key: RequestKey,
+    engine: Engine,
+    events: tokio_mpsc::UnboundedReceiver<RequestEvent>,
+    processor: OutputProcessor,
+    usage: Usage,
+    done: bool,
+}
+
+impl RequestStream {
+    /// The next delta of any choice; None once every choice finished.
+    pub async fn next(&mut self) -> Option<Result<ChoiceDelta, EngineError>> {
+        while !self.done {
+            let Some(event) = self.events.recv().await else {
+                self.done = true;
+                return Some(Err(EngineError::Stopped));
+            };
+            if let Some(out) = self.handle(event) {
+                return Some(out);
+            }
+        }
+        None
+    }
+
+    /// Blocking variant of [`next`](Self::next) for callers without an async runtime.
+    pub fn next_blocking(&mut self) -> Option<Result<ChoiceDelta, EngineError>> {
+        while !self.done {
+            let Some(event) = self.events.blocking_recv() else {
+                self.done = true;
+                return Some(Err(EngineError::Stopped));
+            };
+            if let Some(out) = self.handle(event) {
+                return Some(out);
+            }
+        }
+        None
+    }
+
+    fn handle(&mut self, event: RequestEvent) -> Option<Result<ChoiceDelta, EngineError>> {
+        match event {
+            RequestEvent::Started { cached_tokens } => {
+                self.usage.cached_tokens = cached_tokens;
+                None
+            }
+            RequestEvent::Failed(message) => {
+                self.done = true;
+                Some(Err(EngineError::Request(message)))
+            }
+            RequestEvent::Tokens(ev) => {
+                let choice = ev.choice;
+                let processed = self.processor.process(ev)?;
+                self.usage.completion_tokens += processed.delta.token_ids.len();
+                if processed.stop_engine {
+                    self.engine.send(Command::StopChoice { key: self.key, choice });
+                }
+                self.done = self.processor.all_finished();
+                Some(Ok(processed.delta))
+            }
+        }
+    }
+
+    /// Token counts so far (final once the stream has ended).
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.engine.send(Command::Abort(self.key));
+        }
+    }
+}

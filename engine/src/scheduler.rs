@@ -1,0 +1,310 @@
+//! Continuous batching: which sequences run in the next step and how many tokens each.
+//!
+//! Every step has a token budget. Running decodes go first (one token each, oldest
+//! first), then running prefills continue in chunks, then waiting sequences are admitted
+//! in arrival order (FCFS: a waiting sequence that does not fit blocks those behind it).
+//! Prefill chunks and decodes share a step. When blocks run out, the newest running
+//! sequence not yet scheduled in this step is preempted: its blocks are freed and it goes
+//! back to waiting to be recomputed (the prefix cache usually makes that cheap).
+//!
+//! The result is a plain [`SchedulerOutput`]; tensors are the model runner's business.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::kv::{BlockId, BlockManager};
+use crate::sequence::{SeqId, SeqStatus, Sequence};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
+}
+
+/// One sequence's share of a step: tokens `start..start + num_tokens` of it are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub seq_id: SeqId,
+    pub start: usize,
+    pub num_tokens: usize,
+    /// The chunk reaches the sequence's last known token: sample its next one.
+    pub sample: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerOutput {
+    pub scheduled: Vec<ScheduledSeq>,
+    pub num_batched_tokens: usize,
+    /// Whole-block copies to run before the step (copy-on-write of forked samples).
+    pub blocks_to_copy: Vec<(BlockId, BlockId)>,
+    /// Sequences scheduled for the first time, with their prefix-cache hit in tokens.
+    pub started: Vec<(SeqId, usize)>,
+    pub preempted: Vec<SeqId>,
+}
+
+impl SchedulerOutput {
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub prefix_queried_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub preemptions: u64,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, Sequence>,
+    /// Sorted by arrival.
+    waiting: VecDeque<SeqId>,
+    /// Sorted by arrival.
+    running: Vec<SeqId>,
+    pending_copies: Vec<(BlockId, BlockId)>,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
+            cfg,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            pending_copies: Vec::new(),
+            stats: SchedulerStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+    pub fn block_manager(&self) -> &BlockManager {
+        &self.blocks
+    }
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+    pub fn seq(&self, id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+    pub fn seq_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.seqs.keys().copied()
+    }
+
+    /// Queues a new sequence.
+    pub fn add(&mut self, seq: Sequence) {
+        let id = seq.id;
+        self.insert_waiting(id, seq.arrival);
+        self.seqs.insert(id, seq);
+    }
+
+    fn insert_waiting(&mut self, id: SeqId, arrival: u64) {
+        let seqs = &self.seqs;
+        let pos = self.waiting.partition_point(|w| seqs.get(w).is_some_and(|s| s.arrival <= arrival));
+        self.waiting.insert(pos, id);
+    }
+
+    /// Removes a sequence wherever it is and frees its blocks at once.
+    pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+        let seq = self.seqs.remove(&id)?;
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+        self.blocks.release(&seq.block_table);
+        Some(seq)
+    }
+
+    /// Decides the next step.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput { blocks_to_copy: std::mem::take(&mut self.pending_copies), ..Default::default() };
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut scheduled = HashSet::new();
+        // Decodes first so a long prefill never stalls them, then prefill chunks.
+        for decode_pass in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() && budget > 0 {
+                let id = self.running[i];
+                let uncomputed = self.seqs[&id].num_uncomputed();
+                if (uncomputed == 1) != decode_pass || uncomputed == 0 || scheduled.contains(&id) {
+                    i += 1;
+                    continue;
+                }
+                let n = uncomputed.min(budget);
+                if self.make_room(id, n, &scheduled, &mut out) {
+                    self.push_scheduled(id, n, &mut out);
+                    scheduled.insert(id);
+                    budget -= n;
+                    i += 1;
+                } else if self.running.get(i) == Some(&id) {
+                    i += 1; // does not fit this step; try the others
+                } // else it preempted itself and `i` already points at the next one
+            }
+        }
+        if out.preempted.is_empty() {
+            self.admit_waiting(&mut budget, &mut out);
+        }
+        out
+    }
+
+    /// Allocates blocks so `id` can hold `n` more tokens, preempting the newest running
+    /// sequences not scheduled in this step if needed. False if it does not fit now.
+    fn make_room(&mut self, id: SeqId, n: usize, scheduled: &HashSet<SeqId>, out: &mut SchedulerOutput) -> bool {
+        loop {
+            let seq = &self.seqs[&id];
+            let need = self.blocks.blocks_for(seq.num_computed_tokens + n).saturating_sub(seq.block_table.len());
+            if need <= self.blocks.num_free() {
+                for _ in 0..need {
+                    let b = self.blocks.allocate().expect("counted free blocks");
+                    self.seqs.get_mut(&id).expect("running sequence").block_table.push(b);
+                }
+                return true;
+            }
+            let victim = self.running.iter().rev().copied().find(|v| !scheduled.contains(v));
+            match victim {
+                Some(v) => {
+                    self.preempt(v, out);
+                    if v == id {
+                        return false;
+                    }
+                }
+                None => return false,
+            }
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId, out: &mut SchedulerOutput) {
+        self.running.retain(|&r| r != id);
+        let seq = self.seqs.get_mut(&id).expect("preempting a known sequence");
+        let table = std::mem::take(&mut seq.block_table);
+        seq.num_computed_tokens = 0;
+        seq.status = SeqStatus::Waiting;
+        let arrival = seq.arrival;
+        self.blocks.release(&table);
+        self.insert_waiting(id, arrival);
+        self.stats.preemptions += 1;
+        out.preempted.push(id);
+    }
+
+    fn push_scheduled(&mut self, id: SeqId, n: usize, out: &mut SchedulerOutput) {
+        let seq = &self.seqs[&id];
+        let start = seq.num_computed_tokens;
+        out.scheduled.push(ScheduledSeq { seq_id: id, start, num_tokens: n, sample: start + n == seq.len() });
+        out.num_batched_tokens += n;
+    }
+
+    fn admit_waiting(&mut self, budget: &mut usize, out: &mut SchedulerOutput) {
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&id) = self.waiting.front() else { break };
+            let bs = self.cfg.block_size;
+            let seq = self.seqs.get_mut(&id).expect("waiting sequence");
+            // Only blocks wholly inside the first len-1 tokens may hit: the last token is
+            // always computed, into a block of this sequence's own.
+            let hit_candidates = if self.blocks.prefix_caching() { seq.len().saturating_sub(1) / bs } else { 0 };
+            let keys = seq.block_keys(hit_candidates, bs).to_vec();
+            let hits = self.blocks.match_prefix(&keys);
+            let cached = hits.len() * bs;
+            let n = (seq.len() - cached).min(*budget);
+            let fresh = self.blocks.blocks_for(cached + n) - hits.len();
+            if fresh + self.blocks.count_free(&hits) > self.blocks.num_free() {
+                break;
+            }
+            self.blocks.acquire(&hits);
+            let mut table = hits;
+            table.extend((0..fresh).map(|_| self.blocks.allocate().expect("counted free blocks")));
+            let seq = self.seqs.get_mut(&id).expect("waiting sequence");
+            seq.block_table = table;
+            seq.num_computed_tokens = cached;
+            seq.status = SeqStatus::Running;
+            if self.blocks.prefix_caching() {
+                self.stats.prefix_queried_tokens += seq.len() as u64;
+                self.stats.prefix_hit_tokens += cached as u64;
+            }
+            if !seq.started {
+                seq.started = true;
+                out.started.push((id, cached));
+            }
+            self.waiting.pop_front();
+            let pos = self.running.partition_point(|r| self.seqs[r].arrival <= self.seqs[&id].arrival);
+            self.running.insert(pos, id);
+            self.push_scheduled(id, n, out);
+            *budget -= n;
+        }
+    }
+
+    /// Records that the step ran: computed counts advance and newly full blocks enter the
+    /// prefix cache.
+    pub fn commit(&mut self, out: &SchedulerOutput) {
+        let bs = self.cfg.block_size;
+        for s in &out.scheduled {
+            let Some(seq) = self.seqs.get_mut(&s.seq_id) else { continue };
+            let full_before = seq.num_computed_tokens / bs;
+            seq.num_computed_tokens = s.start + s.num_tokens;
+            let full_after = seq.num_computed_tokens / bs;
+            if self.blocks.prefix_caching() && full_after > full_before {
+                let keys = seq.block_keys(full_after, bs).to_vec();
+                for b in full_before..full_after {
+                    self.blocks.register(seq.block_table[b], keys[b]);
+                }
+            }
+        }
+    }
+
+    /// Appends a sampled token.
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.token_ids.push(token);
+        }
+    }
+
+    /// Creates `child` as a copy of running sequence `parent` sharing its blocks. A partly
+    /// filled last block is copied (both will write into it). If no block is free for the
+    /// copy, the child goes to waiting and is recomputed later.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) {
+        let Some(p) = self.seqs.get(&parent) else { return };
+        let mut c = p.fork(child);
+        self.blocks.acquire(&c.block_table);
+        let partial = c.num_computed_tokens % self.cfg.block_size != 0;
+        if partial {
+            let last = c.block_table.len() - 1;
+            match self.blocks.allocate() {
+                Some(fresh) => {
+                    let shared = c.block_table[last];
+                    self.pending_copies.push((shared, fresh));
+                    self.blocks.release(&[shared]);
+                    c.block_table[last] = fresh;
+                }
+                None => {
+                    self.blocks.release(&c.block_table);
+                    c.block_table.clear();
+                    c.num_computed_tokens = 0;
+                    c.status = SeqStatus::Waiting;
+                    let arrival = c.arrival;
+                    self.seqs.insert(child, c);
+                    self.insert_waiting(child, arrival);
+                    return;
+                }
+            }
+        }
+        let pos = self.running.iter().position(|&r| r == parent).map_or(self.running.len(), |p| p + 1);
+        self.running.insert(pos, child);
+        self.seqs.insert(child, c);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,36 @@
+//! A snapshot of the engine's state for metrics and load reports.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct EngineStats {
+    /// Sequences holding KV blocks and being stepped.
+    pub running_seqs: usize,
+    /// Requests accepted but not yet started (including ones preempted back to waiting).
+    pub waiting_requests: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    /// Prompt tokens looked up in the prefix cache, and how many were found.
+    pub prefix_cache_queried_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+impl EngineStats {
+    pub fn kv_usage(&self) -> f64 {
+        if self.kv_blocks_total == 0 {
+            0.0
+        } else {
+            self.kv_blocks_used as f64 / self.kv_blocks_total as f64
+        }
+    }
+
+    pub fn prefix_hit_rate(&self) -> f64 {
+        if self.prefix_cache_queried_tokens == 0 {
+            0.0
+        } else {
+            self.prefix_cache_hit_tokens as f64 / self.prefix_cache_queried_tokens as f64
+        }
+    }
+}
