@@ -62,7 +62,11 @@ impl Engine {
     /// engine thread. Blocks while loading.
     pub fn start<B: Backend>(model_dir: &Path, config: EngineConfig, backend: B) -> Result<Engine, EngineError> {
         let tokenizer = Arc::new(Tokenizer::from_dir(model_dir)?);
-        let core = EngineCore::load(model_dir, &config, backend)?;
+        let mut core = EngineCore::load(model_dir, &config, backend)?;
+        // Like other engines, the tokenizer's EOS always ends generation too.
+        if let Some(id) = tokenizer.config.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            core.add_eos_token(id);
+        }
         let info = core.info().clone();
         tracing::info!(
             model = %model_dir.display(),

@@ -264,6 +264,19 @@ impl Scheduler {
         }
     }
 
+    /// Blocks outside any sequence (scoring a prompt in tests and tools). None if too few
+    /// are free.
+    pub fn allocate_detached(&mut self, n: usize) -> Option<Vec<BlockId>> {
+        if n > self.blocks.num_free() {
+            return None;
+        }
+        Some((0..n).map(|_| self.blocks.allocate().expect("counted free blocks")).collect())
+    }
+
+    pub fn release_detached(&mut self, blocks: &[BlockId]) {
+        self.blocks.release(blocks);
+    }
+
     /// Appends a sampled token.
     pub fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(seq) = self.seqs.get_mut(&id) {
