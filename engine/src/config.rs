@@ -138,9 +138,24 @@ impl ModelConfig {
             supported: Architecture::supported_names(),
         })?;
         let f = Fields { json, path };
+        // transformers 5 keeps RoPE settings in `rope_parameters`; older configs at the top.
+        let rope = match json.get("rope_parameters") {
+            Some(p) if p.get("rope_theta").is_some() => Fields { json: p, path },
+            _ => Fields { json, path },
+        };
         for unsupported in ["attention_bias", "mlp_bias", "use_sliding_window"] {
             if f.bool_or(unsupported, false) {
                 return Err(invalid(path, format!("`{unsupported}: true` is not supported")));
+            }
+        }
+        if let Some(act) = json.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(invalid(path, format!("hidden_act {act:?} is not supported (supported: silu)")));
+            }
+        }
+        if let Some(types) = json.get("layer_types").and_then(Value::as_array) {
+            if let Some(other) = types.iter().filter_map(Value::as_str).find(|t| *t != "full_attention") {
+                return Err(invalid(path, format!("layer type {other:?} is not supported (supported: full_attention)")));
             }
         }
         let hidden_size = f.usize("hidden_size")?;
@@ -156,8 +171,8 @@ impl ModelConfig {
             vocab_size: f.usize("vocab_size")?,
             max_position_embeddings: f.usize_or("max_position_embeddings", 4096)?,
             rms_norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
-            rope_theta: f.f32_or("rope_theta", 10_000.0)?,
-            rope_scaling: parse_rope_scaling(json.get("rope_scaling"), path)?,
+            rope_theta: rope.f32_or("rope_theta", 10_000.0)?,
+            rope_scaling: parse_rope_scaling(json.get("rope_scaling").or(json.get("rope_parameters")), path)?,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false),
             eos_token_ids: token_ids(json.get("eos_token_id")),
         };

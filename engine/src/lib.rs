@@ -13,6 +13,7 @@ pub mod engine;
 pub mod engine_core;
 pub mod error;
 pub mod executor;
+pub mod host_overhead;
 pub mod kv;
 pub mod models;
 pub mod output_processor;

@@ -18,7 +18,8 @@ use crate::error::LoadError;
 
 #[derive(Debug, Clone)]
 struct TensorEntry {
-    dtype: DType,
+    /// Err(name) for a dtype we do not compute with: refused only if asked for.
+    dtype: Result<DType, String>,
     shape: Vec<usize>,
     /// Byte range within the file.
     start: usize,
@@ -35,20 +36,26 @@ fn corrupt(path: &Path, message: impl Into<String>) -> LoadError {
     LoadError::CorruptHeader { path: path.to_owned(), message: message.into() }
 }
 
-fn parse_dtype(name: &str, tensor: &str, path: &Path) -> Result<DType, LoadError> {
+/// The dtype and its element size; dtypes we do not compute with keep their name.
+fn parse_dtype(name: &str) -> Option<(Result<DType, String>, usize)> {
+    let computed = |d: DType| Some((Ok(d), d.size_in_bytes()));
+    let stored = |size: usize| Some((Err(name.to_owned()), size));
     match name {
-        "BF16" => Ok(DType::BF16),
-        "F16" => Ok(DType::F16),
-        "F32" => Ok(DType::F32),
-        other => {
-            Err(LoadError::UnsupportedDtype { tensor: tensor.to_owned(), path: path.to_owned(), dtype: other.to_owned() })
-        }
+        "BF16" => computed(DType::BF16),
+        "F16" => computed(DType::F16),
+        "F32" => computed(DType::F32),
+        "F64" | "I64" | "U64" => stored(8),
+        "I32" | "U32" => stored(4),
+        "I16" | "U16" => stored(2),
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => stored(1),
+        _ => None,
     }
 }
 
 fn parse_entry(name: &str, v: &Value, data_start: usize, file_len: usize, path: &Path) -> Result<TensorEntry, LoadError> {
     let bad = |what: &str| corrupt(path, format!("tensor `{name}`: {what}"));
-    let dtype = parse_dtype(v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?, name, path)?;
+    let dtype_name = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?;
+    let (dtype, elem_size) = parse_dtype(dtype_name).ok_or_else(|| bad(&format!("unknown dtype {dtype_name}")))?;
     let shape: Vec<usize> = v
         .get("shape")
         .and_then(Value::as_array)
@@ -62,9 +69,9 @@ fn parse_entry(name: &str, v: &Value, data_start: usize, file_len: usize, path: 
         [b, e] => (b.as_u64().ok_or_else(|| bad("bad offset"))? as usize, e.as_u64().ok_or_else(|| bad("bad offset"))? as usize),
         _ => return Err(bad("data_offsets must have two entries")),
     };
-    let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
+    let expected = shape.iter().product::<usize>() * elem_size;
     if end < begin || end - begin != expected {
-        return Err(bad(&format!("data_offsets [{begin}, {end}] do not match shape {shape:?} of {}", dtype.name())));
+        return Err(bad(&format!("data_offsets [{begin}, {end}] do not match shape {shape:?} of {dtype_name}")));
     }
     if data_start + end > file_len {
         return Err(bad(&format!("data ends at byte {} beyond the file's {file_len} bytes", data_start + end)));
@@ -155,7 +162,12 @@ impl Weights {
             .map(|&i| &self.files[i])
             .ok_or_else(|| LoadError::MissingTensor { tensor: name.to_owned(), looked_in: self.looked_in() })?;
         let e = &file.tensors[name];
-        Ok(HostTensor { dtype: e.dtype, shape: e.shape.clone(), bytes: Cow::Borrowed(&file.mmap[e.start..e.end]) })
+        let dtype = e.dtype.clone().map_err(|dtype| LoadError::UnsupportedDtype {
+            tensor: name.to_owned(),
+            path: file.path.clone(),
+            dtype,
+        })?;
+        Ok(HostTensor { dtype, shape: e.shape.clone(), bytes: Cow::Borrowed(&file.mmap[e.start..e.end]) })
     }
 
     /// A tensor that must have exactly `expected` shape.
@@ -221,7 +233,7 @@ mod tests {
 
         let dir = temp_dir("dtype");
         write_file(&dir, "c.safetensors", r#"{"w":{"dtype":"I8","shape":[1],"data_offsets":[0,1]}}"#, &[0]);
-        let err = Weights::open(&dir).err().unwrap().to_string();
-        assert!(err.contains("I8") && err.contains("`w`"), "{err}");
+        let err = Weights::open(&dir).unwrap().get("w").err().unwrap().to_string();
+        assert!(err.contains("I8") && err.contains("`w`") && err.contains("c.safetensors"), "{err}");
     }
 }
