@@ -21,7 +21,7 @@ fn main() -> std::process::ExitCode {
     logging::init();
     let result = match cli.command {
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve::run(args))),
-        Command::Router(_) => Err(anyhow::anyhow!("`dlengine router` is not built yet")),
+        Command::Router(args) => runtime().and_then(|rt| rt.block_on(dlengine_router::run(args))),
         Command::Generate(_) => Err(anyhow::anyhow!("`dlengine generate` is not built yet")),
         Command::Bench(_) => Err(anyhow::anyhow!("`dlengine bench` is not built yet")),
     };
