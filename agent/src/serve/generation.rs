@@ -1,0 +1,105 @@
+//! The engine output of one HTTP request: one engine stream per prompt (a batched
+//! completions request has several), merged, timed, and held in flight until answered.
+//! Dropping it drops the engine streams, which aborts their requests and frees their KV
+//! blocks: that is what happens when a client disconnects mid-stream.
+
+use dlengine_engine::engine::RequestStream;
+use dlengine_engine::error::EngineError;
+use dlengine_engine::request::ChoiceDelta;
+use futures::stream::{BoxStream, SelectAll};
+use futures::StreamExt;
+
+use super::engine_errors::engine_error;
+use super::in_flight::InFlightGuard;
+use super::metrics::RequestObserver;
+use crate::openai::usage::Usage;
+use crate::openai::ApiError;
+
+/// What the merged output yields.
+#[derive(Debug)]
+pub enum Event {
+    /// New output of one choice of prompt `source`.
+    Delta { source: usize, delta: ChoiceDelta },
+    /// The engine failed the request; nothing more follows.
+    Failed(EngineError),
+}
+
+enum SourceEvent {
+    Delta(usize, ChoiceDelta),
+    Done(dlengine_engine::request::Usage),
+    Failed(EngineError),
+}
+
+pub struct Generation {
+    sources: SelectAll<BoxStream<'static, SourceEvent>>,
+    usage: Usage,
+    observer: RequestObserver,
+    _in_flight: InFlightGuard,
+}
+
+impl Generation {
+    pub fn new(streams: Vec<RequestStream>, tracking: (InFlightGuard, RequestObserver)) -> Self {
+        let sources = futures::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| source(i, s)));
+        let (in_flight, observer) = tracking;
+        Self { sources, usage: Usage::new(0, 0, 0), observer, _in_flight: in_flight }
+    }
+
+    /// The next delta; None once every prompt's choices have finished.
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            match self.sources.next().await {
+                Some(SourceEvent::Delta(source, delta)) => {
+                    self.observer.on_tokens(delta.token_ids.len());
+                    return Some(Event::Delta { source, delta });
+                }
+                Some(SourceEvent::Done(usage)) => self.add_usage(usage),
+                Some(SourceEvent::Failed(e)) => return Some(Event::Failed(e)),
+                None => {
+                    self.observer.on_finish(self.usage.prompt_tokens, self.usage.completion_tokens);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Token counts of the prompts that finished (all of them once `next` gave None).
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    fn add_usage(&mut self, u: dlengine_engine::request::Usage) {
+        let cached = self.usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens) + u.cached_tokens;
+        self.usage = Usage::new(self.usage.prompt_tokens + u.prompt_tokens, self.usage.completion_tokens + u.completion_tokens, cached);
+    }
+}
+
+/// One engine stream as a `Stream` that ends with its usage (or its failure).
+fn source(index: usize, stream: RequestStream) -> BoxStream<'static, SourceEvent> {
+    futures::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        match stream.next().await {
+            Some(Ok(delta)) => Some((SourceEvent::Delta(index, delta), Some(stream))),
+            Some(Err(e)) => Some((SourceEvent::Failed(e), None)),
+            None => Some((SourceEvent::Done(stream.usage()), None)),
+        }
+    })
+    .boxed()
+}
+
+/// Builds a non-streamed answer from deltas.
+pub trait Collector {
+    type Output;
+    fn add(&mut self, source: usize, delta: ChoiceDelta);
+    fn finish(self, usage: Usage) -> Self::Output;
+}
+
+/// Runs a generation to its end into one answer (or the engine's failure as a 500).
+pub async fn collect<C: Collector>(mut generation: Generation, mut collector: C) -> Result<C::Output, ApiError> {
+    while let Some(event) = generation.next().await {
+        match event {
+            Event::Delta { source, delta } => collector.add(source, delta),
+            Event::Failed(e) => return Err(engine_error(&e)),
+        }
+    }
+    Ok(collector.finish(generation.usage()))
+}

@@ -1,0 +1,90 @@
+//! `dlengine serve`: the OpenAI-compatible HTTP server in front of one engine.
+//!
+//! Life of the process: bind the port first (so `/health` answers 503 while the model
+//! loads), load the engine on a blocking thread, serve; on SIGTERM/SIGINT stop taking new
+//! work (health and new requests get 503), let in-flight requests finish within
+//! `--drain-timeout-secs`, stop the HTTP server, shut the engine down, exit 0.
+//!
+//! Handlers do request-level work only (parsing, templating, tokenizing once); the engine
+//! stream already detokenizes, so per-token work here is one chunk serialization.
+
+mod auth;
+mod chat;
+mod chat_prompt;
+mod chat_response;
+mod chat_setup;
+mod chat_template;
+mod completion_response;
+mod completions;
+mod engine_errors;
+mod finish;
+mod generation;
+mod in_flight;
+mod info;
+mod json_body;
+mod logprobs;
+mod metrics;
+mod output_parser;
+mod request_id;
+mod routes;
+mod sampling;
+mod shutdown;
+mod sse;
+mod state;
+mod stream_options;
+
+use anyhow::Context;
+use dlengine_cli::ServeArgs;
+
+use chat_setup::ChatSetup;
+use state::{AppState, Ready};
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    let state = AppState::new(&args);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = routes::router(state.clone());
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+    tracing::info!(model = %state.served_model(), "listening on http://{local}");
+
+    // One signal listener for the whole life, so a signal between phases is not lost.
+    let mut signal = std::pin::pin!(shutdown::signal());
+    let loader = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || crate::engine_loader::load_engine(&args)
+    });
+    tokio::select! {
+        loaded = loader => {
+            let engine = loaded.context("the model loader panicked")??;
+            let chat = ChatSetup::from_tokenizer_config(&engine.tokenizer().config);
+            state.set_ready(Ready { engine, chat });
+            tracing::info!("ready");
+        }
+        _ = &mut signal => {
+            tracing::info!("signal while loading; exiting");
+            return Ok(());
+        }
+        served = &mut server => return Err(anyhow::anyhow!("the HTTP server stopped: {:?}", served)),
+    }
+
+    tokio::select! {
+        _ = &mut signal => {}
+        served = &mut server => return Err(anyhow::anyhow!("the HTTP server stopped: {:?}", served)),
+    }
+    shutdown::drain(&state, std::time::Duration::from_secs(args.drain_timeout_secs)).await;
+    let _ = stop_http.send(());
+    shutdown::stop_server(server).await;
+    if let Some(engine) = state.loaded_engine().cloned() {
+        tokio::task::spawn_blocking(move || engine.shutdown()).await.context("engine shutdown panicked")?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

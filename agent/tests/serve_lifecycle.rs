@@ -1,0 +1,85 @@
+//! Load and lifecycle: queue-full refusals, client disconnects, SIGTERM drain.
+
+mod serve_support;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use serve_support::Server;
+
+/// A request that keeps the engine busy for a while: the whole context, n samples.
+fn long_stream(n: usize) -> Value {
+    json!({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true, "temperature": 1.0, "n": n, "stream": true})
+}
+
+async fn wait_for_metric(server: &Server, name: &str, want: f64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = server.metric(name).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} stayed at {got}, wanted {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let server = Server::start(&["--max-waiting-requests", "1", "--max-num-seqs", "1"]).await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
+    let requests = (0..12).map(|_| server.post("/v1/completions", body.clone()));
+    let responses = futures::future::join_all(requests).await;
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+    let refused: Vec<_> = responses.into_iter().filter(|r| r.status() == 429).collect();
+    assert!(!refused.is_empty(), "12 concurrent requests against a queue of 1 were all accepted: {statuses:?}");
+    for r in refused {
+        assert!(r.headers().contains_key("retry-after"));
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+    }
+    assert_eq!(server.health().await, 200);
+}
+
+#[tokio::test]
+async fn a_disconnected_stream_frees_its_kv_blocks() {
+    let server = Server::start(&[]).await;
+    let response = server.post("/v1/completions", long_stream(8)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("chunk bytes");
+    assert!(first.starts_with(b"data: "));
+    assert!(server.metric("dlengine_running_sequences").await >= 1.0, "the request should still be running");
+    assert!(server.metric("dlengine_kv_cache_blocks_used").await > 0.0);
+    drop(body);
+    wait_for_metric(&server, "dlengine_running_sequences", 0.0, Duration::from_secs(10)).await;
+    wait_for_metric(&server, "dlengine_kv_cache_blocks_used", 0.0, Duration::from_secs(10)).await;
+    assert_eq!(server.health().await, 200);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let mut server = Server::start(&["--drain-timeout-secs", "60"]).await;
+    let response = server.post("/v1/completions", long_stream(4)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    server.terminate();
+    // Draining: not ready, and new work is refused, while the stream goes on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.health().await != 503 {
+        assert!(Instant::now() < deadline, "health never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = server.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
+    assert_eq!(refused.status(), 503);
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8(chunk.unwrap().to_vec()).unwrap());
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "the in-flight stream was cut: ...{}", &text[text.len().saturating_sub(200)..]);
+    assert!(!text.contains("{\"error\""), "the in-flight stream failed: ...{}", &text[text.len().saturating_sub(400)..]);
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+}
