@@ -83,3 +83,26 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
 }
+
+#[tokio::test]
+async fn streams_cut_by_the_drain_timeout_end_with_an_error_event() {
+    // Eight samples of a thousand tokens: seconds of CPU work, well past the 1 s deadline.
+    let mut server = Server::start(&["--drain-timeout-secs", "1"]).await;
+    let response = server.post("/v1/completions", long_stream(8)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    server.terminate();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
+            Err(e) => panic!("the stream broke instead of ending with an error event: {e}"),
+        }
+    }
+    let events = serve_support::parse_sse(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]", "...{}", &text[text.len().saturating_sub(300)..]);
+    let error = &events[events.len() - 2]["error"];
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("shut down")), "{error}");
+    assert_eq!(error["type"], "server_error");
+    assert_eq!(server.wait_exit(Duration::from_secs(30)).code(), Some(0));
+}

@@ -81,10 +81,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     shutdown::drain(&state, std::time::Duration::from_secs(args.drain_timeout_secs)).await;
     let _ = stop_http.send(());
-    shutdown::stop_server(server).await;
+    // The engine goes first: streams still running after the drain timeout then end with
+    // an error event and [DONE], which the HTTP server gets to deliver before it stops.
     if let Some(engine) = state.loaded_engine().cloned() {
         tokio::task::spawn_blocking(move || engine.shutdown()).await.context("engine shutdown panicked")?;
     }
+    shutdown::stop_server(server).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -32,33 +32,34 @@ fn char_boundaries(text: &str) -> Vec<usize> {
     (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect()
 }
 
-#[test]
-fn any_two_way_split_matches_the_whole_text() {
+/// Every parser set-up with every tricky text, and the text's whole-message parse.
+fn each_case(mut check: impl FnMut(&str, Option<bool>, Option<&'static ToolParserKind>, &ParsedMessage)) {
     for reasoning in [None, Some(false), Some(true)] {
         for tools in [None, hermes()] {
             for text in TRICKY {
-                let whole = parse_whole(text, reasoning, tools);
-                for cut in char_boundaries(text) {
-                    let split = parse_chunks(&[&text[..cut], &text[cut..]], reasoning, tools);
-                    assert_eq!(split, whole, "text {text:?} cut at {cut} (reasoning {reasoning:?}, tools {tools:?})");
-                }
+                check(text, reasoning, tools, &parse_whole(text, reasoning, tools));
             }
         }
     }
 }
 
 #[test]
-fn char_by_char_matches_the_whole_text() {
-    for reasoning in [None, Some(false), Some(true)] {
-        for tools in [None, hermes()] {
-            for text in TRICKY {
-                let whole = parse_whole(text, reasoning, tools);
-                let bounds = char_boundaries(text);
-                let chars: Vec<&str> = bounds.windows(2).map(|w| &text[w[0]..w[1]]).collect();
-                assert_eq!(parse_chunks(&chars, reasoning, tools), whole, "{text:?}");
-            }
+fn any_two_way_split_matches_the_whole_text() {
+    each_case(|text, reasoning, tools, whole| {
+        for cut in char_boundaries(text) {
+            let split = parse_chunks(&[&text[..cut], &text[cut..]], reasoning, tools);
+            assert_eq!(&split, whole, "text {text:?} cut at {cut} (reasoning {reasoning:?}, tools {tools:?})");
         }
-    }
+    });
+}
+
+#[test]
+fn char_by_char_matches_the_whole_text() {
+    each_case(|text, reasoning, tools, whole| {
+        let bounds = char_boundaries(text);
+        let chars: Vec<&str> = bounds.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+        assert_eq!(&parse_chunks(&chars, reasoning, tools), whole, "{text:?}");
+    });
 }
 
 #[test]

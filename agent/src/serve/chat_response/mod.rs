@@ -232,5 +232,4 @@ fn response_message(parsed: ParsedMessage) -> ResponseMessage {
 }
 
 #[cfg(test)]
-#[path = "chat_response_tests.rs"]
 mod tests;
