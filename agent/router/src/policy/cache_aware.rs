@@ -3,8 +3,9 @@
 //!
 //! - Imbalanced (busiest minus idlest above `balance_abs` and busiest above `balance_rel`
 //!   times the idlest): least loaded worker.
-//! - Else, if some worker holds at least `match_threshold` of the prompt: the least loaded
-//!   of those (a hit).
+//! - Else, if some worker holds at least `match_threshold` of the prompt, or a whole earlier
+//!   prompt this one continues (the next turn of a conversation, however long the last
+//!   answer was): the least loaded of those (a hit).
 //! - Else: the worker with the least text in the tree, so new prefixes spread out.
 
 use std::sync::{Arc, Mutex};
@@ -47,8 +48,8 @@ impl CacheAware {
 
     fn choose_by_cache(&self, tree: &PrefixTree, candidates: &[Arc<Worker>], text: &str) -> Decision {
         let found = tree.longest_match(text.as_bytes());
-        let enough = !text.is_empty() && found.matched as f64 >= self.settings.match_threshold * text.len() as f64;
-        if enough {
+        let share = !text.is_empty() && found.matched as f64 >= self.settings.match_threshold * text.len() as f64;
+        if share || found.continues_a_prompt {
             let holder = candidates.iter().filter(|w| found.tenants.contains(&w.id)).min_by(|a, b| a.load_score().total_cmp(&b.load_score()));
             if let Some(worker) = holder {
                 return Decision { worker: worker.clone(), reason: "cache_hit" };
@@ -113,6 +114,19 @@ mod tests {
                 assert_eq!(decision.reason, "cache_hit");
             }
             conversation.push_str("assistant: ok\n");
+        }
+    }
+
+    #[test]
+    fn a_conversation_with_long_answers_stays_too() {
+        let pool = workers(3);
+        let policy = CacheAware::new(CacheAwareSettings::default());
+        let mut conversation = String::from("user: hi\n");
+        let first = route(&policy, &pool, &conversation).worker.id;
+        for turn in 0..4 {
+            conversation.push_str(&format!("assistant: {}\nuser: next {turn}\n", "long answer ".repeat(50)));
+            let decision = route(&policy, &pool, &conversation);
+            assert_eq!((decision.worker.id, decision.reason), (first, "cache_hit"), "turn {turn}");
         }
     }
 

@@ -19,6 +19,8 @@ struct Node {
     children: HashMap<u8, usize>,
     /// Tenant -> tick of its last insert through this node.
     tenants: HashMap<WorkerId, u64>,
+    /// A whole inserted prompt ended here.
+    prompt_end: bool,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -27,6 +29,9 @@ pub struct PrefixMatch {
     pub matched: usize,
     /// Tenants that hold the whole matched prefix.
     pub tenants: Vec<WorkerId>,
+    /// The matched prefix is a whole earlier prompt: the text continues it (the next turn
+    /// of a conversation), however short the earlier prompt is next to the new one.
+    pub continues_a_prompt: bool,
 }
 
 #[derive(Debug)]
@@ -66,7 +71,9 @@ impl PrefixTree {
             node = child;
         }
         let tenants = deepest.map(|n| self.nodes[n].tenants.keys().copied().collect()).unwrap_or_default();
-        PrefixMatch { matched: pos, tenants }
+        // `node` is the deepest node matched to the end of its edge.
+        let continues_a_prompt = node != ROOT && self.nodes[node].prompt_end;
+        PrefixMatch { matched: pos, tenants, continues_a_prompt }
     }
 
     pub fn insert(&mut self, text: &[u8], tenant: WorkerId) {
@@ -87,6 +94,9 @@ impl PrefixTree {
             self.touch(next, tenant);
             pos += self.nodes[next].edge.len();
             node = next;
+        }
+        if node != ROOT {
+            self.nodes[node].prompt_end = true;
         }
     }
 
@@ -186,7 +196,7 @@ impl PrefixTree {
         let lower_edge = self.nodes[child].edge.split_off(at);
         let upper_edge = std::mem::take(&mut self.nodes[child].edge);
         let tenants = self.nodes[child].tenants.clone();
-        let upper = self.alloc(Node { edge: upper_edge, parent, children: HashMap::new(), tenants });
+        let upper = self.alloc(Node { edge: upper_edge, parent, children: HashMap::new(), tenants, prompt_end: false });
         self.nodes[upper].children.insert(lower_edge[0], child);
         self.nodes[child].edge = lower_edge;
         self.nodes[child].parent = upper;
@@ -215,6 +225,17 @@ mod tests {
         shared.sort();
         assert_eq!(shared, vec![A, B]);
         assert_eq!(tree.longest_match(b"other").matched, 0);
+    }
+
+    #[test]
+    fn knows_when_a_text_continues_a_whole_earlier_prompt() {
+        let mut tree = PrefixTree::default();
+        tree.insert(b"user: hi\n", A);
+        assert!(tree.longest_match(b"user: hi\nassistant: a very long answer").continues_a_prompt);
+        assert!(!tree.longest_match(b"user: h").continues_a_prompt);
+        assert!(!tree.longest_match(b"user: hello").continues_a_prompt);
+        tree.insert(b"user: hi\nassistant: more", A);
+        assert!(tree.longest_match(b"user: hi\nassistant: more and more").continues_a_prompt);
     }
 
     #[test]
