@@ -57,6 +57,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     // One signal listener for the whole life, so a signal between phases is not lost.
     let mut signal = std::pin::pin!(shutdown::signal());
+    // Registry (etcd, issue 4): started once the engine is loaded; revoked before draining.
+    let mut registration = None;
     let loader = tokio::task::spawn_blocking({
         let args = args.clone();
         move || crate::engine_loader::load_engine(&args)
@@ -65,7 +67,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         loaded = loader => {
             let engine = loaded.context("the model loader panicked")??;
             let chat = ChatSetup::from_tokenizer_config(&engine.tokenizer().config);
+            registration = register_in_etcd(&args, local.port(), state.served_model(), &engine)?;
             state.set_ready(Ready { engine, chat });
+            if let Some(registration) = &registration {
+                registration.mark_ready(); // /health is OK from here on
+            }
             tracing::info!("ready");
         }
         _ = &mut signal => {
@@ -79,6 +85,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         _ = &mut signal => {}
         served = &mut server => return Err(anyhow::anyhow!("the HTTP server stopped: {:?}", served)),
     }
+    if let Some(registration) = registration.take() {
+        registration.shutdown().await; // routers stop sending before the drain starts
+    }
     shutdown::drain(&state, std::time::Duration::from_secs(args.drain_timeout_secs)).await;
     let _ = stop_http.send(());
     // The engine goes first: streams still running after the drain timeout then end with
@@ -89,4 +98,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     shutdown::stop_server(server).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Registration in etcd when `--etcd-endpoints` is set (docs/registry.md); `None` without.
+fn register_in_etcd(
+    args: &ServeArgs,
+    port: u16,
+    served_model_name: &str,
+    engine: &dlengine_engine::engine::Engine,
+) -> anyhow::Result<Option<dlengine_registry::RegistrarHandle>> {
+    let model = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(dlengine_registry::register_engine(&args.registry, args.mode, &args.host, port, &model, served_model_name, engine)?)
 }
