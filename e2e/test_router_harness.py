@@ -221,11 +221,15 @@ class Cluster:
         return router
 
     def close(self):
-        for p in [r.process for r in self.routers] + [e.process for e in self.engines] + [self.etcd.process]:
+        processes = [r.process for r in self.routers] + [e.process for e in self.engines] + [self.etcd.process]
+        for p in processes:
             try:
                 p.kill9()
             except Exception:
                 pass
+        # pytest shows a test's captured output only when it fails: the logs come with it.
+        for p in processes:
+            print(f"--- {p.name} (last lines)\n{p.tail(15)}")
         if os.environ.get("KEEP_E2E_LOGS"):
             print(f"logs kept in {self.workdir}")
         else:

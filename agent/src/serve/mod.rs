@@ -57,35 +57,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     // One signal listener for the whole life, so a signal between phases is not lost.
     let mut signal = std::pin::pin!(shutdown::signal());
-    // Registry (etcd, issue 4): started once the engine is loaded; revoked before draining.
-    let mut registration = None;
     let loader = tokio::task::spawn_blocking({
         let args = args.clone();
         move || crate::engine_loader::load_engine(&args)
     });
-    tokio::select! {
+    // Registry (etcd, issue 4): started once the engine is loaded; revoked before draining.
+    let registration = tokio::select! {
         loaded = loader => {
             let engine = loaded.context("the model loader panicked")??;
             let chat = ChatSetup::from_tokenizer_config(&engine.tokenizer().config);
-            registration = register_in_etcd(&args, local.port(), state.served_model(), &engine)?;
+            let registration = register_in_etcd(&args, local.port(), state.served_model(), &engine)?;
             state.set_ready(Ready { engine, chat });
             if let Some(registration) = &registration {
                 registration.mark_ready(); // /health is OK from here on
             }
             tracing::info!("ready");
+            registration
         }
         _ = &mut signal => {
             tracing::info!("signal while loading; exiting");
             return Ok(());
         }
         served = &mut server => return Err(anyhow::anyhow!("the HTTP server stopped: {:?}", served)),
-    }
+    };
 
     tokio::select! {
         _ = &mut signal => {}
         served = &mut server => return Err(anyhow::anyhow!("the HTTP server stopped: {:?}", served)),
     }
-    if let Some(registration) = registration.take() {
+    if let Some(registration) = registration {
         registration.shutdown().await; // routers stop sending before the drain starts
     }
     shutdown::drain(&state, std::time::Duration::from_secs(args.drain_timeout_secs)).await;
