@@ -135,13 +135,20 @@ class Etcd:
         shutil.rmtree(os.path.join(self.dir, "data"), ignore_errors=True)
         self.start()
 
-    def registrations(self, prefix=f"/dlengine/{NAMESPACE}/"):
-        """{key: record} under the prefix, read through etcd's JSON gateway."""
+    def _range(self, prefix):
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         b64 = lambda s: base64.b64encode(s.encode()).decode()
         status, body = http("POST", f"{self.endpoint}/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)})
         assert status == 200, body
-        return {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"])) for kv in body.get("kvs", [])}
+        return body.get("kvs", [])
+
+    def registrations(self, prefix=f"/dlengine/{NAMESPACE}/"):
+        """{key: record} under the prefix, read through etcd's JSON gateway."""
+        return {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"])) for kv in self._range(prefix)}
+
+    def leases(self, prefix=f"/dlengine/{NAMESPACE}/"):
+        """{key: lease id} under the prefix."""
+        return {base64.b64decode(kv["key"]).decode(): kv.get("lease") for kv in self._range(prefix)}
 
 
 class Engine:

@@ -71,7 +71,9 @@ def test_kill9_key_expires_within_the_lease_ttl(cluster):
 def test_engine_registers_again_after_etcd_loses_its_data(cluster):
     engine = cluster.engine("reg-etcd")
     engine.wait_registered()
-    cluster.etcd.restart_empty()
-    assert engine.key not in cluster.etcd.registrations()
-    engine.wait_registered(timeout=20)
+    old_lease = cluster.etcd.leases()[engine.key]
+    cluster.etcd.restart_empty()  # every key and lease is gone
+    # Back under a lease the new etcd granted (re-registration can beat any check for the
+    # key's absence, so the lease is what proves it happened).
+    wait_until("re-registered under a new lease", lambda: cluster.etcd.leases().get(engine.key) not in (None, old_lease))
     assert engine.process.alive()
