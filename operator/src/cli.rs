@@ -20,6 +20,30 @@ pub enum Command {
     Crd,
     /// Render the objects the operator would create for InferenceDeployment manifests, offline.
     Render(RenderArgs),
+    /// Write the etcd config of a bundled etcd member (init container of the chart's etcd).
+    EtcdConfig(EtcdConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EtcdConfigArgs {
+    /// This member's pod name, `<statefulset>-<ordinal>`.
+    #[arg(long, env = "POD_NAME")]
+    pub name: String,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    #[arg(long)]
+    pub statefulset: String,
+    #[arg(long)]
+    pub headless_service: String,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub replicas: u32,
+    #[arg(long, default_value = "/var/lib/etcd")]
+    pub data_dir: PathBuf,
+    /// Directory with ca.crt, tls.crt and tls.key (TLS for clients and peers).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -36,6 +60,9 @@ pub struct RunArgs {
     /// etcd endpoints for deployments that name none (the chart's bundled etcd).
     #[arg(long, env = "DLENGINE_OPERATOR_DEFAULT_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub default_etcd_endpoints: Vec<String>,
+    /// Secret name (in each deployment's namespace) with ca.crt/tls.crt/tls.key for the default etcd.
+    #[arg(long, env = "DLENGINE_OPERATOR_DEFAULT_ETCD_TLS_SECRET")]
+    pub default_etcd_tls_secret: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,

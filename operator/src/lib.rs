@@ -16,6 +16,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod etcd_bootstrap;
 pub mod leader;
 pub mod offline;
 pub mod registry;

@@ -12,7 +12,7 @@ use dlengine_operator::controller::{run_controller, Context, ControllerConfig, S
 use dlengine_operator::leader::LeaseLock;
 use dlengine_operator::registry::EtcdRegistry;
 use dlengine_operator::render::RenderContext;
-use dlengine_operator::{crdgen, offline};
+use dlengine_operator::{crdgen, etcd_bootstrap, offline};
 use tokio::sync::watch;
 
 fn main() -> ExitCode {
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Crd => print_crds(),
         Command::Render(args) => render(args),
         Command::Run(args) => run(args),
+        Command::EtcdConfig(args) => etcd_config(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,11 +49,27 @@ fn print_crds() -> anyhow::Result<()> {
 }
 
 fn render(args: cli::RenderArgs) -> anyhow::Result<()> {
-    let ctx = RenderContext { default_etcd_endpoints: args.default_etcd_endpoints };
+    let ctx = RenderContext { default_etcd_endpoints: args.default_etcd_endpoints, default_etcd_tls_secret: None };
     let written = offline::render_to_dir(&args.inputs, &args.output_dir, &args.namespace, &ctx)?;
     for path in written {
         println!("{}", path.display());
     }
+    Ok(())
+}
+
+fn etcd_config(args: cli::EtcdConfigArgs) -> anyhow::Result<()> {
+    let layout = etcd_bootstrap::MemberLayout {
+        name: args.name,
+        statefulset: args.statefulset,
+        headless_service: args.headless_service,
+        namespace: args.namespace,
+        replicas: args.replicas,
+        data_dir: args.data_dir,
+        tls_dir: args.tls_dir,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let config = runtime.block_on(etcd_bootstrap::bootstrap(&layout, &args.out))?;
+    println!("{} joins as {} ({})", config.name, config.initial_cluster_state, config.initial_cluster);
     Ok(())
 }
 
@@ -94,7 +111,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     metrics.is_leader.set(1);
     let context = Arc::new(Context::new(
         client.clone(),
-        RenderContext { default_etcd_endpoints: args.default_etcd_endpoints.clone() },
+        RenderContext { default_etcd_endpoints: args.default_etcd_endpoints.clone(), default_etcd_tls_secret: args.default_etcd_tls_secret.clone() },
         Arc::new(EtcdRegistry),
         Arc::new(MetricsScraper::new(client.clone())),
         metrics.clone(),

@@ -100,7 +100,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let inputs: Vec<PathBuf> = std::fs::read_dir(&examples).unwrap().map(|e| e.unwrap().path()).collect();
-        let ctx = RenderContext { default_etcd_endpoints: vec!["http://etcd:2379".into()] };
+        let ctx = RenderContext { default_etcd_endpoints: vec!["http://etcd:2379".into()], ..Default::default() };
         let written = render_to_dir(&inputs, dir.path(), "default", &ctx).unwrap();
         assert!(written.len() >= 4 * 4, "{written:?}");
         assert!(written.iter().all(|p| p.exists()));

@@ -83,8 +83,8 @@ pub async fn delete_registrations(dep: &InferenceDeployment, ctx: &Context) -> R
         return Ok(());
     }
     let namespace = dep.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
-    let tls = match &dep.spec.registry.tls_secret {
-        Some(secret) => Some(read_tls(&ctx.client, &namespace, secret).await?),
+    let tls = match ctx.render.etcd_tls_secret(&dep.spec) {
+        Some(secret) => Some(read_tls(&ctx.client, &namespace, &secret).await?),
         None => None,
     };
     let target = RegistryTarget { endpoints, tls, namespace, deployment: dep.name_any() };

@@ -56,7 +56,7 @@ impl Harness {
         let clock = Arc::new(FixedClock(Mutex::new(1_800_000_000)));
         let ctx = Arc::new(Context::new(
             api.client(),
-            RenderContext { default_etcd_endpoints: vec!["http://etcd:2379".into()] },
+            RenderContext { default_etcd_endpoints: vec!["http://etcd:2379".into()], ..Default::default() },
             registry.clone(),
             load.clone(),
             Arc::new(telemetry::Metrics::new()),

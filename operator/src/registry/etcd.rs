@@ -34,7 +34,7 @@ impl EtcdRegistry {
     }
 }
 
-fn options(tls: Option<&EtcdTls>) -> ConnectOptions {
+pub(crate) fn options(tls: Option<&EtcdTls>) -> ConnectOptions {
     let options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
     let Some(tls) = tls else { return options };
     let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));

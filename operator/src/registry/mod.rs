@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use etcd::{EtcdRegistry, EtcdTls};
+pub(crate) use etcd::options as etcd_connect_options;
 pub use memory::MemoryRegistry;
 
 #[derive(Debug, thiserror::Error)]

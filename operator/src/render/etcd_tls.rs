@@ -5,8 +5,6 @@
 
 use k8s_openapi::api::core::v1::EnvVar;
 
-use crate::crd::InferenceDeploymentSpec;
-
 use super::pod::value_env;
 use super::ETCD_TLS_MOUNT;
 
@@ -14,8 +12,8 @@ pub const CA_ENV: &str = "DLENGINE_ETCD_CA_FILE";
 pub const CERT_ENV: &str = "DLENGINE_ETCD_CERT_FILE";
 pub const KEY_ENV: &str = "DLENGINE_ETCD_KEY_FILE";
 
-pub fn environment(spec: &InferenceDeploymentSpec) -> Vec<EnvVar> {
-    if spec.registry.tls_secret.is_none() {
+pub fn environment(tls_secret: Option<&str>) -> Vec<EnvVar> {
+    if tls_secret.is_none() {
         return Vec::new();
     }
     vec![

@@ -58,6 +58,8 @@ pub enum RenderError {
 pub struct RenderContext {
     /// Used when a deployment names no etcd endpoints (the chart's bundled etcd).
     pub default_etcd_endpoints: Vec<String>,
+    /// Secret (in each deployment's namespace) with the default etcd's client TLS material.
+    pub default_etcd_tls_secret: Option<String>,
 }
 
 impl RenderContext {
@@ -66,6 +68,15 @@ impl RenderContext {
             self.default_etcd_endpoints.clone()
         } else {
             spec.registry.endpoints.clone()
+        }
+    }
+
+    /// The deployment's own TLS secret when it names its etcd, else the default one.
+    pub fn etcd_tls_secret(&self, spec: &InferenceDeploymentSpec) -> Option<String> {
+        if spec.registry.endpoints.is_empty() {
+            spec.registry.tls_secret.clone().or_else(|| self.default_etcd_tls_secret.clone())
+        } else {
+            spec.registry.tls_secret.clone()
         }
     }
 }

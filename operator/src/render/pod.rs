@@ -46,7 +46,8 @@ pub fn pod_template(spec: &InferenceDeploymentSpec, ctx: &RenderContext, input: 
 }
 
 fn pod_spec(spec: &InferenceDeploymentSpec, ctx: &RenderContext, input: &PodInputs, o: &PodOverrides, net: &PodNetwork) -> PodSpec {
-    let (volumes, mounts) = volumes::volumes(spec, input.role);
+    let tls_secret = ctx.etcd_tls_secret(spec);
+    let (volumes, mounts) = volumes::volumes(spec, input.role, tls_secret.as_deref());
     let mut container = container(spec, ctx, input, net);
     container.volume_mounts = Some(mounts);
     PodSpec {
@@ -85,7 +86,7 @@ fn container(spec: &InferenceDeploymentSpec, ctx: &RenderContext, input: &PodInp
         image_pull_policy: spec.image_pull_policy.clone(),
         command: Some(vec![program]),
         args: Some(command),
-        env: Some(environment(spec, input)),
+        env: Some(environment(spec, input, ctx.etcd_tls_secret(spec).as_deref())),
         ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: ENGINE_PORT, protocol: Some("TCP".into()), ..Default::default() }]),
         resources: Some(resources(input, net)),
         startup_probe: Some(startup_probe(input.role)),
@@ -102,7 +103,7 @@ fn container(spec: &InferenceDeploymentSpec, ctx: &RenderContext, input: &PodInp
 }
 
 /// The downward-API identity the agent registers with, plus the user's env (which wins).
-fn environment(spec: &InferenceDeploymentSpec, input: &PodInputs) -> Vec<EnvVar> {
+fn environment(spec: &InferenceDeploymentSpec, input: &PodInputs, etcd_tls_secret: Option<&str>) -> Vec<EnvVar> {
     let mut env = vec![
         field_env(agent_env::NAMESPACE, "metadata.namespace"),
         field_env(agent_env::POD_NAME, "metadata.name"),
@@ -125,7 +126,7 @@ fn environment(spec: &InferenceDeploymentSpec, input: &PodInputs) -> Vec<EnvVar>
         });
     }
     env.extend(multinode::environment(input.shape, input.workload_name));
-    env.extend(super::etcd_tls::environment(spec));
+    env.extend(super::etcd_tls::environment(etcd_tls_secret));
     for user in &input.role.env {
         env.retain(|e| e.name != user.name);
         env.push(user.clone());

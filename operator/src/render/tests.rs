@@ -11,7 +11,7 @@ use crate::crd::{InferenceDeployment, RoleKind};
 use crate::testing::samples;
 
 fn ctx() -> RenderContext {
-    RenderContext { default_etcd_endpoints: vec!["http://etcd:2379".into()] }
+    RenderContext { default_etcd_endpoints: vec!["http://etcd:2379".into()], ..Default::default() }
 }
 
 fn rendered(dep: &InferenceDeployment) -> Desired {
@@ -255,4 +255,17 @@ fn owner_references_point_at_the_deployment() {
         assert_eq!(manifest["metadata"]["ownerReferences"][0]["uid"], "uid-qwen-small", "{}", object.name());
         assert_eq!(manifest["metadata"]["ownerReferences"][0]["controller"], true);
     }
+}
+
+#[test]
+fn default_etcd_tls_secret_mounts_only_for_the_default_etcd() {
+    let ctx = RenderContext { default_etcd_endpoints: vec!["https://etcd:2379".into()], default_etcd_tls_secret: Some("etcd-client".into()) };
+    let dep = samples::aggregated();
+    let d = render(&dep, &ctx, &|r| r.replicas).unwrap();
+    let pod = deployments(&d)[0].spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let tls = pod.volumes.unwrap().into_iter().find(|v| v.name == "etcd-tls").expect("TLS volume");
+    assert_eq!(tls.secret.unwrap().secret_name.as_deref(), Some("etcd-client"));
+    assert_eq!(env(&pod.containers[0], ETCD_CA_ENV).unwrap().value.as_deref(), Some("/etc/dlengine/etcd-tls/ca.crt"));
+    let own = samples::disaggregated();
+    assert_eq!(ctx.etcd_tls_secret(&own.spec), None, "a deployment naming its etcd brings its own TLS secret");
 }

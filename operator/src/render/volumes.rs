@@ -15,7 +15,7 @@ const SHM_VOLUME: &str = "dshm";
 const ETCD_TLS_VOLUME: &str = "etcd-tls";
 
 /// Volumes and their mounts for `role`'s container.
-pub fn volumes(spec: &InferenceDeploymentSpec, role: &RoleSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
+pub fn volumes(spec: &InferenceDeploymentSpec, role: &RoleSpec, etcd_tls_secret: Option<&str>) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     if role.kind.runs_engine() {
@@ -29,10 +29,10 @@ pub fn volumes(spec: &InferenceDeploymentSpec, role: &RoleSpec) -> (Vec<Volume>,
         });
         mounts.push(mount(SHM_VOLUME, "/dev/shm", false));
     }
-    if let Some(secret) = &spec.registry.tls_secret {
+    if let Some(secret) = etcd_tls_secret {
         volumes.push(Volume {
             name: ETCD_TLS_VOLUME.into(),
-            secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..Default::default() }),
+            secret: Some(SecretVolumeSource { secret_name: Some(secret.to_string()), ..Default::default() }),
             ..Default::default()
         });
         mounts.push(mount(ETCD_TLS_VOLUME, ETCD_TLS_MOUNT, true));
