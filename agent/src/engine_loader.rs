@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context};
 use dlengine_cli::{Device, EngineArgs, ServeArgs};
+use dlengine_cuda::{CudaBackend, CudaConfig};
 use dlengine_engine::backend::cpu::CpuBackend;
 use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine::Engine;
@@ -22,19 +23,52 @@ pub fn engine_config(args: &EngineArgs, max_waiting_requests: usize) -> EngineCo
 
 /// Loads the model on the requested device (blocking).
 pub fn load(model: &std::path::Path, args: &EngineArgs, max_waiting_requests: usize) -> anyhow::Result<Engine> {
+    if args.gpu_memory_utilization <= 0.0 || args.gpu_memory_utilization > 1.0 {
+        bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
+    }
     if args.tensor_parallel_size != 1 {
         bail!("--tensor-parallel-size {} is not supported yet: this build runs one device per engine", args.tensor_parallel_size);
     }
     let config = engine_config(args, max_waiting_requests);
     let engine = match args.device {
         Device::Cpu => start_cpu(model, args, config),
-        Device::Auto => {
-            tracing::info!("--device auto: no CUDA backend in this build, using the CPU");
-            start_cpu(model, args, config)
-        }
-        Device::Cuda => bail!("--device cuda: this build has no CUDA backend"),
+        Device::Cuda => start_cuda(model, args, config),
+        Device::Auto => match dlengine_cuda::probe() {
+            Ok(gpu) => {
+                tracing::info!(gpu = %gpu.name, "--device auto: using CUDA");
+                start_cuda(model, args, config)
+            }
+            Err(why) => {
+                tracing::info!(reason = %why, "--device auto: no usable GPU, using the CPU");
+                start_cpu(model, args, config)
+            }
+        },
     };
     engine.with_context(|| format!("loading {}", model.display()))
+}
+
+fn start_cuda(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) -> anyhow::Result<Engine> {
+    let backend = CudaBackend::new(cuda_config(args)).context("--device cuda")?;
+    Ok(Engine::start(model, config, backend)?)
+}
+
+/// The CUDA backend's settings from the engine flags.
+pub fn cuda_config(args: &EngineArgs) -> CudaConfig {
+    CudaConfig {
+        ordinal: 0,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        enforce_eager: args.enforce_eager,
+        max_graph_batch_size: args.max_cuda_graph_batch_size,
+        kernel_cache_dir: kernel_cache_dir(),
+    }
+}
+
+/// Compiled kernels are cached under the user's cache directory.
+fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("dlengine").join("kernels"))
 }
 
 fn start_cpu(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) -> anyhow::Result<Engine> {

@@ -19,6 +19,7 @@ use crate::engine_core::{EngineCore, RequestKey, StepEvent};
 use crate::error::{EngineError, SubmitError};
 use crate::output_processor::{OutputProcessor, TokenEvent};
 use crate::request::{ChoiceDelta, GenerateRequest, Usage};
+use crate::sampling_params::InvalidParam;
 use crate::stats::EngineStats;
 use crate::tokenizer::Tokenizer;
 
@@ -123,6 +124,12 @@ impl Engine {
     /// Checks a request against the engine's limits without submitting it.
     pub fn check(&self, request: &GenerateRequest) -> Result<(), SubmitError> {
         request.params.validate()?;
+        if request.params.n > self.shared.config.max_num_seqs {
+            return Err(SubmitError::InvalidParam(InvalidParam {
+                param: "n",
+                message: format!("must not exceed max-num-seqs ({}), got {}", self.shared.config.max_num_seqs, request.params.n),
+            }));
+        }
         let prompt_tokens = request.prompt_token_ids.len();
         if prompt_tokens == 0 {
             return Err(SubmitError::EmptyPrompt);
@@ -228,7 +235,12 @@ fn engine_loop(
             let events = core.step();
             deliver(events, &mut streams, &queued);
         }
-        *stats.lock().unwrap_or_else(|e| e.into_inner()) = core.stats();
+        let mut snapshot = core.stats();
+        if let Some(device) = core.device_time() {
+            snapshot.device_busy_ms = device.busy_ms;
+            snapshot.device_idle_between_steps_ms = device.idle_between_steps_ms;
+        }
+        *stats.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
     for (key, tx) in streams.drain() {
         core.abort(key);

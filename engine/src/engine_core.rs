@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::backend::{Backend, KvCacheLayout, StepInput};
+use crate::backend::{Backend, DeviceTimeReport, KvCacheLayout, StepInput, StepLimits};
 use crate::config::{EngineConfig, GenerationDefaults, ModelConfig, ModelInfo};
 use crate::error::EngineError;
-use crate::executor::{Executor, ModelExecutor};
+use crate::executor::{Executor, MemoryPlan, ModelExecutor};
 use crate::output_processor::TokenEvent;
 use crate::request::{FinishReason, GenerateRequest, StopReason, TokenLogprob};
 use crate::sampler::{child_seed, splitmix64, SampledToken, SamplingRow};
@@ -84,7 +84,15 @@ impl EngineCore {
         };
         let device = backend.describe();
         let mut executor = ModelExecutor::new(backend, model);
-        let num_blocks = executor.allocate_kv_cache(layout, config.num_kv_blocks)?;
+        let max_blocks_per_seq = max_model_len.div_ceil(config.block_size);
+        let limits = StepLimits {
+            max_tokens: config.max_num_batched_tokens,
+            max_seqs: config.max_num_seqs,
+            max_blocks_per_seq,
+            max_sampling_rows: config.max_num_seqs,
+        };
+        let plan = MemoryPlan { layout, fixed_blocks: config.num_kv_blocks, limits, max_model_len };
+        let num_blocks = executor.allocate_kv_cache(plan)?;
         if num_blocks * config.block_size < max_model_len {
             return Err(config_error(format!(
                 "the KV cache holds {} tokens ({num_blocks} blocks of {}), fewer than max_model_len {max_model_len}; \
@@ -93,6 +101,7 @@ impl EngineCore {
                 config.block_size
             )));
         }
+        executor.capture_graphs()?;
         let mut eos_token_ids = generation_defaults.eos_token_ids.clone();
         for id in &model_config.eos_token_ids {
             if !eos_token_ids.contains(id) {
@@ -144,6 +153,11 @@ impl EngineCore {
         }
     }
 
+    /// Device busy/idle time so far (GPU backends).
+    pub fn device_time(&mut self) -> Option<DeviceTimeReport> {
+        self.executor.device_time()
+    }
+
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
     }
@@ -160,6 +174,7 @@ impl EngineCore {
             prefix_cache_hit_tokens: s.prefix_hit_tokens,
             preemptions: s.preemptions,
             steps: self.steps,
+            ..EngineStats::default()
         }
     }
 
@@ -174,7 +189,9 @@ impl EngineCore {
         let seq_id = self.new_seq_id();
         let mut choices = vec![None; params.n];
         choices[0] = Some(seq_id);
-        self.scheduler.add(Sequence::new(seq_id, request.prompt_token_ids, self.next_arrival));
+        let mut seq = Sequence::new(seq_id, request.prompt_token_ids, self.next_arrival);
+        seq.fan_out = params.n;
+        self.scheduler.add(seq);
         self.next_arrival += 1;
         self.owner.insert(seq_id, (key, 0));
         self.requests.insert(key, ActiveRequest { params, seed, choices, forked: false, started: false, stop_ids });

@@ -36,6 +36,10 @@ impl Executor for DeviceFreeExecutor {
     fn logits(&mut self, _: &StepInput) -> Result<Vec<f32>, EngineError> {
         Err(EngineError::Request("the device-free executor computes no logits".into()))
     }
+
+    fn device_time(&mut self) -> Option<crate::backend::DeviceTimeReport> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -207,9 +207,18 @@ impl Scheduler {
         out.num_batched_tokens += n;
     }
 
+    /// Running sequences plus the ones unforked requests will still add.
+    fn reserved_seqs(&self) -> usize {
+        self.running.iter().map(|r| self.seqs[r].fan_out).sum()
+    }
+
     fn admit_waiting(&mut self, budget: &mut usize, out: &mut SchedulerOutput) {
-        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        let mut reserved = self.reserved_seqs();
+        while *budget > 0 {
             let Some(&id) = self.waiting.front() else { break };
+            if reserved + self.seqs[&id].fan_out > self.cfg.max_num_seqs {
+                break;
+            }
             let bs = self.cfg.block_size;
             let seq = self.seqs.get_mut(&id).expect("waiting sequence");
             // Only blocks wholly inside the first len-1 tokens may hit: the last token is
@@ -243,6 +252,7 @@ impl Scheduler {
             self.running.insert(pos, id);
             self.push_scheduled(id, n, out);
             *budget -= n;
+            reserved += self.seqs[&id].fan_out;
         }
     }
 
@@ -288,7 +298,8 @@ impl Scheduler {
     /// filled last block is copied (both will write into it). If no block is free for the
     /// copy, the child goes to waiting and is recomputed later.
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
-        let Some(p) = self.seqs.get(&parent) else { return };
+        let Some(p) = self.seqs.get_mut(&parent) else { return };
+        p.fan_out = 1;
         let mut c = p.fork(child);
         self.blocks.acquire(&c.block_table);
         let partial = c.num_computed_tokens % self.cfg.block_size != 0;

@@ -26,6 +26,9 @@ pub struct Sequence {
     pub arrival: u64,
     /// Whether it was ever scheduled (the first admission reports prefix-cache hits).
     pub started: bool,
+    /// Sequences this one will become: `n` for a request's first sequence until its
+    /// samples fork, then 1. Admission reserves room for all of them.
+    pub fan_out: usize,
 }
 
 impl Sequence {
@@ -40,6 +43,7 @@ impl Sequence {
             status: SeqStatus::Waiting,
             arrival,
             started: false,
+            fan_out: 1,
         }
     }
 
@@ -74,6 +78,6 @@ impl Sequence {
     /// A copy with another id that shares (by value) everything generated so far; the
     /// caller takes the block references.
     pub fn fork(&self, id: SeqId) -> Self {
-        Self { id, ..self.clone() }
+        Self { id, fan_out: 1, ..self.clone() }
     }
 }

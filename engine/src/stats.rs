@@ -15,6 +15,9 @@ pub struct EngineStats {
     pub prefix_cache_hit_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Device time inside steps and idle between them (GPU backends; 0 elsewhere).
+    pub device_busy_ms: f64,
+    pub device_idle_between_steps_ms: f64,
 }
 
 impl EngineStats {

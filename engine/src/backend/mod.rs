@@ -60,6 +60,27 @@ impl KvCacheLayout {
     }
 }
 
+/// The largest step the engine will ever run, told to the backend before the first one so
+/// it can allocate fixed input buffers (CUDA graphs need fixed addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepLimits {
+    pub max_tokens: usize,
+    pub max_seqs: usize,
+    pub max_blocks_per_seq: usize,
+    /// Most sampling rows in one step (`n > 1` fans one sequence out to n rows).
+    pub max_sampling_rows: usize,
+}
+
+/// Device time spent on steps and between them (GPU backends).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct DeviceTimeReport {
+    pub steps: u64,
+    /// Time the device spent inside steps.
+    pub busy_ms: f64,
+    /// Time the device sat idle between the end of one step and the start of the next.
+    pub idle_between_steps_ms: f64,
+}
+
 /// One step of work for a backend. Implementations may keep state (KV cache, workspaces,
 /// captured graphs); ops take `&mut self` so no interior mutability is needed.
 pub trait Backend: Send + 'static {
@@ -80,8 +101,19 @@ pub trait Backend: Send + 'static {
     /// Uploads a table kept in f32 whatever the storage dtype (e.g. RoPE cos/sin).
     fn f32_table(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
 
-    /// Bytes the KV cache may take, asked after weights are loaded and one forward at the
-    /// largest step ran (so activation peaks are known).
+    /// Told once, before any step.
+    fn set_step_limits(&mut self, _limits: StepLimits) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether memory planning needs one forward at the largest step before the KV cache
+    /// is sized (to learn the activation peak).
+    fn wants_profile_run(&self) -> bool {
+        false
+    }
+
+    /// Bytes the KV cache may take, asked after weights are loaded and, if wanted, the
+    /// profile run.
     fn kv_cache_budget_bytes(&mut self) -> Result<usize>;
 
     /// Allocates the KV cache (replacing any earlier one).
@@ -158,4 +190,29 @@ pub trait Backend: Send + 'static {
 
     /// Copies a tensor to the host as f32 (tests, teacher-forced logits).
     fn to_host(&mut self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// Batch sizes of pure-decode steps to capture as replayable graphs (none by default).
+    fn graph_batch_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// Starts recording the ops that follow as the graph for `batch_size`.
+    fn begin_capture(&mut self, _batch_size: usize) -> Result<()> {
+        Err(BackendError::Unsupported("graph capture".into()))
+    }
+
+    /// Ends recording; the forward's `output` stays alive with the graph.
+    fn end_capture(&mut self, _batch_size: usize, _output: Self::Tensor) -> Result<()> {
+        Err(BackendError::Unsupported("graph capture".into()))
+    }
+
+    /// Replays the graph of `batch_size` (its inputs just prepared) and samples from it.
+    fn replay_and_sample(&mut self, _batch_size: usize, _rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
+        Err(BackendError::Unsupported("graph replay".into()))
+    }
+
+    /// Device busy and idle time so far, where the backend measures it.
+    fn device_time(&mut self) -> Option<DeviceTimeReport> {
+        None
+    }
 }
