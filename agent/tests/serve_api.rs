@@ -28,7 +28,8 @@ async fn health_models_and_metrics() {
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
     assert_eq!(models["data"][0]["max_model_len"], 1024, "qwen3-tiny's max_position_embeddings");
-    server.post_json("/v1/completions", json!({"prompt": "The small engine", "max_tokens": 3}), 200).await;
+    server.post_json("/v1/completions", json!({"prompt": "The small engine", "max_tokens": 3, "ignore_eos": true}), 200).await;
+    server.wait_for_metric("dlengine_running_sequences", 0.0, std::time::Duration::from_secs(10)).await;
     let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     for family in [
         "dlengine_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1",

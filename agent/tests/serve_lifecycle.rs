@@ -13,18 +13,6 @@ fn long_stream(n: usize) -> Value {
     json!({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true, "temperature": 1.0, "n": n, "stream": true})
 }
 
-async fn wait_for_metric(server: &Server, name: &str, want: f64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = server.metric(name).await;
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} stayed at {got}, wanted {want}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after() {
     let server = Server::start(&["--max-waiting-requests", "1", "--max-num-seqs", "1"]).await;
@@ -54,8 +42,8 @@ async fn a_disconnected_stream_frees_its_kv_blocks() {
     assert!(server.metric("dlengine_running_sequences").await >= 1.0, "the request should still be running");
     assert!(server.metric("dlengine_kv_cache_blocks_used").await > 0.0);
     drop(body);
-    wait_for_metric(&server, "dlengine_running_sequences", 0.0, Duration::from_secs(10)).await;
-    wait_for_metric(&server, "dlengine_kv_cache_blocks_used", 0.0, Duration::from_secs(10)).await;
+    server.wait_for_metric("dlengine_running_sequences", 0.0, Duration::from_secs(10)).await;
+    server.wait_for_metric("dlengine_kv_cache_blocks_used", 0.0, Duration::from_secs(10)).await;
     assert_eq!(server.health().await, 200);
 }
 

@@ -23,10 +23,10 @@ pub async fn chat_completions(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let ready = state.ready()?;
-    let (request, raw) = parse_request::<ChatCompletionRequest>(&body)?;
+    let request = parse_request::<ChatCompletionRequest>(&body)?;
     state.check_model(request.model.as_deref())?;
     let include_usage = include_usage(request.stream, request.stream_options.as_ref())?;
-    let prompt = chat_prompt(ready, &request, &raw)?;
+    let prompt = chat_prompt(ready, &request, &body)?;
     let engine = &ready.engine;
     let logprobs = chat_logprobs(request.logprobs, request.top_logprobs)?;
     let ctx = SamplingContext {

@@ -18,7 +18,16 @@ pub struct ChatPrompt {
     pub tool_parser: Option<&'static ToolParserKind>,
 }
 
-pub fn chat_prompt(ready: &Ready, request: &ChatCompletionRequest, raw: &Value) -> Result<ChatPrompt, ApiError> {
+/// The conversation as template values, parsed from the body again so that maps keep
+/// the client's key order (the typed request has been validated already).
+#[derive(serde::Deserialize)]
+struct TemplateSource {
+    messages: minijinja::Value,
+    #[serde(default)]
+    tools: Option<minijinja::Value>,
+}
+
+pub fn chat_prompt(ready: &Ready, request: &ChatCompletionRequest, body: &[u8]) -> Result<ChatPrompt, ApiError> {
     check_messages(&request.messages)?;
     check_response_format(request.response_format.as_ref())?;
     let tools_on = tools_in_use(request)?;
@@ -41,9 +50,11 @@ pub fn chat_prompt(ready: &Ready, request: &ChatCompletionRequest, raw: &Value) 
             "continue_final_message and add_generation_prompt cannot both be true",
         ));
     }
+    let source: TemplateSource = serde_json::from_slice(body)
+        .map_err(|e| ApiError::internal(format!("the validated request did not parse again: {e}")))?;
     let input = TemplateInput {
-        messages: message_values(raw.get("messages").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()),
-        tools: if tools_on { raw.get("tools").and_then(Value::as_array).cloned() } else { None },
+        messages: message_values(&source.messages),
+        tools: if tools_on { source.tools } else { None },
         add_generation_prompt,
         kwargs: request.chat_template_kwargs.clone().unwrap_or_default(),
     };

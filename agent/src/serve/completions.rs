@@ -29,7 +29,7 @@ pub async fn completions(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let ready = state.ready()?;
-    let (request, _) = parse_request::<CompletionRequest>(&body)?;
+    let request = parse_request::<CompletionRequest>(&body)?;
     state.check_model(request.model.as_deref())?;
     refuse_unsupported(&request)?;
     let include_usage = include_usage(request.stream, request.stream_options.as_ref())?;

@@ -31,12 +31,11 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
-/// Parses a request whose sampling fields are flattened into it; returns the typed request
-/// and the JSON it came from (the chat template gets the client's messages verbatim).
+/// Parses a request whose sampling fields are flattened into it.
 ///
 /// serde loses the field path inside `#[serde(flatten)]` parts, so the sampling fields are
 /// checked on their own first; then every error of the whole request carries its path.
-pub fn parse_request<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, Value), ApiError> {
+pub fn parse_request<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid UTF-8: {e}")))?;
     let value: Value = serde_json::from_str(text)
@@ -45,7 +44,7 @@ pub fn parse_request<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, Value), Ap
         return Err(ApiError::bad_request("the request body must be a JSON object"));
     }
     typed::<SamplingFields>(&value)?;
-    Ok((typed::<T>(&value)?, value))
+    typed::<T>(&value)
 }
 
 fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
@@ -73,7 +72,7 @@ mod tests {
     use crate::openai::completion::CompletionRequest;
 
     fn chat_error(body: &str) -> ApiError {
-        parse_request::<ChatCompletionRequest>(body.as_bytes()).map(|r| r.0).unwrap_err()
+        parse_request::<ChatCompletionRequest>(body.as_bytes()).unwrap_err()
     }
 
     #[test]
@@ -86,7 +85,7 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_refused() {
-        let err = parse_request::<ChatCompletionRequest>(b"{\"messages\": \"\xff\"}").map(|r| r.0).unwrap_err();
+        let err = parse_request::<ChatCompletionRequest>(b"{\"messages\": \"\xff\"}").unwrap_err();
         assert!(err.message.contains("UTF-8"), "{}", err.message);
     }
 
@@ -112,15 +111,15 @@ mod tests {
 
     #[test]
     fn completion_prompt_errors_name_prompt() {
-        let err = parse_request::<CompletionRequest>(br#"{"prompt": {"a": 1}}"#).map(|r| r.0).unwrap_err();
+        let err = parse_request::<CompletionRequest>(br#"{"prompt": {"a": 1}}"#).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("prompt"));
-        let err = parse_request::<CompletionRequest>(br#"{"max_tokens": 3}"#).map(|r| r.0).unwrap_err();
+        let err = parse_request::<CompletionRequest>(br#"{"max_tokens": 3}"#).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("prompt"));
     }
 
     #[test]
     fn a_good_request_parses() {
-        let (req, _): (ChatCompletionRequest, _) = parse_request(
+        let req: ChatCompletionRequest = parse_request(
             br#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "stop": ["x"], "top_k": -1}"#,
         )
         .unwrap();

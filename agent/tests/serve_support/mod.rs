@@ -115,6 +115,19 @@ impl Server {
         metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
     }
 
+    /// Polls `/metrics` until `name` reads `want` (engine gauges trail the answers a little).
+    pub async fn wait_for_metric(&self, name: &str, want: f64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.metric(name).await;
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} stayed at {got}, wanted {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn terminate(&self) {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         assert!(status.success());

@@ -1,5 +1,10 @@
 use super::*;
 
+/// JSON as template values, key order kept.
+fn json_value(text: &str) -> minijinja::Value {
+    serde_json::from_str(text).unwrap()
+}
+
 fn render(source: &str, input: &TemplateInput) -> Result<String, RenderError> {
     ChatTemplate::new(source.to_owned(), vec![("bos_token", "<s>".to_owned())]).unwrap().render(input)
 }
@@ -7,7 +12,7 @@ fn render(source: &str, input: &TemplateInput) -> Result<String, RenderError> {
 #[test]
 fn python_string_methods_and_special_tokens_work() {
     let input = TemplateInput {
-        messages: message_values(&[serde_json::json!({"role": "user", "content": "  Hi  ", "name": null})]),
+        messages: message_values(&json_value(r#"[{"role": "user", "content": "  Hi  ", "name": null}]"#)),
         add_generation_prompt: true,
         ..Default::default()
     };
@@ -28,7 +33,7 @@ fn kwargs_reach_the_template_but_cannot_replace_messages() {
     kwargs.insert("enable_thinking".into(), false.into());
     kwargs.insert("messages".into(), "hijacked".into());
     let input = TemplateInput {
-        messages: vec![serde_json::json!({"role": "user", "content": "x"})],
+        messages: message_values(&json_value(r#"[{"role": "user", "content": "x"}]"#)),
         kwargs,
         ..Default::default()
     };
@@ -38,11 +43,11 @@ fn kwargs_reach_the_template_but_cannot_replace_messages() {
 
 #[test]
 fn tool_call_arguments_become_objects_for_the_template() {
-    let messages = message_values(&[serde_json::json!({
-        "role": "assistant", "content": null,
-        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"b\": 1, \"a\": 2}"}}]
-    })]);
-    assert_eq!(messages[0].get("content"), None, "null keys are dropped");
+    let messages = message_values(&json_value(
+        r#"[{"role": "assistant", "content": null,
+             "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"b\": 1, \"a\": 2}"}}]}]"#,
+    ));
+    assert!(messages[0].get_attr("content").unwrap().is_undefined(), "null keys are dropped");
     let input = TemplateInput { messages, ..Default::default() };
     let out = render("{{ messages[0].tool_calls[0].function.arguments | tojson }}", &input).unwrap();
     assert_eq!(out, r#"{"b": 1, "a": 2}"#, "key order is the client's");
@@ -52,31 +57,48 @@ fn tool_call_arguments_become_objects_for_the_template() {
 /// reproduced to the byte, errors included.
 fn check_against_transformers(flavour: &str) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join(format!("reference/chat-{flavour}.json"))).unwrap()).unwrap();
-    let config_path = root.join("models").join(reference["tokenizer_config"].as_str().unwrap().trim_start_matches("models/"));
+    let text = std::fs::read_to_string(root.join(format!("reference/chat-{flavour}.json"))).unwrap();
+    let reference: Reference = serde_json::from_str(&text).unwrap();
+    let config_path = root.join(&reference.tokenizer_config);
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config_path).unwrap()).unwrap();
     let special_tokens = ["bos_token", "eos_token", "pad_token", "unk_token"]
         .into_iter()
         .filter_map(|name| config[name].as_str().map(|t| (name, t.to_owned())))
         .collect();
     let template = ChatTemplate::new(config["chat_template"].as_str().unwrap().to_owned(), special_tokens).unwrap();
-    let cases = reference["cases"].as_array().unwrap();
-    assert!(cases.len() >= 5, "too few reference cases");
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
+    assert!(reference.cases.len() >= 5, "too few reference cases");
+    for case in reference.cases {
+        let name = &case.name;
         let input = TemplateInput {
-            messages: message_values(case["messages"].as_array().unwrap()),
-            tools: case["tools"].as_array().cloned(),
-            add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap(),
-            kwargs: case["kwargs"].as_object().cloned().unwrap_or_default(),
+            messages: message_values(&case.messages),
+            tools: case.tools.filter(|t| !t.is_none()),
+            add_generation_prompt: case.add_generation_prompt,
+            kwargs: case.kwargs,
         };
-        match (template.render(&input), case.get("rendered")) {
-            (Ok(ours), Some(theirs)) => assert_eq!(ours, theirs.as_str().unwrap(), "{flavour}/{name}"),
-            (Err(ours), None) => assert_eq!(ours.0, case["error"].as_str().unwrap(), "{flavour}/{name}"),
+        match (template.render(&input), case.rendered) {
+            (Ok(ours), Some(theirs)) => assert_eq!(ours, theirs, "{flavour}/{name}"),
+            (Err(ours), None) => assert_eq!(Some(ours.0), case.error, "{flavour}/{name}"),
             (ours, _) => panic!("{flavour}/{name}: transformers and we disagree on success: {ours:?}"),
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    tokenizer_config: String,
+    cases: Vec<Case>,
+}
+
+/// Messages and tools as template values, so maps keep the file's key order.
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    messages: minijinja::Value,
+    tools: Option<minijinja::Value>,
+    add_generation_prompt: bool,
+    kwargs: serde_json::Map<String, serde_json::Value>,
+    rendered: Option<String>,
+    error: Option<String>,
 }
 
 #[test]
