@@ -74,9 +74,9 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
 
 #[tokio::test]
 async fn streams_cut_by_the_drain_timeout_end_with_an_error_event() {
-    // Eight samples of a thousand tokens: seconds of CPU work, well past the 1 s deadline.
+    // Sixteen samples of a thousand tokens: seconds of CPU work, well past the 1 s deadline.
     let mut server = Server::start(&["--drain-timeout-secs", "1"]).await;
-    let response = server.post("/v1/completions", long_stream(8)).await;
+    let response = server.post("/v1/completions", long_stream(16)).await;
     assert_eq!(response.status(), 200);
     let mut body = response.bytes_stream();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();

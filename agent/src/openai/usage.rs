@@ -33,7 +33,4 @@ impl Usage {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
-    /// vLLM extension: usage in every chunk.
-    #[serde(default)]
-    pub continuous_usage_stats: bool,
 }
