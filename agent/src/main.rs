@@ -1,6 +1,8 @@
 //! `dlengine`: serve a model, route between engines, generate offline, benchmark.
 
+mod bench;
 mod engine_loader;
+mod generate;
 mod logging;
 mod openai;
 mod serve;
@@ -22,8 +24,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve::run(args))),
         Command::Router(args) => runtime().and_then(|rt| rt.block_on(dlengine_router::run(args))),
-        Command::Generate(_) => Err(anyhow::anyhow!("`dlengine generate` is not built yet")),
-        Command::Bench(_) => Err(anyhow::anyhow!("`dlengine bench` is not built yet")),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
