@@ -47,14 +47,31 @@ async fn a_disconnected_stream_frees_its_kv_blocks() {
     assert_eq!(server.health().await, 200);
 }
 
+/// Starts a long stream, reads its first chunk, then sends SIGTERM.
+async fn stream_then_terminate(server: &Server, n: usize) -> (impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>>, String) {
+    let response = server.post("/v1/completions", long_stream(n)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = Box::pin(response.bytes_stream());
+    let first = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    server.terminate();
+    (body, first)
+}
+
+/// The rest of a stream as text; a broken connection fails the test.
+async fn read_to_end(mut body: impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin, mut text: String) -> String {
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
+            Err(e) => panic!("the stream broke instead of ending cleanly: {e}"),
+        }
+    }
+    text
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let mut server = Server::start(&["--drain-timeout-secs", "60"]).await;
-    let response = server.post("/v1/completions", long_stream(4)).await;
-    assert_eq!(response.status(), 200);
-    let mut body = response.bytes_stream();
-    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
-    server.terminate();
+    let (body, first) = stream_then_terminate(&server, 4).await;
     // Draining: not ready, and new work is refused, while the stream goes on.
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.health().await != 503 {
@@ -63,9 +80,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     }
     let refused = server.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
     assert_eq!(refused.status(), 503);
-    while let Some(chunk) = body.next().await {
-        text.push_str(&String::from_utf8(chunk.unwrap().to_vec()).unwrap());
-    }
+    let text = read_to_end(body, first).await;
     assert!(text.ends_with("data: [DONE]\n\n"), "the in-flight stream was cut: ...{}", &text[text.len().saturating_sub(200)..]);
     assert!(!text.contains("{\"error\""), "the in-flight stream failed: ...{}", &text[text.len().saturating_sub(400)..]);
     let status = server.wait_exit(Duration::from_secs(30));
@@ -76,17 +91,8 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
 async fn streams_cut_by_the_drain_timeout_end_with_an_error_event() {
     // Sixteen samples of a thousand tokens: seconds of CPU work, well past the 1 s deadline.
     let mut server = Server::start(&["--drain-timeout-secs", "1"]).await;
-    let response = server.post("/v1/completions", long_stream(16)).await;
-    assert_eq!(response.status(), 200);
-    let mut body = response.bytes_stream();
-    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
-    server.terminate();
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
-            Err(e) => panic!("the stream broke instead of ending with an error event: {e}"),
-        }
-    }
+    let (body, first) = stream_then_terminate(&server, 16).await;
+    let text = read_to_end(body, first).await;
     let events = serve_support::parse_sse(&text);
     assert_eq!(events.last().unwrap(), "[DONE]", "...{}", &text[text.len().saturating_sub(300)..]);
     let error = &events[events.len() - 2]["error"];
