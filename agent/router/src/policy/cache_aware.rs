@@ -161,7 +161,7 @@ mod tests {
         let holder = route(&policy, &pool, "remember me").worker.clone();
         policy.forget(&holder);
         let other = pool.iter().find(|w| w.id != holder.id).unwrap().clone();
-        assert_eq!(route(&policy, &[other.clone()], "remember me").worker.id, other.id);
+        assert_eq!(route(&policy, std::slice::from_ref(&other), "remember me").worker.id, other.id);
         assert_eq!(route(&policy, &pool, "remember me").reason, "cache_hit");
     }
 }
