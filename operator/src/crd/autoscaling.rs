@@ -69,6 +69,7 @@ pub struct MetricTargets {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct FollowRole {
+    #[schemars(length(min = 1, max = 15))]
     pub role: String,
     #[schemars(range(min = 0.01, max = 100.0))]
     pub ratio: f64,

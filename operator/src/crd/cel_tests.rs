@@ -121,3 +121,35 @@ fn follow_role_must_exist() {
     dep["spec"]["roles"][2]["autoscaling"]["followRole"]["role"] = json!("nope");
     assert_refused(&dep, "followRole.role must name another non-Router role");
 }
+
+/// Every CEL rule compiles and fits the apiserver's cost budget (an over-budget rule makes
+/// the apiserver refuse the CRD itself), which needs maxItems/maxLength on what it walks.
+#[test]
+fn every_rule_compiles_within_the_cost_budget() {
+    use kube::core::cel::{compile_schema, estimate_rule_cost};
+    fn walk(node: &Value, path: &str, problems: &mut Vec<String>) {
+        if let Some(rules) = node.get("x-kubernetes-validations").and_then(|r| r.as_array()) {
+            let compiled = compile_schema(node);
+            for error in compiled.compilation_errors() {
+                problems.push(format!("{path}: {error:?}"));
+            }
+            for rule in rules.iter().filter_map(|r| r["rule"].as_str()) {
+                for warning in estimate_rule_cost(rule, &compiled) {
+                    problems.push(format!("{path}: {rule}: {}", warning.message));
+                }
+            }
+        }
+        for (key, child) in node.get("properties").and_then(|p| p.as_object()).into_iter().flatten() {
+            walk(child, &format!("{path}.{key}"), problems);
+        }
+        if let Some(items) = node.get("items") {
+            walk(items, &format!("{path}[]"), problems);
+        }
+    }
+    for crd in crate::crdgen::all_crds() {
+        let schema = serde_json::to_value(crd.spec.versions[0].schema.clone().unwrap().open_api_v3_schema.unwrap()).unwrap();
+        let mut problems = Vec::new();
+        walk(&schema, &crd.spec.names.kind, &mut problems);
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+}

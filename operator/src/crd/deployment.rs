@@ -40,6 +40,7 @@ pub struct InferenceDeploymentSpec {
     /// The model every engine role serves.
     pub model: ModelSpec,
     /// Container image with the `dlengine` binary.
+    #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("self != ''").message("image must not be empty"))]
     pub image: String,
     /// Kubernetes image pull policy (Always, IfNotPresent, Never).

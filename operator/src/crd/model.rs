@@ -13,6 +13,7 @@ pub struct ModelSpec {
     pub source: ModelSource,
     /// Directory of the model inside the source (relative; default: the source's root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("model.path must be relative and must not contain '..'"))]
     pub path: Option<String>,
 }
@@ -42,6 +43,7 @@ pub struct PvcSource {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HostPathSource {
+    #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("hostPath.path must be absolute"))]
     pub path: String,
 }

@@ -46,6 +46,7 @@ pub enum KvTransport {
 #[serde(rename_all = "camelCase")]
 pub struct RdmaAttachment {
     /// Extended resource of the device plugin, e.g. `nvidia.com/rdma_vf` or `rdma/ib`.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.contains('/')").message("rdma.resourceName must be a qualified extended resource name such as rdma/ib"))]
     pub resource_name: String,
     /// Devices per pod (usually one per GPU of the pod).
@@ -55,6 +56,7 @@ pub struct RdmaAttachment {
     /// Multus NetworkAttachmentDefinitions (`name` or `namespace/name`), rendered as the
     /// `k8s.v1.cni.cncf.io/networks` annotation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 253)))]
     pub networks: Vec<String>,
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 pub struct RegistrySpec {
     /// etcd client URLs, e.g. `https://etcd-0.etcd:2379`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 512)))]
     #[x_kube(validation = Rule::new("self.all(e, e.startsWith('http://') || e.startsWith('https://'))").message("registry.endpoints must be http:// or https:// URLs"))]
     pub endpoints: Vec<String>,
     /// Secret in the deployment's namespace with `ca.crt`, and `tls.crt`/`tls.key` for

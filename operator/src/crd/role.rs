@@ -27,6 +27,7 @@ pub struct RoleSpec {
     pub resources: Option<ResourceRequirements>,
     /// Extra `dlengine serve`/`router` flags, appended after the ones the operator renders.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 512)))]
     #[x_kube(validation = Rule::new("self.all(a, !a.startsWith('--port') && !a.startsWith('--mode') && !a.startsWith('--etcd-endpoints') && !a.startsWith('--tensor-parallel-size') && !a.startsWith('--kv-transport'))").message("engineArgs must not set flags the operator owns (--port, --mode, --etcd-endpoints, --tensor-parallel-size, --kv-transport)"))]
     pub engine_args: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
