@@ -12,7 +12,7 @@ use kube::api::{Api, ListParams, ObjectMeta};
 use kube::Resource;
 use serde::de::DeserializeOwned;
 
-use crate::crd::InferenceRoleScaler;
+use crate::crd::{InferenceRoleScaler, InferenceRoleScalerStatus};
 use crate::render::labels;
 
 use super::Error;
@@ -58,6 +58,8 @@ pub struct Observed {
     pub workloads: Vec<ObservedWorkload>,
     /// `spec.replicas` of each role's scale handle, by role name.
     pub scalers: BTreeMap<String, i32>,
+    /// Status of each role's scale handle, by role name (to write it only when it changes).
+    pub scaler_status: BTreeMap<String, Option<InferenceRoleScalerStatus>>,
     pub children: Vec<ObservedChild>,
 }
 
@@ -72,6 +74,7 @@ pub async fn observe(client: &kube::Client, namespace: &str, deployment: &str, o
     }
     for scaler in owned::<InferenceRoleScaler>(client, namespace, &selector, owner_uid).await? {
         observed.scalers.insert(scaler.spec.role.clone(), scaler.spec.replicas);
+        observed.scaler_status.insert(scaler.spec.role.clone(), scaler.status.clone());
         observed.children.push(child("InferenceRoleScaler", &scaler.metadata));
     }
     for w in &observed.workloads {

@@ -14,8 +14,8 @@ use kube::{Resource, ResourceExt};
 
 use crate::autoscale::Decision;
 use crate::controller::telemetry::ScalingLabels;
-use crate::crd::{InferenceDeployment, InferenceDeploymentStatus, RoleSpec, RoleStatus, ScalingDecision};
-use crate::render::{self, names, Desired, InstanceShape, ENGINE_PORT};
+use crate::crd::{InferenceDeployment, InferenceDeploymentStatus, InferenceRoleScaler, InferenceRoleScalerStatus, RoleSpec, RoleStatus, ScalingDecision};
+use crate::render::{self, labels, names, Desired, InstanceShape, ENGINE_PORT};
 use crate::validate::spec_problems;
 
 use super::apply::{apply_child, apply_params};
@@ -97,6 +97,7 @@ async fn apply(dep: &InferenceDeployment, ctx: &Context) -> Result<Action, Error
     let new_current = if plan.complete || !rolling_out { update_revision.clone() } else { current_revision.clone() };
     announce(dep, ctx, &current_revision, &new_current, &update_revision, &wanted.decisions).await;
     let status = status(dep, ctx, &observed, &wanted, &desired, &new_current, &shapes);
+    report_scalers(dep, ctx, &namespace, &observed, &status).await?;
     let busy = status.conditions.iter().any(|c| c.type_ == conditions::PROGRESSING && c.status == "True");
     write_status(dep, ctx, status).await?;
     Ok(requeue(dep, busy))
@@ -324,6 +325,27 @@ fn serving(dep: &InferenceDeployment, observed: &Observed) -> bool {
         .into_iter()
         .any(|rev| dep.spec.roles.iter().filter(|r| r.kind.runs_engine()).all(|r| ready_of(&r.name, Some(rev)) > 0));
     router_ok && engines_ok
+}
+
+/// The scale handles' status: instances and the pod selector HPAs need for per-pod metrics.
+async fn report_scalers(dep: &InferenceDeployment, ctx: &Context, namespace: &str, observed: &Observed, status: &InferenceDeploymentStatus) -> Result<(), Error> {
+    let api: Api<InferenceRoleScaler> = Api::namespaced(ctx.client.clone(), namespace);
+    for (role_name, current) in &observed.scaler_status {
+        let (Some(role), Some(role_status)) = (dep.spec.roles.iter().find(|r| &r.name == role_name), status.roles.iter().find(|r| &r.name == role_name)) else {
+            continue;
+        };
+        let wanted = InferenceRoleScalerStatus {
+            replicas: role_status.ready + role_status.pending,
+            ready_replicas: role_status.ready,
+            selector: labels::selector_string(&labels::role_selector(&dep.name_any(), role)),
+        };
+        if current.as_ref() == Some(&wanted) {
+            continue;
+        }
+        let patch = Patch::Merge(serde_json::json!({ "status": wanted }));
+        api.patch_status(&names::role_wide(&dep.name_any(), role), &kube::api::PatchParams::default(), &patch).await?;
+    }
+    Ok(())
 }
 
 /// Server-side apply of the whole status: fields the controller no longer reports go away.

@@ -326,6 +326,8 @@ async fn hpa_drives_the_role_through_its_scaler() {
     assert_eq!(h.deployment_for("router")[0].spec.as_ref().unwrap().replicas, Some(5));
     let scaler = h.api.get(CRS, "inferencerolescalers", "default", "chat-autoscaled-router").unwrap();
     assert_eq!(scaler["spec"]["replicas"], 5, "the operator never takes replicas back from the HPA");
+    assert_eq!(scaler["status"]["selector"], "dlengine.io/deployment=chat-autoscaled,dlengine.io/role=router", "HPA resource metrics need the pod selector");
+    assert_eq!(scaler["status"]["replicas"], 5);
 }
 
 #[tokio::test]
