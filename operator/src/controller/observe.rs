@@ -188,3 +188,33 @@ fn pod_ready(pod: &Pod) -> bool {
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+
+    fn pod(index: i32, ready: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta { labels: Some([(labels::POD_INDEX.to_string(), index.to_string())].into()), ..Default::default() },
+            spec: None,
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition { type_: "Ready".into(), status: if ready { "True" } else { "False" }.into(), ..Default::default() }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_multi_node_instance_is_ready_only_with_all_its_pods() {
+        // Two instances of two nodes: pods 0,1 form instance 0; pods 2,3 instance 1.
+        let pods = [pod(0, true), pod(1, false), pod(2, true), pod(3, true)];
+        assert_eq!(ready_instances(&pods, 2, 2), 1);
+        // Three ready pods spread over both instances are not "one and a half" instances.
+        let pods = [pod(0, true), pod(1, false), pod(2, true), pod(3, false)];
+        assert_eq!(ready_instances(&pods, 2, 2), 0);
+        // Pods beyond the desired instances (scale-down in progress) do not count.
+        let pods = [pod(0, true), pod(1, true), pod(2, true), pod(3, true)];
+        assert_eq!(ready_instances(&pods, 2, 1), 1);
+    }
+}
