@@ -20,8 +20,13 @@ DEVICE long long cache_offset(const int* table, int pos, int kv_head) {
 // grid = (num_seqs, KV_HEADS, num_splits), 128 threads. Block (s, h, z) covers partitions
 // z, z + num_splits, ... of sequence s for the GROUP q heads sharing kv head h, with an
 // online softmax, and writes a partial result that decode_reduce combines.
+// Scores: one key per thread. Values: HEAD_DIM / 8 threads read one key's row with
+// 16-byte loads and KEY_GROUPS keys are read at once; the key groups' partial sums are
+// added at the end.
 #define DEC_THREADS 128
 #define PART 128
+#define VEC (HEAD_DIM / 8)
+#define KEY_GROUPS (DEC_THREADS / VEC)
 #define OUT_PER_THREAD ((GROUP * HEAD_DIM + DEC_THREADS - 1) / DEC_THREADS)
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
@@ -31,10 +36,13 @@ decode_attention(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
                  float* __restrict__ part_acc, float* __restrict__ part_ml) {
   __shared__ float q_s[GROUP][HEAD_DIM];
   __shared__ float p_s[GROUP][PART];
+  __shared__ long long off_s[PART];
   __shared__ float alpha_s[GROUP];
   __shared__ float m_s[GROUP], l_s[GROUP];
+  __shared__ float red_s[KEY_GROUPS][GROUP][HEAD_DIM];
   const int seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kg = tid / VEC, d0 = (tid % VEC) * 8;
   const int ctx = context_lens[seq];
   const int* table = block_tables + (long long)seq * table_stride;
   const bf16* q = qkv + (long long)query_start[seq] * QKV_WIDTH + kvh * GROUP * HEAD_DIM;
@@ -43,30 +51,39 @@ decode_attention(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
   }
-  float acc[OUT_PER_THREAD];
+  float acc[GROUP][8];
 #pragma unroll
-  for (int o = 0; o < OUT_PER_THREAD; ++o) acc[o] = 0.f;
+  for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
   __syncthreads();
 
   const int parts = (ctx + PART - 1) / PART;
   for (int part = split; part < parts; part += splits) {
     const int t0 = part * PART, n = min(PART, ctx - t0);
-    // Scores: one key per thread, all GROUP heads at once.
+    // Scores: one key per thread, all GROUP heads at once; remember where the key lives.
     for (int j = tid; j < PART; j += DEC_THREADS) {
       float dot[GROUP];
 #pragma unroll
       for (int g = 0; g < GROUP; ++g) dot[g] = 0.f;
       if (j < n) {
-        const bf16* k = k_cache + cache_offset(table, t0 + j, kvh);
-        // Unrolling the whole head would hoist every q value into registers and spill.
-#pragma unroll 2
-        for (int d = 0; d < HEAD_DIM; d += 8) {
-          float kv[8];
-          load8(k + d, kv);
+        const long long off = cache_offset(table, t0 + j, kvh);
+        off_s[j] = off;
+        const bf16* k = k_cache + off;
+#pragma unroll 1
+        for (int c = 0; c < VEC; c += 4) {
+          bf16x8 kv[4];
 #pragma unroll
-          for (int g = 0; g < GROUP; ++g)
+          for (int u = 0; u < 4; ++u) kv[u] = *reinterpret_cast<const bf16x8*>(k + (c + u < VEC ? c + u : c) * 8);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) dot[g] += q_s[g][d + e] * kv[e];
+          for (int u = 0; u < 4; ++u) {
+            if (c + u < VEC) {
+#pragma unroll
+              for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dot[g] += q_s[g][(c + u) * 8 + e] * to_f(kv[u].v[e]);
+            }
+          }
         }
       }
 #pragma unroll
@@ -87,33 +104,46 @@ decode_attention(const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
       }
       sum = warp_sum(sum);
       if (lane == 0) {
-        float alpha = __expf(m_old - m_new);
-        alpha_s[g] = alpha;
-        l_s[g] = l_s[g] * alpha + sum;
+        alpha_s[g] = __expf(m_old - m_new);
+        l_s[g] = l_s[g] * alpha_s[g] + sum;
         m_s[g] = m_new;
       }
     }
     __syncthreads();
-    // acc = acc * alpha + sum_j p_j v_j for this thread's (head, dim) outputs.
+    // acc = acc * alpha + sum_j p_j v_j over this thread's key group and 8 dims.
 #pragma unroll
-    for (int o = 0; o < OUT_PER_THREAD; ++o) {
-      int idx = tid + o * DEC_THREADS;
-      if (idx < GROUP * HEAD_DIM) {
-        int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
-        float a = acc[o] * alpha_s[g];
-        for (int j = 0; j < n; ++j) a += p_s[g][j] * to_f(v_cache[cache_offset(table, t0 + j, kvh) + d]);
-        acc[o] = a;
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= alpha_s[g];
+#pragma unroll 2
+    for (int j = kg; j < n; j += KEY_GROUPS) {
+      float v[8];
+      load8(v_cache + off_s[j] + d0, v);
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) {
+        float p = p_s[g][j];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] += p * v[e];
       }
     }
     __syncthreads();
   }
+  // Sum the key groups' partial accumulators.
+#pragma unroll
+  for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) red_s[kg][g][d0 + e] = acc[g][e];
+  __syncthreads();
   const long long head0 = (long long)seq * Q_HEADS + kvh * GROUP;
 #pragma unroll
   for (int o = 0; o < OUT_PER_THREAD; ++o) {
     int idx = tid + o * DEC_THREADS;
     if (idx < GROUP * HEAD_DIM) {
       int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
-      part_acc[((head0 + g) * splits + split) * HEAD_DIM + d] = acc[o];
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < KEY_GROUPS; ++k) sum += red_s[k][g][d];
+      part_acc[((head0 + g) * splits + split) * HEAD_DIM + d] = sum;
     }
   }
   if (tid < GROUP) {

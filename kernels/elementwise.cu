@@ -83,10 +83,11 @@ extern "C" __global__ void rope(bf16* __restrict__ qkv, const int* __restrict__ 
 }
 
 // out = silu(gate) * up for rows [gate | up] of width 2 * inter.
+// grid = (rows, column blocks): a row is spread over several blocks.
 extern "C" __global__ void silu_mul(const bf16* __restrict__ gate_up, bf16* __restrict__ out, int inter) {
   const bf16* row = gate_up + (long long)blockIdx.x * 2 * inter;
   bf16* o = out + (long long)blockIdx.x * inter;
-  for (int i = threadIdx.x; i < inter; i += blockDim.x) {
+  for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < inter; i += gridDim.y * blockDim.x) {
     float g = to_f(row[i]);
     float act = round_bf(g / (1.f + __expf(-g)));
     o[i] = to_bf(act * to_f(row[inter + i]));

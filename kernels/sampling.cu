@@ -39,6 +39,30 @@ DEVICE void block_argmax(float& v, int& i, float* sv, int* si) {
   for (int o = 16; o > 0; o >>= 1) better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
 }
 
+// This thread's best (value, index) over a row: 16-byte loads, four in flight, while the
+// row is 16-byte aligned and long enough; a scalar tail.
+DEVICE void row_argmax(const bf16* x, int vocab, float& best, int& best_i) {
+  const bool vec = (vocab % 8 == 0) && ((reinterpret_cast<size_t>(x) & 15) == 0);
+  const int vecs = vec ? vocab / 8 : 0;
+  const int stride = blockDim.x;
+  int v = threadIdx.x;
+  for (; v + 3 * stride < vecs; v += 4 * stride) {
+    bf16x8 c[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) c[u] = reinterpret_cast<const bf16x8*>(x)[v + u * stride];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) better(best, best_i, to_f(c[u].v[e]), (v + u * stride) * 8 + e);
+  }
+  for (; v < vecs; v += stride) {
+    bf16x8 c = reinterpret_cast<const bf16x8*>(x)[v];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) better(best, best_i, to_f(c.v[e]), v * 8 + e);
+  }
+  for (int i = vecs * 8 + threadIdx.x; i < vocab; i += stride) better(best, best_i, to_f(x[i]), i);
+}
+
 // Sum of exp((x - mx) / t) over entries >= thr, and their count.
 DEVICE void mass_above(const bf16* x, int vocab, float thr, float mx, float inv_t, float& mass, float& count,
                        float* scratch) {
@@ -66,7 +90,7 @@ sample(const bf16* __restrict__ logits, int vocab, const RowParams* __restrict__
 
   float best = -INFINITY;
   int best_i = 0x7fffffff;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) better(best, best_i, to_f(x[i]), i);
+  row_argmax(x, vocab, best, best_i);
   block_argmax(best, best_i, sv, si);
   if (p.temperature == 0.f || p.top_k == 1) {
     if (threadIdx.x == 0) tokens[blockIdx.x] = best_i;

@@ -72,10 +72,10 @@ impl<B: Backend> ModelExecutor<B> {
     /// One forward at the largest step (sequences of at most max_model_len), so the backend
     /// learns its activation peak before the KV cache takes the rest of the memory.
     fn profile_run(&mut self, plan: &MemoryPlan) -> Result<(), EngineError> {
-        let tokens = plan.limits.max_tokens;
         let bs = plan.layout.block_size;
-        let per_seq = plan.max_model_len.min(tokens).max(1);
-        let num_seqs = tokens.div_ceil(per_seq);
+        let per_seq = plan.max_model_len.min(plan.limits.max_tokens).max(1);
+        let num_seqs = plan.limits.max_tokens.div_ceil(per_seq).min(plan.limits.max_seqs);
+        let tokens = plan.limits.max_tokens.min(num_seqs * per_seq);
         let blocks_per_seq = per_seq.div_ceil(bs);
         self.backend.allocate_kv_cache(plan.layout, num_seqs * blocks_per_seq)?;
         let mut input = StepInput { block_size: bs, block_table_stride: blocks_per_seq, ..Default::default() };

@@ -19,7 +19,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (model, tokens_path, out) = (PathBuf::from(&args[1]), &args[2], &args[3]);
     let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(tokens_path)?)?;
     let chunk = args.iter().position(|a| a == "--chunk").and_then(|i| args.get(i + 1)).and_then(|c| c.parse().ok()).unwrap_or(tokens.len());
-    let config = EngineConfig { num_kv_blocks: Some(tokens.len() / 16 + 64), max_num_seqs: 8, max_num_batched_tokens: tokens.len().max(chunk), ..EngineConfig::default() };
+    let config = EngineConfig {
+        num_kv_blocks: Some(tokens.len() / 16 + 64),
+        max_model_len: Some(tokens.len() + 16),
+        max_num_seqs: 8,
+        max_num_batched_tokens: tokens.len().max(chunk),
+        ..EngineConfig::default()
+    };
     let started = Instant::now();
     let mut core = if args.iter().any(|a| a == "--cpu") {
         EngineCore::load(&model, &config, CpuBackend::new(1 << 30))?

@@ -49,6 +49,7 @@ struct ElementwiseKernels {
     rope: CUfunction,
     silu_mul: CUfunction,
     write_kv: CUfunction,
+    attention_prep: CUfunction,
 }
 
 impl ElementwiseKernels {
@@ -62,6 +63,7 @@ impl ElementwiseKernels {
             rope: elementwise.function("rope")?,
             silu_mul: elementwise.function("silu_mul")?,
             write_kv: kv.function("write_kv")?,
+            attention_prep: kv.function("attention_prep")?,
         })
     }
 }
@@ -109,7 +111,7 @@ impl CudaBackend {
         let gemv = compiler.load(GEMV, &[])?;
         let sampling = compiler.load(SAMPLING, &[])?;
         let k = ElementwiseKernels::new(&elementwise, &kv)?;
-        let gemm = Gemm::new(device.stream, gemv.function("gemv")?)?;
+        let gemm = Gemm::new(device.stream, &gemv, device.info.multiprocessors)?;
         let sampler =
             Sampler::new(sampling.function("sample")?, sampling.function("logprobs")?, sampling.function("adjust_logits")?)?;
         Ok(Self {
@@ -239,6 +241,7 @@ impl Backend for CudaBackend {
     }
 
     fn copy_kv_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()> {
+        self.device.bind()?;
         let kv = self.kv.as_ref().ok_or_else(|| op_error("copy_kv_blocks", "the KV cache is not allocated"))?;
         let l = kv.layout;
         let block_bytes = l.block_size * l.kv_heads * l.head_dim * 2;
@@ -286,6 +289,28 @@ impl Backend for CudaBackend {
         let cfg = Launch::new((x.rows as u32, 1, 1), row_threads(x.cols));
         let args = vec![Arg::Ptr(x.ptr), Arg::Ptr(residual.ptr), Arg::Ptr(weight.ptr), Arg::Ptr(out.ptr), Arg::I32(x.cols as i32), Arg::F32(eps)];
         launch("add_rms_norm", self.k.add_rms_norm, self.stream(), &cfg, args)?;
+        Ok(out)
+    }
+
+    fn add_rms_norm_linear(
+        &mut self,
+        x: &CudaTensor,
+        residual: &mut CudaTensor,
+        norm: &CudaTensor,
+        eps: f32,
+        weight: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        Self::expect_bf16("add_rms_norm_linear", x, residual.cols)?;
+        if !Gemm::gemv_fits(x.rows, x.cols) {
+            let h = self.add_rms_norm(x, residual, norm, eps)?;
+            return self.linear(&h, weight);
+        }
+        Self::expect_bf16("add_rms_norm_linear", weight, x.cols)?;
+        let new_residual = self.alloc(x.rows, x.cols)?;
+        let out = self.alloc(x.rows, weight.rows)?;
+        let dims = (x.rows, x.cols, weight.rows);
+        self.gemm.add_rms_linear(self.stream(), x.ptr, residual.ptr, new_residual.ptr, norm.ptr, eps, weight.ptr, out.ptr, dims)?;
+        *residual = new_residual;
         Ok(out)
     }
 
@@ -352,10 +377,43 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn attention_prep(
+        &mut self,
+        qkv: &mut CudaTensor,
+        layout: QkvLayout,
+        qk_norm: Option<(&CudaTensor, &CudaTensor, f32)>,
+        cos_sin: &CudaTensor,
+        layer: usize,
+        batch: &CudaBatch,
+    ) -> Result<()> {
+        Self::expect_bf16("attention_prep", qkv, layout.width())?;
+        let (k, v) = self.kv_layer(layer, "attention_prep")?;
+        let (q_w, k_w, eps) = qk_norm.map_or((0, 0, 0.0), |(q, k, eps)| (q.ptr, k.ptr, eps));
+        let heads = layout.q_heads + 2 * layout.kv_heads;
+        let threads = (layout.head_dim / 2).next_multiple_of(32) as u32;
+        let cfg = Launch::new((qkv.rows as u32, heads as u32, 1), threads);
+        let args = vec![
+            Arg::Ptr(qkv.ptr),
+            Arg::Ptr(batch.positions),
+            Arg::Ptr(batch.slot_mapping),
+            Arg::Ptr(cos_sin.ptr),
+            Arg::Ptr(q_w),
+            Arg::Ptr(k_w),
+            Arg::F32(eps),
+            Arg::Ptr(k),
+            Arg::Ptr(v),
+            Arg::I32(layout.q_heads as i32),
+            Arg::I32(layout.kv_heads as i32),
+            Arg::I32(layout.head_dim as i32),
+            Arg::I32(batch.block_size as i32),
+        ];
+        launch("attention_prep", self.k.attention_prep, self.stream(), &cfg, args)
+    }
+
     fn silu_mul(&mut self, gate_up: &CudaTensor) -> Result<CudaTensor> {
         let inter = gate_up.cols / 2;
         let out = self.alloc(gate_up.rows, inter)?;
-        let cfg = Launch::new((gate_up.rows as u32, 1, 1), row_threads(inter));
+        let cfg = Launch::new((gate_up.rows as u32, inter.div_ceil(256) as u32, 1), 256);
         launch("silu_mul", self.k.silu_mul, self.stream(), &cfg, vec![Arg::Ptr(gate_up.ptr), Arg::Ptr(out.ptr), Arg::I32(inter as i32)])?;
         Ok(out)
     }

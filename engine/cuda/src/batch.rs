@@ -1,6 +1,7 @@
-//! A step's inputs on the device. The buffers are allocated once, at the largest step the
-//! engine will run, so their addresses never change (captured graphs read them), and each
-//! step copies only the used part of each array from pinned staging memory.
+//! A step's inputs on the device. The arrays are packed back to back in one buffer
+//! allocated once for the largest step, and copied with a single transfer from pinned
+//! staging memory. The packing depends only on the arrays' lengths, so every decode step
+//! padded to the same batch size lands at the same addresses (captured graphs read them).
 
 use cudarc::driver::result;
 use cudarc::driver::sys::CUstream;
@@ -11,48 +12,6 @@ use crate::memory::{DeviceBuffer, PinnedBuffer};
 
 /// Query rows per prefill attention block (must match BQ in attention.cu).
 pub const PREFILL_ROWS: usize = 64;
-
-#[derive(Debug, Clone, Copy)]
-struct Region {
-    offset: usize,
-    capacity: usize,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    token_ids: Region,
-    positions: Region,
-    slot_mapping: Region,
-    query_start: Region,
-    context_lens: Region,
-    block_tables: Region,
-    logit_rows: Region,
-    items: Region,
-    total: usize,
-}
-
-impl Layout {
-    fn new(l: &StepLimits) -> Self {
-        let mut at = 0;
-        let mut region = |bytes: usize| {
-            let r = Region { offset: at, capacity: bytes };
-            at = (at + bytes).next_multiple_of(256);
-            r
-        };
-        let ints = |n: usize| n * 4;
-        Self {
-            token_ids: region(ints(l.max_tokens)),
-            positions: region(ints(l.max_tokens)),
-            slot_mapping: region(ints(l.max_tokens)),
-            query_start: region(ints(l.max_seqs + 1)),
-            context_lens: region(ints(l.max_seqs)),
-            block_tables: region(ints(l.max_seqs * l.max_blocks_per_seq)),
-            logit_rows: region(ints(l.max_tokens)),
-            items: region(8 * l.max_tokens),
-            total: at,
-        }
-    }
-}
 
 /// Device pointers and sizes of one prepared step.
 #[derive(Debug, Clone, Copy)]
@@ -81,7 +40,6 @@ impl CudaBatch {
 }
 
 pub struct StepBuffers {
-    layout: Layout,
     device: DeviceBuffer,
     staging: PinnedBuffer,
 }
@@ -91,52 +49,50 @@ fn as_bytes(v: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
+/// Bytes the packed arrays of the largest step can take.
+fn capacity(l: &StepLimits) -> usize {
+    let ints = 5 * l.max_tokens + 2 * l.max_seqs + 1 + l.max_seqs * l.max_blocks_per_seq + 2 * l.max_tokens;
+    ints * 4 + 8 * 16
+}
+
 impl StepBuffers {
     pub fn new(limits: &StepLimits) -> Result<Self> {
-        let layout = Layout::new(limits);
-        Ok(Self { device: DeviceBuffer::new(layout.total)?, staging: PinnedBuffer::new(layout.total)?, layout })
+        let bytes = capacity(limits);
+        Ok(Self { device: DeviceBuffer::new(bytes)?, staging: PinnedBuffer::new(bytes)? })
     }
 
-    fn stage(&mut self, name: &'static str, region: Region, data: &[u8]) -> Result<()> {
-        if data.len() > region.capacity {
-            return Err(op_error("prepare", format!("{name}: {} bytes exceed the step limit of {}", data.len(), region.capacity)));
-        }
-        self.staging.as_mut_slice()[region.offset..region.offset + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-
-    fn copy(&self, stream: CUstream, region: Region, bytes: usize) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        let src = &self.staging.as_slice()[region.offset..region.offset + bytes];
-        // SAFETY: destination lies inside our device buffer; the staging memory is pinned
-        // and not rewritten before the copy completes (upload synchronises first).
-        unsafe { result::memcpy_htod_async(self.device.ptr() + region.offset as u64, src, stream) }.op("uploading step inputs")
-    }
-
-    /// Copies `input` to the device (after any previous upload has completed).
+    /// Packs `input` into staging and copies it to the device (after any previous copy has
+    /// completed, so staging is free to rewrite).
     pub fn upload(&mut self, stream: CUstream, input: &StepInput) -> Result<CudaBatch> {
-        // SAFETY: our stream; waiting here means the staging memory is free to rewrite.
+        // SAFETY: our stream; when it is idle (the usual case) this returns at once.
         unsafe { result::stream::synchronize(stream) }.op("stream synchronize")?;
         let items = prefill_items(input);
-        let l = self.layout;
-        let arrays: [(&'static str, Region, &[u8]); 8] = [
-            ("token_ids", l.token_ids, as_bytes(&input.token_ids)),
-            ("positions", l.positions, as_bytes(&input.positions)),
-            ("slot_mapping", l.slot_mapping, as_bytes(&input.slot_mapping)),
-            ("query_start", l.query_start, as_bytes(&input.query_start)),
-            ("context_lens", l.context_lens, as_bytes(&input.context_lens)),
-            ("block_tables", l.block_tables, as_bytes(&input.block_tables)),
-            ("logit_rows", l.logit_rows, as_bytes(&input.logit_rows)),
-            ("items", l.items, as_bytes(&items)),
+        let arrays: [&[u32]; 8] = [
+            &input.token_ids,
+            &input.positions,
+            &input.slot_mapping,
+            &input.query_start,
+            &input.context_lens,
+            &input.block_tables,
+            &input.logit_rows,
+            &items,
         ];
-        for (name, region, data) in arrays {
-            self.stage(name, region, data)?;
-            self.copy(stream, region, data.len())?;
+        let staging = self.staging.as_mut_slice();
+        let mut offsets = [0usize; 8];
+        let mut at = 0;
+        for (i, a) in arrays.iter().enumerate() {
+            let bytes = as_bytes(a);
+            if at + bytes.len() > staging.len() {
+                return Err(op_error("prepare", "the step exceeds the step limits given at start"));
+            }
+            staging[at..at + bytes.len()].copy_from_slice(bytes);
+            offsets[i] = at;
+            at = (at + bytes.len()).next_multiple_of(16);
         }
-        let base = self.device.ptr();
-        let at = |r: Region| base + r.offset as u64;
+        // SAFETY: `at` bytes fit both buffers; staging is pinned and untouched until the
+        // next upload, which synchronises first.
+        unsafe { result::memcpy_htod_async(self.device.ptr(), &self.staging.as_slice()[..at], stream) }.op("uploading step inputs")?;
+        let ptr = |i: usize| self.device.ptr() + offsets[i] as u64;
         Ok(CudaBatch {
             num_tokens: input.num_tokens(),
             num_seqs: input.num_seqs(),
@@ -144,14 +100,14 @@ impl StepBuffers {
             block_size: input.block_size,
             num_logit_rows: input.logit_rows.len(),
             num_items: items.len() / 2,
-            token_ids: at(l.token_ids),
-            positions: at(l.positions),
-            slot_mapping: at(l.slot_mapping),
-            query_start: at(l.query_start),
-            context_lens: at(l.context_lens),
-            block_tables: at(l.block_tables),
-            logit_rows: at(l.logit_rows),
-            items: at(l.items),
+            token_ids: ptr(0),
+            positions: ptr(1),
+            slot_mapping: ptr(2),
+            query_start: ptr(3),
+            context_lens: ptr(4),
+            block_tables: ptr(5),
+            logit_rows: ptr(6),
+            items: ptr(7),
         })
     }
 }

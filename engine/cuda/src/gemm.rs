@@ -1,4 +1,4 @@
-//! Matrix products `y = x · wᵀ` (weights in Hugging Face layout [m, k]): our GEMV kernel
+//! Matrix products `y = x · wᵀ` (weights in Hugging Face layout [m, k]): our GEMV kernels
 //! for a handful of rows (decode at small batch is a pure weight read), cuBLAS in bf16
 //! with f32 accumulation otherwise.
 
@@ -10,24 +10,47 @@ use cudarc::driver::sys::{CUfunction, CUstream};
 
 use crate::error::{OpContext, Result};
 use crate::launch::{launch, Arg, Launch};
+use crate::kernels::Module;
 use crate::memory::DeviceBuffer;
 
-/// Rows up to which the GEMV kernel beats cuBLAS (its register tile holds 8 rows).
+/// Rows up to which the GEMV kernels beat cuBLAS (specialised for 1, 2, 4 and 8 rows).
 pub const GEMV_MAX_ROWS: usize = 8;
+const GEMV_ROW_VARIANTS: [usize; 4] = [1, 2, 4, 8];
+/// Resident GEMV blocks per SM in the persistent grid.
+const GEMV_BLOCKS_PER_SM: usize = 4;
+/// Shared memory the GEMV kernels may stage their input rows in.
+const GEMV_SMEM_MAX: usize = 96 << 10;
 const GEMV_WARPS: usize = 8;
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 pub struct Gemm {
     handle: cublasHandle_t,
     _workspace: DeviceBuffer,
-    gemv: CUfunction,
+    /// By row variant: (gemv, gemv_add_rms).
+    gemv: [(CUfunction, CUfunction); 4],
+    max_blocks: usize,
 }
 
 // SAFETY: the cuBLAS handle is used only from the thread that currently owns the backend.
 unsafe impl Send for Gemm {}
 
 impl Gemm {
-    pub fn new(stream: CUstream, gemv: CUfunction) -> Result<Self> {
+    pub fn new(stream: CUstream, module: &Module, multiprocessors: usize) -> Result<Self> {
+        let mut gemv = [(std::ptr::null_mut(), std::ptr::null_mut()); 4];
+        for (slot, rows) in gemv.iter_mut().zip(GEMV_ROW_VARIANTS) {
+            *slot = (module.function(&format!("gemv{rows}"))?, module.function(&format!("gemv_add_rms{rows}"))?);
+        }
+        for f in gemv.iter().flat_map(|(a, b)| [*a, *b]) {
+            // SAFETY: valid function handles; raising their dynamic shared memory limit.
+            unsafe {
+                cudarc::driver::result::function::set_function_attribute(
+                    f,
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    GEMV_SMEM_MAX as i32,
+                )
+            }
+            .op("GEMV shared memory limit")?;
+        }
         let handle = cublas::create_handle().op("cublasCreate")?;
         let workspace = DeviceBuffer::new(WORKSPACE_BYTES)?;
         // SAFETY: live handle, our stream; a fixed workspace keeps cuBLAS from allocating
@@ -38,20 +61,63 @@ impl Gemm {
                 .result()
                 .op("cublasSetWorkspace")?;
         }
-        Ok(Self { handle, _workspace: workspace, gemv })
+        Ok(Self { handle, _workspace: workspace, gemv, max_blocks: multiprocessors * GEMV_BLOCKS_PER_SM })
+    }
+
+    /// Whether the GEMV kernels take `n` input rows of `k` columns (staged in shared memory).
+    pub fn gemv_fits(n: usize, k: usize) -> bool {
+        n <= GEMV_MAX_ROWS && k % 8 == 0 && n * k * 2 <= GEMV_SMEM_MAX
+    }
+
+    /// The kernels specialised for the fewest rows >= n.
+    fn variant(&self, n: usize) -> (CUfunction, CUfunction) {
+        let i = GEMV_ROW_VARIANTS.iter().position(|&r| r >= n).unwrap_or(GEMV_ROW_VARIANTS.len() - 1);
+        self.gemv[i]
+    }
+
+    fn gemv_launch(&self, n: usize, k: usize, m: usize) -> Launch {
+        let blocks = m.div_ceil(GEMV_WARPS).min(self.max_blocks);
+        let mut cfg = Launch::new((blocks as u32, 1, 1), (GEMV_WARPS * 32) as u32);
+        cfg.shared_bytes = (n * k * 2) as u32;
+        cfg
+    }
+
+    /// y = RMSNorm(residual + delta) · wᵀ, with residual + delta written to `residual_out`;
+    /// only where `gemv_fits(n, k)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_linear(
+        &self,
+        stream: CUstream,
+        delta: u64,
+        residual: u64,
+        residual_out: u64,
+        norm: u64,
+        eps: f32,
+        w: u64,
+        y: u64,
+        (n, k, m): (usize, usize, usize),
+    ) -> Result<()> {
+        let args = vec![
+            Arg::Ptr(delta),
+            Arg::Ptr(residual),
+            Arg::Ptr(residual_out),
+            Arg::Ptr(norm),
+            Arg::F32(eps),
+            Arg::Ptr(w),
+            Arg::Ptr(y),
+            Arg::I32(n as i32),
+            Arg::I32(k as i32),
+            Arg::I32(m as i32),
+        ];
+        launch("gemv_add_rms", self.variant(n).1, stream, &self.gemv_launch(n, k, m), args)
     }
 
     /// y[n, m] = x[n, k] · w[m, k]ᵀ, all bf16 row-major.
+    #[allow(clippy::too_many_arguments)]
     pub fn linear(&self, stream: CUstream, x: u64, w: u64, y: u64, n: usize, k: usize, m: usize) -> Result<()> {
-        if n <= GEMV_MAX_ROWS && k % 8 == 0 {
-            let cfg = Launch::new((m.div_ceil(GEMV_WARPS) as u32, 1, 1), (GEMV_WARPS * 32) as u32);
-            return launch(
-                "gemv",
-                self.gemv,
-                stream,
-                &cfg,
-                vec![Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(m as i32)],
-            );
+        if Self::gemv_fits(n, k) {
+            let args = vec![Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(m as i32)];
+            return launch("gemv", self.variant(n).0, stream, &self.gemv_launch(n, k, m), args);
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
         // Column-major view: y (m x n) = op(w) (m x k) · x (k x n), with w stored k x m.

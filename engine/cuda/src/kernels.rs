@@ -15,11 +15,33 @@ use crate::error::{op_error, OpContext, Result};
 
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
-pub const ELEMENTWISE: (&str, &str) = ("elementwise", include_str!("../../../kernels/elementwise.cu"));
-pub const KV_CACHE: (&str, &str) = ("kv_cache", include_str!("../../../kernels/kv_cache.cu"));
-pub const GEMV: (&str, &str) = ("gemv", include_str!("../../../kernels/gemv.cu"));
-pub const SAMPLING: (&str, &str) = ("sampling", include_str!("../../../kernels/sampling.cu"));
-pub const ATTENTION: (&str, &str) = ("attention", include_str!("../../../kernels/attention.cu"));
+/// A kernel source file and the kernels the backend takes from it.
+#[derive(Debug, Clone, Copy)]
+pub struct Source {
+    pub name: &'static str,
+    pub code: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+pub const ELEMENTWISE: Source = Source {
+    name: "elementwise",
+    code: include_str!("../../../kernels/elementwise.cu"),
+    kernels: &["embedding", "gather_rows", "rms_norm", "add_rms_norm", "qk_norm", "rope", "silu_mul"],
+};
+pub const KV_CACHE: Source =
+    Source { name: "kv_cache", code: include_str!("../../../kernels/kv_cache.cu"), kernels: &["write_kv", "attention_prep"] };
+pub const GEMV: Source = Source {
+    name: "gemv",
+    code: include_str!("../../../kernels/gemv.cu"),
+    kernels: &["gemv1", "gemv2", "gemv4", "gemv8", "gemv_add_rms1", "gemv_add_rms2", "gemv_add_rms4", "gemv_add_rms8"],
+};
+pub const SAMPLING: Source =
+    Source { name: "sampling", code: include_str!("../../../kernels/sampling.cu"), kernels: &["sample", "logprobs", "adjust_logits"] };
+pub const ATTENTION: Source = Source {
+    name: "attention",
+    code: include_str!("../../../kernels/attention.cu"),
+    kernels: &["decode_attention", "decode_reduce", "prefill_attention"],
+};
 
 /// A loaded module and its functions by name. Modules are never unloaded: kernels live
 /// as long as the process.
@@ -105,7 +127,8 @@ impl Compiler {
     }
 
     /// Compiles (or loads from the cache) and loads one source with `defines`.
-    pub fn load(&self, (name, source): (&str, &str), defines: &[(&str, String)]) -> Result<Module> {
+    pub fn load(&self, src: Source, defines: &[(&str, String)]) -> Result<Module> {
+        let (name, source) = (src.name, src.code);
         let mut options = vec![format!("--gpu-architecture={}", self.arch), "-std=c++17".into(), "--use_fast_math".into()];
         options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
         let key = xxh3_64(format!("{COMMON}\u{0}{source}\u{0}{options:?}").as_bytes());
@@ -122,52 +145,58 @@ impl Compiler {
                 c
             }
         };
-        load_module(&cubin, source)
+        load_module(&cubin, src.kernels)
     }
 }
 
-/// Loads a cubin and looks up every `extern "C" __global__` function named in `source`.
-fn load_module(cubin: &[u8], source: &str) -> Result<Module> {
+/// Loads a cubin and looks up the named kernels (a missing one is an error now, not at
+/// first use).
+fn load_module(cubin: &[u8], kernels: &[&str]) -> Result<Module> {
     // SAFETY: the image is a cubin NVRTC produced for this device; it stays loaded for the
     // life of the process (the handle is kept in Module).
     let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }.op("loading kernels")?;
     let mut functions = HashMap::new();
-    for name in kernel_names(source) {
-        let cname = CString::new(name.clone()).expect("no NUL");
+    for &name in kernels {
+        let cname = CString::new(name).expect("no NUL");
         // SAFETY: module is live; the name is a NUL-terminated string.
-        let f = unsafe { result::module::get_function(module, cname) }.op("kernel lookup")?;
-        functions.insert(name, f);
+        let f = unsafe { result::module::get_function(module, cname) }
+            .map_err(|e| op_error("kernel lookup", format!("`{name}`: {e:?}")))?;
+        functions.insert(name.to_owned(), f);
     }
     Ok(Module { _module: module, functions })
-}
-
-/// Names of `extern "C" __global__` functions in a source file (the declaration may carry
-/// `__launch_bounds__(...)` before the name).
-fn kernel_names(source: &str) -> Vec<String> {
-    const MARKER: &str = "extern \"C\" __global__";
-    let mut names = Vec::new();
-    for (at, _) in source.match_indices(MARKER) {
-        let mut rest = source[at + MARKER.len()..].trim_start();
-        rest = rest.strip_prefix("void").unwrap_or(rest).trim_start();
-        if let Some(bounds) = rest.strip_prefix("__launch_bounds__") {
-            rest = bounds.find(')').map_or("", |close| &bounds[close + 1..]);
-        }
-        let name: String = rest.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-        if !name.is_empty() {
-            names.push(name);
-        }
-    }
-    names
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Compiles every kernel for sm_90a where NVRTC can be loaded (no GPU needed), with the
-    /// attention specialisations the fixtures and the benchmark shapes use.
+    /// PTX of a source, for checking which kernels it defines.
+    fn ptx(src: Source, options: &[String]) -> String {
+        let code = CString::new(src.code).unwrap();
+        let name = CString::new(src.name).unwrap();
+        let header = CString::new(COMMON).unwrap();
+        let header_name = CString::new("common.cuh").unwrap();
+        let opts: Vec<CString> = options.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
+        let ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+        let mut prog: nvrtc::nvrtcProgram = std::ptr::null_mut();
+        // SAFETY: live strings for the duration of the calls; the program is destroyed.
+        unsafe {
+            nvrtc::nvrtcCreateProgram(&mut prog, code.as_ptr(), name.as_ptr(), 1, [header.as_ptr()].as_ptr(), [header_name.as_ptr()].as_ptr());
+            assert_eq!(nvrtc::nvrtcCompileProgram(prog, ptrs.len() as i32, ptrs.as_ptr()), nvrtc::nvrtcResult::NVRTC_SUCCESS, "{}", src.name);
+            let mut size = 0usize;
+            nvrtc::nvrtcGetPTXSize(prog, &mut size);
+            let mut buf = vec![0u8; size];
+            nvrtc::nvrtcGetPTX(prog, buf.as_mut_ptr() as *mut c_char);
+            nvrtc::nvrtcDestroyProgram(&mut prog);
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    }
+
+    /// Compiles every kernel source for sm_90a where NVRTC can be loaded (no GPU needed),
+    /// with the attention specialisations the fixtures and the benchmark shapes use, and
+    /// checks that each kernel the backend looks up is defined.
     #[test]
-    fn every_kernel_compiles_with_nvrtc() {
+    fn every_kernel_compiles_and_is_defined() {
         let available = std::panic::catch_unwind(|| {
             let (mut a, mut b) = (0, 0);
             // SAFETY: plain out-parameters.
@@ -177,23 +206,21 @@ mod tests {
             eprintln!("skipping: libnvrtc is not loadable here");
             return;
         }
+        let arch = "--gpu-architecture=sm_90a".to_string();
+        let check = |src: Source, options: &[String]| {
+            nvrtc_compile(src.name, src.code, options).unwrap();
+            let ptx = ptx(src, options);
+            for k in src.kernels {
+                assert!(ptx.contains(&format!(".entry {k}(")), "{}.cu defines no kernel `{k}`", src.name);
+            }
+        };
         for src in [ELEMENTWISE, KV_CACHE, GEMV, SAMPLING] {
-            nvrtc_compile(src.0, src.1, &["--gpu-architecture=sm_90a".into()]).unwrap();
+            check(src, std::slice::from_ref(&arch));
         }
         for (d, g, kv) in [(128, 4, 8), (128, 2, 8), (64, 4, 8), (32, 2, 2), (16, 1, 4), (32, 4, 2)] {
-            let defines = [format!("-DHEAD_DIM={d}"), format!("-DGROUP={g}"), format!("-DKV_HEADS={kv}"), "-DBLOCK_SIZE=16".into()];
-            let mut options = vec!["--gpu-architecture=sm_90a".to_string()];
-            options.extend(defines);
-            let cubin = nvrtc_compile(ATTENTION.0, ATTENTION.1, &options).unwrap();
-            assert!(!cubin.is_empty());
+            let mut options = vec![arch.clone()];
+            options.extend([format!("-DHEAD_DIM={d}"), format!("-DGROUP={g}"), format!("-DKV_HEADS={kv}"), "-DBLOCK_SIZE=16".into()]);
+            check(ATTENTION, &options);
         }
-    }
-
-    #[test]
-    fn finds_every_kernel_name() {
-        assert_eq!(kernel_names(ELEMENTWISE.1).len(), 8);
-        let names = kernel_names(ATTENTION.1);
-        assert_eq!(names, vec!["decode_attention", "decode_reduce", "prefill_attention"]);
-        assert_eq!(kernel_names(SAMPLING.1), vec!["sample", "logprobs", "adjust_logits"]);
     }
 }

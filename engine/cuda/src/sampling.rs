@@ -121,9 +121,8 @@ impl Sampler {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        // Staging is reused: the previous step's copies must have finished.
-        // SAFETY: our stream.
-        unsafe { result::stream::synchronize(stream) }.op("stream synchronize")?;
+        // Staging is free: the previous step's read-back synchronised the stream, and every
+        // step's prepare synchronises before it.
         self.grow_staging(rows)?;
         let vocab = logits.cols;
         let n = rows.len();
@@ -229,9 +228,7 @@ impl Sampler {
     ) -> Result<(Lease, Lease, Lease)> {
         // Rows of the raw copy, in lp_rows order; tokens are read at the same index.
         let lp_params: Vec<RowParams> = lp_rows.iter().enumerate().map(|(j, &i)| RowParams { logit_row: j as i32, ..params[i] }).collect();
-        let lp_tokens_index: Vec<i32> = lp_rows.iter().map(|&i| i as i32).collect();
         let p = self.upload(pool, stream, offset, &lp_params)?;
-        let gather = self.upload(pool, stream, offset, &lp_tokens_index)?;
         let m = lp_rows.len();
         // The kernel reads tokens[blockIdx.x]: gather this subset's tokens first.
         let sub_tokens = pool.alloc(m * 4)?;
@@ -239,7 +236,6 @@ impl Sampler {
             // SAFETY: 4-byte copies inside the token buffers.
             unsafe { result::memcpy_dtod_async(sub_tokens.ptr() + 4 * j as u64, tokens.ptr() + 4 * i as u64, 4, stream) }.op("gathering tokens")?;
         }
-        drop(gather);
         let (lp, top_ids, top_lp) = (pool.alloc(m * 4)?, pool.alloc(m * TOP * 4)?, pool.alloc(m * TOP * 4)?);
         launch(
             "logprobs",

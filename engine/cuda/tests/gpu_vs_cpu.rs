@@ -1,11 +1,13 @@
 //! The CUDA backend against the CPU reference on every fixture model (run on a GPU
 //! machine; elsewhere each test prints why it skipped).
 //!
-//! Tolerances, bf16 storage with f32 accumulation: every activation is rounded to bf16
-//! (relative error 2^-9) at each of ~10 ops per layer, so logits of magnitude ~10 move by
-//! a few hundredths; we require cosine similarity >= 0.999 per position and
-//! |diff| <= 0.25 everywhere. Greedy tokens must agree until the first step whose
-//! top-2 margin (f32 reference) is below 0.15, where bf16 noise can flip the choice.
+//! Logit tolerance: bf16 storage rounds every activation (relative error 2^-9) at each of
+//! ~10 ops per layer, and how much that moves the logits depends on the model (sharp
+//! attention amplifies it). fixtures/reference/bf16_noise.json records how far
+//! transformers' own bf16 run is from its float32 run on each fixture model; our bf16
+//! backend may be at most twice as far from our f32 CPU backend (in 1 - cosine and in
+//! max |diff|). Greedy tokens must agree until the first step whose top-2 margin (f32
+//! reference) is below 0.15, where bf16 noise can flip the choice.
 
 use std::path::PathBuf;
 
@@ -17,8 +19,8 @@ use dlengine_engine::request::GenerateRequest;
 use dlengine_engine::sampling_params::SamplingParams;
 
 const MODELS: [&str; 4] = ["qwen3-tiny", "qwen3-tiny-mha", "llama-tiny", "llama-tiny-tied"];
-const MIN_COSINE: f64 = 0.999;
-const MAX_ABS_DIFF: f32 = 0.25;
+/// Our bf16 error may be this many times transformers' bf16 error.
+const NOISE_FACTOR: f64 = 2.0;
 const MARGIN_NOISE: f32 = 0.15;
 const STEPS: usize = 64;
 
@@ -109,11 +111,19 @@ fn agree_where_margins_allow(label: &str, want: &(Vec<u32>, Vec<f32>), got: &[u3
     }
 }
 
+/// (min cosine, max |diff|) transformers' bf16 run reaches against float32.
+fn bf16_noise(name: &str) -> (f64, f64) {
+    let path = fixtures().join("reference").join("bf16_noise.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    (json[name]["min_cosine"].as_f64().unwrap(), json[name]["max_abs_diff"].as_f64().unwrap())
+}
+
 #[test]
 fn logits_match_the_cpu_within_bf16_tolerance() {
     if !gpu_available() {
         return;
     }
+    let mut failures = Vec::new();
     for name in MODELS {
         let (mut cpu, mut gpu) = (cpu_core(name, EngineConfig::default()), cuda_core(name, fixed_pool(), false));
         let vocab = cpu.info().vocab_size;
@@ -125,9 +135,14 @@ fn logits_match_the_cpu_within_bf16_tolerance() {
                 worst_abs = ra.iter().zip(rb).map(|(x, y)| (x - y).abs()).fold(worst_abs, f32::max);
             }
         }
-        eprintln!("{name}: min cosine {worst_cos:.6}, max |diff| {worst_abs:.4}");
-        assert!(worst_cos >= MIN_COSINE && worst_abs <= MAX_ABS_DIFF, "{name}: cosine {worst_cos}, max diff {worst_abs}");
+        let (hf_cos, hf_abs) = bf16_noise(name);
+        let (min_cos, max_abs) = (1.0 - NOISE_FACTOR * (1.0 - hf_cos), NOISE_FACTOR * hf_abs);
+        eprintln!("{name}: min cosine {worst_cos:.6} (allowed {min_cos:.6}), max |diff| {worst_abs:.4} (allowed {max_abs:.4})");
+        if worst_cos < min_cos || worst_abs as f64 > max_abs {
+            failures.push(name);
+        }
     }
+    assert!(failures.is_empty(), "beyond the bf16 tolerance: {failures:?}");
 }
 
 #[test]

@@ -179,6 +179,38 @@ pub trait Backend: Send + 'static {
         batch: &Self::Batch,
     ) -> Result<Self::Tensor>;
 
+    /// One layer's attention preparation, in place: q/k RMSNorm when given (weights and
+    /// eps), RoPE, then the k/v write into the cache. Backends may fuse the three.
+    fn attention_prep(
+        &mut self,
+        qkv: &mut Self::Tensor,
+        layout: QkvLayout,
+        qk_norm: Option<(&Self::Tensor, &Self::Tensor, f32)>,
+        cos_sin: &Self::Tensor,
+        layer: usize,
+        batch: &Self::Batch,
+    ) -> Result<()> {
+        if let Some((q_weight, k_weight, eps)) = qk_norm {
+            self.qk_norm(qkv, layout, q_weight, k_weight, eps)?;
+        }
+        self.rope(qkv, layout, cos_sin, batch)?;
+        self.write_kv(qkv, layout, layer, batch)
+    }
+
+    /// `residual += x`, then `linear(RMSNorm(residual), weight)`: the pre-norm in front of
+    /// a projection. Backends may fuse the three.
+    fn add_rms_norm_linear(
+        &mut self,
+        x: &Self::Tensor,
+        residual: &mut Self::Tensor,
+        norm: &Self::Tensor,
+        eps: f32,
+        weight: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let h = self.add_rms_norm(x, residual, norm, eps)?;
+        self.linear(&h, weight)
+    }
+
     /// silu(gate) * up, for x = [gate | up] of width 2i: result [n, i].
     fn silu_mul(&mut self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
 

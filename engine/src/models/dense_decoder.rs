@@ -143,25 +143,26 @@ impl<B: Backend> CausalLm<B> for DenseDecoder<B> {
         let s = &self.spec;
         let scale = 1.0 / (s.qkv.head_dim as f32).sqrt();
         let mut residual = b.embedding(&self.embed, batch)?;
-        let mut h = b.rms_norm(&residual, &self.layers[0].input_norm, s.eps)?;
+        let h = b.rms_norm(&residual, &self.layers[0].input_norm, s.eps)?;
+        let mut qkv = b.linear(&h, &self.layers[0].qkv)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let mut qkv = b.linear(&h, &layer.qkv)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                b.qk_norm(&mut qkv, s.qkv, qn, kn, s.eps)?;
-            }
-            b.rope(&mut qkv, s.qkv, &self.cos_sin, batch)?;
-            b.write_kv(&qkv, s.qkv, i, batch)?;
+            let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref()).map(|(q, k)| (q, k, s.eps));
+            b.attention_prep(&mut qkv, s.qkv, qk_norm, &self.cos_sin, i, batch)?;
             let attn = b.attention(&qkv, s.qkv, i, scale, batch)?;
             let o = b.linear(&attn, &layer.o_proj)?;
-            h = b.add_rms_norm(&o, &mut residual, &layer.post_attention_norm, s.eps)?;
-            let gate_up = b.linear(&h, &layer.gate_up)?;
+            let gate_up = b.add_rms_norm_linear(&o, &mut residual, &layer.post_attention_norm, s.eps, &layer.gate_up)?;
             let act = b.silu_mul(&gate_up)?;
             let down = b.linear(&act, &layer.down)?;
-            // The residual add feeds the next layer's input norm, or the final norm.
-            let next_norm = self.layers.get(i + 1).map_or(&self.final_norm, |n| &n.input_norm);
-            h = b.add_rms_norm(&down, &mut residual, next_norm, s.eps)?;
+            // The residual add feeds the next layer's normed q/k/v projection, or the final norm.
+            match self.layers.get(i + 1) {
+                Some(next) => qkv = b.add_rms_norm_linear(&down, &mut residual, &next.input_norm, s.eps, &next.qkv)?,
+                None => {
+                    let h = b.add_rms_norm(&down, &mut residual, &self.final_norm, s.eps)?;
+                    let rows = b.gather_logit_rows(&h, batch)?;
+                    return Ok(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed))?);
+                }
+            }
         }
-        let rows = b.gather_logit_rows(&h, batch)?;
-        Ok(b.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embed))?)
+        unreachable!("a decoder has at least one layer and returns from the last one")
     }
 }
