@@ -8,7 +8,10 @@ import os
 import shutil
 import sys
 
+import json
+
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -31,6 +34,18 @@ SHAPES = {
 }
 
 
+def write_tokenizer(path, vocab_size, template_from):
+    """A word-level tokenizer with one word per id ("t0", "t1", ...), so every id the
+    random model samples decodes to text, plus the fixture's chat template."""
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = json.load(open(os.path.join(REPO, "fixtures", "models", template_from, "tokenizer_config.json")))
+    config = {"chat_template": config.get("chat_template"), "eos_token": "t1", "tokenizer_class": "PreTrainedTokenizerFast"}
+    json.dump(config, open(os.path.join(path, "tokenizer_config.json"), "w"))
+
+
 def make(out_dir, name):
     cls, kwargs, tokenizer_from = SHAPES[name]
     path = os.path.join(out_dir, name)
@@ -41,8 +56,7 @@ def make(out_dir, name):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True, max_shard_size="4GB")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(REPO, "fixtures", "models", tokenizer_from, f), path)
+    write_tokenizer(path, kwargs["vocab_size"], tokenizer_from)
     del model
     torch.cuda.empty_cache()
     print(f"made {path}", flush=True)

@@ -15,7 +15,9 @@ case "$stage" in
     python3 scripts/gpu/make_models.py "$MODELS" "$@" 2>&1 | grep -v Warning
     for m in "$@"; do
       python3 scripts/gpu/hf_compare.py "$MODELS/$m" .carry/score "$OUT/hf-$m.json" 2>>"$OUT/hf.log"
-      python3 scripts/gpu/hf_compare.py "$MODELS/$m" .carry/score "$OUT/hf-$m-chunk64.json" --chunk 64 2>>"$OUT/hf.log"
+      if [ -n "${CHUNKED:-}" ]; then
+        python3 scripts/gpu/hf_compare.py "$MODELS/$m" .carry/score "$OUT/hf-$m-chunk64.json" --chunk 64 2>>"$OUT/hf.log"
+      fi
     done ;;
   latency)
     python3 scripts/gpu/make_models.py "$MODELS" "$@" 2>&1 | grep -v Warning
@@ -35,7 +37,7 @@ case "$stage" in
     pid=$!
     for _ in $(seq 1 300); do curl -sf localhost:8123/health >/dev/null && break; sleep 1; done
     .carry/dlengine bench serving --url http://127.0.0.1:8123 --prompt-lens 1024 --output-len 256 \
-      --num-prompts 256 --concurrency 1,8,32,128,256 --json "$OUT/serving-$m.json" 2>>"$OUT/bench.log"
+      --num-prompts 16 --concurrency 1,8,32,128,256 --json "$OUT/serving-$m.json" 2>>"$OUT/bench.log"
     kill -TERM $pid; wait $pid ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

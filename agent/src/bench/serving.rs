@@ -110,7 +110,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Value> {
         let model = served_model(&client, &url).await?;
         let mut levels = Vec::new();
         for &c in &args.concurrency {
-            let requests = args.num_prompts.max(c);
+            let requests = args.num_prompts.max(2 * c);
             levels.push(level(&client, &url, &model, c, requests, input_len, args.output_len).await);
         }
         anyhow::Ok(levels)
