@@ -79,7 +79,7 @@ fn submit(engine: &Engine, args: &GenerateArgs, lines: &[InputLine]) -> anyhow::
             let prompt_token_ids =
                 engine.tokenizer().encode(&line.prompt, true).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?;
             let request =
-                GenerateRequest { request_id: line.id.clone().unwrap_or_else(|| i.to_string()), prompt_token_ids, params: params(args, line) };
+                GenerateRequest { request_id: line.id.clone().unwrap_or_else(|| i.to_string()), prompt_token_ids, params: params(args, line), kv_transfer: Default::default() };
             engine.submit(request).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))
         })
         .collect()

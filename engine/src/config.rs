@@ -244,6 +244,8 @@ pub struct EngineConfig {
     pub max_waiting_requests: usize,
     /// Seed of the generator that seeds requests without their own seed.
     pub seed: u64,
+    /// Seconds a prefill keeps handed-off KV pinned for a decode engine to pull.
+    pub kv_lease_secs: u64,
 }
 
 impl Default for EngineConfig {
@@ -257,6 +259,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             max_waiting_requests: 1024,
             seed: 0,
+            kv_lease_secs: 30,
         }
     }
 }

@@ -6,17 +6,19 @@
 //! the request's consumer turns them into text ([`OutputProcessor`]). Dropping a
 //! [`RequestStream`] aborts its request, so a disconnected client frees its blocks at once.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::mpsc as tokio_mpsc;
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::backend::Backend;
 use crate::config::{EngineConfig, ModelInfo};
 use crate::engine_core::{EngineCore, RequestKey, StepEvent};
 use crate::error::{EngineError, SubmitError};
+use crate::kv_transfer::{CudaIpcKv, KvTransfer};
 use crate::output_processor::{OutputProcessor, TokenEvent};
 use crate::request::{ChoiceDelta, GenerateRequest, Usage};
 use crate::sampling_params::InvalidParam;
@@ -27,6 +29,8 @@ enum Command {
     Add { key: RequestKey, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<RequestEvent> },
     Abort(RequestKey),
     StopChoice { key: RequestKey, choice: u32 },
+    ReadLease { lease_id: u64, layers: Range<usize>, reply: oneshot::Sender<Result<Vec<u8>, EngineError>> },
+    FreeLease { lease_id: u64, reply: oneshot::Sender<bool> },
     Shutdown,
 }
 
@@ -49,6 +53,8 @@ struct Shared {
     queued: Arc<AtomicUsize>,
     draining: AtomicBool,
     next_key: AtomicU64,
+    /// CUDA IPC handles of the KV cache, for decode engines on this node.
+    kv_ipc: Option<CudaIpcKv>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -68,6 +74,10 @@ impl Engine {
         if let Some(id) = tokenizer.config.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
             core.add_eos_token(id);
         }
+        let kv_ipc = core.export_kv_ipc().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the KV cache cannot be shared over CUDA IPC");
+            None
+        });
         let info = core.info().clone();
         tracing::info!(
             model = %model_dir.display(),
@@ -77,10 +87,10 @@ impl Engine {
             max_model_len = info.max_model_len,
             "engine ready"
         );
-        Ok(Self::spawn(core, tokenizer, config, info))
+        Ok(Self::spawn(core, tokenizer, config, info, kv_ipc))
     }
 
-    fn spawn(core: EngineCore, tokenizer: Arc<Tokenizer>, config: EngineConfig, info: ModelInfo) -> Engine {
+    fn spawn(core: EngineCore, tokenizer: Arc<Tokenizer>, config: EngineConfig, info: ModelInfo, kv_ipc: Option<CudaIpcKv>) -> Engine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(core.stats()));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -100,6 +110,7 @@ impl Engine {
                 queued,
                 draining: AtomicBool::new(false),
                 next_key: AtomicU64::new(1),
+                kv_ipc,
                 thread: Mutex::new(Some(thread)),
             }),
         }
@@ -121,9 +132,36 @@ impl Engine {
         *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// CUDA IPC handles of this engine's KV cache (GPU backends).
+    pub fn kv_ipc(&self) -> Option<&CudaIpcKv> {
+        self.shared.kv_ipc.as_ref()
+    }
+
+    /// Copies a lease's KV blocks of `layers` to the host (the engine thread does it
+    /// between steps).
+    pub async fn read_lease(&self, lease_id: u64, layers: Range<usize>) -> Result<Vec<u8>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Command::ReadLease { lease_id, layers, reply }) {
+            return Err(EngineError::Stopped);
+        }
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Releases a lease's blocks. False if the lease was unknown (already freed or expired).
+    pub async fn free_lease(&self, lease_id: u64) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::FreeLease { lease_id, reply }) && rx.await.unwrap_or(false)
+    }
+
     /// Checks a request against the engine's limits without submitting it.
     pub fn check(&self, request: &GenerateRequest) -> Result<(), SubmitError> {
         request.params.validate()?;
+        if !matches!(request.kv_transfer, KvTransfer::Local) && request.params.n != 1 {
+            return Err(SubmitError::InvalidParam(InvalidParam {
+                param: "n",
+                message: format!("must be 1 when the KV cache moves between engines, got {}", request.params.n),
+            }));
+        }
         if request.params.n > self.shared.config.max_num_seqs {
             return Err(SubmitError::InvalidParam(InvalidParam {
                 param: "n",
@@ -211,7 +249,7 @@ fn engine_loop(
     let mut running = true;
     while running {
         // Sleep on the channel only when idle; otherwise just drain what arrived.
-        let first = if core.has_work() { rx.try_recv().ok() } else { rx.recv().ok().or(Some(Command::Shutdown)) };
+        let first = if core.has_work() { rx.try_recv().ok() } else { wait_for_command(&rx, core.next_deadline()) };
         for command in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match command {
                 Command::Add { key, request, events } => {
@@ -225,13 +263,19 @@ fn engine_loop(
                     streams.remove(&key);
                 }
                 Command::StopChoice { key, choice } => core.stop_choice(key, choice),
+                Command::ReadLease { lease_id, layers, reply } => {
+                    let _ = reply.send(core.read_lease(lease_id, layers));
+                }
+                Command::FreeLease { lease_id, reply } => {
+                    let _ = reply.send(core.free_lease(lease_id));
+                }
                 Command::Shutdown => running = false,
             }
         }
         if !running {
             break;
         }
-        if core.has_work() {
+        if core.has_work() || core.next_deadline().is_some_and(|d| d <= std::time::Instant::now()) {
             let events = core.step();
             deliver(events, &mut streams, &queued);
         }
@@ -245,6 +289,19 @@ fn engine_loop(
     for (key, tx) in streams.drain() {
         core.abort(key);
         let _ = tx.send(RequestEvent::Failed("the engine shut down".into()));
+    }
+}
+
+/// Sleeps until a command arrives or `deadline` passes (None: a timeout, not a command).
+/// A closed channel means every handle is gone: shut down.
+fn wait_for_command(rx: &mpsc::Receiver<Command>, deadline: Option<std::time::Instant>) -> Option<Command> {
+    match deadline {
+        None => Some(rx.recv().unwrap_or(Command::Shutdown)),
+        Some(at) => match rx.recv_timeout(at.saturating_duration_since(std::time::Instant::now())) {
+            Ok(command) => Some(command),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
+        },
     }
 }
 

@@ -1,13 +1,17 @@
 //! The synchronous engine: requests in, one step at a time, per-token events out. The
 //! engine thread ([`crate::engine`]) drives it; tests drive it directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, DeviceTimeReport, KvCacheLayout, StepInput, StepLimits};
 use crate::config::{EngineConfig, GenerationDefaults, ModelConfig, ModelInfo};
 use crate::error::EngineError;
 use crate::executor::{Executor, MemoryPlan, ModelExecutor};
+use crate::kv::LeaseTable;
+use crate::kv_transfer::{CudaIpcKv, ImportedKv, KvHandoff, KvSource, KvTransfer};
 use crate::output_processor::TokenEvent;
 use crate::request::{FinishReason, GenerateRequest, StopReason, TokenLogprob};
 use crate::sampler::{child_seed, splitmix64, SampledToken, SamplingRow};
@@ -37,6 +41,8 @@ struct ActiveRequest {
     started: bool,
     /// EOS (unless ignored) and stop tokens: masked until `min_tokens`.
     stop_ids: Vec<u32>,
+    /// Prefill only: hand the KV off after the first token.
+    export_kv: bool,
 }
 
 impl ActiveRequest {
@@ -58,6 +64,16 @@ pub struct EngineCore {
     next_arrival: u64,
     base_seed: u64,
     steps: u64,
+    /// Handed-off prefill KV waiting for decode engines to pull it.
+    leases: LeaseTable,
+    /// Decode requests whose KV arrived, waiting for blocks and a running slot (FCFS).
+    pending_imports: VecDeque<PendingImport>,
+}
+
+struct PendingImport {
+    key: RequestKey,
+    seq: Sequence,
+    kv: ImportedKv,
 }
 
 fn config_error(message: String) -> EngineError {
@@ -139,6 +155,8 @@ impl EngineCore {
             next_arrival: 0,
             base_seed: config.seed,
             steps: 0,
+            leases: LeaseTable::new(Duration::from_secs(config.kv_lease_secs), splitmix64(config.seed ^ lease_salt())),
+            pending_imports: VecDeque::new(),
         }
     }
 
@@ -159,7 +177,12 @@ impl EngineCore {
     }
 
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work()
+        self.scheduler.has_work() || self.pending_imports.front().is_some_and(|p| self.can_admit(p))
+    }
+
+    /// When an idle engine must wake up on its own: the next lease expiry.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.leases.next_expiry()
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -174,6 +197,9 @@ impl EngineCore {
             prefix_cache_hit_tokens: s.prefix_hit_tokens,
             preemptions: s.preemptions,
             steps: self.steps,
+            kv_leases: self.leases.len(),
+            kv_blocks_leased: self.leases.num_blocks(),
+            pending_kv_imports: self.pending_imports.len(),
             ..EngineStats::default()
         }
     }
@@ -191,10 +217,113 @@ impl EngineCore {
         choices[0] = Some(seq_id);
         let mut seq = Sequence::new(seq_id, request.prompt_token_ids, self.next_arrival);
         seq.fan_out = params.n;
-        self.scheduler.add(seq);
+        let export_kv = matches!(request.kv_transfer, KvTransfer::Export);
+        match request.kv_transfer {
+            KvTransfer::Import(kv) => self.pending_imports.push_back(PendingImport { key, seq, kv }),
+            KvTransfer::Local | KvTransfer::Export => self.scheduler.add(seq),
+        }
         self.next_arrival += 1;
         self.owner.insert(seq_id, (key, 0));
-        self.requests.insert(key, ActiveRequest { params, seed, choices, forked: false, started: false, stop_ids });
+        self.requests.insert(key, ActiveRequest { params, seed, choices, forked: false, started: false, stop_ids, export_kv });
+    }
+
+    fn can_admit(&self, import: &PendingImport) -> bool {
+        let blocks = import.seq.len().div_ceil(self.info.kv_layout.block_size);
+        self.scheduler.can_admit_running(blocks)
+    }
+
+    /// Starts the imported requests that fit, in arrival order: blocks are allocated, the
+    /// KV is written into them, and the first token (prefill's) is emitted.
+    fn admit_imports(&mut self, events: &mut Vec<StepEvent>) {
+        while self.pending_imports.front().is_some_and(|p| self.can_admit(p)) {
+            let import = self.pending_imports.pop_front().expect("checked front");
+            let key = import.key;
+            match self.import_kv(import, events) {
+                Ok(()) => {}
+                Err(message) => {
+                    self.abort(key);
+                    events.push(StepEvent::Failed { key, message, was_queued: true });
+                }
+            }
+            if let Some(req) = self.requests.get_mut(&key) {
+                req.started = true;
+            }
+        }
+    }
+
+    fn import_kv(&mut self, import: PendingImport, events: &mut Vec<StepEvent>) -> Result<(), String> {
+        let PendingImport { key, mut seq, kv } = import;
+        let prompt_len = seq.len();
+        let blocks = self.scheduler.allocate_detached(prompt_len.div_ceil(self.info.kv_layout.block_size)).ok_or("no free KV blocks")?;
+        let written = match &kv.source {
+            KvSource::Host(payload) if payload.num_blocks != blocks.len() => {
+                Err(format!("the KV payload holds {} blocks, the prompt needs {}", payload.num_blocks, blocks.len()))
+            }
+            KvSource::Host(payload) => {
+                self.executor.kv_io().write_kv_blocks(&blocks, 0..self.info.kv_layout.num_layers, &payload.bytes).map_err(|e| e.to_string())
+            }
+            KvSource::CudaIpc { remote_blocks, .. } if remote_blocks.len() != blocks.len() => {
+                Err(format!("the peer lease holds {} blocks, the prompt needs {}", remote_blocks.len(), blocks.len()))
+            }
+            KvSource::CudaIpc { peer, remote_blocks } => {
+                let pairs: Vec<(u32, u32)> = remote_blocks.iter().copied().zip(blocks.iter().copied()).collect();
+                self.executor.kv_io().copy_kv_from_peer(peer, &pairs).map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = written {
+            self.scheduler.release_detached(&blocks);
+            return Err(format!("importing the prompt's KV cache failed: {e}"));
+        }
+        let seq_id = seq.id;
+        seq.block_table = blocks;
+        seq.num_computed_tokens = prompt_len;
+        self.scheduler.add_running(seq);
+        self.scheduler.append_token(seq_id, kv.first_token.token_id);
+        events.push(StepEvent::Started { key, cached_tokens: 0 });
+        let first = SampledToken { token: kv.first_token.token_id, logprob: kv.first_token.logprob, top: kv.first_token.top };
+        self.emit_token(seq_id, 0, first, events);
+        Ok(())
+    }
+
+    /// Prefill side: hands `seq`'s blocks to a lease instead of freeing them.
+    fn hand_off(&mut self, seq_id: SeqId) -> Option<KvHandoff> {
+        let num_tokens = self.scheduler.seq(seq_id)?.prompt_len;
+        let blocks = self.scheduler.detach(seq_id)?;
+        let (lease_id, expires_at) = self.leases.pin(blocks.clone(), Instant::now());
+        Some(KvHandoff { lease_id, blocks, num_tokens, expires_at })
+    }
+
+    /// Reads a lease's blocks of `layers` to the host (for the TCP transfer).
+    pub fn read_lease(&mut self, lease_id: u64, layers: Range<usize>) -> Result<Vec<u8>, EngineError> {
+        if layers.end > self.info.kv_layout.num_layers || layers.is_empty() {
+            return Err(EngineError::Request(format!("layers {layers:?} out of range (the model has {})", self.info.kv_layout.num_layers)));
+        }
+        let blocks = self.leases.blocks(lease_id).ok_or_else(|| EngineError::Request(format!("unknown or expired KV lease {lease_id}")))?.to_vec();
+        Ok(self.executor.kv_io().read_kv_blocks(&blocks, layers)?)
+    }
+
+    /// Ends a lease early (the decode engine pulled the KV). False if it was unknown.
+    pub fn free_lease(&mut self, lease_id: u64) -> bool {
+        match self.leases.take(lease_id) {
+            Some(blocks) => {
+                self.scheduler.release_detached(&blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn expire_leases(&mut self) {
+        let blocks = self.leases.take_expired(Instant::now());
+        if !blocks.is_empty() {
+            tracing::warn!(blocks = blocks.len(), "KV leases expired before a decode engine released them");
+            self.scheduler.release_detached(&blocks);
+        }
+    }
+
+    /// CUDA IPC handles of the KV cache (None on backends without them).
+    pub fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>, EngineError> {
+        Ok(self.executor.kv_io().export_kv_ipc()?)
     }
 
     fn new_seq_id(&mut self) -> SeqId {
@@ -206,6 +335,7 @@ impl EngineCore {
     /// Drops a request and frees its blocks. True if it had never started.
     pub fn abort(&mut self, key: RequestKey) -> bool {
         let Some(req) = self.requests.remove(&key) else { return false };
+        self.pending_imports.retain(|p| p.key != key);
         for seq in req.choices.iter().flatten() {
             self.scheduler.remove(*seq);
             self.owner.remove(seq);
@@ -227,8 +357,10 @@ impl EngineCore {
 
     /// Runs one step.
     pub fn step(&mut self) -> Vec<StepEvent> {
-        let out = self.scheduler.schedule();
+        self.expire_leases();
         let mut events = Vec::new();
+        self.admit_imports(&mut events);
+        let out = self.scheduler.schedule();
         for &(seq, cached_tokens) in &out.started {
             let Some(&(key, _)) = self.owner.get(&seq) else { continue };
             if let Some(req) = self.requests.get_mut(&key) {
@@ -300,13 +432,19 @@ impl EngineCore {
         let (key, _) = self.owner[&seq_id];
         let seq = self.scheduler.seq(seq_id).expect("sampled sequence");
         let req = &self.requests[&key];
-        let finish = finish_reason(req, seq.output().len(), seq.len(), self.info.max_model_len, token.token);
+        let mut finish = finish_reason(req, seq.output().len(), seq.len(), self.info.max_model_len, token.token);
         let logprobs = match req.params.logprobs {
             Some(_) => vec![TokenLogprob { token_id: token.token, logprob: token.logprob, top: token.top }],
             None => Vec::new(),
         };
-        if finish.is_some() {
+        // A prefill's request that goes on elsewhere ends here, its KV kept under a lease.
+        let handoff = if finish.is_none() && req.export_kv { self.hand_off(seq_id) } else { None };
+        if handoff.is_some() {
+            finish = Some((FinishReason::Length, None));
+        } else if finish.is_some() {
             self.scheduler.remove(seq_id);
+        }
+        if finish.is_some() {
             self.owner.remove(&seq_id);
             let req = self.requests.get_mut(&key).expect("active request");
             req.choices[choice as usize] = None;
@@ -315,7 +453,7 @@ impl EngineCore {
         if request_finished {
             self.requests.remove(&key);
         }
-        let event = TokenEvent { choice, tokens: vec![token.token], logprobs, finish };
+        let event = TokenEvent { choice, tokens: vec![token.token], logprobs, finish, handoff };
         events.push(StepEvent::Token { key, event, request_finished });
     }
 
@@ -424,4 +562,10 @@ fn detached_input(tokens: &[u32], start: usize, end: usize, blocks: &[u32], bs: 
         block_size: bs,
         logit_rows: (0..(end - start) as u32).collect(),
     }
+}
+
+/// Differs between processes so lease ids of a restarted engine do not repeat.
+fn lease_salt() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
 }

@@ -3,7 +3,7 @@
 //! together: memory planning (a profile run before sizing the KV cache) and CUDA-graph
 //! capture and replay of pure-decode steps.
 
-use crate::backend::{Backend, DeviceTimeReport, KvCacheLayout, StepInput, StepLimits};
+use crate::backend::{Backend, DeviceTimeReport, KvBlockIo, KvCacheLayout, StepInput, StepLimits};
 use crate::error::EngineError;
 use crate::models::CausalLm;
 use crate::sampler::{SampledToken, SamplingRow};
@@ -23,6 +23,9 @@ pub trait Executor: Send {
     fn logits(&mut self, input: &StepInput) -> Result<Vec<f32>, EngineError>;
 
     fn device_time(&mut self) -> Option<DeviceTimeReport>;
+
+    /// Whole-block access to the KV cache (moving KV between engines).
+    fn kv_io(&mut self) -> &mut dyn KvBlockIo;
 }
 
 /// How the KV cache and graphs are sized.
@@ -193,5 +196,9 @@ impl<B: Backend> Executor for ModelExecutor<B> {
 
     fn device_time(&mut self) -> Option<DeviceTimeReport> {
         self.backend.device_time()
+    }
+
+    fn kv_io(&mut self) -> &mut dyn KvBlockIo {
+        &mut self.backend
     }
 }

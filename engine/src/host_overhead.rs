@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::backend::{DType, KvCacheLayout, StepInput};
+use crate::backend::{DType, KvBlockIo, KvCacheLayout, StepInput};
 use crate::config::{Architecture, EngineConfig, GenerationDefaults, ModelInfo};
 use crate::engine_core::{EngineCore, StepEvent};
 use crate::error::EngineError;
@@ -40,7 +40,13 @@ impl Executor for DeviceFreeExecutor {
     fn device_time(&mut self) -> Option<crate::backend::DeviceTimeReport> {
         None
     }
+
+    fn kv_io(&mut self) -> &mut dyn KvBlockIo {
+        self // no cache: every block operation says it is unsupported
+    }
 }
+
+impl KvBlockIo for DeviceFreeExecutor {}
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OverheadReport {
@@ -81,7 +87,7 @@ pub fn measure(num_seqs: usize, prompt_len: usize, steps: usize) -> OverheadRepo
     for i in 0..num_seqs {
         let prompt = (0..prompt_len as u32).map(|t| 1 + (t * 31 + i as u32 * 17) % 50_000).collect();
         let params = SamplingParams { max_tokens: steps + 32, temperature: 0.8, top_p: 0.95, ignore_eos: true, ..Default::default() };
-        core.add_request(i as u64 + 1, GenerateRequest { request_id: i.to_string(), prompt_token_ids: prompt, params });
+        core.add_request(i as u64 + 1, GenerateRequest { request_id: i.to_string(), prompt_token_ids: prompt, params, kv_transfer: Default::default() });
     }
     // Prefill (one big step) and a few warm-up decodes.
     for _ in 0..4 {

@@ -15,6 +15,7 @@ pub mod error;
 pub mod executor;
 pub mod host_overhead;
 pub mod kv;
+pub mod kv_transfer;
 pub mod models;
 pub mod output_processor;
 pub mod request;

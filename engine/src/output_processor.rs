@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::detokenizer::IncrementalDetokenizer;
+use crate::kv_transfer::KvHandoff;
 use crate::request::{ChoiceDelta, FinishReason, StopReason, TokenLogprob};
 use crate::sampling_params::SamplingParams;
 use crate::stop_strings::StopStringMatcher;
@@ -17,6 +18,8 @@ pub struct TokenEvent {
     pub tokens: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<(FinishReason, Option<StopReason>)>,
+    /// Set with `finish` when a prefill handed the prompt's KV off.
+    pub handoff: Option<KvHandoff>,
 }
 
 struct ChoiceState {
@@ -98,7 +101,7 @@ impl OutputProcessor {
         };
         state.finished = finish_reason.is_some();
         Some(Processed {
-            delta: ChoiceDelta { index: ev.choice, text, token_ids: kept_tokens, logprobs, finish_reason, stop_reason },
+            delta: ChoiceDelta { index: ev.choice, text, token_ids: kept_tokens, logprobs, finish_reason, stop_reason, kv_handoff: ev.handoff },
             stop_engine,
         })
     }

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::kv_transfer::{KvHandoff, KvTransfer};
 use crate::sampling_params::SamplingParams;
 
 /// A tokenized generation request.
@@ -11,6 +12,8 @@ pub struct GenerateRequest {
     pub request_id: String,
     pub prompt_token_ids: Vec<u32>,
     pub params: SamplingParams,
+    /// Whether the prompt's KV is computed here, handed off, or imported.
+    pub kv_transfer: KvTransfer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +65,9 @@ pub struct ChoiceDelta {
     pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: Option<FinishReason>,
     pub stop_reason: Option<StopReason>,
+    /// Prefill only: the prompt's KV was pinned for a decode engine (see
+    /// [`KvTransfer::Export`]); the choice ends here.
+    pub kv_handoff: Option<KvHandoff>,
 }
 
 /// Token counts of a finished request.

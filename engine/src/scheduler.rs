@@ -120,6 +120,31 @@ impl Scheduler {
         self.waiting.insert(pos, id);
     }
 
+    /// Whether a sequence holding `blocks` fresh blocks can start running now (an
+    /// imported prompt: its KV arrives whole, so it needs every block at once).
+    pub fn can_admit_running(&self, blocks: usize) -> bool {
+        self.reserved_seqs() < self.cfg.max_num_seqs && blocks <= self.blocks.num_free()
+    }
+
+    /// Adds a sequence that is already running: its blocks (from
+    /// [`allocate_detached`](Self::allocate_detached)) hold its first
+    /// `num_computed_tokens` tokens.
+    pub fn add_running(&mut self, mut seq: Sequence) {
+        seq.status = SeqStatus::Running;
+        seq.started = true;
+        self.running.push(seq.id);
+        self.seqs.insert(seq.id, seq);
+    }
+
+    /// Removes a sequence but keeps its blocks referenced; they are the caller's now
+    /// (a prefill handing its KV to a decode engine).
+    pub fn detach(&mut self, id: SeqId) -> Option<Vec<BlockId>> {
+        let mut seq = self.seqs.remove(&id)?;
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+        Some(std::mem::take(&mut seq.block_table))
+    }
+
     /// Removes a sequence wherever it is and frees its blocks at once.
     pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
         let seq = self.seqs.remove(&id)?;

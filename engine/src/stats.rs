@@ -18,6 +18,11 @@ pub struct EngineStats {
     /// Device time inside steps and idle between them (GPU backends; 0 elsewhere).
     pub device_busy_ms: f64,
     pub device_idle_between_steps_ms: f64,
+    /// Prefill: leases on handed-off KV and the blocks they hold.
+    pub kv_leases: usize,
+    pub kv_blocks_leased: usize,
+    /// Decode: requests whose KV arrived, waiting for room.
+    pub pending_kv_imports: usize,
 }
 
 impl EngineStats {

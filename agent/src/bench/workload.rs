@@ -20,7 +20,7 @@ pub fn greedy(max_tokens: usize) -> SamplingParams {
 }
 
 pub fn submit(engine: &Engine, id: usize, prompt: Vec<u32>, params: SamplingParams) -> anyhow::Result<RequestStream> {
-    let request = GenerateRequest { request_id: format!("bench-{id}"), prompt_token_ids: prompt, params };
+    let request = GenerateRequest { request_id: format!("bench-{id}"), prompt_token_ids: prompt, params, kv_transfer: Default::default() };
     engine.submit(request).map_err(|e| anyhow::anyhow!("submitting a benchmark request: {e}"))
 }
 

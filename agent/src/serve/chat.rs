@@ -41,7 +41,7 @@ pub async fn chat_completions(
     let id = ids::chat_completion_id();
     tracing::debug!(%id, prompt_tokens = prompt.token_ids.len(), "chat request");
     let stream = engine
-        .submit(GenerateRequest { request_id: request_id.0, prompt_token_ids: prompt.token_ids, params })
+        .submit(GenerateRequest { request_id: request_id.0, prompt_token_ids: prompt.token_ids, params, kv_transfer: Default::default() })
         .map_err(|e| submit_error(e, fields))?;
     let generation = Generation::new(vec![stream], state.track_request());
     let answer = ChatAnswer {

@@ -103,7 +103,7 @@ fn prepare(engine: &Engine, request: &CompletionRequest, request_id: &str) -> Re
             let params = sampling_params(&request.sampling, &ctx)?;
             let echo = echo.then(|| text.unwrap_or_else(|| tokenizer.decode(&token_ids, false)));
             let request_id = format!("{request_id}-{i}");
-            Ok(Prepared { request: GenerateRequest { request_id, prompt_token_ids: token_ids, params }, echo })
+            Ok(Prepared { request: GenerateRequest { request_id, prompt_token_ids: token_ids, params, kv_transfer: Default::default() }, echo })
         })
         .collect()
 }

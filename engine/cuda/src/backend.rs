@@ -18,6 +18,7 @@ use crate::device::Device;
 use crate::error::{op_error, OpContext, Result};
 use crate::gemm::Gemm;
 use crate::graphs::{ladder, Graphs};
+use crate::kv_io::PeerCaches;
 use crate::kernels::{Compiler, Module, ELEMENTWISE, GEMV, KV_CACHE, SAMPLING};
 use crate::launch::{launch, Arg, Launch};
 use crate::memory::{DeviceBuffer, Pool};
@@ -68,15 +69,18 @@ impl ElementwiseKernels {
     }
 }
 
-struct KvCache {
-    layout: KvCacheLayout,
+pub(crate) struct KvCache {
+    pub(crate) layout: KvCacheLayout,
     /// Per layer (K, V).
-    layers: Vec<(DeviceBuffer, DeviceBuffer)>,
+    pub(crate) layers: Vec<(DeviceBuffer, DeviceBuffer)>,
 }
 
 pub struct CudaBackend {
     config: CudaConfig,
-    device: Device,
+    /// Peer KV caches mapped over CUDA IPC; declared before `device` so they are unmapped
+    /// while the context still exists.
+    pub(crate) peers: PeerCaches,
+    pub(crate) device: Device,
     compiler: Compiler,
     k: ElementwiseKernels,
     gemm: Gemm,
@@ -128,6 +132,7 @@ impl CudaBackend {
             graphs: Graphs::default(),
             timer: StepTimer::new()?,
             weight_bytes: 0,
+            peers: PeerCaches::default(),
             device,
         })
     }
@@ -150,8 +155,12 @@ impl CudaBackend {
         self.device.stream
     }
 
+    pub(crate) fn kv_cache(&self, op: &'static str) -> Result<&KvCache> {
+        self.kv.as_ref().ok_or_else(|| op_error(op, "the KV cache is not allocated"))
+    }
+
     fn kv_layer(&self, layer: usize, op: &'static str) -> Result<(u64, u64)> {
-        let kv = self.kv.as_ref().ok_or_else(|| op_error(op, "the KV cache is not allocated"))?;
+        let kv = self.kv_cache(op)?;
         let (k, v) = kv.layers.get(layer).ok_or_else(|| op_error(op, format!("no KV cache for layer {layer}")))?;
         Ok((k.ptr(), v.ptr()))
     }

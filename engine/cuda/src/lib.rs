@@ -17,6 +17,7 @@ mod error;
 mod gemm;
 mod graphs;
 mod kernels;
+mod kv_io;
 mod launch;
 mod memory;
 mod sampling;

@@ -81,7 +81,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 fn greedy_with_margins(core: &mut EngineCore, prompts: &[Vec<u32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
     let params = SamplingParams { temperature: 0.0, max_tokens: STEPS, ignore_eos: true, logprobs: Some(2), ..Default::default() };
     for (i, p) in prompts.iter().enumerate() {
-        core.add_request(i as u64, GenerateRequest { request_id: i.to_string(), prompt_token_ids: p.clone(), params: params.clone() });
+        core.add_request(i as u64, GenerateRequest { request_id: i.to_string(), prompt_token_ids: p.clone(), params: params.clone(), kv_transfer: Default::default() });
     }
     let mut out = vec![(Vec::new(), Vec::new()); prompts.len()];
     while core.has_work() {
@@ -204,7 +204,7 @@ fn seeded_sampling_on_the_gpu_reproduces_and_top_k_one_is_greedy() {
     let p = prompts(name);
     let run = |params: SamplingParams| {
         let mut core = cuda_core(name, fixed_pool(), false);
-        core.add_request(1, GenerateRequest { request_id: "s".into(), prompt_token_ids: p[4].clone(), params });
+        core.add_request(1, GenerateRequest { request_id: "s".into(), prompt_token_ids: p[4].clone(), params, kv_transfer: Default::default() });
         let mut toks = Vec::new();
         while core.has_work() {
             for e in core.step() {

@@ -12,9 +12,11 @@
 
 pub mod cpu;
 mod host_tensor;
+mod kv_block_io;
 mod step_input;
 
 pub use host_tensor::{DType, HostTensor};
+pub use kv_block_io::KvBlockIo;
 pub use step_input::StepInput;
 
 use crate::error::BackendError;
@@ -83,7 +85,7 @@ pub struct DeviceTimeReport {
 
 /// One step of work for a backend. Implementations may keep state (KV cache, workspaces,
 /// captured graphs); ops take `&mut self` so no interior mutability is needed.
-pub trait Backend: Send + 'static {
+pub trait Backend: KvBlockIo + Send + 'static {
     /// A 2-D tensor living on the backend's device.
     type Tensor: Send;
     /// A step's batch metadata, uploaded once and read by several ops.

@@ -4,6 +4,8 @@
 mod block_hash;
 mod block_manager;
 mod free_queue;
+mod lease;
 
 pub use block_hash::{hash_block, hash_full_blocks};
 pub use block_manager::{BlockId, BlockManager};
+pub use lease::LeaseTable;

@@ -56,7 +56,7 @@ pub fn greedy(max_tokens: usize) -> SamplingParams {
 pub fn run_to_end(core: &mut EngineCore, requests: Vec<(Vec<u32>, SamplingParams)>) -> Vec<Vec<Vec<u32>>> {
     let mut outputs: Vec<Vec<Vec<u32>>> = requests.iter().map(|(_, p)| vec![Vec::new(); p.n]).collect();
     for (i, (prompt, params)) in requests.into_iter().enumerate() {
-        core.add_request(i as u64, GenerateRequest { request_id: i.to_string(), prompt_token_ids: prompt, params });
+        core.add_request(i as u64, GenerateRequest { request_id: i.to_string(), prompt_token_ids: prompt, params, kv_transfer: Default::default() });
     }
     let mut steps = 0;
     while core.has_work() {

@@ -29,7 +29,7 @@ fn answer(n: usize, reasoning: Option<bool>, logprobs: bool) -> ChatAnswer {
 }
 
 fn delta(index: u32, text: &str, finish: Option<FinishReason>) -> ChoiceDelta {
-    ChoiceDelta { index, text: text.into(), token_ids: vec![5], logprobs: vec![], finish_reason: finish, stop_reason: None }
+    ChoiceDelta { index, text: text.into(), token_ids: vec![5], logprobs: vec![], finish_reason: finish, stop_reason: None, kv_handoff: None }
 }
 
 const OUTPUT: &[&str] = &["<think>look", " up</think>\n\nOn it.\n<tool", "_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>", ""];

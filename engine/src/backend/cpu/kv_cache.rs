@@ -1,5 +1,7 @@
 //! The CPU KV cache: per layer, K and V as [num_blocks * block_size, kv_heads * head_dim].
 
+use std::ops::Range;
+
 use crate::backend::KvCacheLayout;
 
 pub struct CpuKvCache {
@@ -46,5 +48,47 @@ impl CpuKvCache {
             self.k[layer].copy_within(src * span..(src + 1) * span, dst * span);
             self.v[layer].copy_within(src * span..(src + 1) * span, dst * span);
         }
+    }
+
+    fn block_span(&self, block: u32) -> Range<usize> {
+        let span = self.layout.block_size * self.width();
+        block as usize * span..(block as usize + 1) * span
+    }
+
+    /// Whole blocks as bytes, layer-major, K then V (see `KvBlockIo::read_kv_blocks`).
+    pub fn read_blocks(&self, blocks: &[u32], layers: Range<usize>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for layer in layers {
+            for cache in [&self.k[layer], &self.v[layer]] {
+                for &b in blocks {
+                    out.extend_from_slice(bytemuck::cast_slice(&cache[self.block_span(b)]));
+                }
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`read_blocks`](Self::read_blocks); `bytes` must be exactly as long.
+    pub fn write_blocks(&mut self, blocks: &[u32], layers: Range<usize>, bytes: &[u8]) -> Result<(), String> {
+        let block_bytes = self.layout.block_size * self.width() * 4;
+        let expected = layers.len() * 2 * blocks.len() * block_bytes;
+        if bytes.len() != expected {
+            return Err(format!("expected {expected} bytes for {} blocks x {} layers, got {}", blocks.len(), layers.len(), bytes.len()));
+        }
+        let mut chunks = bytes.chunks_exact(block_bytes);
+        for layer in layers {
+            for kv in 0..2 {
+                for &b in blocks {
+                    let span = self.block_span(b);
+                    let cache = if kv == 0 { &mut self.k[layer] } else { &mut self.v[layer] };
+                    let chunk = chunks.next().expect("length checked");
+                    // Unaligned source: copy element by element through from_le_bytes.
+                    for (dst, src) in cache[span].iter_mut().zip(chunk.chunks_exact(4)) {
+                        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -6,7 +6,9 @@ mod attention;
 mod kv_cache;
 mod ops;
 
-use crate::backend::{Backend, DType, HostTensor, KvCacheLayout, QkvLayout, Result, StepInput};
+use std::ops::Range;
+
+use crate::backend::{Backend, DType, HostTensor, KvBlockIo, KvCacheLayout, QkvLayout, Result, StepInput};
 use crate::error::BackendError;
 use crate::sampler::{sample_host, SampledToken, SamplingRow};
 
@@ -51,6 +53,17 @@ fn check_cols(op: &'static str, t: &CpuTensor, cols: usize) -> Result<()> {
         Ok(())
     } else {
         Err(BackendError::Op { op, message: format!("expected {cols} columns, got {}", t.cols) })
+    }
+}
+
+impl KvBlockIo for CpuBackend {
+    fn read_kv_blocks(&mut self, blocks: &[u32], layers: Range<usize>) -> Result<Vec<u8>> {
+        Ok(self.kv("read_kv_blocks")?.read_blocks(blocks, layers))
+    }
+
+    fn write_kv_blocks(&mut self, blocks: &[u32], layers: Range<usize>, bytes: &[u8]) -> Result<()> {
+        let op = "write_kv_blocks";
+        self.kv(op)?.write_blocks(blocks, layers, bytes).map_err(|message| BackendError::Op { op, message })
     }
 }
 

@@ -1,0 +1,74 @@
+//! What the engine knows about prefill/decode disaggregation: a prefill request hands its
+//! KV blocks off under a lease instead of freeing them, and a decode request starts from
+//! KV that arrived from elsewhere instead of computing its prompt. Moving the bytes
+//! between processes (TCP, CUDA IPC, RDMA) is the agent's job; the engine only reads and
+//! writes its own blocks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::BlockId;
+use crate::request::TokenLogprob;
+
+/// The KV role of one request.
+#[derive(Debug, Clone, Default)]
+pub enum KvTransfer {
+    /// Ordinary request: prefill and decode here.
+    #[default]
+    Local,
+    /// Prefill only: after the first token, pin the prompt's blocks under a lease for a
+    /// decode engine to pull, unless the request already finished.
+    Export,
+    /// Decode only: the prompt's KV comes from `ImportedKv`; generation resumes after the
+    /// first token prefill sampled.
+    Import(ImportedKv),
+}
+
+/// A prompt's KV computed by another engine.
+#[derive(Debug, Clone)]
+pub struct ImportedKv {
+    /// The token prefill sampled after the prompt (decode emits it as its first token).
+    pub first_token: TokenLogprob,
+    pub source: KvSource,
+}
+
+/// Where imported KV is read from when the request is admitted.
+#[derive(Debug, Clone)]
+pub enum KvSource {
+    /// Bytes already pulled to this host, in [`KvPayload`] order.
+    Host(Arc<KvPayload>),
+    /// Blocks of a peer process on this node, read device to device.
+    CudaIpc { peer: Arc<CudaIpcKv>, remote_blocks: Vec<BlockId> },
+}
+
+/// KV bytes of whole blocks, layer-major: for each layer, the K rows of every block in
+/// order, then the V rows of every block. Raw cache dtype, so a copy is bit-exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KvPayload {
+    pub num_blocks: usize,
+    pub bytes: Vec<u8>,
+}
+
+/// What a decode engine needs to map a peer's KV cache over CUDA IPC: one handle per
+/// layer for K and one for V, in layer order, each a hex-encoded `CUipcMemHandle`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaIpcKv {
+    /// PCI bus id of the exporting device (two processes on one GPU cannot use IPC).
+    pub device: String,
+    /// Exporting process, so a reader can tell two exports of one node apart.
+    pub pid: u32,
+    pub k_handles: Vec<String>,
+    pub v_handles: Vec<String>,
+}
+
+/// Blocks a prefill request left pinned for a decode engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvHandoff {
+    pub lease_id: u64,
+    pub blocks: Vec<BlockId>,
+    /// Prompt tokens whose KV the blocks hold.
+    pub num_tokens: usize,
+    pub expires_at: Instant,
+}

@@ -1,0 +1,136 @@
+//! Prefill/decode disaggregation inside the engine: a prefill core hands a prompt's KV
+//! off under a lease, a decode core imports it and continues. The output must be
+//! token-for-token what one core produces alone, and no block may stay used afterwards.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{core, greedy, run_to_end};
+use dlengine_engine::config::EngineConfig;
+use dlengine_engine::engine_core::{EngineCore, StepEvent};
+use dlengine_engine::kv_transfer::{ImportedKv, KvHandoff, KvPayload, KvSource, KvTransfer};
+use dlengine_engine::request::{GenerateRequest, TokenLogprob};
+use dlengine_engine::sampling_params::SamplingParams;
+
+const MODEL: &str = "qwen3-tiny";
+
+fn config() -> EngineConfig {
+    EngineConfig { block_size: 4, max_num_batched_tokens: 16, num_kv_blocks: Some(256), ..EngineConfig::default() }
+}
+
+fn request(prompt: &[u32], params: &SamplingParams, kv_transfer: KvTransfer) -> GenerateRequest {
+    GenerateRequest { request_id: "r".into(), prompt_token_ids: prompt.to_vec(), params: params.clone(), kv_transfer }
+}
+
+/// Runs one request on `core` until it ends; returns its tokens, logprobs and handoff.
+fn drive(core: &mut EngineCore, key: u64) -> (Vec<u32>, Vec<TokenLogprob>, Option<KvHandoff>) {
+    let (mut tokens, mut logprobs, mut handoff) = (Vec::new(), Vec::new(), None);
+    for _ in 0..10_000 {
+        if !core.has_work() {
+            break;
+        }
+        for event in core.step() {
+            match event {
+                StepEvent::Token { key: k, event, .. } if k == key => {
+                    tokens.extend(event.tokens);
+                    logprobs.extend(event.logprobs);
+                    handoff = handoff.or(event.handoff);
+                }
+                StepEvent::Failed { message, .. } => panic!("request failed: {message}"),
+                _ => {}
+            }
+        }
+    }
+    (tokens, logprobs, handoff)
+}
+
+/// Prefill on one core, the KV copied as bytes, decode on another.
+fn disaggregated(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+    prefill.add_request(1, request(prompt, params, KvTransfer::Export));
+    let (first, logprobs, handoff) = drive(prefill, 1);
+    let Some(handoff) = handoff else { return first };
+    assert_eq!(handoff.num_tokens, prompt.len());
+    let layers = decode.info().kv_layout.num_layers;
+    let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
+    assert!(prefill.free_lease(handoff.lease_id));
+    assert!(!prefill.free_lease(handoff.lease_id), "a lease is freed once");
+    let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
+    let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
+    decode.add_request(2, request(prompt, params, KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
+    drive(decode, 2).0
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    // Lengths around block boundaries (4) and above the chunk budget (16).
+    [1usize, 3, 4, 5, 8, 17, 33].iter().map(|&n| (0..n as u32).map(|i| (i * 37 + n as u32 * 11) % 900 + 3).collect()).collect()
+}
+
+#[test]
+fn disaggregated_output_equals_aggregated_greedy_and_seeded() {
+    let seeded = SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(7), max_tokens: 12, ignore_eos: true, ..SamplingParams::default() };
+    let with_logprobs = SamplingParams { logprobs: Some(2), ..greedy(6) };
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    for params in [greedy(10), seeded, with_logprobs] {
+        for prompt in prompts() {
+            let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.clone(), params.clone())]).remove(0).remove(0);
+            let got = disaggregated(&mut prefill, &mut decode, &prompt, &params);
+            assert_eq!(got, expected, "prompt of {} tokens, {params:?}", prompt.len());
+        }
+    }
+    for (name, core) in [("prefill", &prefill), ("decode", &decode)] {
+        let stats = core.stats();
+        assert_eq!(stats.kv_leases, 0, "{name}");
+        // Freed blocks may stay in the prefix cache, but none is referenced.
+        assert_eq!(stats.kv_blocks_used, 0, "{name} leaked blocks");
+    }
+}
+
+#[test]
+fn prefix_cache_hits_on_the_prefill_side_still_hand_off_the_whole_prompt() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let prompt: Vec<u32> = (0..21).map(|i| i * 13 % 500 + 5).collect();
+    let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.clone(), greedy(8))]).remove(0).remove(0);
+    for _ in 0..2 {
+        assert_eq!(disaggregated(&mut prefill, &mut decode, &prompt, &greedy(8)), expected);
+    }
+    assert!(prefill.stats().prefix_cache_hit_tokens > 0, "the second prefill should hit the cache");
+}
+
+#[test]
+fn a_request_that_ends_on_its_first_token_is_not_handed_off() {
+    let mut prefill = core(MODEL, config());
+    prefill.add_request(1, request(&[5, 6, 7], &greedy(1), KvTransfer::Export));
+    let (tokens, _, handoff) = drive(&mut prefill, 1);
+    assert_eq!(tokens.len(), 1);
+    assert!(handoff.is_none());
+    assert_eq!(prefill.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn an_unclaimed_lease_expires_and_frees_its_blocks() {
+    let mut prefill = core(MODEL, EngineConfig { kv_lease_secs: 0, ..config() });
+    prefill.add_request(1, request(&[5, 6, 7, 8, 9], &greedy(4), KvTransfer::Export));
+    let (_, _, handoff) = drive(&mut prefill, 1);
+    let handoff = handoff.expect("handed off");
+    assert_eq!(prefill.stats().kv_leases, 1);
+    prefill.step(); // expiry is checked at every step
+    assert_eq!(prefill.stats().kv_leases, 0);
+    assert_eq!(prefill.stats().kv_blocks_used, 0);
+    assert!(prefill.read_lease(handoff.lease_id, 0..1).is_err(), "an expired lease cannot be read");
+}
+
+#[test]
+fn a_payload_of_the_wrong_size_fails_the_request_and_frees_its_blocks() {
+    let mut decode = core(MODEL, config());
+    let first_token = TokenLogprob { token_id: 9, logprob: 0.0, top: Vec::new() };
+    let payload = Arc::new(KvPayload { num_blocks: 2, bytes: vec![0; 10] });
+    decode.add_request(1, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
+    let events = decode.step();
+    assert!(
+        events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("importing the prompt's KV cache failed"))),
+        "{events:?}"
+    );
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+    assert!(!decode.has_work());
+}
