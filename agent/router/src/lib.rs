@@ -9,9 +9,11 @@
 //! OpenAI semantics), link the engine or the agent binary, or make serving depend on etcd
 //! being up — the last known view keeps routing while etcd is away.
 //!
-//! Disaggregation (prefill → decode) is designed in but not built: workers are indexed by
-//! role, and a pair is chosen among workers with the same `WorkerRecord::pairing_key`.
-//! Today a model served only by prefill/decode workers answers 501.
+//! Disaggregation: a model with prefill workers and decode workers that pair with them
+//! (same model, revision and KV layout) has each single-sequence request split: prefill
+//! computes the prompt and hands back a migration descriptor, decode continues from it.
+//! Everything else is served whole by aggregated workers (else decode workers). See
+//! `proxy::split` and docs/router.md.
 
 mod api_error;
 mod config;
@@ -26,5 +28,5 @@ pub mod workers;
 
 pub use api_error::ApiError;
 pub use config::{ConfigError, RouterConfig};
-pub use proxy::WORKER_HEADER;
+pub use proxy::{PREFILL_WORKER_HEADER, WORKER_HEADER};
 pub use server::{run, run_with_config};

@@ -3,6 +3,8 @@
 //! Per worker (label `worker` = its URL): attempts sent, errors by kind, requests in flight,
 //! and latency from send to the response's last byte. Per policy: routing decisions by
 //! reason. Per endpoint: what clients got (status code), including the router's refusals.
+//! Prefill/decode disaggregation: requests split, answered by prefill alone, pairs redone,
+//! requests that could not be split (by reason) and leases released early.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,6 +33,12 @@ pub struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairingLabels {
+    /// no_decode, no_compatible_decode, kv_layout_mismatch (a decode engine refused a pair)
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientLabels {
     pub endpoint: &'static str,
     pub status: u16,
@@ -52,6 +60,11 @@ pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub client_requests: Family<ClientLabels, Counter>,
     pub retries: Counter,
+    pub pd_requests: Counter,
+    pub pd_prefill_finished: Counter,
+    pub pd_retries: Counter,
+    pub pd_pairing_failures: Family<PairingLabels, Counter>,
+    pub pd_lease_frees: Counter,
     pub workers: Gauge,
     pub etcd_connected: Gauge,
 }
@@ -66,6 +79,11 @@ impl Metrics {
         let decisions = Family::default();
         let client_requests = Family::default();
         let retries = Counter::default();
+        let pd_requests = Counter::default();
+        let pd_prefill_finished = Counter::default();
+        let pd_retries = Counter::default();
+        let pd_pairing_failures = Family::default();
+        let pd_lease_frees = Counter::default();
         let workers = Gauge::default();
         let etcd_connected = Gauge::default();
         registry.register("worker_requests", "Requests sent to a worker (each attempt counts)", worker_requests.clone());
@@ -75,6 +93,11 @@ impl Metrics {
         registry.register("routing_decisions", "Routing decisions by policy and reason", decisions.clone());
         registry.register("client_requests", "Requests answered, by endpoint and HTTP status", client_requests.clone());
         registry.register("retries", "Attempts moved to another worker", retries.clone());
+        registry.register("pd_requests", "Requests split into a prefill and a decode hop", pd_requests.clone());
+        registry.register("pd_prefill_finished", "Split requests that prefill finished alone (no decode hop)", pd_prefill_finished.clone());
+        registry.register("pd_retries", "Prefill/decode pairs redone after a failed hop", pd_retries.clone());
+        registry.register("pd_pairing_failures", "Requests of a model with prefill workers that could not be split, by reason", pd_pairing_failures.clone());
+        registry.register("pd_lease_frees", "Prefill KV leases released early by the router (POST /pd/free)", pd_lease_frees.clone());
         registry.register("workers", "Workers in the current view", workers.clone());
         registry.register("etcd_connected", "1 while the etcd watch is established", etcd_connected.clone());
         Metrics {
@@ -86,6 +109,11 @@ impl Metrics {
             decisions,
             client_requests,
             retries,
+            pd_requests,
+            pd_prefill_finished,
+            pd_retries,
+            pd_pairing_failures,
+            pd_lease_frees,
             workers,
             etcd_connected,
         }
@@ -100,6 +128,10 @@ impl Metrics {
 
     pub fn worker_error(&self, worker: &str, kind: &'static str) {
         self.worker_errors.get_or_create(&WorkerErrorLabels { worker: worker.to_string(), kind }).inc();
+    }
+
+    pub fn pairing_failure(&self, reason: &'static str) {
+        self.pd_pairing_failures.get_or_create(&PairingLabels { reason }).inc();
     }
 
     pub fn client_answer(&self, endpoint: &'static str, status: u16) {

@@ -30,6 +30,12 @@ pub struct RequestFacts {
     /// The prompt as text, for cache-aware routing; stable under appending turns.
     pub text: String,
     pub user: Option<String>,
+    /// One prompt and one sample (`n` and `best_of` absent or 1): the only requests that
+    /// may be split into a prefill and a decode hop.
+    pub single_sequence: bool,
+    /// The client sent its own `kv_transfer_params`; the router removes it before
+    /// forwarding (only the router hands engines migration descriptors).
+    pub has_kv_transfer_params: bool,
 }
 
 pub fn inspect(body: &[u8], endpoint: Endpoint) -> Result<RequestFacts, ApiError> {
@@ -53,7 +59,28 @@ pub fn inspect(body: &[u8], endpoint: Endpoint) -> Result<RequestFacts, ApiError
         Endpoint::Completions => prompt_text(&object)?,
         Endpoint::ChatCompletions => messages_text(&object)?,
     };
-    Ok(RequestFacts { model, stream, text, user })
+    let single_prompt = endpoint == Endpoint::ChatCompletions || is_single_prompt(&object);
+    let single_sequence = single_prompt && at_most_one(object.get("n")) && at_most_one(object.get("best_of"));
+    let has_kv_transfer_params = object.contains_key("kv_transfer_params");
+    Ok(RequestFacts { model, stream, text, user, single_sequence, has_kv_transfer_params })
+}
+
+/// Absent, null or 1 (anything else, valid or not, is left to the engine).
+fn at_most_one(value: Option<&Value>) -> bool {
+    match value {
+        None | Some(Value::Null) => true,
+        Some(v) => v.as_u64() == Some(1),
+    }
+}
+
+/// A completions `prompt` that is one prompt: a string, a list of token ids, or a list of
+/// exactly one string or one token list.
+fn is_single_prompt(object: &Map<String, Value>) -> bool {
+    match object.get("prompt") {
+        Some(Value::String(_)) => true,
+        Some(Value::Array(items)) => items.iter().all(Value::is_u64) || items.len() == 1,
+        _ => false,
+    }
 }
 
 fn prompt_text(object: &Map<String, Value>) -> Result<String, ApiError> {
@@ -148,6 +175,25 @@ mod tests {
         assert_eq!(facts.text, "1 2 \n3 \n");
         let chat = r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
         assert_eq!(check(chat, Endpoint::ChatCompletions).unwrap().text, "system: be brief\nuser: hi\n");
+    }
+
+    #[test]
+    fn only_one_prompt_and_one_sample_is_a_single_sequence() {
+        let single = |body: &str, endpoint| check(body, endpoint).unwrap().single_sequence;
+        assert!(single(r#"{"model":"m","prompt":"hi"}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":"hi","n":1,"best_of":null}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":[1,2,3]}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":["a"]}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":[[1,2]]}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":["a","b"]}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":[[1],[2]]}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":"hi","n":2}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":"hi","best_of":3}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":"hi","n":"2"}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#, Endpoint::ChatCompletions));
+        assert!(!single(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":3}"#, Endpoint::ChatCompletions));
+        let facts = check(r#"{"model":"m","prompt":"x","kv_transfer_params":{"lease_id":"l"}}"#, Endpoint::Completions).unwrap();
+        assert!(facts.has_kv_transfer_params);
     }
 
     #[test]

@@ -1,15 +1,22 @@
-//! Sends a validated request to a worker and brings the answer back.
+//! Sends a validated request to a worker (or a prefill/decode pair) and brings the answer
+//! back.
 //!
-//! Up to `1 + max_retries` attempts, each on a worker not tried yet for this request: an
-//! attempt is retried when the connection fails, the worker answers 5xx, or a stream breaks
-//! before its first byte reached the client. Once bytes have gone to the client the answer
-//! is committed to that worker; a later failure becomes an SSE error event (see
-//! [`relay`]). Every wait is bounded by the request deadline, streams also by the idle
-//! timeout.
+//! [`plan`] decides the route: whole on one worker, or split over a prefill and a decode
+//! worker ([`split`]). Whole: up to `1 + max_retries` attempts, each on a worker not tried
+//! yet for this request: an attempt is retried when the connection fails, the worker
+//! answers 5xx, or a stream breaks before its first byte reached the client. Once bytes
+//! have gone to the client the answer is committed to that worker; a later failure becomes
+//! an SSE error event (see [`relay`]). Every wait is bounded by the request deadline,
+//! streams also by the idle timeout.
 
 mod attempt;
+mod lease;
+mod plan;
 mod relay;
+mod split;
+mod synth;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +24,6 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use dlengine_registry::Role;
 use futures::StreamExt;
 use tokio::time::Instant;
 
@@ -27,12 +33,17 @@ use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::{Policy, RouteRequest};
 use crate::workers::{Admission, Worker, WorkerId, WorkerPool};
 use attempt::Attempt;
+use plan::Route;
 use relay::Relay;
+pub use split::PREFILL_WORKER_HEADER;
 
-/// Header naming the worker that served a response (instance id), for clients and tests.
+/// Header naming the worker that served a response (instance id), for clients and tests;
+/// the decode worker of a split request.
 pub const WORKER_HEADER: &str = "x-dlengine-worker";
 /// Largest 5xx body kept to pass on when every attempt failed.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// At most one warning per this many seconds about requests that could not be split.
+const PAIRING_WARNING_EVERY_SECS: u64 = 10;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ProxySettings {
@@ -47,6 +58,9 @@ pub struct Proxy {
     policy: Arc<dyn Policy>,
     metrics: Arc<Metrics>,
     settings: ProxySettings,
+    started: std::time::Instant,
+    /// Seconds after `started` (plus one) of the last pairing warning; 0: none yet.
+    last_pairing_warning: AtomicU64,
 }
 
 /// Why an attempt did not produce an answer.
@@ -75,28 +89,51 @@ impl Proxy {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        Proxy { client, pool, policy, metrics, settings }
+        Proxy { client, pool, policy, metrics, settings, started: std::time::Instant::now(), last_pairing_warning: AtomicU64::new(0) }
     }
 
     pub async fn forward(&self, endpoint: Endpoint, facts: &RequestFacts, body: Bytes, session_key: Option<&str>) -> Response {
-        let snapshot = self.pool.snapshot();
-        let workers = snapshot.workers_for(&facts.model, Role::Aggregated);
-        if workers.is_empty() {
-            return if snapshot.knows_model(&facts.model) {
-                ApiError::not_implemented(format!(
-                    "Model `{}` is served only by prefill/decode workers; disaggregated routing is not available yet.",
-                    facts.model
-                ))
-                .into_response()
-            } else {
-                ApiError::model_not_found(&facts.model).into_response()
-            };
+        let plan = plan::plan(&self.pool.snapshot(), &facts.model, facts.single_sequence);
+        if let Some(reason) = plan.pairing_failure {
+            self.note_pairing_failure(&facts.model, reason);
         }
+        match plan.route {
+            Route::Refuse(error) => error.into_response(),
+            Route::Split { prefill, decode } => self.forward_split(endpoint, facts, &prefill, &decode, &body, session_key).await,
+            Route::Whole(workers) => {
+                let body = if facts.has_kv_transfer_params { without_kv_transfer_params(body) } else { body };
+                self.forward_whole(endpoint, facts, &workers, body, session_key).await
+            }
+        }
+    }
+
+    /// A model with prefill workers whose requests cannot be split: counted every time,
+    /// logged at most every few seconds.
+    fn note_pairing_failure(&self, model: &str, reason: &'static str) {
+        self.metrics.pairing_failure(reason);
+        let now = self.started.elapsed().as_secs() + 1;
+        let last = self.last_pairing_warning.load(Ordering::Relaxed);
+        let due = last == 0 || now >= last + PAIRING_WARNING_EVERY_SECS;
+        if due && self.last_pairing_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(model, reason, "model has prefill workers but requests cannot be split; serving them whole");
+        } else {
+            tracing::debug!(model, reason, "request not split");
+        }
+    }
+
+    async fn forward_whole(
+        &self,
+        endpoint: Endpoint,
+        facts: &RequestFacts,
+        workers: &[Arc<Worker>],
+        body: Bytes,
+        session_key: Option<&str>,
+    ) -> Response {
         let deadline = Instant::now() + self.settings.request_timeout;
         let mut routing = Routing { facts, session_key, tried: Vec::new() };
         let mut last_error = None;
         for attempt_number in 0..=self.settings.max_retries {
-            let Some((worker, admission)) = self.pick(&workers, &routing) else { break };
+            let Some((worker, admission)) = self.pick(workers, &routing) else { break };
             if attempt_number > 0 {
                 self.metrics.retries.inc();
             }
@@ -119,17 +156,32 @@ impl Proxy {
     /// The policy's choice among workers not yet tried whose breakers let a request through.
     fn pick(&self, workers: &[Arc<Worker>], routing: &Routing<'_>) -> Option<(Arc<Worker>, Admission)> {
         let now = std::time::Instant::now();
-        let mut candidates: Vec<Arc<Worker>> = workers
+        let candidates: Vec<Arc<Worker>> = workers
             .iter()
             .filter(|w| !routing.tried.contains(&w.id) && w.breaker.is_available(now))
             .cloned()
             .collect();
         let request = RouteRequest { text: &routing.facts.text, session_key: routing.session_key };
+        self.choose(&*self.policy, candidates, &request, true)
+    }
+
+    /// `policy`'s choice among `candidates`, admitted by its breaker; `count` records the
+    /// decision in the routing-decisions metric.
+    fn choose(
+        &self,
+        policy: &dyn Policy,
+        mut candidates: Vec<Arc<Worker>>,
+        request: &RouteRequest<'_>,
+        count: bool,
+    ) -> Option<(Arc<Worker>, Admission)> {
+        let now = std::time::Instant::now();
         while !candidates.is_empty() {
-            let decision = self.policy.choose(&candidates, &request);
+            let decision = policy.choose(&candidates, request);
             if let Some(admission) = decision.worker.breaker.admit(now) {
-                let labels = DecisionLabels { policy: self.policy.name(), reason: decision.reason };
-                self.metrics.decisions.get_or_create(&labels).inc();
+                if count {
+                    let labels = DecisionLabels { policy: policy.name(), reason: decision.reason };
+                    self.metrics.decisions.get_or_create(&labels).inc();
+                }
                 return Some((decision.worker, admission));
             }
             // Another request took the probe slot meanwhile.
@@ -217,6 +269,18 @@ impl Proxy {
             AttemptError::ServerError { status, .. } => tracing::warn!(worker = %worker.url(), %status, "attempt failed"),
             AttemptError::Deadline => tracing::warn!(worker = %worker.url(), "request deadline passed"),
         }
+    }
+}
+
+/// The body without a client's own `kv_transfer_params`: only the router hands engines
+/// migration descriptors.
+fn without_kv_transfer_params(body: Bytes) -> Bytes {
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(mut object)) => {
+            object.remove("kv_transfer_params");
+            Bytes::from(serde_json::Value::Object(object).to_string())
+        }
+        _ => body,
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_engine;
+pub mod pd_engine;
 
 use std::time::Duration;
 
