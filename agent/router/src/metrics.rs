@@ -22,7 +22,7 @@ pub struct WorkerLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerErrorLabels {
     pub worker: String,
-    /// connect, status_5xx, timeout, stream
+    /// connect, status_5xx, timeout, stream, invalid_response
     pub kind: &'static str,
 }
 
@@ -34,7 +34,8 @@ pub struct DecisionLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PairingLabels {
-    /// no_decode, no_compatible_decode, kv_layout_mismatch (a decode engine refused a pair)
+    /// no_decode, no_compatible_decode, no_available_pair (every pair ejected by breakers),
+    /// kv_layout_mismatch (a decode engine refused a pair)
     pub reason: &'static str,
 }
 

@@ -270,8 +270,9 @@ async fn failures_end_in_clear_errors_once_the_budget_is_spent() {
     let script = Arc::new(Script::default());
     let p = engine(&etcd, "p1", Role::Prefill, &script).await;
     let d = PdEngine::start_with(&etcd.endpoint(), Spec::new("d1", Role::Decode), script.clone(), true).await;
+    let a = engine(&etcd, "a1", Role::Aggregated, &script).await;
     let router = RunningRouter::start(config(&etcd.endpoint(), Policy::LeastLoad)).await;
-    router.wait_workers(2).await;
+    router.wait_workers(3).await;
 
     // Prefill's own 5xx: no other prefill worker, passed on.
     let answer = send(&router, "/v1/completions", &completion("prefill-500", false)).await;
@@ -295,13 +296,15 @@ async fn failures_end_in_clear_errors_once_the_budget_is_spent() {
     frees.sort();
     assert_eq!(frees, vec!["p1-0", "p1-1", "p1-2", "p1-3"]);
 
-    // Three failures in a row ejected the decode worker: no prefill is wasted meanwhile.
+    // Three failures in a row ejected the decode worker: no prefill is wasted meanwhile,
+    // the aggregated worker serves whole requests.
     let answer = send(&router, "/v1/completions", &completion("while ejected", false)).await;
-    assert_eq!(answer.status, 503, "{}", answer.text);
-    assert!(answer.json()["error"]["message"].is_string());
-    assert_eq!(p.hits(), 5);
+    assert_eq!((answer.status, answer.worker.as_str()), (200, "a1"), "{}", answer.text);
+    assert_eq!(answer.json()["choices"][0]["text"], "whole by a1");
+    assert_eq!((p.hits(), a.hits()), (5, 1));
     let metrics = router.metrics().await;
     assert_eq!(metric_sum(&metrics, "dlengine_router_pd_pairing_failures_total", "kv_layout_mismatch"), 1.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_pairing_failures_total", "no_available_pair"), 1.0);
     assert_eq!(metric_sum(&metrics, "dlengine_router_pd_retries_total", ""), 2.0);
     router.stop().await;
 }

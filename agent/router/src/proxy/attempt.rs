@@ -36,7 +36,8 @@ impl Attempt {
         }
     }
 
-    /// `kind` names the failure in the errors metric: connect, status_5xx, timeout, stream.
+    /// `kind` names the failure in the errors metric: connect, status_5xx, timeout, stream,
+    /// invalid_response.
     pub fn fail(&mut self, kind: &'static str) {
         if std::mem::replace(&mut self.settled, true) {
             return;

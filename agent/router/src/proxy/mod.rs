@@ -97,14 +97,19 @@ impl Proxy {
         if let Some(reason) = plan.pairing_failure {
             self.note_pairing_failure(&facts.model, reason);
         }
-        match plan.route {
-            Route::Refuse(error) => error.into_response(),
-            Route::Split { prefill, decode } => self.forward_split(endpoint, facts, &prefill, &decode, &body, session_key).await,
-            Route::Whole(workers) => {
-                let body = if facts.has_kv_transfer_params { without_kv_transfer_params(body) } else { body };
-                self.forward_whole(endpoint, facts, &workers, body, session_key).await
+        let whole = match plan.route {
+            Route::Refuse(error) => return error.into_response(),
+            Route::Split { prefill, decode, whole } => {
+                if whole.is_empty() || split::pair_available(&prefill, &decode) {
+                    return self.forward_split(endpoint, facts, &prefill, &decode, &body, session_key).await;
+                }
+                self.note_pairing_failure(&facts.model, "no_available_pair");
+                whole
             }
-        }
+            Route::Whole(workers) => workers,
+        };
+        let body = if facts.has_kv_transfer_params { without_kv_transfer_params(body) } else { body };
+        self.forward_whole(endpoint, facts, &whole, body, session_key).await
     }
 
     /// A model with prefill workers whose requests cannot be split: counted every time,

@@ -19,8 +19,10 @@ use crate::workers::{PoolSnapshot, Worker};
 
 pub enum Route {
     Whole(Arc<[Arc<Worker>]>),
-    /// Only workers with at least one partner on the other side.
-    Split { prefill: Vec<Arc<Worker>>, decode: Vec<Arc<Worker>> },
+    /// Only workers with at least one partner on the other side. `whole` serves the request
+    /// when no pair can take it at the moment (circuit breakers): aggregated workers, else
+    /// decode workers.
+    Split { prefill: Vec<Arc<Worker>>, decode: Vec<Arc<Worker>>, whole: Arc<[Arc<Worker>]> },
     Refuse(ApiError),
 }
 
@@ -67,7 +69,8 @@ pub fn plan(snapshot: &PoolSnapshot, model: &str, single_sequence: bool) -> Plan
         return whole(Some("no_compatible_decode"));
     }
     let paired_decode = decode.iter().filter(|d| paired_prefill.iter().any(|p| compatible(p, d))).cloned().collect();
-    Plan { route: Route::Split { prefill: paired_prefill, decode: paired_decode }, pairing_failure: None }
+    let whole = if aggregated.is_empty() { decode.clone() } else { aggregated.clone() };
+    Plan { route: Route::Split { prefill: paired_prefill, decode: paired_decode, whole }, pairing_failure: None }
 }
 
 #[cfg(test)]
@@ -105,9 +108,10 @@ mod tests {
         let mut d_model = record("d3", "m", Role::Decode);
         d_model.model = "other-weights".into();
         let plan = plan(&snapshot(&[p1, p2, d1, d_layout, d_model]), "m", true);
-        let Route::Split { prefill, decode } = &plan.route else { panic!("not split") };
+        let Route::Split { prefill, decode, whole } = &plan.route else { panic!("not split") };
         assert_eq!(ids(prefill), vec!["p1"]);
         assert_eq!(ids(decode), vec!["d1"]);
+        assert_eq!(ids(whole), vec!["d1", "d2", "d3"], "no aggregated worker: decode workers serve whole");
         assert!(plan.pairing_failure.is_none());
     }
 

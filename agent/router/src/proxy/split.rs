@@ -56,6 +56,15 @@ struct Used {
     decode: Vec<WorkerId>,
 }
 
+/// Whether some prefill worker and a partner of it are both let through by their breakers.
+pub fn pair_available(prefill: &[Arc<Worker>], decode: &[Arc<Worker>]) -> bool {
+    let now = std::time::Instant::now();
+    prefill
+        .iter()
+        .filter(|p| p.breaker.is_available(now))
+        .any(|p| decode.iter().any(|d| compatible(p, d) && d.breaker.is_available(now)))
+}
+
 /// Keeps only workers not used yet, unless every candidate has been.
 fn prefer_unused(candidates: &mut Vec<Arc<Worker>>, used: &[WorkerId]) {
     if candidates.iter().any(|w| !used.contains(&w.id)) {

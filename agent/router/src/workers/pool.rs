@@ -1,9 +1,9 @@
 //! The workers the router knows, rebuilt from the discovery view on every change and read
 //! by the request path as an immutable snapshot (one `Arc` clone per request).
 //!
-//! Workers are indexed by (served model name, role). Today only `aggregated` workers serve
-//! requests; the prefill/decode split will pick a prefill and a decode worker from the same
-//! index and pair them by `WorkerRecord::pairing_key` (model, revision, KV layout).
+//! Workers are indexed by (served model name, role): whole requests go to `aggregated` (else
+//! `decode`) workers, split requests to a prefill and a decode worker of the same model
+//! paired by model, revision and KV layout (see `proxy::plan`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
