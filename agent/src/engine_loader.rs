@@ -18,18 +18,22 @@ pub fn engine_config(args: &EngineArgs, max_waiting_requests: usize) -> EngineCo
         enable_prefix_caching: args.prefix_caching(),
         max_waiting_requests,
         seed: args.seed,
+        ..EngineConfig::default()
     }
 }
 
 /// Loads the model on the requested device (blocking).
 pub fn load(model: &std::path::Path, args: &EngineArgs, max_waiting_requests: usize) -> anyhow::Result<Engine> {
+    load_with(model, args, engine_config(args, max_waiting_requests))
+}
+
+fn load_with(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) -> anyhow::Result<Engine> {
     if args.gpu_memory_utilization <= 0.0 || args.gpu_memory_utilization > 1.0 {
         bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
     }
     if args.tensor_parallel_size != 1 {
         bail!("--tensor-parallel-size {} is not supported yet: this build runs one device per engine", args.tensor_parallel_size);
     }
-    let config = engine_config(args, max_waiting_requests);
     let engine = match args.device {
         Device::Cpu => start_cpu(model, args, config),
         Device::Cuda => start_cuda(model, args, config),
@@ -78,5 +82,6 @@ fn start_cpu(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) -
 
 /// `dlengine serve`'s engine.
 pub fn load_engine(args: &ServeArgs) -> anyhow::Result<Engine> {
-    load(&args.model, &args.engine, args.max_waiting_requests)
+    let config = EngineConfig { kv_lease_secs: args.transfer.kv_lease_secs, ..engine_config(&args.engine, args.max_waiting_requests) };
+    load_with(&args.model, &args.engine, config)
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use dlengine_cli::{Mode, RegistryArgs};
+use dlengine_cli::RegistryArgs;
 use dlengine_engine::engine::Engine;
 
 use crate::error::RegistryError;
@@ -12,28 +12,26 @@ use crate::record::{unix_millis_now, Capacity, KvLayout, Load, TransferEndpoints
 use crate::registrar::{Registrar, RegistrarConfig, RegistrarHandle};
 
 /// Starts registration for a served engine; `Ok(None)` when no etcd endpoints are set.
-/// `bind_host` and `port` are the address the HTTP server bound (port resolved).
-/// Nothing is written before [`RegistrarHandle::mark_ready`]; call
-/// [`RegistrarHandle::shutdown`] on SIGTERM before draining.
+/// `identity` comes from [`Identity::from_args`] with the address the HTTP server bound;
+/// `transfer` is where peers pull KV from. Nothing is written before
+/// [`RegistrarHandle::mark_ready`]; call [`RegistrarHandle::shutdown`] on SIGTERM before
+/// draining.
 pub fn register_engine(
     args: &RegistryArgs,
-    mode: Mode,
-    bind_host: &str,
-    port: u16,
+    identity: &Identity,
     model: &str,
     served_model_name: &str,
     engine: &Engine,
+    transfer: TransferEndpoints,
 ) -> Result<Option<RegistrarHandle>, RegistryError> {
     let Some(config) = RegistrarConfig::from_args(args) else { return Ok(None) };
-    let pod_ip = std::env::var(dlengine_cli::env::POD_IP).ok();
-    let identity = Identity::from_args(args, mode.into(), bind_host, port, pod_ip.as_deref())?;
-    let record = engine_record(&identity, model, served_model_name, engine);
+    let record = engine_record(identity, model, served_model_name, engine, transfer);
     let engine = engine.clone();
     let load = Arc::new(move || engine_load(&engine));
     Ok(Some(Registrar::spawn(config, record, load)))
 }
 
-fn engine_record(identity: &Identity, model: &str, served_model_name: &str, engine: &Engine) -> WorkerRecord {
+fn engine_record(identity: &Identity, model: &str, served_model_name: &str, engine: &Engine, transfer: TransferEndpoints) -> WorkerRecord {
     let info = engine.info();
     let layout = &info.kv_layout;
     WorkerRecord {
@@ -53,7 +51,7 @@ fn engine_record(identity: &Identity, model: &str, served_model_name: &str, engi
             block_size: layout.block_size,
             dtype: layout.dtype.name().to_string(),
         },
-        transfer: TransferEndpoints::default(),
+        transfer,
         capacity: Capacity { max_seqs: engine.config().max_num_seqs, kv_blocks: info.num_kv_blocks },
         load: engine_load(engine),
         started_at: unix_millis_now(),

@@ -9,6 +9,7 @@ use super::chat_response::{ChatAnswer, ChatChunks, ChatMessageCollector};
 use super::engine_errors::{submit_error, PromptFields};
 use super::generation::{collect, Generation};
 use super::json_body::{parse_request, RawBody};
+use super::pd::{descriptor, with_kv_params, KvParams};
 use super::request_id::RequestId;
 use super::sampling::{chat_logprobs, sampling_params, SamplingContext};
 use super::sse::sse_response;
@@ -26,6 +27,8 @@ pub async fn chat_completions(
     let request = parse_request::<ChatCompletionRequest>(&body)?;
     state.check_model(request.model.as_deref())?;
     let include_usage = include_usage(request.stream, request.stream_options.as_ref())?;
+    let kv_params = KvParams::from_body(&body)?;
+    kv_params.check_stream(request.stream.unwrap_or(false))?;
     let prompt = chat_prompt(ready, &request, &body)?;
     let engine = &ready.engine;
     let logprobs = chat_logprobs(request.logprobs, request.top_logprobs)?;
@@ -40,10 +43,15 @@ pub async fn chat_completions(
     let fields = PromptFields { prompt: "messages", max_tokens: request.sampling.max_tokens_field().map(|f| f.0) };
     let id = ids::chat_completion_id();
     tracing::debug!(%id, prompt_tokens = prompt.token_ids.len(), "chat request");
-    let stream = engine
-        .submit(GenerateRequest { request_id: request_id.0, prompt_token_ids: prompt.token_ids, params, kv_transfer: Default::default() })
-        .map_err(|e| submit_error(e, fields))?;
-    let generation = Generation::new(vec![stream], state.track_request());
+    let mut generate = GenerateRequest { request_id: request_id.0, prompt_token_ids: prompt.token_ids, params, kv_transfer: Default::default() };
+    engine.check(&generate).map_err(|e| submit_error(e, fields))?;
+    let lease = ready.pd.apply(engine, state.served_model(), &kv_params, &mut generate).await?;
+    let prompt_ids = (!kv_params.is_none()).then(|| generate.prompt_token_ids.clone());
+    let stream = engine.submit(generate).map_err(|e| submit_error(e, fields))?;
+    let mut generation = Generation::new(vec![stream], state.track_request());
+    if let Some(lease) = lease {
+        generation.hold_lease(lease);
+    }
     let answer = ChatAnswer {
         id,
         created: ids::unix_now(),
@@ -56,8 +64,13 @@ pub async fn chat_completions(
         tokenizer: engine.tokenizer().clone(),
     };
     if request.stream.unwrap_or(false) {
-        Ok(sse_response(generation, ChatChunks::new(answer)))
-    } else {
-        Ok(axum::Json(collect(generation, ChatMessageCollector::new(answer)).await?).into_response())
+        return Ok(sse_response(generation, ChatChunks::new(answer)));
+    }
+    let output = collect(&mut generation, ChatMessageCollector::new(answer)).await?;
+    match (kv_params, prompt_ids) {
+        (KvParams::RemoteDecode, Some(prompt)) => {
+            with_kv_params(output, descriptor(&ready.pd, engine, &prompt, generation.take_handoff()).await)
+        }
+        _ => Ok(axum::Json(output).into_response()),
     }
 }

@@ -9,6 +9,7 @@ use super::completion_response::{CompletionAnswer, CompletionChunks, CompletionC
 use super::engine_errors::{submit_error, PromptFields};
 use super::generation::{collect, Generation};
 use super::json_body::{parse_request, RawBody};
+use super::pd::{descriptor, with_kv_params, KvParams};
 use super::request_id::RequestId;
 use super::sampling::{completion_logprobs, sampling_params, SamplingContext};
 use super::sse::sse_response;
@@ -33,16 +34,29 @@ pub async fn completions(
     state.check_model(request.model.as_deref())?;
     refuse_unsupported(&request)?;
     let include_usage = include_usage(request.stream, request.stream_options.as_ref())?;
+    let kv_params = KvParams::from_body(&body)?;
+    kv_params.check_stream(request.stream.unwrap_or(false))?;
     let engine = &ready.engine;
     let fields = PromptFields { prompt: "prompt", max_tokens: request.sampling.max_tokens_field().map(|f| f.0) };
-    let prepared = prepare(engine, &request, &request_id.0)?;
+    let mut prepared = prepare(engine, &request, &request_id.0)?;
     for p in &prepared {
         engine.check(&p.request).map_err(|e| submit_error(e, fields))?;
     }
+    if !kv_params.is_none() && prepared.len() != 1 {
+        return Err(ApiError::invalid_param("prompt", "kv_transfer_params needs exactly one prompt"));
+    }
+    let mut lease = None;
+    if let Some(p) = prepared.first_mut() {
+        lease = ready.pd.apply(engine, state.served_model(), &kv_params, &mut p.request).await?;
+    }
+    let prompt_ids = prepared.first().filter(|_| !kv_params.is_none()).map(|p| p.request.prompt_token_ids.clone());
     let n = prepared.first().map_or(1, |p| p.request.params.n);
     let echo = prepared.iter().map(|p| p.echo.clone()).collect();
     let streams = submit_all(engine, prepared, fields)?;
-    let generation = Generation::new(streams, state.track_request());
+    let mut generation = Generation::new(streams, state.track_request());
+    if let Some(lease) = lease {
+        generation.hold_lease(lease);
+    }
     let answer = CompletionAnswer {
         id: ids::completion_id(),
         created: ids::unix_now(),
@@ -54,9 +68,14 @@ pub async fn completions(
         tokenizer: engine.tokenizer().clone(),
     };
     if request.stream.unwrap_or(false) {
-        Ok(sse_response(generation, CompletionChunks::new(answer)))
-    } else {
-        Ok(axum::Json(collect(generation, CompletionCollector::new(answer)).await?).into_response())
+        return Ok(sse_response(generation, CompletionChunks::new(answer)));
+    }
+    let output = collect(&mut generation, CompletionCollector::new(answer)).await?;
+    match (kv_params, prompt_ids) {
+        (KvParams::RemoteDecode, Some(prompt)) => {
+            with_kv_params(output, descriptor(&ready.pd, engine, &prompt, generation.take_handoff()).await)
+        }
+        _ => Ok(axum::Json(output).into_response()),
     }
 }
 

@@ -5,13 +5,14 @@
 
 use dlengine_engine::engine::RequestStream;
 use dlengine_engine::error::EngineError;
-use dlengine_engine::request::ChoiceDelta;
+use dlengine_engine::request::{ChoiceDelta, TokenLogprob};
 use futures::stream::{BoxStream, SelectAll};
 use futures::StreamExt;
 
 use super::engine_errors::engine_error;
 use super::in_flight::InFlightGuard;
 use super::metrics::RequestObserver;
+use super::pd::{Handoff, LeaseRelease};
 use crate::openai::usage::Usage;
 use crate::openai::ApiError;
 
@@ -34,6 +35,11 @@ pub struct Generation {
     sources: SelectAll<BoxStream<'static, SourceEvent>>,
     usage: Usage,
     observer: RequestObserver,
+    /// Prefill: the KV a request handed off (taken out of its delta).
+    handoff: Option<Handoff>,
+    /// Decode over CUDA IPC: prefill's lease, released once the engine copied the KV
+    /// (its first event) or when this is dropped.
+    lease: Option<LeaseRelease>,
     _in_flight: InFlightGuard,
 }
 
@@ -41,15 +47,42 @@ impl Generation {
     pub fn new(streams: Vec<RequestStream>, tracking: (InFlightGuard, RequestObserver)) -> Self {
         let sources = futures::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| source(i, s)));
         let (in_flight, observer) = tracking;
-        Self { sources, usage: Usage::new(0, 0, 0), observer, _in_flight: in_flight }
+        Self { sources, usage: Usage::new(0, 0, 0), observer, handoff: None, lease: None, _in_flight: in_flight }
+    }
+
+    /// Holds prefill's lease until the engine has imported the KV.
+    pub fn hold_lease(&mut self, lease: LeaseRelease) {
+        self.lease = Some(lease);
+    }
+
+    /// The KV handoff of a prefill request, once its delta went by.
+    pub fn take_handoff(&mut self) -> Option<Handoff> {
+        self.handoff.take()
+    }
+
+    fn capture_handoff(&mut self, delta: &mut ChoiceDelta) {
+        let Some(kv) = delta.kv_handoff.take() else { return };
+        let first_token = delta.logprobs.first().cloned();
+        let first_token = match (first_token, delta.token_ids.first()) {
+            (Some(t), _) => t,
+            (None, Some(&token_id)) => TokenLogprob { token_id, logprob: 0.0, top: Vec::new() },
+            (None, None) => return,
+        };
+        let finished = delta.stop_reason.is_some();
+        self.handoff = Some(Handoff { kv, first_token, finished });
     }
 
     /// The next delta; None once every prompt's choices have finished.
     pub async fn next(&mut self) -> Option<Event> {
         loop {
-            match self.sources.next().await {
-                Some(SourceEvent::Delta(source, delta)) => {
+            let event = self.sources.next().await;
+            if let Some(lease) = &mut self.lease {
+                lease.release();
+            }
+            match event {
+                Some(SourceEvent::Delta(source, mut delta)) => {
                     self.observer.on_tokens(delta.token_ids.len());
+                    self.capture_handoff(&mut delta);
                     return Some(Event::Delta { source, delta });
                 }
                 Some(SourceEvent::Done(usage)) => self.add_usage(usage),
@@ -94,7 +127,7 @@ pub trait Collector {
 }
 
 /// Runs a generation to its end into one answer (or the engine's failure as a 500).
-pub async fn collect<C: Collector>(mut generation: Generation, mut collector: C) -> Result<C::Output, ApiError> {
+pub async fn collect<C: Collector>(generation: &mut Generation, mut collector: C) -> Result<C::Output, ApiError> {
     while let Some(event) = generation.next().await {
         match event {
             Event::Delta { source, delta } => collector.add(source, delta),

@@ -31,6 +31,9 @@ struct EngineGauges {
     prefix_hit_rate: RatioGauge,
     preemptions: Gauge,
     in_flight: Gauge,
+    kv_leases: Gauge,
+    kv_blocks_leased: Gauge,
+    pending_kv_imports: Gauge,
 }
 
 pub struct Metrics {
@@ -91,7 +94,13 @@ impl EngineGauges {
             prefix_hit_rate: RatioGauge::default(),
             preemptions: Gauge::default(),
             in_flight: Gauge::default(),
+            kv_leases: Gauge::default(),
+            kv_blocks_leased: Gauge::default(),
+            pending_kv_imports: Gauge::default(),
         };
+        registry.register("kv_leases", "Prefill: handed-off KV waiting for a decode engine to pull it", g.kv_leases.clone());
+        registry.register("kv_blocks_leased", "Prefill: KV blocks held by leases", g.kv_blocks_leased.clone());
+        registry.register("pending_kv_imports", "Decode: requests whose KV arrived, waiting for room", g.pending_kv_imports.clone());
         registry.register("waiting_requests", "Requests queued, not yet running", g.waiting.clone());
         registry.register("running_sequences", "Sequences being stepped", g.running.clone());
         registry.register("kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", g.kv_usage.clone());
@@ -111,6 +120,9 @@ impl EngineGauges {
         self.kv_blocks_total.set(s.kv_blocks_total as i64);
         self.prefix_hit_rate.set(s.prefix_hit_rate());
         self.preemptions.set(s.preemptions as i64);
+        self.kv_leases.set(s.kv_leases as i64);
+        self.kv_blocks_leased.set(s.kv_blocks_leased as i64);
+        self.pending_kv_imports.set(s.pending_kv_imports as i64);
     }
 }
 

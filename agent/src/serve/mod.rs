@@ -25,6 +25,7 @@ mod json_body;
 mod logprobs;
 mod metrics;
 mod output_parser;
+mod pd;
 mod request_id;
 mod routes;
 mod sampling;
@@ -62,16 +63,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         move || crate::engine_loader::load_engine(&args)
     });
     // Registry (etcd, issue 4): started once the engine is loaded; revoked before draining.
+    let identity = dlengine_registry::Identity::from_args(
+        &args.registry,
+        args.mode.into(),
+        &args.host,
+        local.port(),
+        std::env::var(dlengine_cli::env::POD_IP).ok().as_deref(),
+    )?;
     let registration = tokio::select! {
         loaded = loader => {
             let engine = loaded.context("the model loader panicked")??;
             let chat = ChatSetup::from_tokenizer_config(&engine.tokenizer().config);
-            let registration = register_in_etcd(&args, local.port(), state.served_model(), &engine)?;
-            state.set_ready(Ready { engine, chat });
+            let pd = pd::Pd::start(&args, &engine, state.served_model(), &identity).await?;
+            let registration = register_in_etcd(&args, &identity, state.served_model(), &engine, pd.transfer_endpoints())?;
+            state.set_ready(Ready { engine, chat, pd });
             if let Some(registration) = &registration {
                 registration.mark_ready(); // /health is OK from here on
             }
-            tracing::info!("ready");
+            tracing::info!(mode = args.mode.as_str(), "ready");
             registration
         }
         _ = &mut signal => {
@@ -103,10 +112,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// Registration in etcd when `--etcd-endpoints` is set (docs/registry.md); `None` without.
 fn register_in_etcd(
     args: &ServeArgs,
-    port: u16,
+    identity: &dlengine_registry::Identity,
     served_model_name: &str,
     engine: &dlengine_engine::engine::Engine,
+    transfer: dlengine_registry::TransferEndpoints,
 ) -> anyhow::Result<Option<dlengine_registry::RegistrarHandle>> {
     let model = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(dlengine_registry::register_engine(&args.registry, args.mode, &args.host, port, &model, served_model_name, engine)?)
+    Ok(dlengine_registry::register_engine(&args.registry, identity, &model, served_model_name, engine, transfer)?)
 }

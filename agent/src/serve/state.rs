@@ -8,6 +8,7 @@ use dlengine_cli::ServeArgs;
 use dlengine_engine::engine::Engine;
 
 use super::chat_setup::ChatSetup;
+use super::pd::Pd;
 use super::in_flight::{InFlight, InFlightGuard};
 use super::metrics::{Metrics, RequestObserver};
 use crate::openai::{ids, ApiError};
@@ -16,6 +17,7 @@ use crate::openai::{ids, ApiError};
 pub struct Ready {
     pub engine: Engine,
     pub chat: ChatSetup,
+    pub pd: Pd,
 }
 
 #[derive(Clone)]

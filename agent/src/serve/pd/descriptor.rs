@@ -1,0 +1,112 @@
+//! The migration descriptor: what a prefill engine answers in `kv_transfer_params` and a
+//! decode engine needs to pull the prompt's KV. Opaque to the router except `lease_id`.
+
+use dlengine_engine::config::ModelInfo;
+use dlengine_engine::kv_transfer::{CudaIpcKv, KvHandoff};
+use dlengine_engine::request::TokenLogprob;
+use dlengine_registry::KvLayout;
+use serde::{Deserialize, Serialize};
+
+use crate::openai::ApiError;
+
+/// Bumped on an incompatible change; a decode engine refuses other versions.
+pub const DESCRIPTOR_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationDescriptor {
+    pub version: u32,
+    /// Instance id of the prefill engine.
+    pub engine_id: String,
+    /// Served model name: decode must serve the same one.
+    pub model: String,
+    pub kv_layout: KvLayout,
+    pub prompt_tokens: usize,
+    /// XXH3-64 of the prompt's token ids, hex: decode must have tokenized the same prompt.
+    pub prompt_hash: String,
+    /// The token prefill sampled after the prompt.
+    pub first_token: TokenLogprob,
+    pub lease_id: String,
+    /// When prefill frees the blocks by itself, Unix milliseconds.
+    pub lease_expires_ms: u64,
+    /// Prefill's block ids, in prompt order.
+    pub blocks: Vec<u32>,
+    /// Where to release the lease once the KV arrived (`POST`, body `{"lease_id"}`).
+    pub free_url: String,
+    /// Host name of prefill's node (CUDA IPC works only within one node).
+    pub node: String,
+    /// `host:port` of prefill's TCP KV listener.
+    pub tcp: Option<String>,
+    pub cuda_ipc: Option<CudaIpcKv>,
+}
+
+/// What a prefill engine says about itself in every descriptor.
+#[derive(Debug, Clone)]
+pub struct PrefillEndpoint {
+    pub engine_id: String,
+    pub model: String,
+    pub free_url: String,
+    pub node: String,
+    pub tcp: Option<String>,
+    pub cuda_ipc: Option<CudaIpcKv>,
+}
+
+pub fn prompt_hash(tokens: &[u32]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(tokens)))
+}
+
+pub fn kv_layout(info: &ModelInfo) -> KvLayout {
+    let l = &info.kv_layout;
+    KvLayout { layers: l.num_layers, kv_heads: l.kv_heads, head_dim: l.head_dim, block_size: l.block_size, dtype: l.dtype.name().to_string() }
+}
+
+impl MigrationDescriptor {
+    pub fn new(from: &PrefillEndpoint, info: &ModelInfo, prompt: &[u32], first_token: TokenLogprob, handoff: KvHandoff) -> Self {
+        let remaining = handoff.expires_at.saturating_duration_since(std::time::Instant::now());
+        Self {
+            version: DESCRIPTOR_VERSION,
+            engine_id: from.engine_id.clone(),
+            model: from.model.clone(),
+            kv_layout: kv_layout(info),
+            prompt_tokens: prompt.len(),
+            prompt_hash: prompt_hash(prompt),
+            first_token,
+            lease_id: handoff.lease_id.to_string(),
+            lease_expires_ms: crate::openai::ids::unix_now_ms() + remaining.as_millis() as u64,
+            blocks: handoff.blocks,
+            free_url: from.free_url.clone(),
+            node: from.node.clone(),
+            tcp: from.tcp.clone(),
+            cuda_ipc: from.cuda_ipc.clone(),
+        }
+    }
+
+    /// Refuses a descriptor this engine cannot continue: another version, model or KV
+    /// layout, or a prompt that tokenized differently here.
+    pub fn check_compatible(&self, served_model: &str, info: &ModelInfo, prompt: &[u32]) -> Result<(), ApiError> {
+        if self.version != DESCRIPTOR_VERSION {
+            return Err(mismatch(format!("descriptor version {} (this engine speaks {DESCRIPTOR_VERSION})", self.version)));
+        }
+        if self.model != served_model {
+            return Err(mismatch(format!("the KV was computed for model {:?}, this engine serves {served_model:?}", self.model)));
+        }
+        let local = kv_layout(info);
+        if self.kv_layout != local {
+            return Err(mismatch(format!("prefill's KV layout {:?} differs from this engine's {local:?}", self.kv_layout)));
+        }
+        if self.prompt_tokens != prompt.len() || self.prompt_hash != prompt_hash(prompt) {
+            return Err(mismatch(format!(
+                "the prompt tokenized to {} tokens here but prefill computed {} (different tokenizer or chat template)",
+                prompt.len(),
+                self.prompt_tokens
+            )));
+        }
+        if self.blocks.len() != prompt.len().div_ceil(local.block_size) {
+            return Err(mismatch(format!("{} blocks for a prompt of {} tokens", self.blocks.len(), prompt.len())));
+        }
+        Ok(())
+    }
+}
+
+fn mismatch(message: String) -> ApiError {
+    ApiError::invalid_param("kv_transfer_params", message).with_code("kv_layout_mismatch")
+}

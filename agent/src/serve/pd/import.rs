@@ -1,0 +1,66 @@
+//! The decode side: checks a descriptor against this engine, picks the transport both
+//! sides share, and (for TCP) pulls the KV before the request enters the engine, so a
+//! failed transfer is a clean HTTP error the router can retry elsewhere.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlengine_cli::KvTransport;
+use dlengine_engine::engine::Engine;
+use dlengine_engine::kv_transfer::{CudaIpcKv, ImportedKv, KvPayload, KvSource, KvTransfer};
+
+use super::descriptor::MigrationDescriptor;
+use super::release::LeaseRelease;
+use super::{tcp, Pd, PULL_TIMEOUT};
+use crate::openai::ApiError;
+
+enum Transport<'a> {
+    CudaIpc(&'a CudaIpcKv),
+    Tcp(&'a str),
+}
+
+/// The engine's view of the imported KV, and the lease release to fire once the KV is
+/// no longer needed on prefill's side (already fired for TCP).
+pub async fn import_kv(
+    pd: &Pd,
+    engine: &Engine,
+    served_model: &str,
+    prompt: &[u32],
+    descriptor: &MigrationDescriptor,
+) -> Result<(KvTransfer, LeaseRelease), ApiError> {
+    descriptor.check_compatible(served_model, engine.info(), prompt)?;
+    let mut release = LeaseRelease::new(pd.client.clone(), descriptor.free_url.clone(), descriptor.lease_id.clone());
+    let source = match choose(pd, engine, descriptor)? {
+        Transport::CudaIpc(peer) => KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks: descriptor.blocks.clone() },
+        Transport::Tcp(addr) => {
+            let expected = descriptor.blocks.len() * engine.info().kv_layout.bytes_per_block();
+            let lease_left = Duration::from_millis(descriptor.lease_expires_ms.saturating_sub(crate::openai::ids::unix_now_ms()));
+            let bytes = tcp::pull(addr, &descriptor.lease_id, expected, lease_left.min(PULL_TIMEOUT)).await.map_err(|e| transfer_failed(format!("{e:#}")))?;
+            release.release();
+            KvSource::Host(Arc::new(KvPayload { num_blocks: descriptor.blocks.len(), bytes }))
+        }
+    };
+    Ok((KvTransfer::Import(ImportedKv { first_token: descriptor.first_token.clone(), source }), release))
+}
+
+/// CUDA IPC when both processes share a node (and not a GPU), else TCP; `--kv-transport`
+/// narrows the choice.
+fn choose<'a>(pd: &Pd, engine: &Engine, d: &'a MigrationDescriptor) -> Result<Transport<'a>, ApiError> {
+    let ipc = match (&d.cuda_ipc, engine.kv_ipc()) {
+        (Some(theirs), Some(ours)) if d.node == pd.endpoint.node && theirs.device != ours.device => Some(theirs),
+        _ => None,
+    };
+    let tcp = d.tcp.as_deref();
+    match (pd.transport, ipc, tcp) {
+        (KvTransport::Auto | KvTransport::CudaIpc, Some(peer), _) => Ok(Transport::CudaIpc(peer)),
+        (KvTransport::Auto | KvTransport::Tcp, _, Some(addr)) => Ok(Transport::Tcp(addr)),
+        (KvTransport::CudaIpc, None, _) => Err(transfer_failed(
+            "--kv-transport cuda-ipc, but prefill is not on this node or another GPU of it (or has no CUDA IPC export)".into(),
+        )),
+        _ => Err(transfer_failed("prefill offers no KV transport this engine can use".into())),
+    }
+}
+
+fn transfer_failed(message: String) -> ApiError {
+    ApiError::unavailable(format!("pulling the prompt's KV cache from prefill failed: {message}")).with_code("kv_transfer_failed")
+}
