@@ -1,7 +1,8 @@
 """`dlengine router` splitting requests over real `dlengine serve --mode prefill` and
-`--mode decode` engines (CPU, the tiny fixture model, KV over the engines' own transport),
-driven by the official `openai` client. Greedy answers through a prefill/decode pair must
-equal an aggregated engine's, streamed or not, and every lease prefill took is released."""
+`--mode decode` engines (CPU, the tiny fixture model, KV over TCP), driven by the
+official `openai` client. Greedy answers through a prefill/decode pair must equal an
+aggregated engine's, streamed or not; killing either engine, a client leaving, or a
+lease expiring must leave no block held on either side and no request hanging."""
 
 import pytest
 
@@ -23,8 +24,8 @@ def cluster():
     c.close()
 
 
-def engine(cluster, name, mode):
-    e = cluster.engine(name, ["--mode", mode])
+def engine(cluster, name, mode, extra=()):
+    e = cluster.engine(name, ["--mode", mode, *extra])
     e.key = e.key.replace("/aggregated/", f"/{mode}/")
     return e
 
@@ -75,3 +76,97 @@ def test_split_answers_equal_an_aggregated_engines(cluster):
     assert metric(router.url, "dlengine_router_pd_prefill_finished_total") == 1
     assert metric(router.url, "dlengine_router_pd_retries_total") == 0
     wait_until("prefill released every lease", lambda: metric(prefill.url, "dlengine_kv_leases") == 0, timeout=10)
+
+
+def split_cluster(cluster, prefill_extra=(), decode_extra=()):
+    prefill = engine(cluster, "f-p", "prefill", prefill_extra)
+    decode = engine(cluster, "f-d", "decode", decode_extra)
+    for e in (prefill, decode):
+        e.wait_registered()
+    router = cluster.router("round-robin")
+    router.wait_workers(2)
+    return prefill, decode, router
+
+
+def no_blocks_held(prefill, decode):
+    return (metric(prefill.url, "dlengine_kv_leases") == 0
+            and metric(prefill.url, "dlengine_kv_cache_blocks_used") == 0
+            and metric(decode.url, "dlengine_kv_cache_blocks_used") == 0)
+
+
+LONG = {"temperature": 0, "extra_body": {"ignore_eos": True}, "max_tokens": 1500}
+
+
+def test_prefill_killed_after_handoff_does_not_stop_decode(cluster):
+    prefill, decode, router = split_cluster(cluster)
+    stream = client_for(router.url).completions.create(model=MODEL, prompt="Once upon a time", stream=True,
+                                                        stream_options={"include_usage": True}, **LONG)
+    chunks = [next(stream)]
+    prefill.process.kill9()
+    chunks += list(stream)
+    assert chunks[-1].usage.completion_tokens == 1500
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"
+    wait_until("decode freed its blocks", lambda: metric(decode.url, "dlengine_kv_cache_blocks_used") == 0, timeout=10)
+
+
+def test_decode_killed_mid_stream_ends_the_stream_with_an_error_and_prefill_keeps_nothing(cluster):
+    prefill, decode, router = split_cluster(cluster)
+    stream = client_for(router.url).completions.create(model=MODEL, prompt="Once upon a time", stream=True, **LONG)
+    next(stream)
+    decode.process.kill9()
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    wait_until("prefill released its lease", lambda: metric(prefill.url, "dlengine_kv_leases") == 0, timeout=10)
+    assert metric(prefill.url, "dlengine_kv_cache_blocks_used") == 0
+
+
+def test_client_disconnect_frees_blocks_on_both_sides(cluster):
+    prefill, decode, router = split_cluster(cluster)
+    stream = client_for(router.url).completions.create(model=MODEL, prompt="Once upon a time", stream=True, **LONG)
+    next(stream), next(stream)
+    stream.close()
+    wait_until("both sides freed every block", lambda: no_blocks_held(prefill, decode), timeout=10)
+
+
+def test_an_unclaimed_lease_expires_and_a_late_pull_fails_cleanly(cluster):
+    prefill, decode, router = split_cluster(cluster, prefill_extra=["--kv-lease-secs", "1"])
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    status, answer = http("POST", f"{prefill.url}/v1/completions", dict(body, kv_transfer_params={"do_remote_decode": True}))
+    assert status == 200 and answer["kv_transfer_params"]["lease_id"]
+    assert metric(prefill.url, "dlengine_kv_leases") == 1
+    wait_until("the lease expired", lambda: no_blocks_held(prefill, decode), timeout=10)
+    status, error = http("POST", f"{decode.url}/v1/completions", dict(body, kv_transfer_params=answer["kv_transfer_params"]))
+    assert status == 503 and error["error"]["code"] == "kv_transfer_failed", error
+    assert "unknown or expired KV lease" in error["error"]["message"]
+
+
+def test_a_descriptor_for_another_layout_or_prompt_is_refused(cluster):
+    prefill, decode, router = split_cluster(cluster)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    _, answer = http("POST", f"{prefill.url}/v1/completions", dict(body, kv_transfer_params={"do_remote_decode": True}))
+    descriptor = answer["kv_transfer_params"]
+    wrong_layout = dict(descriptor, kv_layout=dict(descriptor["kv_layout"], block_size=32))
+    status, error = http("POST", f"{decode.url}/v1/completions", dict(body, kv_transfer_params=wrong_layout))
+    assert status == 400 and error["error"]["code"] == "kv_layout_mismatch" and error["error"]["param"] == "kv_transfer_params"
+    status, error = http("POST", f"{decode.url}/v1/completions", dict(body, prompt="Another prompt", kv_transfer_params=descriptor))
+    assert status == 400 and "tokenized" in error["error"]["message"], error
+    http("POST", f"{prefill.url}/pd/free", {"lease_id": descriptor["lease_id"]})
+    wait_until("no blocks held", lambda: no_blocks_held(prefill, decode), timeout=10)
+
+
+def test_a_bounded_load_through_one_pair_loses_no_request(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prefill, decode, router = split_cluster(cluster)
+    client = client_for(router.url)
+
+    def one(i):
+        answer = client.completions.create(model=MODEL, prompt="word " * (1 + i % 40), max_tokens=4 + i % 20, **GREEDY)
+        return answer.usage.completion_tokens == 4 + i % 20
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(one, range(96)))
+    assert all(results), f"{results.count(False)} of {len(results)} requests came back short"
+    assert metric(router.url, "dlengine_router_pd_requests_total") == 96
+    wait_until("no blocks held", lambda: no_blocks_held(prefill, decode), timeout=10)

@@ -23,4 +23,4 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-python -m pytest -q -p no:cacheprovider e2e/test_router_registration.py e2e/test_router_e2e.py "$@"
+python -m pytest -q -p no:cacheprovider e2e/test_router_registration.py e2e/test_router_e2e.py e2e/test_router_pd.py "$@"
