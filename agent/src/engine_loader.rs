@@ -59,7 +59,7 @@ fn start_cuda(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) 
 /// The CUDA backend's settings from the engine flags.
 pub fn cuda_config(args: &EngineArgs) -> CudaConfig {
     CudaConfig {
-        ordinal: 0,
+        ordinal: args.cuda_device,
         gpu_memory_utilization: args.gpu_memory_utilization,
         enforce_eager: args.enforce_eager,
         max_graph_batch_size: args.max_cuda_graph_batch_size,

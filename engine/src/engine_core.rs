@@ -255,6 +255,7 @@ impl EngineCore {
         let PendingImport { key, mut seq, kv } = import;
         let prompt_len = seq.len();
         let blocks = self.scheduler.allocate_detached(prompt_len.div_ceil(self.info.kv_layout.block_size)).ok_or("no free KV blocks")?;
+        let started = Instant::now();
         let written = match &kv.source {
             KvSource::Host(payload) if payload.num_blocks != blocks.len() => {
                 Err(format!("the KV payload holds {} blocks, the prompt needs {}", payload.num_blocks, blocks.len()))
@@ -274,6 +275,10 @@ impl EngineCore {
             self.scheduler.release_detached(&blocks);
             return Err(format!("importing the prompt's KV cache failed: {e}"));
         }
+        let bytes = blocks.len() * self.info.kv_layout.bytes_per_block();
+        let seconds = started.elapsed().as_secs_f64();
+        let via = if matches!(kv.source, KvSource::Host(_)) { "host" } else { "cuda-ipc" };
+        tracing::info!(tokens = prompt_len, bytes, ms = seconds * 1e3, gb_per_s = bytes as f64 / seconds / 1e9, via, "imported KV");
         let seq_id = seq.id;
         seq.block_table = blocks;
         seq.num_computed_tokens = prompt_len;

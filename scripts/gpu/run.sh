@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root (binaries in .carry/, built by
 # scripts/gpu/build.sh). Stages: tests, hf MODEL..., latency MODEL..., throughput MODEL,
-# serving MODEL. Logs and JSON results go to $OUT.
+# serving MODEL, pd MODEL (needs two GPUs). Logs and JSON results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/dlengine-out}
 MODELS=${MODELS:-/tmp/models}
@@ -39,5 +39,9 @@ case "$stage" in
     .carry/dlengine bench serving --url http://127.0.0.1:8123 --prompt-lens 1024 --output-len 256 \
       --num-prompts 16 --concurrency 1,8,32,128,256 --json "$OUT/serving-$m.json" 2>>"$OUT/bench.log"
     kill -TERM $pid; wait $pid ;;
+  pd)
+    m=$1; shift
+    python3 scripts/gpu/make_models.py "$MODELS" "$m" 2>&1 | grep -v Warning
+    python3 scripts/gpu/pd_bench.py "$MODELS/$m" .carry/dlengine "$OUT/pd-$m.json" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -112,6 +112,9 @@ pub struct EngineArgs {
     /// GPUs one instance spreads its layers' matrices over.
     #[arg(long, alias = "tensor_parallel_size", alias = "tp", default_value_t = 1)]
     pub tensor_parallel_size: usize,
+    /// Which GPU of the node (CUDA ordinal) the engine runs on.
+    #[arg(long, alias = "cuda_device", default_value_t = 0)]
+    pub cuda_device: usize,
     /// Turn CUDA graphs off.
     #[arg(long, alias = "enforce_eager")]
     pub enforce_eager: bool,

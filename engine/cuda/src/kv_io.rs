@@ -7,7 +7,7 @@ use std::ffi::c_char;
 use std::ops::Range;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags_enum};
+use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
 use dlengine_engine::backend::KvBlockIo;
 use dlengine_engine::kv_transfer::CudaIpcKv;
 
@@ -36,10 +36,38 @@ impl Drop for PeerCache {
     }
 }
 
-/// Mapped peers, keyed by (device, pid, first handle) so a restarted peer is mapped anew.
+/// Mapped peers, keyed by (device, pid, first handle) so a restarted peer is mapped anew,
+/// and the streams peer copies run on.
 #[derive(Default)]
 pub(crate) struct PeerCaches {
     peers: HashMap<(String, u32, String), PeerCache>,
+    streams: Vec<CUstream>,
+}
+
+/// Peer copies in flight at once: one stream leaves NVLink idle between copies of a few
+/// MiB (each pays ~20 µs of latency); four keep it busy.
+const PEER_COPY_STREAMS: usize = 4;
+
+impl PeerCaches {
+    fn streams(&mut self) -> Result<&[CUstream]> {
+        while self.streams.len() < PEER_COPY_STREAMS {
+            let stream = result::stream::create(result::stream::StreamKind::NonBlocking).op("creating a peer-copy stream")?;
+            self.streams.push(stream);
+        }
+        Ok(&self.streams)
+    }
+}
+
+impl Drop for PeerCaches {
+    fn drop(&mut self) {
+        self.peers.clear(); // unmap before the streams go
+        for &stream in &self.streams {
+            // SAFETY: created by stream::create, destroyed once.
+            unsafe {
+                let _ = result::stream::destroy(stream);
+            }
+        }
+    }
 }
 
 /// Runs of consecutive block pairs: (first source block, first destination block, length).
@@ -187,26 +215,31 @@ impl KvBlockIo for CudaBackend {
             return Err(op_error("CUDA IPC", "the peer runs on this same GPU; CUDA IPC needs two devices"));
         }
         let block_bytes = self.block_bytes()? as u64;
-        let stream = self.device.stream;
+        // Freshly allocated local blocks may have been read by the last step: let it end.
+        self.device.synchronize()?;
         let local: Vec<(CUdeviceptr, CUdeviceptr)> =
             self.kv_cache("copy_kv_from_peer")?.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect();
         let remote = self.map_peer(peer)?.layers.clone();
+        let streams = self.peers.streams()?.to_vec();
         let runs = runs(pairs);
-        for ((rk, rv), (lk, lv)) in remote.into_iter().zip(local) {
-            for (src_base, dst_base) in [(rk, lk), (rv, lv)] {
-                for &(src, dst, n) in &runs {
-                    // SAFETY: both runs lie inside their layer buffers (the peer's layout was
-                    // checked equal to ours before the request was admitted).
-                    unsafe {
-                        result::memcpy_dtod_async(dst_base + dst as u64 * block_bytes, src_base + src as u64 * block_bytes, (n as u64 * block_bytes) as usize, stream)
-                    }
-                    .op("copying KV blocks from a peer device")?;
+        let copies = remote.into_iter().zip(local).flat_map(|((rk, rv), (lk, lv))| [(rk, lk), (rv, lv)]);
+        for (i, (src_base, dst_base)) in copies.enumerate() {
+            let stream = streams[i % streams.len()];
+            for &(src, dst, n) in &runs {
+                // SAFETY: both runs lie inside their layer buffers (the peer's layout was
+                // checked equal to ours before the request was admitted).
+                unsafe {
+                    result::memcpy_dtod_async(dst_base + dst as u64 * block_bytes, src_base + src as u64 * block_bytes, (n as u64 * block_bytes) as usize, stream)
                 }
+                .op("copying KV blocks from a peer device")?;
             }
         }
         // The peer frees its blocks once we return: the copies must have landed.
-        // SAFETY: plain stream synchronisation.
-        unsafe { result::stream::synchronize(stream) }.op("copying KV blocks from a peer device")
+        for stream in streams {
+            // SAFETY: plain stream synchronisation.
+            unsafe { result::stream::synchronize(stream) }.op("copying KV blocks from a peer device")?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,146 @@
+"""Prefill/decode disaggregation on two GPUs of one node (run on nvidia-h200-x2).
+
+Starts an aggregated engine on GPU 0 as the reference, then a prefill engine on GPU 0
+and a decode engine on GPU 1 (separate processes; KV over CUDA IPC, then over TCP), and
+reports: whether greedy outputs through prefill -> decode equal the aggregated ones, the
+KV import bandwidth decode logged against a peer copy of the same bytes measured here
+with torch, and the TTFT disaggregation adds at several prompt lengths.
+
+usage: pd_bench.py MODEL_DIR DLENGINE_BIN OUT_JSON
+"""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+MODEL, BIN, OUT = sys.argv[1:4]
+LOG_DIR = os.path.dirname(OUT)
+LENGTHS = [1024, 4096, 16384]
+REPEATS = 5
+
+
+def post(port, body, stream=False):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    return urllib.request.urlopen(req, timeout=300)
+
+
+def post_json(port, body):
+    try:
+        with post(port, body) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"HTTP {e.code}: {e.read().decode()}")
+
+
+def first_chunk_seconds(port, body):
+    """Seconds until the first SSE data line of a streamed request."""
+    start = time.perf_counter()
+    with post(port, dict(body, stream=True)) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                elapsed = time.perf_counter() - start
+                r.read()
+                return elapsed
+    raise RuntimeError("no data chunk")
+
+
+def start(name, port, extra):
+    log = open(os.path.join(LOG_DIR, f"pd-{name}.log"), "w")
+    argv = [BIN, "serve", MODEL, "--device", "cuda", "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "m", "--max-model-len", "20000", "--max-num-batched-tokens", "16384",
+            "--gpu-memory-utilization", "0.8", *extra]
+    p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return p
+        except Exception:
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited; see pd-{name}.log")
+            time.sleep(1)
+    raise RuntimeError(f"{name} did not become healthy")
+
+
+def prompt(n, salt):
+    return [(i * 7919 + salt * 104729) % 150000 + 100 for i in range(n)]
+
+
+def greedy(p, max_tokens):
+    return {"model": "m", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+
+def pd_generate(pp, dp, body):
+    pre = post_json(pp, dict(body, kv_transfer_params={"do_remote_decode": True}))
+    return post_json(dp, dict(body, kv_transfer_params=pre["kv_transfer_params"]))
+
+
+def pd_ttft(pp, dp, body):
+    start = time.perf_counter()
+    pre = post_json(pp, dict(body, kv_transfer_params={"do_remote_decode": True}))
+    return time.perf_counter() - start + first_chunk_seconds(dp, dict(body, kv_transfer_params=pre["kv_transfer_params"]))
+
+
+def median_of(f):
+    f()  # warm-up
+    return statistics.median(f() for _ in range(REPEATS))
+
+
+def peer_copy_ceiling(nbytes):
+    import torch
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    dst.copy_(src)
+    torch.cuda.synchronize(0), torch.cuda.synchronize(1)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(1)
+        times.append(time.perf_counter() - t)
+    return nbytes / min(times) / 1e9
+
+
+def imports(log_name):
+    text = open(os.path.join(LOG_DIR, log_name)).read()
+    rows = []
+    for line in text.splitlines():
+        if "imported KV" in line:
+            nums = dict(re.findall(r"\b(tokens|bytes|ms|gb_per_s)=([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", line)))
+            rows.append({k: float(v) for k, v in nums.items()})
+    return rows
+
+
+result = {"model": MODEL, "lengths": LENGTHS}
+agg = start("aggregated", 8201, ["--cuda-device", "0"])
+checks = [(prompt(n, s), 32) for s, n in enumerate([7, 100, 1000, 3000])]
+reference = [post_json(8201, greedy(p, m))["choices"][0]["text"] for p, m in checks]
+result["aggregated_ttft_ms"] = {n: 1e3 * median_of(lambda: first_chunk_seconds(8201, greedy(prompt(n, 1), 2))) for n in LENGTHS}
+agg.terminate(), agg.wait()
+
+for transport in ["cuda-ipc", "tcp"]:
+    pre = start("prefill", 8202, ["--cuda-device", "0", "--mode", "prefill"])
+    dec = start(f"decode-{transport}", 8203, ["--cuda-device", "1", "--mode", "decode", "--kv-transport", transport])
+    got = [pd_generate(8202, 8203, greedy(p, m))["choices"][0]["text"] for p, m in checks]
+    r = {"outputs_equal": got == reference, "mismatches": sum(a != b for a, b in zip(got, reference))}
+    r["ttft_ms"] = {n: 1e3 * median_of(lambda: pd_ttft(8202, 8203, greedy(prompt(n, 1), 2))) for n in LENGTHS}
+    r["added_ttft_ms"] = {n: r["ttft_ms"][n] - result["aggregated_ttft_ms"][n] for n in LENGTHS}
+    r["imports"] = imports(f"pd-decode-{transport}.log")[-3:]
+    leases = urllib.request.urlopen("http://127.0.0.1:8202/metrics").read().decode()
+    r["prefill_leases_after"] = [l for l in leases.splitlines() if l.startswith("dlengine_kv_leases ")]
+    result[transport] = r
+    for p in (pre, dec):
+        p.terminate(), p.wait()
+    print(json.dumps({transport: r}, indent=1), flush=True)
+
+largest = max(result["cuda-ipc"]["imports"], key=lambda x: x.get("bytes", 0), default=None)
+if largest:
+    result["peer_copy_ceiling_gb_per_s"] = peer_copy_ceiling(int(largest["bytes"]))
+    result["cuda_ipc_fraction_of_ceiling"] = largest["gb_per_s"] / result["peer_copy_ceiling_gb_per_s"]
+json.dump(result, open(OUT, "w"), indent=1)
+print(json.dumps({k: v for k, v in result.items() if k not in ("cuda-ipc", "tcp")}, indent=1))
