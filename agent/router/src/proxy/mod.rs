@@ -203,18 +203,8 @@ impl Proxy {
         stream: bool,
         deadline: Instant,
     ) -> Result<Response, AttemptError> {
-        let url = format!("{}{}", attempt.worker().url(), endpoint.path());
-        let send = self.client.post(url).header(header::CONTENT_TYPE, "application/json").body(body.clone()).send();
-        let upstream = match tokio::time::timeout_at(deadline, send).await {
-            Err(_) => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
-            Ok(Err(error)) => return Err(self.fail(attempt, "connect", retryable("connect", error.to_string()))),
-            Ok(Ok(upstream)) => upstream,
-        };
+        let (attempt, upstream) = self.send(attempt, endpoint, body, deadline).await?;
         let status = upstream.status();
-        if status.is_server_error() {
-            let body = read_bounded(upstream, deadline).await;
-            return Err(self.fail(attempt, "status_5xx", AttemptError::ServerError { status, body }));
-        }
         if stream && status.is_success() && is_event_stream(&upstream) {
             return self.start_stream(attempt, upstream, deadline).await;
         }
@@ -260,6 +250,24 @@ impl Proxy {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         name_worker(&mut response, &worker);
         Ok(response)
+    }
+
+    /// POSTs `body` to the attempt's worker; a connection failure, the deadline or a 5xx
+    /// answer fails the attempt (retryable), anything else is the caller's to read.
+    async fn send(&self, attempt: Attempt, endpoint: Endpoint, body: &Bytes, deadline: Instant) -> Result<(Attempt, reqwest::Response), AttemptError> {
+        let url = format!("{}{}", attempt.worker().url(), endpoint.path());
+        let send = self.client.post(url).header(header::CONTENT_TYPE, "application/json").body(body.clone()).send();
+        let upstream = match tokio::time::timeout_at(deadline, send).await {
+            Err(_) => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
+            Ok(Err(error)) => return Err(self.fail(attempt, "connect", retryable("connect", error.to_string()))),
+            Ok(Ok(upstream)) => upstream,
+        };
+        let status = upstream.status();
+        if status.is_server_error() {
+            let body = read_bounded(upstream, deadline).await;
+            return Err(self.fail(attempt, "status_5xx", AttemptError::ServerError { status, body }));
+        }
+        Ok((attempt, upstream))
     }
 
     fn fail(&self, mut attempt: Attempt, kind: &'static str, error: AttemptError) -> AttemptError {

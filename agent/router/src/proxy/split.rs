@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::attempt::Attempt;
 use super::lease::Lease;
 use super::plan::compatible;
-use super::{give_up, name_worker, read_bounded, retryable, synth, AttemptError, Proxy};
+use super::{give_up, name_worker, retryable, synth, AttemptError, Proxy};
 use crate::api_error::ApiError;
 use crate::gateway::inspect::{Endpoint, RequestFacts};
 use crate::policy::{LeastLoad, RouteRequest};
@@ -181,19 +181,9 @@ impl Proxy {
         self.choose(&LeastLoad, candidates, &RouteRequest::default(), false)
     }
 
-    async fn prefill_hop(&self, mut attempt: Attempt, endpoint: Endpoint, body: &Bytes, deadline: Instant) -> Result<PrefillOutcome, AttemptError> {
-        let url = format!("{}{}", attempt.worker().url(), endpoint.path());
-        let send = self.client.post(url).header(header::CONTENT_TYPE, "application/json").body(body.clone()).send();
-        let upstream = match tokio::time::timeout_at(deadline, send).await {
-            Err(_) => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
-            Ok(Err(error)) => return Err(self.fail(attempt, "connect", retryable("connect", error.to_string()))),
-            Ok(Ok(upstream)) => upstream,
-        };
+    async fn prefill_hop(&self, attempt: Attempt, endpoint: Endpoint, body: &Bytes, deadline: Instant) -> Result<PrefillOutcome, AttemptError> {
+        let (mut attempt, upstream) = self.send(attempt, endpoint, body, deadline).await?;
         let status = upstream.status();
-        if status.is_server_error() {
-            let body = read_bounded(upstream, deadline).await;
-            return Err(self.fail(attempt, "status_5xx", AttemptError::ServerError { status, body }));
-        }
         let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
         let bytes = match tokio::time::timeout_at(deadline, upstream.bytes()).await {
             Err(_) => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
