@@ -24,7 +24,7 @@ LENGTHS = [1024, 4096, 16384]
 REPEATS = 5
 
 
-def post(port, body, stream=False):
+def post(port, body):
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
                                  {"content-type": "application/json"})
     return urllib.request.urlopen(req, timeout=300)

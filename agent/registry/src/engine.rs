@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use dlengine_cli::RegistryArgs;
+use dlengine_engine::backend::KvCacheLayout;
 use dlengine_engine::engine::Engine;
 
 use crate::error::RegistryError;
@@ -33,7 +34,6 @@ pub fn register_engine(
 
 fn engine_record(identity: &Identity, model: &str, served_model_name: &str, engine: &Engine, transfer: TransferEndpoints) -> WorkerRecord {
     let info = engine.info();
-    let layout = &info.kv_layout;
     WorkerRecord {
         protocol_version: PROTOCOL_VERSION,
         instance_id: identity.instance_id.clone(),
@@ -44,17 +44,17 @@ fn engine_record(identity: &Identity, model: &str, served_model_name: &str, engi
         model: model.to_string(),
         served_model_name: served_model_name.to_string(),
         url: identity.advertise_url.clone(),
-        kv_layout: KvLayout {
-            layers: layout.num_layers,
-            kv_heads: layout.kv_heads,
-            head_dim: layout.head_dim,
-            block_size: layout.block_size,
-            dtype: layout.dtype.name().to_string(),
-        },
+        kv_layout: KvLayout::from(&info.kv_layout),
         transfer,
         capacity: Capacity { max_seqs: engine.config().max_num_seqs, kv_blocks: info.num_kv_blocks },
         load: engine_load(engine),
         started_at: unix_millis_now(),
+    }
+}
+
+impl From<&KvCacheLayout> for KvLayout {
+    fn from(l: &KvCacheLayout) -> Self {
+        KvLayout { layers: l.num_layers, kv_heads: l.kv_heads, head_dim: l.head_dim, block_size: l.block_size, dtype: l.dtype.name().to_string() }
     }
 }
 

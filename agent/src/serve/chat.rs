@@ -1,7 +1,7 @@
 //! `POST /v1/chat/completions`.
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use dlengine_engine::request::GenerateRequest;
 
 use super::chat_prompt::chat_prompt;
@@ -9,7 +9,7 @@ use super::chat_response::{ChatAnswer, ChatChunks, ChatMessageCollector};
 use super::engine_errors::{submit_error, PromptFields};
 use super::generation::{collect, Generation};
 use super::json_body::{parse_request, RawBody};
-use super::pd::{descriptor, with_kv_params, KvParams};
+use super::pd::{self, KvParams};
 use super::request_id::RequestId;
 use super::sampling::{chat_logprobs, sampling_params, SamplingContext};
 use super::sse::sse_response;
@@ -46,7 +46,7 @@ pub async fn chat_completions(
     let mut generate = GenerateRequest { request_id: request_id.0, prompt_token_ids: prompt.token_ids, params, kv_transfer: Default::default() };
     engine.check(&generate).map_err(|e| submit_error(e, fields))?;
     let lease = ready.pd.apply(engine, state.served_model(), &kv_params, &mut generate).await?;
-    let prompt_ids = (!kv_params.is_none()).then(|| generate.prompt_token_ids.clone());
+    let prefill_prompt = matches!(kv_params, KvParams::RemoteDecode).then(|| generate.prompt_token_ids.clone());
     let stream = engine.submit(generate).map_err(|e| submit_error(e, fields))?;
     let mut generation = Generation::new(vec![stream], state.track_request());
     if let Some(lease) = lease {
@@ -67,10 +67,5 @@ pub async fn chat_completions(
         return Ok(sse_response(generation, ChatChunks::new(answer)));
     }
     let output = collect(&mut generation, ChatMessageCollector::new(answer)).await?;
-    match (kv_params, prompt_ids) {
-        (KvParams::RemoteDecode, Some(prompt)) => {
-            with_kv_params(output, descriptor(&ready.pd, engine, &prompt, generation.take_handoff()).await)
-        }
-        _ => Ok(axum::Json(output).into_response()),
-    }
+    pd::answer(&ready.pd, engine, prefill_prompt.as_deref(), &mut generation, output).await
 }

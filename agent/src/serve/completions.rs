@@ -1,7 +1,7 @@
 //! `POST /v1/completions`: a prompt or a batch of prompts (text or token ids).
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use dlengine_engine::engine::{Engine, RequestStream};
 use dlengine_engine::request::GenerateRequest;
 
@@ -9,7 +9,7 @@ use super::completion_response::{CompletionAnswer, CompletionChunks, CompletionC
 use super::engine_errors::{submit_error, PromptFields};
 use super::generation::{collect, Generation};
 use super::json_body::{parse_request, RawBody};
-use super::pd::{descriptor, with_kv_params, KvParams};
+use super::pd::{self, KvParams};
 use super::request_id::RequestId;
 use super::sampling::{completion_logprobs, sampling_params, SamplingContext};
 use super::sse::sse_response;
@@ -49,7 +49,7 @@ pub async fn completions(
     if let Some(p) = prepared.first_mut() {
         lease = ready.pd.apply(engine, state.served_model(), &kv_params, &mut p.request).await?;
     }
-    let prompt_ids = prepared.first().filter(|_| !kv_params.is_none()).map(|p| p.request.prompt_token_ids.clone());
+    let prefill_prompt = prepared.first().filter(|_| matches!(kv_params, KvParams::RemoteDecode)).map(|p| p.request.prompt_token_ids.clone());
     let n = prepared.first().map_or(1, |p| p.request.params.n);
     let echo = prepared.iter().map(|p| p.echo.clone()).collect();
     let streams = submit_all(engine, prepared, fields)?;
@@ -71,12 +71,7 @@ pub async fn completions(
         return Ok(sse_response(generation, CompletionChunks::new(answer)));
     }
     let output = collect(&mut generation, CompletionCollector::new(answer)).await?;
-    match (kv_params, prompt_ids) {
-        (KvParams::RemoteDecode, Some(prompt)) => {
-            with_kv_params(output, descriptor(&ready.pd, engine, &prompt, generation.take_handoff()).await)
-        }
-        _ => Ok(axum::Json(output).into_response()),
-    }
+    pd::answer(&ready.pd, engine, prefill_prompt.as_deref(), &mut generation, output).await
 }
 
 fn refuse_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {

@@ -76,9 +76,8 @@ impl Generation {
     pub async fn next(&mut self) -> Option<Event> {
         loop {
             let event = self.sources.next().await;
-            if let Some(lease) = &mut self.lease {
-                lease.release();
-            }
+            // The engine has imported the KV by its first event: dropping releases the lease.
+            drop(self.lease.take());
             match event {
                 Some(SourceEvent::Delta(source, mut delta)) => {
                     self.observer.on_tokens(delta.token_ids.len());

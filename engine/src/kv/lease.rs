@@ -21,8 +21,9 @@ pub struct LeaseTable {
 }
 
 impl LeaseTable {
-    /// `salt` makes ids unguessable-ish and distinct across restarts of one engine (a stale
-    /// id from a previous process then misses instead of freeing someone else's blocks).
+    /// `salt` makes ids distinct across restarts of one engine, so a stale id from a
+    /// previous process misses instead of freeing someone else's blocks. Ids are not
+    /// secrets: whoever reaches the engine's port can free a lease.
     pub fn new(ttl: Duration, salt: u64) -> Self {
         Self { leases: HashMap::new(), ttl, next_id: salt | 1 }
     }

@@ -54,11 +54,6 @@ pub fn prompt_hash(tokens: &[u32]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(tokens)))
 }
 
-pub fn kv_layout(info: &ModelInfo) -> KvLayout {
-    let l = &info.kv_layout;
-    KvLayout { layers: l.num_layers, kv_heads: l.kv_heads, head_dim: l.head_dim, block_size: l.block_size, dtype: l.dtype.name().to_string() }
-}
-
 impl MigrationDescriptor {
     pub fn new(from: &PrefillEndpoint, info: &ModelInfo, prompt: &[u32], first_token: TokenLogprob, handoff: KvHandoff) -> Self {
         let remaining = handoff.expires_at.saturating_duration_since(std::time::Instant::now());
@@ -66,7 +61,7 @@ impl MigrationDescriptor {
             version: DESCRIPTOR_VERSION,
             engine_id: from.engine_id.clone(),
             model: from.model.clone(),
-            kv_layout: kv_layout(info),
+            kv_layout: KvLayout::from(&info.kv_layout),
             prompt_tokens: prompt.len(),
             prompt_hash: prompt_hash(prompt),
             first_token,
@@ -89,7 +84,7 @@ impl MigrationDescriptor {
         if self.model != served_model {
             return Err(mismatch(format!("the KV was computed for model {:?}, this engine serves {served_model:?}", self.model)));
         }
-        let local = kv_layout(info);
+        let local = KvLayout::from(&info.kv_layout);
         if self.kv_layout != local {
             return Err(mismatch(format!("prefill's KV layout {:?} differs from this engine's {local:?}", self.kv_layout)));
         }

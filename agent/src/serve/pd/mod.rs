@@ -26,7 +26,7 @@ use crate::openai::ApiError;
 
 pub use descriptor::PrefillEndpoint;
 pub use free::free_lease;
-pub use handoff::{descriptor, with_kv_params, Handoff};
+pub use handoff::{answer, Handoff};
 use import::import_kv;
 pub use params::KvParams;
 pub use release::LeaseRelease;
