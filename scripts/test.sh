@@ -13,7 +13,9 @@ passed=0; failed=0
 run_part() {
   local name=$1; shift
   echo "=== $name"
+  local start=$SECONDS
   if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $name"; fi
+  echo "=== $name: $((SECONDS - start)) s"
 }
 
 run_part "cargo test --workspace" cargo test --workspace --no-fail-fast

@@ -3,7 +3,6 @@
 //! failed transfer is a clean HTTP error the router can retry elsewhere.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use dlengine_cli::KvTransport;
 use dlengine_engine::engine::Engine;
@@ -34,8 +33,10 @@ pub async fn import_kv(
         Transport::CudaIpc(peer) => KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks: descriptor.blocks.clone() },
         Transport::Tcp(addr) => {
             let expected = descriptor.blocks.len() * engine.info().kv_layout.bytes_per_block();
-            let lease_left = Duration::from_millis(descriptor.lease_expires_ms.saturating_sub(crate::openai::ids::unix_now_ms()));
-            let bytes = tcp::pull(addr, &descriptor.lease_id, expected, lease_left.min(PULL_TIMEOUT)).await.map_err(|e| transfer_failed(format!("{e:#}")))?;
+            // Prefill's own clock decides whether the lease is still valid (it answers
+            // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry
+            // would trust two clocks to agree and race an already-expired lease.
+            let bytes = tcp::pull(addr, &descriptor.lease_id, expected, PULL_TIMEOUT).await.map_err(|e| transfer_failed(format!("{e:#}")))?;
             release.release();
             KvSource::Host(Arc::new(KvPayload { num_blocks: descriptor.blocks.len(), bytes }))
         }
