@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use dlengine_cli::RouterArgs;
 use dlengine_registry::{discovery_prefix, Discovery, DiscoveryConfig, DiscoveryHandle, EtcdConfig};
 use tokio::net::TcpListener;
@@ -49,6 +50,11 @@ pub async fn run_with_config(config: RouterConfig, listener: TcpListener, shutdo
     tracing::info!(%address, policy = policy.name(), etcd = ?config.etcd_endpoints, "router listening");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Without TCP_NODELAY a streamed chunk written right after the response headers waits
+    // for their ACK, which a keep-alive client delays by up to 40 ms.
+    let listener = listener.tap_io(|socket| {
+        let _ = socket.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop_rx.await;
     });

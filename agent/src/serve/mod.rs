@@ -37,6 +37,7 @@ mod stream_options;
 use anyhow::Context;
 use dlengine_cli::ServeArgs;
 
+use axum::serve::ListenerExt;
 use chat_setup::ChatSetup;
 use state::{AppState, Ready};
 
@@ -48,6 +49,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let app = routes::router(state.clone());
     let mut server = tokio::spawn(async move {
+        // Without TCP_NODELAY a streamed token written right after the response headers
+        // waits for their ACK, which a keep-alive client delays by up to 40 ms.
+        let listener = listener.tap_io(|socket| {
+            let _ = socket.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = http_stopped.await;
