@@ -234,7 +234,8 @@ impl EngineCore {
 
     /// Starts the imported requests that fit, in arrival order: blocks are allocated, the
     /// KV is written into them, and the first token (prefill's) is emitted.
-    fn admit_imports(&mut self, events: &mut Vec<StepEvent>) {
+    fn admit_imports(&mut self, events: &mut Vec<StepEvent>) -> bool {
+        let mut admitted = false;
         while self.pending_imports.front().is_some_and(|p| self.can_admit(p)) {
             let import = self.pending_imports.pop_front().expect("checked front");
             let key = import.key;
@@ -248,7 +249,9 @@ impl EngineCore {
             if let Some(req) = self.requests.get_mut(&key) {
                 req.started = true;
             }
+            admitted = true;
         }
+        admitted
     }
 
     fn import_kv(&mut self, import: PendingImport, events: &mut Vec<StepEvent>) -> Result<(), String> {
@@ -364,7 +367,11 @@ impl EngineCore {
     pub fn step(&mut self) -> Vec<StepEvent> {
         self.expire_leases();
         let mut events = Vec::new();
-        self.admit_imports(&mut events);
+        // An imported request's first token is prefill's and is ready now: hand it out
+        // before running a forward, which would add a whole step to the time to first token.
+        if self.admit_imports(&mut events) {
+            return events;
+        }
         let out = self.scheduler.schedule();
         for &(seq, cached_tokens) in &out.started {
             let Some(&(key, _)) = self.owner.get(&seq) else { continue };

@@ -134,3 +134,22 @@ fn a_payload_of_the_wrong_size_fails_the_request_and_frees_its_blocks() {
     assert_eq!(decode.stats().kv_blocks_used, 0);
     assert!(!decode.has_work());
 }
+
+#[test]
+fn an_imported_requests_first_token_goes_out_before_any_forward() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let prompt = [5, 6, 7, 8, 9, 10];
+    prefill.add_request(1, request(&prompt, &greedy(4), KvTransfer::Export));
+    let (first, logprobs, handoff) = drive(&mut prefill, 1);
+    let handoff = handoff.expect("handed off");
+    let layers = decode.info().kv_layout.num_layers;
+    let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
+    let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
+    let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
+    decode.add_request(2, request(&prompt, &greedy(4), KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
+    let events = decode.step();
+    let tokens: Vec<u32> = events.iter().filter_map(|e| if let StepEvent::Token { event, .. } = e { Some(event.tokens.clone()) } else { None }).flatten().collect();
+    assert_eq!(tokens, vec![first[0]], "the first step hands out prefill's token");
+    assert_eq!(decode.stats().steps, 0, "and runs no forward for it");
+    assert_eq!(drive(&mut decode, 2).0.len(), 3, "the rest follows");
+}
