@@ -4,11 +4,13 @@ Starts an aggregated engine on GPU 0 as the reference, then a prefill engine on 
 and a decode engine on GPU 1 (separate processes; KV over CUDA IPC, then over TCP), and
 reports: whether greedy outputs through prefill -> decode equal the aggregated ones, the
 KV import bandwidth decode logged against a peer copy of the same bytes measured here
-with torch, and the TTFT disaggregation adds at several prompt lengths.
+with torch, and the TTFT disaggregation adds at several prompt lengths (client-side, over kept-alive HTTP
+connections, as a router holds them).
 
 usage: pd_bench.py MODEL_DIR DLENGINE_BIN OUT_JSON
 """
 
+import http.client
 import json
 import os
 import re
@@ -24,29 +26,37 @@ LENGTHS = [1024, 4096, 16384]
 REPEATS = 5
 
 
+CONNECTIONS = {}
+
+
+class HTTPError(Exception):
+    pass
+
+
 def post(port, body):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                 {"content-type": "application/json"})
-    return urllib.request.urlopen(req, timeout=300)
+    """POSTs to /v1/completions over a kept-alive connection (as a router holds them)."""
+    conn = CONNECTIONS.setdefault(port, http.client.HTTPConnection("127.0.0.1", port, timeout=300))
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise HTTPError(f"HTTP {r.status}: {r.read().decode()}")
+    return r
 
 
 def post_json(port, body):
-    try:
-        with post(port, body) as r:
-            return json.load(r)
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"HTTP {e.code}: {e.read().decode()}")
+    r = post(port, body)
+    return json.loads(r.read())
 
 
 def first_chunk_seconds(port, body):
     """Seconds until the first SSE data line of a streamed request."""
     start = time.perf_counter()
-    with post(port, dict(body, stream=True)) as r:
-        for line in r:
-            if line.startswith(b"data: {"):
-                elapsed = time.perf_counter() - start
-                r.read()
-                return elapsed
+    r = post(port, dict(body, stream=True))
+    while line := r.readline():
+        if line.startswith(b"data: {"):
+            elapsed = time.perf_counter() - start
+            r.read()
+            return elapsed
     raise RuntimeError("no data chunk")
 
 
@@ -122,6 +132,7 @@ checks = [(prompt(n, s), 32) for s, n in enumerate([7, 100, 1000, 3000])]
 reference = [post_json(8201, greedy(p, m))["choices"][0]["text"] for p, m in checks]
 result["aggregated_ttft_ms"] = {n: 1e3 * median_of(lambda: first_chunk_seconds(8201, greedy(prompt(n, 1), 2))) for n in LENGTHS}
 agg.terminate(), agg.wait()
+CONNECTIONS.clear()
 
 for transport in ["cuda-ipc", "tcp"]:
     pre = start("prefill", 8202, ["--cuda-device", "0", "--mode", "prefill"])
@@ -136,6 +147,7 @@ for transport in ["cuda-ipc", "tcp"]:
     result[transport] = r
     for p in (pre, dec):
         p.terminate(), p.wait()
+    CONNECTIONS.clear()
     print(json.dumps({transport: r}, indent=1), flush=True)
 
 largest = max(result["cuda-ipc"]["imports"], key=lambda x: x.get("bytes", 0), default=None)

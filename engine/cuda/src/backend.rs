@@ -18,8 +18,8 @@ use crate::device::Device;
 use crate::error::{op_error, OpContext, Result};
 use crate::gemm::Gemm;
 use crate::graphs::{ladder, Graphs};
-use crate::kv_io::PeerCaches;
-use crate::kernels::{Compiler, Module, ELEMENTWISE, GEMV, KV_CACHE, SAMPLING};
+use crate::kv_io::KvIo;
+use crate::kernels::{Compiler, Module, ELEMENTWISE, GEMV, KV_CACHE, KV_TRANSFER, SAMPLING};
 use crate::launch::{launch, Arg, Launch};
 use crate::memory::{DeviceBuffer, Pool};
 use crate::sampling::Sampler;
@@ -77,9 +77,9 @@ pub(crate) struct KvCache {
 
 pub struct CudaBackend {
     config: CudaConfig,
-    /// Peer KV caches mapped over CUDA IPC; declared before `device` so they are unmapped
-    /// while the context still exists.
-    pub(crate) peers: PeerCaches,
+    /// KV block I/O state (peer caches mapped over CUDA IPC, staging); declared before
+    /// `device` so it is released while the context still exists.
+    pub(crate) kv_io: KvIo,
     pub(crate) device: Device,
     compiler: Compiler,
     k: ElementwiseKernels,
@@ -114,6 +114,7 @@ impl CudaBackend {
         let kv = compiler.load(KV_CACHE, &[])?;
         let gemv = compiler.load(GEMV, &[])?;
         let sampling = compiler.load(SAMPLING, &[])?;
+        let kv_io = KvIo::new(&compiler.load(KV_TRANSFER, &[])?)?;
         let k = ElementwiseKernels::new(&elementwise, &kv)?;
         let gemm = Gemm::new(device.stream, &gemv, device.info.multiprocessors)?;
         let sampler =
@@ -132,7 +133,7 @@ impl CudaBackend {
             graphs: Graphs::default(),
             timer: StepTimer::new()?,
             weight_bytes: 0,
-            peers: PeerCaches::default(),
+            kv_io,
             device,
         })
     }

@@ -43,6 +43,9 @@ pub const ATTENTION: Source = Source {
     kernels: &["decode_attention", "decode_reduce", "prefill_attention"],
 };
 
+pub const KV_TRANSFER: Source =
+    Source { name: "kv_transfer", code: include_str!("../../../kernels/kv_transfer.cu"), kernels: &["copy_chunks"] };
+
 /// A loaded module and its functions by name. Modules are never unloaded: kernels live
 /// as long as the process.
 pub struct Module {
@@ -214,7 +217,7 @@ mod tests {
                 assert!(ptx.contains(&format!(".entry {k}(")), "{}.cu defines no kernel `{k}`", src.name);
             }
         };
-        for src in [ELEMENTWISE, KV_CACHE, GEMV, SAMPLING] {
+        for src in [ELEMENTWISE, KV_CACHE, KV_TRANSFER, GEMV, SAMPLING] {
             check(src, std::slice::from_ref(&arch));
         }
         for (d, g, kv) in [(128, 4, 8), (128, 2, 8), (64, 4, 8), (32, 2, 2), (16, 1, 4), (32, 4, 2)] {

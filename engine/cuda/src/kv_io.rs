@@ -1,23 +1,24 @@
-//! Whole-block KV access for prefill/decode disaggregation: host copies (the TCP path)
-//! and CUDA IPC (the same-node path: a decode process maps the prefill process's KV
-//! buffers and copies blocks device to device, over NVLink between two GPUs).
+//! Whole-block KV access for prefill/decode disaggregation. Every path is one launch of a
+//! chunked copy kernel: gathering blocks into mapped pinned host memory (the TCP path's
+//! send side), scattering them back out of it (receive side), and pulling them straight
+//! from a peer GPU's KV cache mapped over CUDA IPC (the same-node path, over NVLink).
+//! One launch keeps far more bytes in flight than a cuMemcpy per block run, each of which
+//! pays its own latency (thousands of them for a long prompt with scattered blocks).
 
 use std::collections::HashMap;
 use std::ffi::c_char;
 use std::ops::Range;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
+use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUipcMemHandle, CUipcMem_flags_enum};
 use dlengine_engine::backend::KvBlockIo;
 use dlengine_engine::kv_transfer::CudaIpcKv;
 
 use crate::backend::CudaBackend;
 use crate::error::{op_error, OpContext, Result};
-
-/// Runs of consecutive blocks, as (first, first, length).
-fn block_runs(blocks: &[u32]) -> Vec<(u32, u32, u32)> {
-    runs(&blocks.iter().map(|&b| (b, b)).collect::<Vec<_>>())
-}
+use crate::kernels::Module;
+use crate::launch::{launch, Arg, Launch};
+use crate::memory::{DeviceBuffer, PinnedBuffer};
 
 /// Another process's KV buffers mapped into this one: (K, V) base per layer.
 pub(crate) struct PeerCache {
@@ -36,37 +37,49 @@ impl Drop for PeerCache {
     }
 }
 
-/// Mapped peers, keyed by (device, pid, first handle) so a restarted peer is mapped anew,
-/// and the streams peer copies run on.
-#[derive(Default)]
-pub(crate) struct PeerCaches {
+/// What KV block I/O keeps between calls: mapped peers, keyed by (device, pid, first
+/// handle) so a restarted peer is mapped anew; the copy kernel; a device table of copy
+/// chunks and a mapped pinned staging buffer, both grown on demand.
+pub(crate) struct KvIo {
     peers: HashMap<(String, u32, String), PeerCache>,
-    streams: Vec<CUstream>,
+    copy_chunks: CUfunction,
+    chunk_table: Option<DeviceBuffer>,
+    staging: Option<(PinnedBuffer, CUdeviceptr)>,
 }
 
-/// Peer copies in flight at once: one stream leaves NVLink idle between copies of a few
-/// MiB (each pays ~20 µs of latency); four keep it busy.
-const PEER_COPY_STREAMS: usize = 4;
+/// Bytes per copy chunk: small enough that a 1K-token prompt still spreads over every SM,
+/// large enough that the table stays small (a 16K-token prompt of Qwen3-0.6B: ~29K chunks).
+const CHUNK_BYTES: u64 = 64 << 10;
+/// Threads per CTA and CTAs per SM of the copy kernel: 2048 threads per SM, each with four
+/// 16-byte loads in flight, hide NVLink's and PCIe's latency.
+const COPY_THREADS: u32 = 512;
+const COPY_CTAS_PER_SM: u32 = 4;
+/// Host staging is filled this many bytes at a time (at least one layer): a long prompt's
+/// KV is gigabytes, more than is worth pinning.
+const STAGING_BYTES: usize = 64 << 20;
 
-impl PeerCaches {
-    fn streams(&mut self) -> Result<&[CUstream]> {
-        while self.streams.len() < PEER_COPY_STREAMS {
-            let stream = result::stream::create(result::stream::StreamKind::NonBlocking).op("creating a peer-copy stream")?;
-            self.streams.push(stream);
-        }
-        Ok(&self.streams)
+impl KvIo {
+    pub(crate) fn new(kv_transfer: &Module) -> Result<Self> {
+        Ok(Self { peers: HashMap::new(), copy_chunks: kv_transfer.function("copy_chunks")?, chunk_table: None, staging: None })
     }
-}
 
-impl Drop for PeerCaches {
-    fn drop(&mut self) {
-        self.peers.clear(); // unmap before the streams go
-        for &stream in &self.streams {
-            // SAFETY: created by stream::create, destroyed once.
-            unsafe {
-                let _ = result::stream::destroy(stream);
-            }
+    /// A device buffer of at least `bytes`, reused across calls.
+    fn chunk_table(&mut self, bytes: usize) -> Result<CUdeviceptr> {
+        if self.chunk_table.as_ref().is_none_or(|t| t.bytes() < bytes) {
+            self.chunk_table = None; // free the old one first
+            self.chunk_table = Some(DeviceBuffer::new(bytes.next_power_of_two())?);
         }
+        Ok(self.chunk_table.as_ref().expect("just set").ptr())
+    }
+
+    /// Mapped pinned host memory of at least `bytes`, reused across calls.
+    fn staging(&mut self, bytes: usize) -> Result<(&mut PinnedBuffer, CUdeviceptr)> {
+        if self.staging.as_ref().is_none_or(|(b, _)| b.bytes() < bytes) {
+            self.staging = None;
+            self.staging = Some(PinnedBuffer::new_mapped(bytes.next_power_of_two())?);
+        }
+        let (buffer, device) = self.staging.as_mut().expect("just set");
+        Ok((buffer, *device))
     }
 }
 
@@ -80,6 +93,57 @@ fn runs(pairs: &[(u32, u32)]) -> Vec<(u32, u32, u32)> {
         }
     }
     out
+}
+
+/// Runs of consecutive blocks, as (first, first, length).
+fn block_runs(blocks: &[u32]) -> Vec<(u32, u32, u32)> {
+    runs(&blocks.iter().map(|&b| (b, b)).collect::<Vec<_>>())
+}
+
+/// (source, destination, bytes) segments split into chunks of at most CHUNK_BYTES.
+fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
+    let mut chunks = Vec::new();
+    for [src, dst, len] in segments {
+        let mut at = 0;
+        while at < len {
+            let take = CHUNK_BYTES.min(len - at);
+            chunks.push([src + at, dst + at, take]);
+            at += take;
+        }
+    }
+    chunks
+}
+
+/// Segments copying each run of blocks of each (source, destination) buffer pair.
+fn block_segments(buffers: &[(CUdeviceptr, CUdeviceptr)], runs: &[(u32, u32, u32)], block_bytes: u64) -> Vec<[u64; 3]> {
+    let mut out = Vec::with_capacity(buffers.len() * runs.len());
+    for &(src_base, dst_base) in buffers {
+        for &(src, dst, n) in runs {
+            out.push([src_base + src as u64 * block_bytes, dst_base + dst as u64 * block_bytes, n as u64 * block_bytes]);
+        }
+    }
+    out
+}
+
+/// Segments between the blocks of `buffers` (in order) and a packed staging area at
+/// `staging`; `to_staging` says which way.
+fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], block_bytes: u64, staging: u64, to_staging: bool) -> Vec<[u64; 3]> {
+    let runs = block_runs(blocks);
+    let mut at = staging;
+    let mut out = Vec::with_capacity(buffers.len() * runs.len());
+    for &base in buffers {
+        for &(block, _, n) in &runs {
+            let (cache, len) = (base + block as u64 * block_bytes, n as u64 * block_bytes);
+            out.push(if to_staging { [cache, at, len] } else { [at, cache, len] });
+            at += len;
+        }
+    }
+    out
+}
+
+/// Layers per staging round for `blocks` blocks: as many as fit STAGING_BYTES, at least one.
+fn layers_per_round(blocks: usize, block_bytes: usize) -> usize {
+    (STAGING_BYTES / (2 * blocks * block_bytes).max(1)).max(1)
 }
 
 fn handle_to_hex(handle: &CUipcMemHandle) -> String {
@@ -124,9 +188,34 @@ impl CudaBackend {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// The (K, V) base of every layer of this engine's KV cache.
+    fn kv_buffers(&self, op: &'static str) -> Result<Vec<(CUdeviceptr, CUdeviceptr)>> {
+        Ok(self.kv_cache(op)?.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect())
+    }
+
+    /// Copies `segments` with one launch of the chunk-copy kernel on the engine's stream
+    /// (so after the last step that touched these blocks) and waits for it.
+    fn copy_segments(&mut self, op: &'static str, segments: Vec<[u64; 3]>) -> Result<()> {
+        let chunks = chunked(segments);
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        if chunks.iter().any(|c| c.iter().any(|x| x % 16 != 0)) {
+            return Err(op_error(op, "KV blocks are not 16-byte aligned"));
+        }
+        let table = self.kv_io.chunk_table(chunks.len() * 24)?;
+        let stream = self.device.stream;
+        // SAFETY: the table holds `chunks`; the host slice outlives the synchronisation below.
+        unsafe { result::memcpy_htod_async(table, chunks.as_flattened(), stream) }.op(op)?;
+        let ctas = (self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM).min(chunks.len() as u32);
+        launch(op, self.kv_io.copy_chunks, stream, &Launch::new((ctas, 1, 1), COPY_THREADS), vec![Arg::Ptr(table), Arg::I32(chunks.len() as i32)])?;
+        // SAFETY: plain stream synchronisation: callers free or reuse the memory next.
+        unsafe { result::stream::synchronize(stream) }.op(op)
+    }
+
     fn map_peer(&mut self, peer: &CudaIpcKv) -> Result<&PeerCache> {
         let key = (peer.device.clone(), peer.pid, peer.k_handles.first().cloned().unwrap_or_default());
-        if !self.peers.peers.contains_key(&key) {
+        if !self.kv_io.peers.contains_key(&key) {
             let layers = self.kv_cache("CUDA IPC")?.layers.len();
             if peer.k_handles.len() != layers || peer.v_handles.len() != layers {
                 return Err(op_error("CUDA IPC", format!("the peer exports {} layers, this engine has {layers}", peer.k_handles.len())));
@@ -139,33 +228,31 @@ impl CudaBackend {
                 let v = open_handle(v)?;
                 cache.layers.last_mut().expect("just pushed").1 = v;
             }
-            self.peers.peers.insert(key.clone(), cache);
+            self.kv_io.peers.insert(key.clone(), cache);
         }
-        Ok(&self.peers.peers[&key])
+        Ok(&self.kv_io.peers[&key])
     }
+}
+
+/// `layers` in rounds that fit the staging buffer.
+fn rounds(layers: Range<usize>, per_round: usize) -> impl Iterator<Item = Range<usize>> {
+    let end = layers.end;
+    layers.step_by(per_round).map(move |l| l..(l + per_round).min(end))
 }
 
 impl KvBlockIo for CudaBackend {
     fn read_kv_blocks(&mut self, blocks: &[u32], layers: Range<usize>) -> Result<Vec<u8>> {
         self.device.bind()?;
         let block_bytes = self.block_bytes()?;
-        let kv = self.kv_cache("read_kv_blocks")?;
-        let mut out = vec![0u8; layers.len() * 2 * blocks.len() * block_bytes];
-        let mut at = 0;
-        for layer in layers {
-            let (k, v) = &kv.layers[layer];
-            for base in [k.ptr(), v.ptr()] {
-                for (src, _, n) in block_runs(blocks) {
-                    let len = n as usize * block_bytes;
-                    // SAFETY: the run lies inside the layer buffer; `out` outlives the sync below.
-                    unsafe { result::memcpy_dtoh_async(&mut out[at..at + len], base + src as u64 * block_bytes as u64, self.device.stream) }
-                        .op("copying KV blocks to the host")?;
-                    at += len;
-                }
-            }
+        let buffers = self.kv_buffers("read_kv_blocks")?;
+        let mut out = Vec::with_capacity(layers.len() * 2 * blocks.len() * block_bytes);
+        for round in rounds(layers, layers_per_round(blocks.len(), block_bytes)) {
+            let bytes = round.len() * 2 * blocks.len() * block_bytes;
+            let (_, staging) = self.kv_io.staging(bytes)?;
+            let sources: Vec<CUdeviceptr> = buffers[round].iter().flat_map(|&(k, v)| [k, v]).collect();
+            self.copy_segments("copying KV blocks to the host", staging_segments(&sources, blocks, block_bytes as u64, staging, true))?;
+            out.extend_from_slice(&self.kv_io.staging(bytes)?.0.as_slice()[..bytes]);
         }
-        // SAFETY: waits for the copies above before `out` is handed out.
-        unsafe { result::stream::synchronize(self.device.stream) }.op("copying KV blocks to the host")?;
         Ok(out)
     }
 
@@ -176,22 +263,17 @@ impl KvBlockIo for CudaBackend {
         if bytes.len() != expected {
             return Err(op_error("write_kv_blocks", format!("expected {expected} bytes, got {}", bytes.len())));
         }
-        let kv = self.kv_cache("write_kv_blocks")?;
+        let buffers = self.kv_buffers("write_kv_blocks")?;
         let mut at = 0;
-        for layer in layers {
-            let (k, v) = &kv.layers[layer];
-            for base in [k.ptr(), v.ptr()] {
-                for (dst, _, n) in block_runs(blocks) {
-                    let len = n as usize * block_bytes;
-                    // SAFETY: the run lies inside the layer buffer; `bytes` outlives the sync below.
-                    unsafe { result::memcpy_htod_async(base + dst as u64 * block_bytes as u64, &bytes[at..at + len], self.device.stream) }
-                        .op("copying KV blocks from the host")?;
-                    at += len;
-                }
-            }
+        for round in rounds(layers, layers_per_round(blocks.len(), block_bytes)) {
+            let len = round.len() * 2 * blocks.len() * block_bytes;
+            let (host, staging) = self.kv_io.staging(len)?;
+            host.as_mut_slice()[..len].copy_from_slice(&bytes[at..at + len]);
+            at += len;
+            let targets: Vec<CUdeviceptr> = buffers[round].iter().flat_map(|&(k, v)| [k, v]).collect();
+            self.copy_segments("copying KV blocks from the host", staging_segments(&targets, blocks, block_bytes as u64, staging, false))?;
         }
-        // SAFETY: the host source must stay valid until the copies finished.
-        unsafe { result::stream::synchronize(self.device.stream) }.op("copying KV blocks from the host")
+        Ok(())
     }
 
     fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>> {
@@ -215,31 +297,12 @@ impl KvBlockIo for CudaBackend {
             return Err(op_error("CUDA IPC", "the peer runs on this same GPU; CUDA IPC needs two devices"));
         }
         let block_bytes = self.block_bytes()? as u64;
-        // Freshly allocated local blocks may have been read by the last step: let it end.
-        self.device.synchronize()?;
-        let local: Vec<(CUdeviceptr, CUdeviceptr)> =
-            self.kv_cache("copy_kv_from_peer")?.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect();
+        let local = self.kv_buffers("copy_kv_from_peer")?;
         let remote = self.map_peer(peer)?.layers.clone();
-        let streams = self.peers.streams()?.to_vec();
-        let runs = runs(pairs);
-        let copies = remote.into_iter().zip(local).flat_map(|((rk, rv), (lk, lv))| [(rk, lk), (rv, lv)]);
-        for (i, (src_base, dst_base)) in copies.enumerate() {
-            let stream = streams[i % streams.len()];
-            for &(src, dst, n) in &runs {
-                // SAFETY: both runs lie inside their layer buffers (the peer's layout was
-                // checked equal to ours before the request was admitted).
-                unsafe {
-                    result::memcpy_dtod_async(dst_base + dst as u64 * block_bytes, src_base + src as u64 * block_bytes, (n as u64 * block_bytes) as usize, stream)
-                }
-                .op("copying KV blocks from a peer device")?;
-            }
-        }
-        // The peer frees its blocks once we return: the copies must have landed.
-        for stream in streams {
-            // SAFETY: plain stream synchronisation.
-            unsafe { result::stream::synchronize(stream) }.op("copying KV blocks from a peer device")?;
-        }
-        Ok(())
+        let buffers: Vec<(CUdeviceptr, CUdeviceptr)> =
+            remote.into_iter().zip(local).flat_map(|((rk, rv), (lk, lv))| [(rk, lk), (rv, lv)]).collect();
+        // The peer frees its blocks once we return: copy_segments waits for the copy.
+        self.copy_segments("copying KV blocks from a peer device", block_segments(&buffers, &runs(pairs), block_bytes))
     }
 }
 
@@ -251,6 +314,39 @@ mod tests {
     fn consecutive_pairs_coalesce_into_runs() {
         assert_eq!(runs(&[(4, 10), (5, 11), (6, 12), (9, 13), (10, 20)]), vec![(4, 10, 3), (9, 13, 1), (10, 20, 1)]);
         assert!(runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn copy_chunks_cover_every_run_of_every_buffer_once() {
+        let buffers = [(1 << 40, 2 << 40), (3 << 40, 4 << 40)];
+        let block = 48 << 10; // a run of 3 blocks is 144 KiB: chunks of 64 + 64 + 16 KiB
+        let chunks = chunked(block_segments(&buffers, &[(2, 5, 3), (9, 0, 1)], block));
+        assert_eq!(chunks.len(), 2 * (3 + 1));
+        assert_eq!(chunks[0], [(1 << 40) + 2 * block, (2 << 40) + 5 * block, CHUNK_BYTES]);
+        assert_eq!(chunks[2][2], 3 * block - 2 * CHUNK_BYTES);
+        assert_eq!(chunks[3], [(1 << 40) + 9 * block, 2 << 40, block]);
+        let total: u64 = chunks.iter().map(|c| c[2]).sum();
+        assert_eq!(total, 2 * 4 * block);
+        assert!(chunks.iter().all(|c| c[2] <= CHUNK_BYTES && c[2] > 0));
+    }
+
+    #[test]
+    fn staging_packs_layers_then_runs_back_to_back_both_ways() {
+        let block = 1024;
+        let out = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], block, 7 << 40, true);
+        let expected = [[(1 << 30) + 3 * block, 7 << 40, 2 * block], [(1 << 30) + 8 * block, (7 << 40) + 2 * block, block]];
+        assert_eq!(out[..2], expected);
+        assert_eq!(out[2], [(2 << 30) + 3 * block, (7 << 40) + 3 * block, 2 * block]);
+        let back = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], block, 7 << 40, false);
+        assert!(out.iter().zip(&back).all(|(a, b)| a[0] == b[1] && a[1] == b[0] && a[2] == b[2]));
+    }
+
+    #[test]
+    fn staging_rounds_cover_the_layers_and_fit_the_buffer() {
+        let per = layers_per_round(256, 32 << 10); // 16 MiB a layer: 4 per round
+        assert_eq!(per, 4);
+        assert_eq!(rounds(0..10, per).collect::<Vec<_>>(), vec![0..4, 4..8, 8..10]);
+        assert_eq!(layers_per_round(1 << 20, 32 << 10), 1, "a layer larger than the buffer still goes, alone");
     }
 
     #[test]

@@ -15,7 +15,10 @@ use dlengine_cuda::{probe, CudaBackend, CudaConfig};
 use dlengine_engine::backend::cpu::CpuBackend;
 use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
-use dlengine_engine::request::GenerateRequest;
+use std::sync::Arc;
+
+use dlengine_engine::kv_transfer::{ImportedKv, KvPayload, KvSource, KvTransfer};
+use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
 
 const MODELS: [&str; 4] = ["qwen3-tiny", "qwen3-tiny-mha", "llama-tiny", "llama-tiny-tied"];
@@ -222,4 +225,54 @@ fn seeded_sampling_on_the_gpu_reproduces_and_top_k_one_is_greedy() {
     assert_ne!(a, run(SamplingParams { seed: Some(8), ..sampled.clone() }), "another seed, other tokens");
     let greedy = run(SamplingParams { temperature: 0.0, seed: None, ..sampled.clone() });
     assert_eq!(greedy, run(SamplingParams { top_k: 1, ..sampled }), "top_k = 1 is greedy");
+}
+
+#[test]
+fn kv_handed_off_through_host_memory_continues_as_one_engine_would() {
+    if !gpu_available() {
+        return;
+    }
+    let name = "qwen3-tiny";
+    // Small blocks and a small step budget: the prompts prefill together, so each one's
+    // blocks interleave with the others' and the copies cover scattered runs.
+    let config = EngineConfig { block_size: 4, max_num_batched_tokens: 7, ..fixed_pool() };
+    let p = prompts(name);
+    let baseline = greedy_with_margins(&mut cuda_core(name, config.clone(), true), &p);
+    let (mut prefill, mut decode) = (cuda_core(name, config.clone(), true), cuda_core(name, config, true));
+    let params = SamplingParams { temperature: 0.0, max_tokens: STEPS, ignore_eos: true, logprobs: Some(2), ..Default::default() };
+    let request = |i: usize, kv_transfer| GenerateRequest { request_id: i.to_string(), prompt_token_ids: p[i].clone(), params: params.clone(), kv_transfer };
+    for i in 0..p.len() {
+        prefill.add_request(i as u64, request(i, KvTransfer::Export));
+    }
+    let mut firsts: Vec<Option<(TokenLogprob, dlengine_engine::kv_transfer::KvHandoff)>> = vec![None; p.len()];
+    while prefill.has_work() {
+        for e in prefill.step() {
+            if let StepEvent::Token { key, event, .. } = e {
+                firsts[key as usize] = Some((event.logprobs[0].clone(), event.handoff.expect("handed off after the first token")));
+            }
+        }
+    }
+    let layers = decode.info().kv_layout.num_layers;
+    for (i, first) in firsts.into_iter().enumerate() {
+        let (first_token, handoff) = first.expect("every prompt prefilled");
+        let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
+        assert!(prefill.free_lease(handoff.lease_id));
+        let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
+        decode.add_request(i as u64, request(i, KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
+    }
+    let mut got = vec![Vec::new(); p.len()];
+    while decode.has_work() {
+        for e in decode.step() {
+            match e {
+                StepEvent::Token { key, event, .. } => got[key as usize].extend(event.tokens),
+                StepEvent::Failed { message, .. } => panic!("{message}"),
+                StepEvent::Started { .. } => {}
+            }
+        }
+    }
+    for (i, (w, g)) in baseline.iter().zip(&got).enumerate() {
+        assert_eq!(g.len(), STEPS, "prompt {i}");
+        agree_where_margins_allow(&format!("{name} handed-off prompt {i}"), w, g).unwrap();
+    }
+    assert_eq!(prefill.stats().kv_blocks_used + decode.stats().kv_blocks_used, 0, "blocks leaked");
 }
