@@ -1,10 +1,11 @@
-// y[n, m] = x[n, k] . W[m, k]^T for a handful of rows (decode at small batch), where the
-// weight read dominates. A persistent grid (a few blocks per SM): each block stages its
-// input rows in shared memory once (the inner loop then reads x from shared memory while
-// weights stream from HBM, bypassing L1), and its warps walk the output columns, one
-// column at a time, with 16-byte weight loads, UNROLL in flight per lane, f32
-// accumulation. Specialised for 1, 2, 4 or 8 input rows (ROWS >= n). Requires k % 8 == 0;
-// dynamic shared memory holds n * k bf16.
+// y[n, m] = x[n, k] . W[m, k]^T for one row (batch-1 decode), where the weight read
+// dominates. A persistent grid (a few blocks per SM): each block stages its input row in
+// shared memory once (the inner loop then reads x from shared memory while weights stream
+// from HBM, bypassing L1), and its warps walk the output columns, one column at a time,
+// with 16-byte weight loads, UNROLL in flight per lane, f32 accumulation. The template
+// takes up to ROWS rows, but only ROWS = 1 is built: instances for 2, 4 and 8 rows were
+// slower than cuBLAS (each weight vector re-read every row from shared memory; see
+// engine/cuda/src/gemm.rs). Requires k % 8 == 0; dynamic shared memory holds n * k bf16.
 //
 // gemv_add_rms fuses the residual add and RMSNorm that precede a projection in a
 // pre-norm decoder: every block computes s = residual + delta and RMSNorm(s) for its own
@@ -12,7 +13,6 @@
 // different buffer than it reads so no block sees a half-updated residual.
 #include "common.cuh"
 
-#define GEMV_MAX_ROWS 8
 #define WARPS 8
 #define UNROLL 8
 
@@ -116,6 +116,3 @@ DEVICE void stage_add_rms(const bf16* __restrict__ delta, const bf16* __restrict
   }
 
 GEMV_KERNELS(1)
-GEMV_KERNELS(2)
-GEMV_KERNELS(4)
-GEMV_KERNELS(8)

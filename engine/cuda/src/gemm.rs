@@ -1,6 +1,6 @@
-//! Matrix products `y = x · wᵀ` (weights in Hugging Face layout [m, k]): our GEMV kernels
-//! for a handful of rows (decode at small batch is a pure weight read), cuBLAS in bf16
-//! with f32 accumulation otherwise.
+//! Matrix products `y = x · wᵀ` (weights in Hugging Face layout [m, k]): our GEMV kernel
+//! for a single row (batch-1 decode is a pure weight read), cuBLAS in bf16 with f32
+//! accumulation otherwise.
 
 use std::ffi::c_void;
 
@@ -13,9 +13,11 @@ use crate::launch::{launch, Arg, Launch};
 use crate::kernels::Module;
 use crate::memory::DeviceBuffer;
 
-/// Rows up to which the GEMV kernels beat cuBLAS (specialised for 1, 2, 4 and 8 rows).
-pub const GEMV_MAX_ROWS: usize = 8;
-const GEMV_ROW_VARIANTS: [usize; 4] = [1, 2, 4, 8];
+/// Rows up to which the GEMV kernels beat cuBLAS. Variants for 2, 4 and 8 rows lost to it:
+/// Qwen3-8B decode TPOT at batch 2/4/8 was 6.6/11.7/19.2 ms with them, 5.4/5.5/6.0 ms with
+/// cuBLAS (one run on an H200, 2026-11-21): every weight vector re-read 8 rows of input
+/// from shared memory, which bounded them below the memory bandwidth.
+pub const GEMV_MAX_ROWS: usize = 1;
 /// Resident GEMV blocks per SM in the persistent grid.
 const GEMV_BLOCKS_PER_SM: usize = 4;
 /// Shared memory the GEMV kernels may stage their input rows in.
@@ -26,8 +28,8 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 pub struct Gemm {
     handle: cublasHandle_t,
     _workspace: DeviceBuffer,
-    /// By row variant: (gemv, gemv_add_rms).
-    gemv: [(CUfunction, CUfunction); 4],
+    gemv: CUfunction,
+    gemv_add_rms: CUfunction,
     max_blocks: usize,
 }
 
@@ -36,11 +38,8 @@ unsafe impl Send for Gemm {}
 
 impl Gemm {
     pub fn new(stream: CUstream, module: &Module, multiprocessors: usize) -> Result<Self> {
-        let mut gemv = [(std::ptr::null_mut(), std::ptr::null_mut()); 4];
-        for (slot, rows) in gemv.iter_mut().zip(GEMV_ROW_VARIANTS) {
-            *slot = (module.function(&format!("gemv{rows}"))?, module.function(&format!("gemv_add_rms{rows}"))?);
-        }
-        for f in gemv.iter().flat_map(|(a, b)| [*a, *b]) {
+        let (gemv, gemv_add_rms) = (module.function("gemv1")?, module.function("gemv_add_rms1")?);
+        for f in [gemv, gemv_add_rms] {
             // SAFETY: valid function handles; raising their dynamic shared memory limit.
             unsafe {
                 cudarc::driver::result::function::set_function_attribute(
@@ -61,18 +60,12 @@ impl Gemm {
                 .result()
                 .op("cublasSetWorkspace")?;
         }
-        Ok(Self { handle, _workspace: workspace, gemv, max_blocks: multiprocessors * GEMV_BLOCKS_PER_SM })
+        Ok(Self { handle, _workspace: workspace, gemv, gemv_add_rms, max_blocks: multiprocessors * GEMV_BLOCKS_PER_SM })
     }
 
     /// Whether the GEMV kernels take `n` input rows of `k` columns (staged in shared memory).
     pub fn gemv_fits(n: usize, k: usize) -> bool {
         n <= GEMV_MAX_ROWS && k % 8 == 0 && n * k * 2 <= GEMV_SMEM_MAX
-    }
-
-    /// The kernels specialised for the fewest rows >= n.
-    fn variant(&self, n: usize) -> (CUfunction, CUfunction) {
-        let i = GEMV_ROW_VARIANTS.iter().position(|&r| r >= n).unwrap_or(GEMV_ROW_VARIANTS.len() - 1);
-        self.gemv[i]
     }
 
     fn gemv_launch(&self, n: usize, k: usize, m: usize) -> Launch {
@@ -109,7 +102,7 @@ impl Gemm {
             Arg::I32(k as i32),
             Arg::I32(m as i32),
         ];
-        launch("gemv_add_rms", self.variant(n).1, stream, &self.gemv_launch(n, k, m), args)
+        launch("gemv_add_rms", self.gemv_add_rms, stream, &self.gemv_launch(n, k, m), args)
     }
 
     /// y[n, m] = x[n, k] · w[m, k]ᵀ, all bf16 row-major.
@@ -117,7 +110,7 @@ impl Gemm {
     pub fn linear(&self, stream: CUstream, x: u64, w: u64, y: u64, n: usize, k: usize, m: usize) -> Result<()> {
         if Self::gemv_fits(n, k) {
             let args = vec![Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(m as i32)];
-            return launch("gemv", self.variant(n).0, stream, &self.gemv_launch(n, k, m), args);
+            return launch("gemv", self.gemv, stream, &self.gemv_launch(n, k, m), args);
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
         // Column-major view: y (m x n) = op(w) (m x k) · x (k x n), with w stored k x m.

@@ -33,7 +33,7 @@ pub const KV_CACHE: Source =
 pub const GEMV: Source = Source {
     name: "gemv",
     code: include_str!("../../../kernels/gemv.cu"),
-    kernels: &["gemv1", "gemv2", "gemv4", "gemv8", "gemv_add_rms1", "gemv_add_rms2", "gemv_add_rms4", "gemv_add_rms8"],
+    kernels: &["gemv1", "gemv_add_rms1"],
 };
 pub const SAMPLING: Source =
     Source { name: "sampling", code: include_str!("../../../kernels/sampling.cu"), kernels: &["sample", "logprobs", "adjust_logits"] };
