@@ -275,21 +275,25 @@ fn engine_loop(
         if !running {
             break;
         }
-        if core.has_work() || core.next_deadline().is_some_and(|d| d <= std::time::Instant::now()) {
-            let events = core.step();
-            deliver(events, &mut streams, &queued);
-        }
-        let mut snapshot = core.stats();
-        if let Some(device) = core.device_time() {
-            snapshot.device_busy_ms = device.busy_ms;
-            snapshot.device_idle_between_steps_ms = device.idle_between_steps_ms;
-        }
-        *stats.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        let due = core.has_work() || core.next_deadline().is_some_and(|d| d <= std::time::Instant::now());
+        let events = if due { core.step() } else { Vec::new() };
+        // Stats first: whoever sees an event, then reads the stats, sees this step's.
+        publish_stats(&mut core, &stats);
+        deliver(events, &mut streams, &queued);
     }
     for (key, tx) in streams.drain() {
         core.abort(key);
         let _ = tx.send(RequestEvent::Failed("the engine shut down".into()));
     }
+}
+
+fn publish_stats(core: &mut EngineCore, stats: &Mutex<EngineStats>) {
+    let mut snapshot = core.stats();
+    if let Some(device) = core.device_time() {
+        snapshot.device_busy_ms = device.busy_ms;
+        snapshot.device_idle_between_steps_ms = device.idle_between_steps_ms;
+    }
+    *stats.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
 }
 
 /// Sleeps until a command arrives or `deadline` passes (None: a timeout, not a command).
