@@ -21,6 +21,9 @@ pub mod env {
     pub const REVISION: &str = "DLENGINE_REVISION";
     pub const ETCD_ENDPOINTS: &str = "DLENGINE_ETCD_ENDPOINTS";
     pub const ADVERTISE_URL: &str = "DLENGINE_ADVERTISE_URL";
+    pub const ETCD_CA_FILE: &str = "DLENGINE_ETCD_CA_FILE";
+    pub const ETCD_CERT_FILE: &str = "DLENGINE_ETCD_CERT_FILE";
+    pub const ETCD_KEY_FILE: &str = "DLENGINE_ETCD_KEY_FILE";
 }
 
 #[derive(Debug, Parser)]
@@ -188,6 +191,23 @@ pub struct RegistryArgs {
     /// Lease time-to-live in seconds.
     #[arg(long, alias = "lease_ttl_secs", default_value_t = 10)]
     pub lease_ttl_secs: i64,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
+}
+
+/// TLS to etcd (https:// endpoints): PEM files, as a Kubernetes TLS secret mounts them
+/// (the operator sets the environment variables when `spec.registry.tlsSecret` is given).
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate that signed etcd's server certificate.
+    #[arg(long, env = env::ETCD_CA_FILE)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate, for an etcd that checks clients (`--client-cert-auth`).
+    #[arg(long, env = env::ETCD_CERT_FILE, requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, env = env::ETCD_KEY_FILE, requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
 }
 
 /// KV migration between prefill and decode engines.
@@ -223,6 +243,8 @@ pub struct RouterArgs {
     #[arg(long, alias = "etcd_endpoints", alias = "ctrl-address", alias = "ctrl_address",
           value_delimiter = ',', env = env::ETCD_ENDPOINTS, required = true)]
     pub etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
     #[arg(long, env = env::NAMESPACE, default_value = "default")]
     pub namespace: String,
     /// Only route to engines of this deployment (default: every deployment in the namespace).

@@ -10,6 +10,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions};
 
 use crate::error::RegistryError;
+use crate::tls::EtcdTls;
 
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
@@ -20,6 +21,7 @@ pub struct EtcdConfig {
     /// HTTP/2 ping interval (a ping unanswered for as long again breaks the connection).
     /// etcd answers pings more frequent than every 5 s with GOAWAY `too_many_pings`.
     pub keep_alive: Duration,
+    pub tls: Option<EtcdTls>,
 }
 
 impl EtcdConfig {
@@ -29,17 +31,25 @@ impl EtcdConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(3),
             keep_alive: Duration::from_secs(6),
+            tls: None,
         }
+    }
+
+    pub fn with_tls(self, tls: Option<EtcdTls>) -> Self {
+        EtcdConfig { tls, ..self }
     }
 
     pub async fn connect(&self) -> Result<Client, RegistryError> {
         if self.endpoints.is_empty() {
             return Err(RegistryError::NoEndpoints);
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(self.keep_alive, self.keep_alive)
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.options());
+        }
         let connect = Client::connect(&self.endpoints, Some(options));
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(client)) => Ok(client),

@@ -25,7 +25,7 @@ pub fn register_engine(
     engine: &Engine,
     transfer: TransferEndpoints,
 ) -> Result<Option<RegistrarHandle>, RegistryError> {
-    let Some(config) = RegistrarConfig::from_args(args) else { return Ok(None) };
+    let Some(config) = RegistrarConfig::from_args(args)? else { return Ok(None) };
     let record = engine_record(identity, model, served_model_name, engine, transfer);
     let engine = engine.clone();
     let load = Arc::new(move || engine_load(&engine));

@@ -1,9 +1,14 @@
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("no etcd endpoints given")]
     NoEndpoints,
+    #[error("etcd TLS: {0}")]
+    Tls(String),
+    #[error("etcd TLS: reading {path}: {source}")]
+    TlsFile { path: PathBuf, source: std::io::Error },
     #[error("invalid registry identity: {what} {value:?} must be a non-empty name without '/'")]
     InvalidSegment { what: &'static str, value: String },
     #[error("connecting to etcd at {endpoints:?}: {source}")]

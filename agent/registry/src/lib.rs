@@ -20,6 +20,7 @@ mod identity;
 mod key;
 mod record;
 mod registrar;
+mod tls;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -35,3 +36,4 @@ pub use record::{
     unix_millis_now, Capacity, KvLayout, Load, PairingKey, Role, TransferEndpoints, WorkerRecord, PROTOCOL_VERSION,
 };
 pub use registrar::{LoadFn, Registrar, RegistrarConfig, RegistrarHandle, RegistrationStatus};
+pub use tls::EtcdTls;

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use dlengine_registry::testing::EtcdServer;
 use dlengine_registry::{
-    discovery_prefix, Capacity, Discovery, DiscoveryConfig, EtcdConfig, KvLayout, Load, Registrar, RegistrarConfig,
+    discovery_prefix, Capacity, Discovery, DiscoveryConfig, EtcdConfig, EtcdTls, KvLayout, Load, Registrar, RegistrarConfig,
     RegistrarHandle, RegistrationStatus, Role, TransferEndpoints, WorkerRecord, WorkerView, PROTOCOL_VERSION,
 };
+use dlengine_cli::EtcdTlsArgs;
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -213,4 +214,31 @@ async fn discovery_keeps_following_after_a_compaction() {
     a.mark_ready();
     wait_view(&mut view, "a appears after compaction", |v| v.len() == 1).await;
     a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_and_discovery_work_over_tls_with_a_client_certificate() {
+    let Some(etcd) = EtcdServer::start_tls_or_skip() else { return };
+    let files = etcd.tls_files().expect("a TLS etcd").clone();
+    let endpoints = vec![etcd.endpoint()];
+    let args = EtcdTlsArgs { etcd_ca_file: Some(files.ca.clone()), etcd_cert_file: Some(files.client_cert), etcd_key_file: Some(files.client_key) };
+    let tls = EtcdTls::from_args(&args, &endpoints).unwrap();
+    let etcd_config = EtcdConfig::new(endpoints.clone()).with_tls(tls);
+    let discovery = Discovery::spawn(DiscoveryConfig { etcd: etcd_config.clone(), prefix: discovery_prefix("test", None) });
+    let mut view = discovery.subscribe();
+    let config = RegistrarConfig { etcd: etcd_config, ..registrar_config(&etcd, 10) };
+    let handle = Registrar::spawn(config, record("a"), fixed_load(Arc::default()));
+    handle.mark_ready();
+    wait_registered(&handle).await;
+    wait_view(&mut view, "the engine, discovered over TLS", |v| v.get(KEY_A).is_some()).await;
+
+    // etcd checks clients: the CA alone is not enough.
+    let ca_only = EtcdTlsArgs { etcd_ca_file: Some(files.ca), ..EtcdTlsArgs::default() };
+    let config = EtcdConfig::new(endpoints).with_tls(EtcdTls::from_args(&ca_only, &[etcd.endpoint()]).unwrap());
+    let refused = match config.connect().await {
+        Err(_) => true,
+        Ok(mut client) => config.call("get", KEY_A, client.get(KEY_A, None)).await.is_err(),
+    };
+    assert!(refused, "etcd served a client without a certificate");
+    handle.shutdown().await;
 }

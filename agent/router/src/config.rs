@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dlengine_cli::{Policy, RouterArgs};
+use dlengine_registry::EtcdTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -15,6 +16,8 @@ pub enum ConfigError {
     RateLimit(f64),
     #[error("--etcd-endpoints is empty")]
     NoEtcd,
+    #[error(transparent)]
+    EtcdTls(#[from] dlengine_registry::RegistryError),
 }
 
 #[derive(Debug, Clone)]
@@ -22,6 +25,7 @@ pub struct RouterConfig {
     pub host: String,
     pub port: u16,
     pub etcd_endpoints: Vec<String>,
+    pub etcd_tls: Option<EtcdTls>,
     pub namespace: String,
     pub deployment: Option<String>,
     pub policy: Policy,
@@ -53,6 +57,7 @@ impl RouterConfig {
         Ok(RouterConfig {
             host: args.host.clone(),
             port: args.port,
+            etcd_tls: EtcdTls::from_args(&args.etcd_tls, &etcd_endpoints)?,
             etcd_endpoints,
             namespace: args.namespace.clone(),
             deployment: args.deployment.clone(),
@@ -92,7 +97,11 @@ mod tests {
     use dlengine_cli::{Cli, Command};
 
     fn parse(extra: &[&str]) -> RouterArgs {
-        let mut argv = vec!["dlengine", "router", "--etcd-endpoints", "http://127.0.0.1:2379"];
+        parse_with_etcd("http://127.0.0.1:2379", extra)
+    }
+
+    fn parse_with_etcd(endpoint: &str, extra: &[&str]) -> RouterArgs {
+        let mut argv = vec!["dlengine", "router", "--etcd-endpoints", endpoint];
         argv.extend_from_slice(extra);
         match Cli::parse_from(argv).command {
             Command::Router(args) => args,
@@ -109,6 +118,17 @@ mod tests {
         std::fs::write(&path, "# nothing\n").unwrap();
         assert!(RouterConfig::from_args(&parse(&["--api-key-file", path.to_str().unwrap()])).is_err());
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn etcd_tls_files_must_match_the_endpoints_scheme() {
+        let ca = std::env::temp_dir().join(format!("router-ca-{}.crt", std::process::id()));
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let err = RouterConfig::from_args(&parse(&["--etcd-ca-file", ca.to_str().unwrap()])).unwrap_err();
+        assert!(err.to_string().contains("must be https://"), "{err}");
+        let https = parse_with_etcd("https://etcd:2379", &["--etcd-ca-file", ca.to_str().unwrap()]);
+        assert!(RouterConfig::from_args(&https).unwrap().etcd_tls.is_some());
+        let _ = std::fs::remove_file(ca);
     }
 
     #[test]

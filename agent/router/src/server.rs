@@ -34,7 +34,7 @@ pub async fn run_with_config(config: RouterConfig, listener: TcpListener, shutdo
     let pool = Arc::new(WorkerPool::new(BreakerPolicy::default()));
     let policy = policy::build(config.policy);
     let discovery = Discovery::spawn(DiscoveryConfig {
-        etcd: EtcdConfig::new(config.etcd_endpoints.clone()),
+        etcd: EtcdConfig::new(config.etcd_endpoints.clone()).with_tls(config.etcd_tls.clone()),
         prefix: discovery_prefix(&config.namespace, config.deployment.as_deref()),
     });
     tokio::spawn(follow_discovery(&discovery, pool.clone(), policy.clone(), metrics.clone()));

@@ -88,6 +88,15 @@ fn cuda_ipc_needs_host_ipc() {
 }
 
 #[test]
+fn an_etcd_tls_secret_needs_https_endpoints() {
+    let mut dep = example(samples::AGGREGATED);
+    dep["spec"]["registry"] = json!({"endpoints": ["http://etcd:2379"], "tlsSecret": "etcd-client"});
+    assert_refused(&dep, "registry.tlsSecret needs https:// endpoints");
+    dep["spec"]["registry"]["endpoints"] = json!(["https://etcd:2379"]);
+    assert!(errors(&dep).is_empty(), "{:?}", errors(&dep));
+}
+
+#[test]
 fn operator_owned_flags_are_refused_in_engine_args() {
     let mut dep = example(samples::AGGREGATED);
     dep["spec"]["roles"][0]["engineArgs"] = json!(["--port", "9000"]);

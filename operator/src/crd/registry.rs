@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 /// bundled etcd, passed to the operator as `--default-etcd-endpoints`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.tlsSecret) || self.endpoints.all(e, e.startsWith('https://'))").message("registry.tlsSecret needs https:// endpoints"))]
 pub struct RegistrySpec {
     /// etcd client URLs, e.g. `https://etcd-0.etcd:2379`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

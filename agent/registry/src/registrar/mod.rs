@@ -17,6 +17,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::connection::EtcdConfig;
+use crate::error::RegistryError;
+use crate::tls::EtcdTls;
 use crate::record::{Load, WorkerRecord};
 
 /// Reads the engine's current load; called from the registrar task about once a second.
@@ -33,20 +35,22 @@ pub struct RegistrarConfig {
 }
 
 impl RegistrarConfig {
-    /// `None` when no etcd endpoints were given: registration is off.
-    pub fn from_args(args: &RegistryArgs) -> Option<RegistrarConfig> {
+    /// `None` when no etcd endpoints were given: registration is off. Fails on TLS
+    /// settings that cannot work (see [`EtcdTls::from_args`]).
+    pub fn from_args(args: &RegistryArgs) -> Result<Option<RegistrarConfig>, RegistryError> {
         let endpoints: Vec<String> = args.etcd_endpoints.iter().filter(|e| !e.trim().is_empty()).cloned().collect();
         if endpoints.is_empty() {
-            return None;
+            return Ok(None);
         }
+        let tls = EtcdTls::from_args(&args.etcd_tls, &endpoints)?;
         // etcd refuses TTLs under its minimum (about 2 s) by raising them; say so up front.
         let ttl_secs = args.lease_ttl_secs.max(2) as u64;
-        Some(RegistrarConfig {
-            etcd: EtcdConfig::new(endpoints),
+        Ok(Some(RegistrarConfig {
+            etcd: EtcdConfig::new(endpoints).with_tls(tls),
             lease_ttl: Duration::from_secs(ttl_secs),
             load_interval: Duration::from_secs(1),
             revoke_timeout: Duration::from_secs(2),
-        })
+        }))
     }
 
     fn keep_alive_interval(&self) -> Duration {

@@ -23,6 +23,7 @@ pub fn config(etcd: &str, policy: Policy) -> RouterConfig {
         host: "127.0.0.1".into(),
         port: 0,
         etcd_endpoints: vec![etcd.into()],
+        etcd_tls: None,
         namespace: "test".into(),
         deployment: None,
         policy,
