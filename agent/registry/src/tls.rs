@@ -11,14 +11,14 @@ use crate::error::RegistryError;
 
 #[derive(Debug, Clone)]
 pub struct EtcdTls {
-    ca: Option<Vec<u8>>,
+    ca: Vec<u8>,
     /// (certificate, key), PEM.
     identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl EtcdTls {
     /// The TLS settings `args` ask for, checked against the endpoints' schemes: TLS needs
-    /// https:// endpoints, and https:// endpoints need at least the CA. `None`: plain HTTP.
+    /// https:// endpoints and the CA file (etcd's CA is private). `None`: plain HTTP.
     pub fn from_args(args: &EtcdTlsArgs, endpoints: &[String]) -> Result<Option<EtcdTls>, RegistryError> {
         let wanted = args.etcd_ca_file.is_some() || args.etcd_cert_file.is_some();
         let https = endpoints.iter().filter(|e| e.starts_with("https://")).count();
@@ -31,7 +31,10 @@ impl EtcdTls {
         if https != endpoints.len() {
             return Err(RegistryError::Tls(format!("etcd TLS files are given, so every endpoint must be https://: {endpoints:?}")));
         }
-        let ca = args.etcd_ca_file.as_deref().map(read).transpose()?;
+        let Some(ca) = &args.etcd_ca_file else {
+            return Err(RegistryError::Tls("a client certificate for etcd needs --etcd-ca-file (DLENGINE_ETCD_CA_FILE) too".into()));
+        };
+        let ca = read(ca)?;
         let identity = match (&args.etcd_cert_file, &args.etcd_key_file) {
             (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
             (None, None) => None,
@@ -41,10 +44,7 @@ impl EtcdTls {
     }
 
     pub(crate) fn options(&self) -> TlsOptions {
-        let mut options = TlsOptions::new();
-        if let Some(ca) = &self.ca {
-            options = options.ca_certificate(Certificate::from_pem(ca));
-        }
+        let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(&self.ca));
         if let Some((cert, key)) = &self.identity {
             options = options.identity(Identity::from_pem(cert, key));
         }
@@ -93,6 +93,8 @@ mod tests {
         let err = EtcdTls::from_args(&args(Some(&not_pem), None, None), &["https://etcd:2379".into()]).unwrap_err();
         assert!(err.to_string().contains("not a PEM file"), "{err}");
         assert!(EtcdTls::from_args(&args(Some(&ca), None, None), &["https://etcd:2379".into()]).unwrap().is_some());
+        let err = EtcdTls::from_args(&args(None, Some(&ca), Some(&ca)), &["https://etcd:2379".into()]).unwrap_err();
+        assert!(err.to_string().contains("needs --etcd-ca-file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
