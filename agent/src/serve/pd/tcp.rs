@@ -1,13 +1,13 @@
 //! The TCP KV transport: works between any two machines, CPU or GPU (GPU KV is staged
 //! through host memory). A decode engine connects to the prefill engine's listener,
-//! names a lease, and receives the lease's blocks a few layers at a time, so reading
-//! (on prefill's engine thread, between steps) overlaps sending.
+//! names a lease, and receives the lease's blocks a few layers at a time; reading the
+//! next layers (on prefill's engine thread, between steps) overlaps sending these.
 //!
 //! Wire format. Request: one line of JSON `{"lease_id": "...", "layers_per_chunk": N}`.
 //! Answer: frames in layer order, each `status: u8` (0 data, 1 error), `len: u64` LE,
 //! then `len` bytes (KV bytes, or a UTF-8 error message that ends the answer).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dlengine_engine::engine::Engine;
@@ -67,13 +67,31 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     };
     let layers = engine.info().kv_layout.num_layers;
     let chunk = request.layers_per_chunk.clamp(1, layers.max(1));
-    for start in (0..layers).step_by(chunk) {
-        match engine.read_lease(lease_id, start..(start + chunk).min(layers)).await {
-            Ok(bytes) => write_frame(&mut socket, FRAME_DATA, &bytes).await?,
+    // The engine thread reads the next layers while this task sends the previous ones.
+    let (tx, mut reads) = tokio::sync::mpsc::channel(1);
+    let reader = engine.clone();
+    tokio::spawn(async move {
+        for start in (0..layers).step_by(chunk) {
+            let read = reader.read_lease(lease_id, start..(start + chunk).min(layers)).await;
+            let failed = read.is_err();
+            if tx.send(read).await.is_err() || failed {
+                break; // the sender gave up, or the lease is gone
+            }
+        }
+    });
+    let (started, mut sent) = (Instant::now(), 0usize);
+    while let Some(read) = reads.recv().await {
+        match read {
+            Ok(bytes) => {
+                write_frame(&mut socket, FRAME_DATA, &bytes).await?;
+                sent += bytes.len();
+            }
             Err(e) => return write_error(&mut socket, &e.to_string()).await,
         }
     }
     socket.shutdown().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(lease_id, bytes = sent, ms = seconds * 1e3, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
     Ok(())
 }
 
@@ -91,9 +109,13 @@ async fn write_error(socket: &mut TcpStream, message: &str) -> anyhow::Result<()
 /// Pulls every layer of a lease from `addr`; fails on any error the other side reports,
 /// a short read, a byte count other than `expected_bytes`, or `timeout`.
 pub async fn pull(addr: &str, lease_id: &str, expected_bytes: usize, timeout: Duration) -> anyhow::Result<Vec<u8>> {
-    tokio::time::timeout(timeout, pull_inner(addr, lease_id, expected_bytes))
+    let started = Instant::now();
+    let bytes = tokio::time::timeout(timeout, pull_inner(addr, lease_id, expected_bytes))
         .await
-        .with_context(|| format!("pulling KV from {addr} took longer than {timeout:?}"))?
+        .with_context(|| format!("pulling KV from {addr} took longer than {timeout:?}"))??;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(%addr, bytes = bytes.len(), ms = seconds * 1e3, gb_per_s = bytes.len() as f64 / seconds / 1e9, "pulled KV over TCP");
+    Ok(bytes)
 }
 
 async fn pull_inner(addr: &str, lease_id: &str, expected_bytes: usize) -> anyhow::Result<Vec<u8>> {
@@ -118,8 +140,11 @@ async fn pull_inner(addr: &str, lease_id: &str, expected_bytes: usize) -> anyhow
             bail!("prefill sent a frame of {len} bytes where at most {room} fit (the descriptor announced {expected_bytes})");
         }
         let start = out.len();
-        out.resize(start + len as usize, 0);
-        socket.read_exact(&mut out[start..]).await.context("reading KV bytes")?;
+        // Appends into spare capacity: no zero-filling of what is about to be overwritten.
+        let read = (&mut socket).take(len).read_to_end(&mut out).await.context("reading KV bytes")?;
+        if read as u64 != len {
+            bail!("the connection closed {} bytes into a frame of {len}", read);
+        }
         if status[0] == FRAME_ERROR {
             bail!("prefill refused the pull: {}", String::from_utf8_lossy(&out[start..]));
         }
