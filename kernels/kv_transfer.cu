@@ -1,8 +1,9 @@
-// Moving KV blocks between GPUs for prefill/decode disaggregation. The source is another
-// process's KV cache, mapped over CUDA IPC with peer access on, so loads travel over
-// NVLink. Driving the copy from the SMs keeps far more bytes in flight than a series of
-// per-layer cuMemcpy calls (each of which pays its own latency), and covers every layer
-// and block of a request in one launch.
+// Moving KV blocks for prefill/decode disaggregation: from another process's KV cache
+// mapped over CUDA IPC with peer access on (loads travel over NVLink), or between the KV
+// cache and mapped pinned host memory (the TCP path's staging, over PCIe). Driving the
+// copy from the SMs keeps far more bytes in flight than a series of cuMemcpy calls (each
+// of which pays its own latency), and covers every layer and block of a request in one
+// launch.
 #include "common.cuh"
 
 // Chunks of at most a few tens of KiB, as (source, destination, bytes) triples; addresses

@@ -18,10 +18,10 @@ run_part() {
   echo "=== $name: $((SECONDS - start)) s"
 }
 
-# One cargo selection for everything, so that nothing is compiled twice with other
-# features; the scripts in tests.d reuse it. The rdma feature builds the RDMA verbs code
-# (no device here: its tests prove it builds, links and fails clearly).
-export DLENGINE_CARGO_SELECTION="--workspace --features dlengine-kv-rdma/rdma"
+# One cargo selection for everything (the scripts in tests.d use it too). The rdma
+# feature builds the RDMA verbs code: no device here, so its tests prove it builds,
+# links and fails clearly.
+source scripts/cargo-selection.sh
 run_part "cargo test $DLENGINE_CARGO_SELECTION" cargo test $DLENGINE_CARGO_SELECTION --no-fail-fast
 for t in scripts/tests.d/*.sh; do
   [ -e "$t" ] || continue

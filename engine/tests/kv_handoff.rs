@@ -45,11 +45,13 @@ fn drive(core: &mut EngineCore, key: u64) -> (Vec<u32>, Vec<TokenLogprob>, Optio
     (tokens, logprobs, handoff)
 }
 
-/// Prefill on one core, the KV copied as bytes, decode on another.
-fn disaggregated(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+/// Prefills `prompt` on `prefill` and submits it to `decode` as request 2 with the KV
+/// copied as bytes. Ok: prefill's first token; Err: the whole output, when prefill
+/// finished the request itself.
+fn hand_over(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> Result<u32, Vec<u32>> {
     prefill.add_request(1, request(prompt, params, KvTransfer::Export));
     let (first, logprobs, handoff) = drive(prefill, 1);
-    let Some(handoff) = handoff else { return first };
+    let Some(handoff) = handoff else { return Err(first) };
     assert_eq!(handoff.num_tokens, prompt.len());
     let layers = decode.info().kv_layout.num_layers;
     let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
@@ -58,7 +60,15 @@ fn disaggregated(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u3
     let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
     let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
     decode.add_request(2, request(prompt, params, KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
-    drive(decode, 2).0
+    Ok(first[0])
+}
+
+/// Prefill on one core, the KV copied as bytes, decode on another.
+fn disaggregated(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+    match hand_over(prefill, decode, prompt, params) {
+        Ok(_) => drive(decode, 2).0,
+        Err(finished) => finished,
+    }
 }
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -138,18 +148,10 @@ fn a_payload_of_the_wrong_size_fails_the_request_and_frees_its_blocks() {
 #[test]
 fn an_imported_requests_first_token_goes_out_before_any_forward() {
     let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
-    let prompt = [5, 6, 7, 8, 9, 10];
-    prefill.add_request(1, request(&prompt, &greedy(4), KvTransfer::Export));
-    let (first, logprobs, handoff) = drive(&mut prefill, 1);
-    let handoff = handoff.expect("handed off");
-    let layers = decode.info().kv_layout.num_layers;
-    let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
-    let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
-    let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
-    decode.add_request(2, request(&prompt, &greedy(4), KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
+    let first = hand_over(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4)).expect("handed off");
     let events = decode.step();
     let tokens: Vec<u32> = events.iter().filter_map(|e| if let StepEvent::Token { event, .. } = e { Some(event.tokens.clone()) } else { None }).flatten().collect();
-    assert_eq!(tokens, vec![first[0]], "the first step hands out prefill's token");
+    assert_eq!(tokens, vec![first], "the first step hands out prefill's token");
     assert_eq!(decode.stats().steps, 0, "and runs no forward for it");
     assert_eq!(drive(&mut decode, 2).0.len(), 3, "the rest follows");
 }

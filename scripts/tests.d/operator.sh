@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 target_dir=${CARGO_TARGET_DIR:-target}
-# The binary the Rust tests built (a no-op after scripts/test.sh: the same selection and
-# features; any other would rebuild much of the dependency tree). Its command line and
-# `crd` output are tested in operator/tests/cli.rs.
-cargo test -q ${DLENGINE_CARGO_SELECTION:---workspace} --no-run
+# The binary the Rust tests built; its command line and `crd` output are tested in
+# operator/tests/cli.rs.
+source scripts/cargo-selection.sh
+build_test_binaries
 operator="$target_dir/debug/dlengine-operator"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

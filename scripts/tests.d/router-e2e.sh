@@ -10,9 +10,8 @@ if ! command -v etcd >/dev/null; then
   echo "router-e2e: etcd is not installed (scripts/install-deps.sh installs etcd-server)" >&2
   exit 1
 fi
-# Build the binary if cargo test did not leave one (a no-op after scripts/test.sh: the
-# same selection and features; any other would rebuild much of the dependency tree).
-cargo test -q ${DLENGINE_CARGO_SELECTION:---workspace} --no-run
+source scripts/cargo-selection.sh
+build_test_binaries
 
 # The fixtures stop what they start; the harness also writes every pid it starts to this
 # file, so that nothing outlives the script even if pytest itself is killed.

@@ -7,9 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-# Build the binary if cargo test did not leave one (a no-op after scripts/test.sh: the
-# same selection and features; any other would rebuild much of the dependency tree).
-cargo test -q ${DLENGINE_CARGO_SELECTION:---workspace} --no-run
+source scripts/cargo-selection.sh
+build_test_binaries
 
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)

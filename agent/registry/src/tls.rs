@@ -20,7 +20,7 @@ impl EtcdTls {
     /// The TLS settings `args` ask for, checked against the endpoints' schemes: TLS needs
     /// https:// endpoints and the CA file (etcd's CA is private). `None`: plain HTTP.
     pub fn from_args(args: &EtcdTlsArgs, endpoints: &[String]) -> Result<Option<EtcdTls>, RegistryError> {
-        let wanted = args.etcd_ca_file.is_some() || args.etcd_cert_file.is_some();
+        let wanted = args.etcd_ca_file.is_some() || args.etcd_cert_file.is_some() || args.etcd_key_file.is_some();
         let https = endpoints.iter().filter(|e| e.starts_with("https://")).count();
         if !wanted {
             return match https {
@@ -95,6 +95,10 @@ mod tests {
         assert!(EtcdTls::from_args(&args(Some(&ca), None, None), &["https://etcd:2379".into()]).unwrap().is_some());
         let err = EtcdTls::from_args(&args(None, Some(&ca), Some(&ca)), &["https://etcd:2379".into()]).unwrap_err();
         assert!(err.to_string().contains("needs --etcd-ca-file"), "{err}");
+        let err = EtcdTls::from_args(&args(Some(&ca), None, Some(&ca)), &["https://etcd:2379".into()]).unwrap_err();
+        assert!(err.to_string().contains("go together"), "a key without its certificate: {err}");
+        let err = EtcdTls::from_args(&args(None, None, Some(&ca)), &["http://etcd:2379".into()]).unwrap_err();
+        assert!(err.to_string().contains("must be https://"), "a lone key file is not ignored: {err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -141,6 +141,11 @@ fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], block_bytes: u64, s
     out
 }
 
+/// The K and V buffers of `layers`, in the order the staging area packs them.
+fn layer_buffers(buffers: &[(CUdeviceptr, CUdeviceptr)], layers: Range<usize>) -> Vec<CUdeviceptr> {
+    buffers[layers].iter().flat_map(|&(k, v)| [k, v]).collect()
+}
+
 /// Layers per staging round for `blocks` blocks: as many as fit STAGING_BYTES, at least one.
 fn layers_per_round(blocks: usize, block_bytes: usize) -> usize {
     (STAGING_BYTES / (2 * blocks * block_bytes).max(1)).max(1)
@@ -247,11 +252,11 @@ impl KvBlockIo for CudaBackend {
         let buffers = self.kv_buffers("read_kv_blocks")?;
         let mut out = Vec::with_capacity(layers.len() * 2 * blocks.len() * block_bytes);
         for round in rounds(layers, layers_per_round(blocks.len(), block_bytes)) {
-            let bytes = round.len() * 2 * blocks.len() * block_bytes;
-            let (_, staging) = self.kv_io.staging(bytes)?;
-            let sources: Vec<CUdeviceptr> = buffers[round].iter().flat_map(|&(k, v)| [k, v]).collect();
-            self.copy_segments("copying KV blocks to the host", staging_segments(&sources, blocks, block_bytes as u64, staging, true))?;
-            out.extend_from_slice(&self.kv_io.staging(bytes)?.0.as_slice()[..bytes]);
+            let len = round.len() * 2 * blocks.len() * block_bytes;
+            let (_, staging) = self.kv_io.staging(len)?;
+            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, block_bytes as u64, staging, true);
+            self.copy_segments("copying KV blocks to the host", segments)?;
+            out.extend_from_slice(&self.kv_io.staging(len)?.0.as_slice()[..len]);
         }
         Ok(out)
     }
@@ -270,8 +275,8 @@ impl KvBlockIo for CudaBackend {
             let (host, staging) = self.kv_io.staging(len)?;
             host.as_mut_slice()[..len].copy_from_slice(&bytes[at..at + len]);
             at += len;
-            let targets: Vec<CUdeviceptr> = buffers[round].iter().flat_map(|&(k, v)| [k, v]).collect();
-            self.copy_segments("copying KV blocks from the host", staging_segments(&targets, blocks, block_bytes as u64, staging, false))?;
+            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, block_bytes as u64, staging, false);
+            self.copy_segments("copying KV blocks from the host", segments)?;
         }
         Ok(())
     }

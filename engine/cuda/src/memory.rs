@@ -54,22 +54,23 @@ pub struct PinnedBuffer {
 
 impl PinnedBuffer {
     pub fn new(bytes: usize) -> Result<Self> {
-        // SAFETY: freed exactly once in Drop.
-        let ptr = unsafe { result::malloc_host(bytes.max(64), 0) }.op("pinned host allocation")? as *mut u8;
-        Ok(Self { ptr, bytes })
+        Self::alloc(bytes, 0)
     }
     /// Pinned memory that kernels can also address (over PCIe), and its device address.
     pub fn new_mapped(bytes: usize) -> Result<(Self, CUdeviceptr)> {
         const DEVICEMAP: u32 = 0x02; // CU_MEMHOSTALLOC_DEVICEMAP
-        // SAFETY: freed exactly once in Drop.
-        let ptr = unsafe { result::malloc_host(bytes.max(64), DEVICEMAP) }.op("mapped pinned host allocation")? as *mut u8;
-        let buffer = Self { ptr, bytes };
+        let buffer = Self::alloc(bytes, DEVICEMAP)?;
         let mut device: CUdeviceptr = 0;
-        // SAFETY: `ptr` was allocated above with DEVICEMAP; the driver writes `device`.
-        unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut device, ptr as *mut std::ffi::c_void, 0) }
+        // SAFETY: the buffer was allocated with DEVICEMAP; the driver writes `device`.
+        unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut device, buffer.ptr as *mut std::ffi::c_void, 0) }
             .result()
             .op("mapping pinned host memory for the device")?;
         Ok((buffer, device))
+    }
+    fn alloc(bytes: usize, flags: u32) -> Result<Self> {
+        // SAFETY: freed exactly once in Drop.
+        let ptr = unsafe { result::malloc_host(bytes.max(64), flags) }.op("pinned host allocation")? as *mut u8;
+        Ok(Self { ptr, bytes })
     }
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `bytes` bytes were allocated at `ptr` and we hold &mut self.
