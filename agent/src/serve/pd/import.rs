@@ -19,7 +19,7 @@ enum Transport<'a> {
 }
 
 /// The engine's view of the imported KV, and the lease release to fire once the KV is
-/// no longer needed on prefill's side (already fired for TCP).
+/// no longer needed on prefill's side (none for TCP: prefill frees a pulled lease).
 pub async fn import_kv(
     pd: &Pd,
     engine: &Engine,
@@ -37,7 +37,7 @@ pub async fn import_kv(
             // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry
             // would trust two clocks to agree and race an already-expired lease.
             let bytes = tcp::pull(addr, &descriptor.lease_id, expected, PULL_TIMEOUT).await.map_err(|e| transfer_failed(format!("{e:#}")))?;
-            release.release();
+            release.forget(); // prefill frees the lease itself once the pull is complete
             KvSource::Host(Arc::new(KvPayload { num_blocks: descriptor.blocks.len(), bytes }))
         }
     };

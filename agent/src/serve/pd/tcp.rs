@@ -90,6 +90,11 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
         }
     }
     socket.shutdown().await?;
+    // The pull is complete, so the lease has done its work: free it here rather than wait
+    // for decode's POST /pd/free, which a decode dying right after its first token may
+    // never send. (Had decode lost the bytes after all, its request fails and the router
+    // prefills it again; the lease is not needed for that.)
+    engine.free_lease(lease_id).await;
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(lease_id, bytes = sent, ms = seconds * 1e3, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
     Ok(())
