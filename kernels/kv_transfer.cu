@@ -30,3 +30,32 @@ extern "C" __global__ void copy_chunks(const u64* __restrict__ chunks, int num_c
     }
   }
 }
+
+// Early handoff, prefill side: once a forward's KV writes for layers
+// [first_layer, first_layer + num_layers) are done (this launch follows them on the
+// stream), publish `mark` as their progress for a peer reading them over CUDA IPC.
+extern "C" __global__ void publish_progress(unsigned* progress, int first_layer, int num_layers, unsigned mark) {
+  __threadfence_system();
+  for (int l = threadIdx.x; l < num_layers; l += blockDim.x) {
+    reinterpret_cast<volatile unsigned*>(progress)[first_layer + l] = mark;
+  }
+}
+
+// Early handoff, decode side: holds the copy stream until the peer's progress for `layer`
+// reached `mark` (compared modulo 2^32). One thread polls, so waiting costs one SM slot,
+// not the copy's whole grid. Gives up after `timeout_ns` (the peer died or stalled) and
+// sets *failed; the copies behind it then run on stale bytes, which the caller discards.
+extern "C" __global__ void wait_progress(const unsigned* progress, int layer, unsigned mark, u64 timeout_ns, unsigned* failed) {
+  u64 start;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  while ((int)(reinterpret_cast<const volatile unsigned*>(progress)[layer] - mark) < 0) {
+    u64 now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > timeout_ns) {
+      *reinterpret_cast<volatile unsigned*>(failed) = 1;
+      return;
+    }
+    __nanosleep(1000);
+  }
+  __threadfence_system();
+}

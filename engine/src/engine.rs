@@ -18,7 +18,7 @@ use crate::backend::Backend;
 use crate::config::{EngineConfig, ModelInfo};
 use crate::engine_core::{EngineCore, RequestKey, StepEvent};
 use crate::error::{EngineError, SubmitError};
-use crate::kv_transfer::{CudaIpcKv, KvTransfer};
+use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, KvTransfer};
 use crate::output_processor::{OutputProcessor, TokenEvent};
 use crate::request::{ChoiceDelta, GenerateRequest, Usage};
 use crate::sampling_params::InvalidParam;
@@ -26,11 +26,33 @@ use crate::stats::EngineStats;
 use crate::tokenizer::Tokenizer;
 
 enum Command {
-    Add { key: RequestKey, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<RequestEvent> },
+    Add {
+        key: RequestKey,
+        request: GenerateRequest,
+        events: tokio_mpsc::UnboundedSender<RequestEvent>,
+    },
     Abort(RequestKey),
-    StopChoice { key: RequestKey, choice: u32 },
-    ReadLease { lease_id: u64, layers: Range<usize>, reply: oneshot::Sender<Result<Vec<u8>, EngineError>> },
-    FreeLease { lease_id: u64, reply: oneshot::Sender<bool> },
+    StopChoice {
+        key: RequestKey,
+        choice: u32,
+    },
+    ReadLease {
+        lease_id: u64,
+        layers: Range<usize>,
+        reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
+    },
+    FreeLease {
+        lease_id: u64,
+        reply: oneshot::Sender<bool>,
+    },
+    AwaitFirstToken {
+        lease_id: u64,
+        reply: oneshot::Sender<FirstTokenResult>,
+    },
+    ProvideFirstToken {
+        key: RequestKey,
+        token: FirstTokenResult,
+    },
     Shutdown,
 }
 
@@ -38,7 +60,10 @@ enum Command {
 #[derive(Debug)]
 pub(crate) enum RequestEvent {
     /// First scheduled: how many prompt tokens came from the prefix cache.
-    Started { cached_tokens: usize },
+    Started {
+        cached_tokens: usize,
+    },
+    KvReady(EarlyKv),
     Tokens(TokenEvent),
     Failed(String),
 }
@@ -67,11 +92,20 @@ pub struct Engine {
 impl Engine {
     /// Loads the model from `model_dir` onto `backend`, sizes the KV cache and starts the
     /// engine thread. Blocks while loading.
-    pub fn start<B: Backend>(model_dir: &Path, config: EngineConfig, backend: B) -> Result<Engine, EngineError> {
+    pub fn start<B: Backend>(
+        model_dir: &Path,
+        config: EngineConfig,
+        backend: B,
+    ) -> Result<Engine, EngineError> {
         let tokenizer = Arc::new(Tokenizer::from_dir(model_dir)?);
         let mut core = EngineCore::load(model_dir, &config, backend)?;
         // Like other engines, the tokenizer's EOS always ends generation too.
-        if let Some(id) = tokenizer.config.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+        if let Some(id) = tokenizer
+            .config
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
             core.add_eos_token(id);
         }
         let kv_ipc = core.export_kv_ipc().unwrap_or_else(|e| {
@@ -90,7 +124,13 @@ impl Engine {
         Ok(Self::spawn(core, tokenizer, config, info, kv_ipc))
     }
 
-    fn spawn(core: EngineCore, tokenizer: Arc<Tokenizer>, config: EngineConfig, info: ModelInfo, kv_ipc: Option<CudaIpcKv>) -> Engine {
+    fn spawn(
+        core: EngineCore,
+        tokenizer: Arc<Tokenizer>,
+        config: EngineConfig,
+        info: ModelInfo,
+        kv_ipc: Option<CudaIpcKv>,
+    ) -> Engine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(core.stats()));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -139,9 +179,17 @@ impl Engine {
 
     /// Copies a lease's KV blocks of `layers` to the host (the engine thread does it
     /// between steps).
-    pub async fn read_lease(&self, lease_id: u64, layers: Range<usize>) -> Result<Vec<u8>, EngineError> {
+    pub async fn read_lease(
+        &self,
+        lease_id: u64,
+        layers: Range<usize>,
+    ) -> Result<Vec<u8>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        if !self.send(Command::ReadLease { lease_id, layers, reply }) {
+        if !self.send(Command::ReadLease {
+            lease_id,
+            layers,
+            reply,
+        }) {
             return Err(EngineError::Stopped);
         }
         rx.await.map_err(|_| EngineError::Stopped)?
@@ -153,19 +201,36 @@ impl Engine {
         self.send(Command::FreeLease { lease_id, reply }) && rx.await.unwrap_or(false)
     }
 
+    /// The first token of a lease (prefill side), once sampled; an error if the lease is
+    /// unknown, expired or released first, or the engine stopped.
+    pub async fn first_token_of_lease(&self, lease_id: u64) -> FirstTokenResult {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Command::AwaitFirstToken { lease_id, reply }) {
+            return Err("the engine stopped".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the engine stopped".into()))
+    }
+
     /// Checks a request against the engine's limits without submitting it.
     pub fn check(&self, request: &GenerateRequest) -> Result<(), SubmitError> {
         request.params.validate()?;
         if !matches!(request.kv_transfer, KvTransfer::Local) && request.params.n != 1 {
             return Err(SubmitError::InvalidParam(InvalidParam {
                 param: "n",
-                message: format!("must be 1 when the KV cache moves between engines, got {}", request.params.n),
+                message: format!(
+                    "must be 1 when the KV cache moves between engines, got {}",
+                    request.params.n
+                ),
             }));
         }
         if request.params.n > self.shared.config.max_num_seqs {
             return Err(SubmitError::InvalidParam(InvalidParam {
                 param: "n",
-                message: format!("must not exceed max-num-seqs ({}), got {}", self.shared.config.max_num_seqs, request.params.n),
+                message: format!(
+                    "must not exceed max-num-seqs ({}), got {}",
+                    self.shared.config.max_num_seqs, request.params.n
+                ),
             }));
         }
         let prompt_tokens = request.prompt_token_ids.len();
@@ -173,12 +238,23 @@ impl Engine {
             return Err(SubmitError::EmptyPrompt);
         }
         let vocab_size = self.shared.info.vocab_size;
-        if let Some(&token_id) = request.prompt_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return Err(SubmitError::TokenOutOfVocab { token_id, vocab_size });
+        if let Some(&token_id) = request
+            .prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= vocab_size)
+        {
+            return Err(SubmitError::TokenOutOfVocab {
+                token_id,
+                vocab_size,
+            });
         }
         let max_model_len = self.shared.info.max_model_len;
         if prompt_tokens + request.params.max_tokens > max_model_len {
-            return Err(SubmitError::TooLong { prompt_tokens, max_tokens: request.params.max_tokens, max_model_len });
+            return Err(SubmitError::TooLong {
+                prompt_tokens,
+                max_tokens: request.params.max_tokens,
+                max_model_len,
+            });
         }
         Ok(())
     }
@@ -196,9 +272,17 @@ impl Engine {
         }
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events_rx) = tokio_mpsc::unbounded_channel();
-        let processor = OutputProcessor::new(self.shared.tokenizer.clone(), &request.prompt_token_ids, &request.params);
+        let processor = OutputProcessor::new(
+            self.shared.tokenizer.clone(),
+            &request.prompt_token_ids,
+            &request.params,
+        );
         let prompt_tokens = request.prompt_token_ids.len();
-        let sent = self.send(Command::Add { key, request, events: events_tx });
+        let sent = self.send(Command::Add {
+            key,
+            request,
+            events: events_tx,
+        });
         if !sent {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Draining);
@@ -208,13 +292,20 @@ impl Engine {
             engine: self.clone(),
             events: events_rx,
             processor,
-            usage: Usage { prompt_tokens, ..Usage::default() },
+            usage: Usage {
+                prompt_tokens,
+                ..Usage::default()
+            },
             done: false,
         })
     }
 
     fn send(&self, command: Command) -> bool {
-        let tx = self.shared.commands.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = self
+            .shared
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         tx.send(command).is_ok()
     }
 
@@ -231,7 +322,12 @@ impl Engine {
     pub fn shutdown(&self) {
         self.begin_drain();
         self.send(Command::Shutdown);
-        let handle = self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self
+            .shared
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
@@ -244,15 +340,28 @@ fn engine_loop(
     stats: Arc<Mutex<EngineStats>>,
     queued: Arc<AtomicUsize>,
 ) {
-    let mut streams: std::collections::HashMap<RequestKey, tokio_mpsc::UnboundedSender<RequestEvent>> =
-        Default::default();
+    let mut streams: std::collections::HashMap<
+        RequestKey,
+        tokio_mpsc::UnboundedSender<RequestEvent>,
+    > = Default::default();
     let mut running = true;
     while running {
         // Sleep on the channel only when idle; otherwise just drain what arrived.
-        let first = if core.has_work() { rx.try_recv().ok() } else { wait_for_command(&rx, core.next_deadline()) };
-        for command in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        let first = if core.has_work() {
+            rx.try_recv().ok()
+        } else {
+            wait_for_command(&rx, core.next_deadline())
+        };
+        for command in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
             match command {
-                Command::Add { key, request, events } => {
+                Command::Add {
+                    key,
+                    request,
+                    events,
+                } => {
                     streams.insert(key, events);
                     core.add_request(key, request);
                 }
@@ -263,20 +372,35 @@ fn engine_loop(
                     streams.remove(&key);
                 }
                 Command::StopChoice { key, choice } => core.stop_choice(key, choice),
-                Command::ReadLease { lease_id, layers, reply } => {
+                Command::ReadLease {
+                    lease_id,
+                    layers,
+                    reply,
+                } => {
                     let _ = reply.send(core.read_lease(lease_id, layers));
                 }
                 Command::FreeLease { lease_id, reply } => {
                     let _ = reply.send(core.free_lease(lease_id));
                 }
+                Command::AwaitFirstToken { lease_id, reply } => {
+                    core.await_first_token(lease_id, reply)
+                }
+                Command::ProvideFirstToken { key, token } => core.provide_first_token(key, token),
                 Command::Shutdown => running = false,
             }
         }
         if !running {
             break;
         }
-        let due = core.has_work() || core.next_deadline().is_some_and(|d| d <= std::time::Instant::now());
-        let events = if due { core.step() } else { Vec::new() };
+        let due = core.has_work()
+            || core
+                .next_deadline()
+                .is_some_and(|d| d <= std::time::Instant::now());
+        let events = if due {
+            core.step_announcing(&mut |event| deliver(vec![event], &mut streams, &queued))
+        } else {
+            Vec::new()
+        };
         // Stats first: whoever sees an event, then reads the stats, sees this step's.
         publish_stats(&mut core, &stats);
         deliver(events, &mut streams, &queued);
@@ -298,14 +422,19 @@ fn publish_stats(core: &mut EngineCore, stats: &Mutex<EngineStats>) {
 
 /// Sleeps until a command arrives or `deadline` passes (None: a timeout, not a command).
 /// A closed channel means every handle is gone: shut down.
-fn wait_for_command(rx: &mpsc::Receiver<Command>, deadline: Option<std::time::Instant>) -> Option<Command> {
+fn wait_for_command(
+    rx: &mpsc::Receiver<Command>,
+    deadline: Option<std::time::Instant>,
+) -> Option<Command> {
     match deadline {
         None => Some(rx.recv().unwrap_or(Command::Shutdown)),
-        Some(at) => match rx.recv_timeout(at.saturating_duration_since(std::time::Instant::now())) {
-            Ok(command) => Some(command),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
-        },
+        Some(at) => {
+            match rx.recv_timeout(at.saturating_duration_since(std::time::Instant::now())) {
+                Ok(command) => Some(command),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
+            }
+        }
     }
 }
 
@@ -320,8 +449,17 @@ fn deliver(
                 queued.fetch_sub(1, Ordering::AcqRel);
                 (key, RequestEvent::Started { cached_tokens }, false)
             }
-            StepEvent::Token { key, event, request_finished } => (key, RequestEvent::Tokens(event), request_finished),
-            StepEvent::Failed { key, message, was_queued } => {
+            StepEvent::KvReady { key, kv } => (key, RequestEvent::KvReady(kv), false),
+            StepEvent::Token {
+                key,
+                event,
+                request_finished,
+            } => (key, RequestEvent::Tokens(event), request_finished),
+            StepEvent::Failed {
+                key,
+                message,
+                was_queued,
+            } => {
                 if was_queued {
                     queued.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -382,6 +520,7 @@ impl RequestStream {
                 self.usage.cached_tokens = cached_tokens;
                 None
             }
+            RequestEvent::KvReady(kv) => Some(Ok(ChoiceDelta::kv_ready(kv))),
             RequestEvent::Failed(message) => {
                 self.done = true;
                 Some(Err(EngineError::Request(message)))
@@ -391,11 +530,22 @@ impl RequestStream {
                 let processed = self.processor.process(ev)?;
                 self.usage.completion_tokens += processed.delta.token_ids.len();
                 if processed.stop_engine {
-                    self.engine.send(Command::StopChoice { key: self.key, choice });
+                    self.engine.send(Command::StopChoice {
+                        key: self.key,
+                        choice,
+                    });
                 }
                 self.done = self.processor.all_finished();
                 Some(Ok(processed.delta))
             }
+        }
+    }
+
+    /// Where prefill's first token goes for a request submitted from an early descriptor.
+    pub fn first_token_sink(&self) -> FirstTokenSink {
+        FirstTokenSink {
+            engine: self.engine.clone(),
+            key: self.key,
         }
     }
 
@@ -406,6 +556,22 @@ impl RequestStream {
 
     pub fn is_finished(&self) -> bool {
         self.done
+    }
+}
+
+/// Hands a decode request prefill's first token (or why it will not come, which fails
+/// the request); a request that has ended meanwhile ignores it.
+pub struct FirstTokenSink {
+    engine: Engine,
+    key: RequestKey,
+}
+
+impl FirstTokenSink {
+    pub fn provide(&self, token: FirstTokenResult) {
+        self.engine.send(Command::ProvideFirstToken {
+            key: self.key,
+            token,
+        });
     }
 }
 

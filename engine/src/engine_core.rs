@@ -1,8 +1,9 @@
 //! The synchronous engine: requests in, one step at a time, per-token events out. The
 //! engine thread ([`crate::engine`]) drives it; tests drive it directly.
 
+mod kv_handoff;
+
 use std::collections::{HashMap, VecDeque};
-use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -10,8 +11,9 @@ use crate::backend::{Backend, DeviceTimeReport, KvCacheLayout, StepInput, StepLi
 use crate::config::{EngineConfig, GenerationDefaults, ModelConfig, ModelInfo};
 use crate::error::EngineError;
 use crate::executor::{Executor, MemoryPlan, ModelExecutor};
+use crate::kv::BlockId;
 use crate::kv::LeaseTable;
-use crate::kv_transfer::{CudaIpcKv, ImportedKv, KvHandoff, KvSource, KvTransfer};
+use crate::kv_transfer::{EarlyKv, KvTransfer};
 use crate::output_processor::TokenEvent;
 use crate::request::{FinishReason, GenerateRequest, StopReason, TokenLogprob};
 use crate::sampler::{child_seed, splitmix64, SampledToken, SamplingRow};
@@ -21,14 +23,29 @@ use crate::sequence::{SeqId, Sequence};
 use crate::stats::EngineStats;
 use crate::step_input_builder::build_step_input;
 use crate::weights::Weights;
+use kv_handoff::{Importing, PendingImport};
 
 pub type RequestKey = u64;
 
 #[derive(Debug)]
 pub enum StepEvent {
-    Started { key: RequestKey, cached_tokens: usize },
-    Token { key: RequestKey, event: TokenEvent, request_finished: bool },
-    Failed { key: RequestKey, message: String, was_queued: bool },
+    Started {
+        key: RequestKey,
+        cached_tokens: usize,
+    },
+    /// An early handoff's lease and blocks, announced before the forward that completes
+    /// the prompt's KV (delivered ahead of the step's other events).
+    KvReady { key: RequestKey, kv: EarlyKv },
+    Token {
+        key: RequestKey,
+        event: TokenEvent,
+        request_finished: bool,
+    },
+    Failed {
+        key: RequestKey,
+        message: String,
+        was_queued: bool,
+    },
 }
 
 struct ActiveRequest {
@@ -42,7 +59,17 @@ struct ActiveRequest {
     /// EOS (unless ignored) and stop tokens: masked until `min_tokens`.
     stop_ids: Vec<u32>,
     /// Prefill only: hand the KV off after the first token.
-    export_kv: bool,
+    export: Export,
+    /// The lease an early handoff reserved when its last prompt chunk was scheduled.
+    early_lease: Option<u64>,
+}
+
+/// Whether and how a request hands its KV off ([`KvTransfer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Export {
+    No,
+    Late,
+    Early,
 }
 
 impl ActiveRequest {
@@ -66,14 +93,12 @@ pub struct EngineCore {
     steps: u64,
     /// Handed-off prefill KV waiting for decode engines to pull it.
     leases: LeaseTable,
-    /// Decode requests whose KV arrived, waiting for blocks and a running slot (FCFS).
+    /// Decode requests waiting for blocks and a running slot (FCFS).
     pending_imports: VecDeque<PendingImport>,
-}
-
-struct PendingImport {
-    key: RequestKey,
-    seq: Sequence,
-    kv: ImportedKv,
+    /// Decode requests whose copy started, waiting for it and for the first token.
+    importing: Vec<Importing>,
+    /// Blocks of dropped imports whose device copy (by ticket) may still write into them.
+    orphaned_copies: Vec<(u64, Vec<BlockId>)>,
 }
 
 fn config_error(message: String) -> EngineError {
@@ -82,7 +107,11 @@ fn config_error(message: String) -> EngineError {
 
 impl EngineCore {
     /// Loads a model directory onto `backend` and sizes the KV cache.
-    pub fn load<B: Backend>(dir: &Path, config: &EngineConfig, mut backend: B) -> Result<Self, EngineError> {
+    pub fn load<B: Backend>(
+        dir: &Path,
+        config: &EngineConfig,
+        mut backend: B,
+    ) -> Result<Self, EngineError> {
         config.validate().map_err(config_error)?;
         let model_config = ModelConfig::from_dir(dir)?;
         let generation_defaults = GenerationDefaults::from_dir(dir)?;
@@ -107,7 +136,12 @@ impl EngineCore {
             max_blocks_per_seq,
             max_sampling_rows: config.max_num_seqs,
         };
-        let plan = MemoryPlan { layout, fixed_blocks: config.num_kv_blocks, limits, max_model_len };
+        let plan = MemoryPlan {
+            layout,
+            fixed_blocks: config.num_kv_blocks,
+            limits,
+            max_model_len,
+        };
         let num_blocks = executor.allocate_kv_cache(plan)?;
         if num_blocks * config.block_size < max_model_len {
             return Err(config_error(format!(
@@ -155,8 +189,13 @@ impl EngineCore {
             next_arrival: 0,
             base_seed: config.seed,
             steps: 0,
-            leases: LeaseTable::new(Duration::from_secs(config.kv_lease_secs), splitmix64(config.seed ^ lease_salt())),
+            leases: LeaseTable::new(
+                Duration::from_secs(config.kv_lease_secs),
+                splitmix64(config.seed ^ lease_salt()),
+            ),
             pending_imports: VecDeque::new(),
+            importing: Vec::new(),
+            orphaned_copies: Vec::new(),
         }
     }
 
@@ -177,7 +216,7 @@ impl EngineCore {
     }
 
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work() || self.pending_imports.front().is_some_and(|p| self.can_admit(p))
+        self.scheduler.has_work() || self.imports_have_work()
     }
 
     /// When an idle engine must wake up on its own: the next lease expiry.
@@ -199,7 +238,7 @@ impl EngineCore {
             steps: self.steps,
             kv_leases: self.leases.len(),
             kv_blocks_leased: self.leases.num_blocks(),
-            pending_kv_imports: self.pending_imports.len(),
+            pending_kv_imports: self.pending_imports.len() + self.importing.len(),
             ..EngineStats::default()
         }
     }
@@ -207,7 +246,9 @@ impl EngineCore {
     /// Queues a validated request.
     pub fn add_request(&mut self, key: RequestKey, request: GenerateRequest) {
         let params = request.params;
-        let seed = params.seed.unwrap_or_else(|| splitmix64(self.base_seed ^ splitmix64(key)));
+        let seed = params
+            .seed
+            .unwrap_or_else(|| splitmix64(self.base_seed ^ splitmix64(key)));
         let mut stop_ids = params.stop_token_ids.clone();
         if !params.ignore_eos {
             stop_ids.extend(&self.info.eos_token_ids);
@@ -217,121 +258,34 @@ impl EngineCore {
         choices[0] = Some(seq_id);
         let mut seq = Sequence::new(seq_id, request.prompt_token_ids, self.next_arrival);
         seq.fan_out = params.n;
-        let export_kv = matches!(request.kv_transfer, KvTransfer::Export);
+        let export = match request.kv_transfer {
+            KvTransfer::Export => Export::Late,
+            KvTransfer::ExportEarly => Export::Early,
+            KvTransfer::Local | KvTransfer::Import(_) => Export::No,
+        };
         match request.kv_transfer {
-            KvTransfer::Import(kv) => self.pending_imports.push_back(PendingImport { key, seq, kv }),
-            KvTransfer::Local | KvTransfer::Export => self.scheduler.add(seq),
+            KvTransfer::Import(kv) => self
+                .pending_imports
+                .push_back(PendingImport::new(key, seq, kv)),
+            KvTransfer::Local | KvTransfer::Export | KvTransfer::ExportEarly => {
+                self.scheduler.add(seq)
+            }
         }
         self.next_arrival += 1;
         self.owner.insert(seq_id, (key, 0));
-        self.requests.insert(key, ActiveRequest { params, seed, choices, forked: false, started: false, stop_ids, export_kv });
-    }
-
-    fn can_admit(&self, import: &PendingImport) -> bool {
-        let blocks = import.seq.len().div_ceil(self.info.kv_layout.block_size);
-        self.scheduler.can_admit_running(blocks)
-    }
-
-    /// Starts the imported requests that fit, in arrival order: blocks are allocated, the
-    /// KV is written into them, and the first token (prefill's) is emitted.
-    fn admit_imports(&mut self, events: &mut Vec<StepEvent>) -> bool {
-        let mut admitted = false;
-        while self.pending_imports.front().is_some_and(|p| self.can_admit(p)) {
-            let import = self.pending_imports.pop_front().expect("checked front");
-            let key = import.key;
-            match self.import_kv(import, events) {
-                Ok(()) => {}
-                Err(message) => {
-                    self.abort(key);
-                    events.push(StepEvent::Failed { key, message, was_queued: true });
-                }
-            }
-            if let Some(req) = self.requests.get_mut(&key) {
-                req.started = true;
-            }
-            admitted = true;
-        }
-        admitted
-    }
-
-    fn import_kv(&mut self, import: PendingImport, events: &mut Vec<StepEvent>) -> Result<(), String> {
-        let PendingImport { key, mut seq, kv } = import;
-        let prompt_len = seq.len();
-        let blocks = self.scheduler.allocate_detached(prompt_len.div_ceil(self.info.kv_layout.block_size)).ok_or("no free KV blocks")?;
-        let started = Instant::now();
-        let written = match &kv.source {
-            KvSource::Host(payload) if payload.num_blocks != blocks.len() => {
-                Err(format!("the KV payload holds {} blocks, the prompt needs {}", payload.num_blocks, blocks.len()))
-            }
-            KvSource::Host(payload) => {
-                self.executor.kv_io().write_kv_blocks(&blocks, 0..self.info.kv_layout.num_layers, &payload.bytes).map_err(|e| e.to_string())
-            }
-            KvSource::CudaIpc { remote_blocks, .. } if remote_blocks.len() != blocks.len() => {
-                Err(format!("the peer lease holds {} blocks, the prompt needs {}", remote_blocks.len(), blocks.len()))
-            }
-            KvSource::CudaIpc { peer, remote_blocks } => {
-                let pairs: Vec<(u32, u32)> = remote_blocks.iter().copied().zip(blocks.iter().copied()).collect();
-                self.executor.kv_io().copy_kv_from_peer(peer, &pairs).map_err(|e| e.to_string())
-            }
-        };
-        if let Err(e) = written {
-            self.scheduler.release_detached(&blocks);
-            return Err(format!("importing the prompt's KV cache failed: {e}"));
-        }
-        let bytes = blocks.len() * self.info.kv_layout.bytes_per_block();
-        let seconds = started.elapsed().as_secs_f64();
-        let via = if matches!(kv.source, KvSource::Host(_)) { "host" } else { "cuda-ipc" };
-        tracing::info!(tokens = prompt_len, bytes, ms = seconds * 1e3, gb_per_s = bytes as f64 / seconds / 1e9, via, "imported KV");
-        let seq_id = seq.id;
-        seq.block_table = blocks;
-        seq.num_computed_tokens = prompt_len;
-        self.scheduler.add_running(seq);
-        self.scheduler.append_token(seq_id, kv.first_token.token_id);
-        events.push(StepEvent::Started { key, cached_tokens: 0 });
-        let first = SampledToken { token: kv.first_token.token_id, logprob: kv.first_token.logprob, top: kv.first_token.top };
-        self.emit_token(seq_id, 0, first, events);
-        Ok(())
-    }
-
-    /// Prefill side: hands `seq`'s blocks to a lease instead of freeing them.
-    fn hand_off(&mut self, seq_id: SeqId) -> Option<KvHandoff> {
-        let num_tokens = self.scheduler.seq(seq_id)?.prompt_len;
-        let blocks = self.scheduler.detach(seq_id)?;
-        let (lease_id, expires_at) = self.leases.pin(blocks.clone(), Instant::now());
-        Some(KvHandoff { lease_id, blocks, num_tokens, expires_at })
-    }
-
-    /// Reads a lease's blocks of `layers` to the host (for the TCP transfer).
-    pub fn read_lease(&mut self, lease_id: u64, layers: Range<usize>) -> Result<Vec<u8>, EngineError> {
-        if layers.end > self.info.kv_layout.num_layers || layers.is_empty() {
-            return Err(EngineError::Request(format!("layers {layers:?} out of range (the model has {})", self.info.kv_layout.num_layers)));
-        }
-        let blocks = self.leases.blocks(lease_id).ok_or_else(|| EngineError::Request(format!("unknown or expired KV lease {lease_id}")))?.to_vec();
-        Ok(self.executor.kv_io().read_kv_blocks(&blocks, layers)?)
-    }
-
-    /// Ends a lease early (the decode engine pulled the KV). False if it was unknown.
-    pub fn free_lease(&mut self, lease_id: u64) -> bool {
-        match self.leases.take(lease_id) {
-            Some(blocks) => {
-                self.scheduler.release_detached(&blocks);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn expire_leases(&mut self) {
-        let blocks = self.leases.take_expired(Instant::now());
-        if !blocks.is_empty() {
-            tracing::warn!(blocks = blocks.len(), "KV leases expired before a decode engine released them");
-            self.scheduler.release_detached(&blocks);
-        }
-    }
-
-    /// CUDA IPC handles of the KV cache (None on backends without them).
-    pub fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>, EngineError> {
-        Ok(self.executor.kv_io().export_kv_ipc()?)
+        self.requests.insert(
+            key,
+            ActiveRequest {
+                params,
+                seed,
+                choices,
+                forked: false,
+                started: false,
+                stop_ids,
+                export,
+                early_lease: None,
+            },
+        );
     }
 
     fn new_seq_id(&mut self) -> SeqId {
@@ -342,8 +296,14 @@ impl EngineCore {
 
     /// Drops a request and frees its blocks. True if it had never started.
     pub fn abort(&mut self, key: RequestKey) -> bool {
-        let Some(req) = self.requests.remove(&key) else { return false };
-        self.pending_imports.retain(|p| p.key != key);
+        let Some(req) = self.requests.remove(&key) else {
+            return false;
+        };
+        self.drop_import(key);
+        // A reserved lease not filled yet dies with its request (decode's wait fails).
+        if let Some(lease) = req.early_lease {
+            self.free_lease(lease);
+        }
         for seq in req.choices.iter().flatten() {
             self.scheduler.remove(*seq);
             self.owner.remove(seq);
@@ -353,7 +313,9 @@ impl EngineCore {
 
     /// Ends one choice early (a stop string matched on the caller's side).
     pub fn stop_choice(&mut self, key: RequestKey, choice: u32) {
-        let Some(req) = self.requests.get_mut(&key) else { return };
+        let Some(req) = self.requests.get_mut(&key) else {
+            return;
+        };
         if let Some(seq) = req.choices.get_mut(choice as usize).and_then(Option::take) {
             self.scheduler.remove(seq);
             self.owner.remove(&seq);
@@ -363,18 +325,29 @@ impl EngineCore {
         }
     }
 
-    /// Runs one step.
+    /// Runs one step; early-handoff announcements come first in the returned events.
     pub fn step(&mut self) -> Vec<StepEvent> {
+        let mut announced = Vec::new();
+        let events = self.step_announcing(&mut |event| announced.push(event));
+        announced.extend(events);
+        announced
+    }
+
+    /// Runs one step, passing early-handoff announcements to `announce` before the
+    /// forward runs (the engine thread delivers them at once).
+    pub fn step_announcing(&mut self, announce: &mut dyn FnMut(StepEvent)) -> Vec<StepEvent> {
         self.expire_leases();
         let mut events = Vec::new();
         // An imported request's first token is prefill's and is ready now: hand it out
         // before running a forward, which would add a whole step to the time to first token.
-        if self.admit_imports(&mut events) {
+        if self.advance_imports(&mut events) {
             return events;
         }
         let out = self.scheduler.schedule();
         for &(seq, cached_tokens) in &out.started {
-            let Some(&(key, _)) = self.owner.get(&seq) else { continue };
+            let Some(&(key, _)) = self.owner.get(&seq) else {
+                continue;
+            };
             if let Some(req) = self.requests.get_mut(&key) {
                 if !req.started {
                     req.started = true;
@@ -386,6 +359,7 @@ impl EngineCore {
             return events;
         }
         self.steps += 1;
+        self.announce_early_handoffs(&out, announce);
         let input = build_step_input(&self.scheduler, &out);
         let (targets, result) = self.run(&input, &out);
         match result {
@@ -399,7 +373,11 @@ impl EngineCore {
     }
 
     /// Executes the step; returns which (sequence, choice) each sampled token is for.
-    fn run(&mut self, input: &StepInput, out: &SchedulerOutput) -> (Vec<(SeqId, u32)>, Result<Vec<SampledToken>, EngineError>) {
+    fn run(
+        &mut self,
+        input: &StepInput,
+        out: &SchedulerOutput,
+    ) -> (Vec<(SeqId, u32)>, Result<Vec<SampledToken>, EngineError>) {
         let mut targets = Vec::new();
         let mut rows = Vec::new();
         for (logit_row, s) in out.scheduled.iter().filter(|s| s.sample).enumerate() {
@@ -407,7 +385,11 @@ impl EngineCore {
             let req = &self.requests[&key];
             let seq = self.scheduler.seq(s.seq_id).expect("scheduled sequence");
             // The first sample of an n > 1 request draws every choice from the same logits.
-            let choices: Vec<u32> = if req.awaiting_fork() { (0..req.params.n as u32).collect() } else { vec![own_choice] };
+            let choices: Vec<u32> = if req.awaiting_fork() {
+                (0..req.params.n as u32).collect()
+            } else {
+                vec![own_choice]
+            };
             for choice in choices {
                 rows.push(sampling_row(req, seq, choice, logit_row));
                 targets.push((s.seq_id, choice));
@@ -417,7 +399,12 @@ impl EngineCore {
         (targets, result)
     }
 
-    fn apply_samples(&mut self, targets: Vec<(SeqId, u32)>, sampled: Vec<SampledToken>, events: &mut Vec<StepEvent>) {
+    fn apply_samples(
+        &mut self,
+        targets: Vec<(SeqId, u32)>,
+        sampled: Vec<SampledToken>,
+        events: &mut Vec<StepEvent>,
+    ) {
         // Forks first: children copy the parent before it gets its own new token.
         let mut seqs = Vec::with_capacity(targets.len());
         for &(seq, choice) in &targets {
@@ -440,20 +427,38 @@ impl EngineCore {
         }
     }
 
-    fn emit_token(&mut self, seq_id: SeqId, choice: u32, token: SampledToken, events: &mut Vec<StepEvent>) {
+    fn emit_token(
+        &mut self,
+        seq_id: SeqId,
+        choice: u32,
+        token: SampledToken,
+        events: &mut Vec<StepEvent>,
+    ) {
         let (key, _) = self.owner[&seq_id];
         let seq = self.scheduler.seq(seq_id).expect("sampled sequence");
         let req = &self.requests[&key];
-        let mut finish = finish_reason(req, seq.output().len(), seq.len(), self.info.max_model_len, token.token);
+        let mut finish = finish_reason(
+            req,
+            seq.output().len(),
+            seq.len(),
+            self.info.max_model_len,
+            token.token,
+        );
         let logprobs = match req.params.logprobs {
-            Some(_) => vec![TokenLogprob { token_id: token.token, logprob: token.logprob, top: token.top }],
+            Some(_) => vec![TokenLogprob {
+                token_id: token.token,
+                logprob: token.logprob,
+                top: token.top.clone(),
+            }],
             None => Vec::new(),
         };
-        // A prefill's request that goes on elsewhere ends here, its KV kept under a lease.
-        let handoff = if finish.is_none() && req.export_kv { self.hand_off(seq_id) } else { None };
-        if handoff.is_some() {
+        // A prefill's request ends on its first token, its KV kept under a lease.
+        let exporting = req.export != Export::No;
+        let handoff = self.hand_off(seq_id, key, &token, finish.is_some());
+        if exporting && finish.is_none() {
             finish = Some((FinishReason::Length, None));
-        } else if finish.is_some() {
+        }
+        if handoff.is_none() && finish.is_some() {
             self.scheduler.remove(seq_id);
         }
         if finish.is_some() {
@@ -465,18 +470,41 @@ impl EngineCore {
         if request_finished {
             self.requests.remove(&key);
         }
-        let event = TokenEvent { choice, tokens: vec![token.token], logprobs, finish, handoff };
-        events.push(StepEvent::Token { key, event, request_finished });
+        let event = TokenEvent {
+            choice,
+            tokens: vec![token.token],
+            logprobs,
+            finish,
+            handoff,
+        };
+        events.push(StepEvent::Token {
+            key,
+            event,
+            request_finished,
+        });
     }
 
-    fn fail_scheduled(&mut self, out: &SchedulerOutput, message: &str, events: &mut Vec<StepEvent>) {
+    fn fail_scheduled(
+        &mut self,
+        out: &SchedulerOutput,
+        message: &str,
+        events: &mut Vec<StepEvent>,
+    ) {
         tracing::error!(error = message, "step failed; failing its requests");
-        let mut keys: Vec<RequestKey> = out.scheduled.iter().filter_map(|s| self.owner.get(&s.seq_id).map(|o| o.0)).collect();
+        let mut keys: Vec<RequestKey> = out
+            .scheduled
+            .iter()
+            .filter_map(|s| self.owner.get(&s.seq_id).map(|o| o.0))
+            .collect();
         keys.sort_unstable();
         keys.dedup();
         for key in keys {
             let was_queued = self.abort(key);
-            events.push(StepEvent::Failed { key, message: format!("the engine failed to run the request: {message}"), was_queued });
+            events.push(StepEvent::Failed {
+                key,
+                message: format!("the engine failed to run the request: {message}"),
+                was_queued,
+            });
         }
     }
 
@@ -488,7 +516,9 @@ impl EngineCore {
         let blocks = self
             .scheduler
             .allocate_detached(tokens.len().div_ceil(bs))
-            .ok_or_else(|| EngineError::Request("not enough free KV blocks to score the prompt".into()))?;
+            .ok_or_else(|| {
+                EngineError::Request("not enough free KV blocks to score the prompt".into())
+            })?;
         let mut logits = Vec::with_capacity(tokens.len() * self.info.vocab_size);
         let mut result = Ok(());
         for start in (0..tokens.len()).step_by(chunk.max(1)) {
@@ -519,7 +549,12 @@ fn resolve_max_model_len(config: &EngineConfig, model: &ModelConfig) -> Result<u
     }
 }
 
-fn sampling_row<'a>(req: &'a ActiveRequest, seq: &'a Sequence, choice: u32, logit_row: usize) -> SamplingRow<'a> {
+fn sampling_row<'a>(
+    req: &'a ActiveRequest,
+    seq: &'a Sequence,
+    choice: u32,
+    logit_row: usize,
+) -> SamplingRow<'a> {
     let p = &req.params;
     let generated = seq.output().len();
     SamplingRow {
@@ -535,7 +570,11 @@ fn sampling_row<'a>(req: &'a ActiveRequest, seq: &'a Sequence, choice: u32, logi
         repetition_penalty: p.repetition_penalty,
         prompt_tokens: seq.prompt(),
         output_tokens: seq.output(),
-        banned_tokens: if generated < p.min_tokens { &req.stop_ids } else { &[] },
+        banned_tokens: if generated < p.min_tokens {
+            &req.stop_ids
+        } else {
+            &[]
+        },
         num_logprobs: p.logprobs,
     }
 }
@@ -562,11 +601,19 @@ fn finish_reason(
 }
 
 /// A single-sequence step over detached blocks, every row a logit row.
-fn detached_input(tokens: &[u32], start: usize, end: usize, blocks: &[u32], bs: usize) -> StepInput {
+fn detached_input(
+    tokens: &[u32],
+    start: usize,
+    end: usize,
+    blocks: &[u32],
+    bs: usize,
+) -> StepInput {
     StepInput {
         token_ids: tokens[start..end].to_vec(),
         positions: (start as u32..end as u32).collect(),
-        slot_mapping: (start..end).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32).collect(),
+        slot_mapping: (start..end)
+            .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+            .collect(),
         query_start: vec![0, (end - start) as u32],
         context_lens: vec![end as u32],
         block_tables: blocks.to_vec(),
@@ -578,6 +625,8 @@ fn detached_input(tokens: &[u32], start: usize, end: usize, blocks: &[u32], bs: 
 
 /// Differs between processes so lease ids of a restarted engine do not repeat.
 fn lease_salt() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 32)
 }

@@ -21,6 +21,12 @@ pub enum KvTransfer {
     /// Prefill only: after the first token, pin the prompt's blocks under a lease for a
     /// decode engine to pull, unless the request already finished.
     Export,
+    /// Prefill only, announced early: when the prompt's last chunk is scheduled, reserve
+    /// the lease and say so ([`EarlyKv`]) before the forward runs, so a decode engine can
+    /// start reading each layer as soon as prefill has written it. After the first token
+    /// the blocks are pinned under that lease even if the request finished (decode may be
+    /// reading them already); the token is kept with the lease for decode to fetch.
+    ExportEarly,
     /// Decode only: the prompt's KV comes from `ImportedKv`; generation resumes after the
     /// first token prefill sampled.
     Import(ImportedKv),
@@ -30,7 +36,9 @@ pub enum KvTransfer {
 #[derive(Debug, Clone)]
 pub struct ImportedKv {
     /// The token prefill sampled after the prompt (decode emits it as its first token).
-    pub first_token: TokenLogprob,
+    /// None when the request comes from an early descriptor: the copy starts at once and
+    /// the token follows ([`crate::engine::Engine::provide_first_token`]).
+    pub first_token: Option<TokenLogprob>,
     pub source: KvSource,
 }
 
@@ -39,8 +47,14 @@ pub struct ImportedKv {
 pub enum KvSource {
     /// Bytes already pulled to this host, in [`KvPayload`] order.
     Host(Arc<KvPayload>),
-    /// Blocks of a peer process on this node, read device to device.
-    CudaIpc { peer: Arc<CudaIpcKv>, remote_blocks: Vec<BlockId> },
+    /// Blocks of a peer process on this node, read device to device. With `ready_mark`
+    /// (an early descriptor) each layer is read once the peer's progress mark for that
+    /// layer reached it, i.e. while prefill is still computing later layers.
+    CudaIpc {
+        peer: Arc<CudaIpcKv>,
+        remote_blocks: Vec<BlockId>,
+        ready_mark: Option<u32>,
+    },
 }
 
 /// KV bytes of whole blocks, layer-major: for each layer, the K rows of every block in
@@ -61,7 +75,28 @@ pub struct CudaIpcKv {
     pub pid: u32,
     pub k_handles: Vec<String>,
     pub v_handles: Vec<String>,
+    /// Handle of the per-layer progress marks (one u32 per layer): the mark of the last
+    /// forward whose KV writes for that layer are complete, published for early handoffs.
+    #[serde(default)]
+    pub progress: Option<String>,
 }
+
+/// Announced when an early-handoff prefill request's last chunk is scheduled: the lease
+/// its blocks will be pinned under and the blocks themselves, whose KV is complete once
+/// the forward that carries `ready_mark` has run (per layer, where the backend publishes
+/// progress marks; else once the first token is out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyKv {
+    pub lease_id: u64,
+    pub blocks: Vec<BlockId>,
+    pub num_tokens: usize,
+    pub expires_at: Instant,
+    pub ready_mark: Option<u32>,
+}
+
+/// How a decode engine learns the first token of an early handoff: the token, or why
+/// there is none (the lease was released, expired, or the prefill request failed).
+pub type FirstTokenResult = Result<TokenLogprob, String>;
 
 /// Blocks a prefill request left pinned for a decode engine.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::kv_transfer::{KvHandoff, KvTransfer};
+use crate::kv_transfer::{EarlyKv, KvHandoff, KvTransfer};
 use crate::sampling_params::SamplingParams;
 
 /// A tokenized generation request.
@@ -68,6 +68,25 @@ pub struct ChoiceDelta {
     /// Prefill only: the prompt's KV was pinned for a decode engine (see
     /// [`KvTransfer::Export`]); the choice ends here.
     pub kv_handoff: Option<KvHandoff>,
+    /// Prefill with an early handoff only: the lease and blocks, announced before the
+    /// prompt's last forward (a delta with no tokens).
+    pub kv_ready: Option<EarlyKv>,
+}
+
+impl ChoiceDelta {
+    /// The announcement of an early handoff.
+    pub fn kv_ready(kv: EarlyKv) -> Self {
+        ChoiceDelta {
+            index: 0,
+            text: String::new(),
+            token_ids: Vec::new(),
+            logprobs: Vec::new(),
+            finish_reason: None,
+            stop_reason: None,
+            kv_handoff: None,
+            kv_ready: Some(kv),
+        }
+    }
 }
 
 /// Token counts of a finished request.

@@ -2,10 +2,13 @@
 
 Starts an aggregated engine on GPU 0 as the reference, then a prefill engine on GPU 0
 and a decode engine on GPU 1 (separate processes; KV over CUDA IPC, then over TCP), and
-reports: whether greedy outputs through prefill -> decode equal the aggregated ones, the
-KV import bandwidth decode logged against a peer copy of the same bytes measured here
-with torch, and the TTFT disaggregation adds at several prompt lengths (client-side, over kept-alive HTTP
-connections, as a router holds them).
+reports: whether greedy outputs through prefill -> decode equal the aggregated ones (with
+the descriptor sent after the first token, "late", and before it, "early"), the KV import
+bandwidth decode logged for a late 16K-token import against a peer copy of the same bytes
+measured here with torch, and the TTFT disaggregation adds at several prompt lengths
+(client-side, over kept-alive HTTP connections, as a router holds them). The early flow
+is driven here the way the router drives it: prefill's first line (the descriptor) goes to
+decode at once, and prefill's second line is read after decode's first chunk.
 
 usage: pd_bench.py MODEL_DIR DLENGINE_BIN OUT_JSON
 """
@@ -85,15 +88,36 @@ def greedy(p, max_tokens):
     return {"model": "m", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
 
-def pd_generate(pp, dp, body):
-    pre = post_json(pp, dict(body, kv_transfer_params={"do_remote_decode": True}))
-    return post_json(dp, dict(body, kv_transfer_params=pre["kv_transfer_params"]))
+LATE = {"do_remote_decode": True}
+EARLY = {"do_remote_decode": True, "early_descriptor": True}
 
 
-def pd_ttft(pp, dp, body):
+def early_descriptor(pp, body):
+    """Sends an early prefill order; returns its descriptor and the response whose second
+    line is still to come."""
+    r = post(pp, dict(body, kv_transfer_params=EARLY))
+    return json.loads(r.readline())["kv_transfer_params"], r
+
+
+def pd_generate(pp, dp, body, early):
+    if not early:
+        pre = post_json(pp, dict(body, kv_transfer_params=LATE))
+        return post_json(dp, dict(body, kv_transfer_params=pre["kv_transfer_params"]))
+    descriptor, rest = early_descriptor(pp, body)
+    out = post_json(dp, dict(body, kv_transfer_params=descriptor))
+    rest.read()
+    return out
+
+
+def pd_ttft(pp, dp, body, early):
     start = time.perf_counter()
-    pre = post_json(pp, dict(body, kv_transfer_params={"do_remote_decode": True}))
-    return time.perf_counter() - start + first_chunk_seconds(dp, dict(body, kv_transfer_params=pre["kv_transfer_params"]))
+    if not early:
+        pre = post_json(pp, dict(body, kv_transfer_params=LATE))
+        return time.perf_counter() - start + first_chunk_seconds(dp, dict(body, kv_transfer_params=pre["kv_transfer_params"]))
+    descriptor, rest = early_descriptor(pp, body)
+    elapsed = time.perf_counter() - start + first_chunk_seconds(dp, dict(body, kv_transfer_params=descriptor))
+    rest.read()
+    return elapsed
 
 
 def median_of(f):
@@ -128,8 +152,10 @@ def imports(log_name):
 
 result = {"model": MODEL, "lengths": LENGTHS}
 agg = start("aggregated", 8201, ["--cuda-device", "0"])
-checks = [(prompt(n, s), 32) for s, n in enumerate([7, 100, 1000, 3000])]
-reference = [post_json(8201, greedy(p, m))["choices"][0]["text"] for p, m in checks]
+# Each flow checks its own prompts: a prompt prefill has cached computes only its last
+# tokens, whose bf16 numerics may differ from the reference's whole-prompt forward.
+checks = {flow: [(prompt(n, s + salt), 32) for s, n in enumerate([7, 100, 1000, 3000])] for flow, salt in [("late", 10), ("early", 20)]}
+reference = {flow: [post_json(8201, greedy(p, m))["choices"][0]["text"] for p, m in c] for flow, c in checks.items()}
 result["aggregated_ttft_ms"] = {n: 1e3 * median_of(lambda: first_chunk_seconds(8201, greedy(prompt(n, 1), 2))) for n in LENGTHS}
 agg.terminate(), agg.wait()
 CONNECTIONS.clear()
@@ -137,11 +163,14 @@ CONNECTIONS.clear()
 for transport in ["cuda-ipc", "tcp"]:
     pre = start("prefill", 8202, ["--cuda-device", "0", "--mode", "prefill"])
     dec = start(f"decode-{transport}", 8203, ["--cuda-device", "1", "--mode", "decode", "--kv-transport", transport])
-    got = [pd_generate(8202, 8203, greedy(p, m))["choices"][0]["text"] for p, m in checks]
-    r = {"outputs_equal": got == reference, "mismatches": sum(a != b for a, b in zip(got, reference))}
-    r["ttft_ms"] = {n: 1e3 * median_of(lambda: pd_ttft(8202, 8203, greedy(prompt(n, 1), 2))) for n in LENGTHS}
-    r["added_ttft_ms"] = {n: r["ttft_ms"][n] - result["aggregated_ttft_ms"][n] for n in LENGTHS}
-    r["imports"] = imports(f"pd-decode-{transport}.log")[-3:]
+    r = {}
+    for flow, early in [("late", False), ("early", True)]:
+        got = [pd_generate(8202, 8203, greedy(p, m), early)["choices"][0]["text"] for p, m in checks[flow]]
+        r[flow] = {"outputs_equal": got == reference[flow], "mismatches": sum(a != b for a, b in zip(got, reference[flow]))}
+        r[flow]["ttft_ms"] = {n: 1e3 * median_of(lambda: pd_ttft(8202, 8203, greedy(prompt(n, 1), 2), early)) for n in LENGTHS}
+        r[flow]["added_ttft_ms"] = {n: r[flow]["ttft_ms"][n] - result["aggregated_ttft_ms"][n] for n in LENGTHS}
+    pd_generate(8202, 8203, greedy(prompt(LENGTHS[-1], 3), 2), False)  # a late import: its log line is a bandwidth
+    r["imports"] = imports(f"pd-decode-{transport}.log")[-1:]
     leases = urllib.request.urlopen("http://127.0.0.1:8202/metrics").read().decode()
     r["prefill_leases_after"] = [l for l in leases.splitlines() if l.startswith("dlengine_kv_leases ")]
     result[transport] = r

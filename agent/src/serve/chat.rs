@@ -7,7 +7,7 @@ use dlengine_engine::request::GenerateRequest;
 use super::chat_prompt::chat_prompt;
 use super::chat_response::{ChatAnswer, ChatChunks, ChatMessageCollector};
 use super::engine_errors::{submit_error, PromptFields};
-use super::generation::{collect, Generation};
+use super::generation::Generation;
 use super::json_body::{parse_request, RawBody};
 use super::pd::{self, KvParams};
 use super::request_id::RequestId;
@@ -40,14 +40,30 @@ pub async fn chat_completions(
     };
     let params = sampling_params(&request.sampling, &ctx)?;
     let n = params.n;
-    let fields = PromptFields { prompt: "messages", max_tokens: request.sampling.max_tokens_field().map(|f| f.0) };
+    let fields = PromptFields {
+        prompt: "messages",
+        max_tokens: request.sampling.max_tokens_field().map(|f| f.0),
+    };
     let id = ids::chat_completion_id();
     tracing::debug!(%id, prompt_tokens = prompt.token_ids.len(), "chat request");
-    let mut generate = GenerateRequest { request_id: request_id.0, prompt_token_ids: prompt.token_ids, params, kv_transfer: Default::default() };
-    engine.check(&generate).map_err(|e| submit_error(e, fields))?;
-    let lease = ready.pd.apply(engine, state.served_model(), &kv_params, &mut generate).await?;
-    let prefill_prompt = matches!(kv_params, KvParams::RemoteDecode).then(|| generate.prompt_token_ids.clone());
-    let stream = engine.submit(generate).map_err(|e| submit_error(e, fields))?;
+    let mut generate = GenerateRequest {
+        request_id: request_id.0,
+        prompt_token_ids: prompt.token_ids,
+        params,
+        kv_transfer: Default::default(),
+    };
+    engine
+        .check(&generate)
+        .map_err(|e| submit_error(e, fields))?;
+    let import = ready
+        .pd
+        .apply(engine, state.served_model(), &kv_params, &mut generate)
+        .await?;
+    let prefill = kv_params.prefill_order(&generate.prompt_token_ids);
+    let stream = engine
+        .submit(generate)
+        .map_err(|e| submit_error(e, fields))?;
+    let lease = import.map(|import| import.follow(&stream));
     let mut generation = Generation::new(vec![stream], state.track_request());
     if let Some(lease) = lease {
         generation.hold_lease(lease);
@@ -66,6 +82,12 @@ pub async fn chat_completions(
     if request.stream.unwrap_or(false) {
         return Ok(sse_response(generation, ChatChunks::new(answer)));
     }
-    let output = collect(&mut generation, ChatMessageCollector::new(answer)).await?;
-    pd::answer(&ready.pd, engine, prefill_prompt.as_deref(), &mut generation, output).await
+    pd::answer(
+        &ready.pd,
+        engine,
+        prefill,
+        generation,
+        ChatMessageCollector::new(answer),
+    )
+    .await
 }

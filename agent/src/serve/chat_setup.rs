@@ -37,7 +37,11 @@ impl ChatSetup {
             reasoning,
             "chat template loaded"
         );
-        Self { template, tool_parser, reasoning }
+        Self {
+            template,
+            tool_parser,
+            reasoning,
+        }
     }
 }
 

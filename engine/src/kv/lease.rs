@@ -1,16 +1,40 @@
 //! Leases on handed-off KV blocks: a prefill engine keeps a request's blocks referenced
 //! until the decode engine says it has pulled them, or until the lease expires, so a
 //! decode engine that dies never leaks them.
+//!
+//! An early handoff reserves its lease before the prompt's last forward runs: the lease
+//! exists without blocks until the first token is sampled, and callers asking for that
+//! token wait on it. Releasing a reserved lease cancels it: the request's blocks are then
+//! freed instead of pinned.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
+
 use super::BlockId;
+use crate::kv_transfer::FirstTokenResult;
+use crate::request::TokenLogprob;
+
+/// Where a waiter for a lease's first token gets its answer.
+pub type FirstTokenReply = oneshot::Sender<FirstTokenResult>;
 
 #[derive(Debug)]
 struct Lease {
+    /// Empty while reserved.
     blocks: Vec<BlockId>,
     expires_at: Instant,
+    first_token: Option<TokenLogprob>,
+    waiters: Vec<FirstTokenReply>,
+}
+
+impl Lease {
+    fn end(self, why: &str) -> Vec<BlockId> {
+        for waiter in self.waiters {
+            let _ = waiter.send(Err(why.to_owned()));
+        }
+        self.blocks
+    }
 }
 
 #[derive(Debug)]
@@ -25,7 +49,11 @@ impl LeaseTable {
     /// previous process misses instead of freeing someone else's blocks. Ids are not
     /// secrets: whoever reaches the engine's port can free a lease.
     pub fn new(ttl: Duration, salt: u64) -> Self {
-        Self { leases: HashMap::new(), ttl, next_id: salt | 1 }
+        Self {
+            leases: HashMap::new(),
+            ttl,
+            next_id: salt | 1,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -41,35 +69,108 @@ impl LeaseTable {
         self.leases.values().map(|l| l.blocks.len()).sum()
     }
 
-    /// Pins `blocks` (the caller hands over its references); returns the lease id and
-    /// when it expires.
-    pub fn pin(&mut self, blocks: Vec<BlockId>, now: Instant) -> (u64, Instant) {
+    /// Reserves a lease whose blocks and first token come later ([`Self::fill`]);
+    /// returns its id and when it expires.
+    pub fn reserve(&mut self, now: Instant) -> (u64, Instant) {
         let id = self.next_id;
         // An odd-constant step walks all of u64 before repeating.
         self.next_id = self.next_id.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let expires_at = now + self.ttl;
-        self.leases.insert(id, Lease { blocks, expires_at });
+        self.leases.insert(
+            id,
+            Lease {
+                blocks: Vec::new(),
+                expires_at,
+                first_token: None,
+                waiters: Vec::new(),
+            },
+        );
         (id, expires_at)
     }
 
+    /// Pins `blocks` (the caller hands over its references) under a reserved lease and
+    /// answers the first token's waiters. A lease released or expired meanwhile gives the
+    /// blocks back (Err): they are the caller's to free.
+    pub fn fill(
+        &mut self,
+        id: u64,
+        blocks: Vec<BlockId>,
+        first_token: TokenLogprob,
+    ) -> Result<Instant, Vec<BlockId>> {
+        let Some(lease) = self.leases.get_mut(&id) else {
+            return Err(blocks);
+        };
+        for waiter in lease.waiters.drain(..) {
+            let _ = waiter.send(Ok(first_token.clone()));
+        }
+        lease.blocks = blocks;
+        lease.first_token = Some(first_token);
+        Ok(lease.expires_at)
+    }
+
+    /// Pins `blocks` under a new lease at once; returns its id and expiry.
+    pub fn pin(
+        &mut self,
+        blocks: Vec<BlockId>,
+        first_token: TokenLogprob,
+        now: Instant,
+    ) -> (u64, Instant) {
+        let (id, _) = self.reserve(now);
+        let expires_at = self
+            .fill(id, blocks, first_token)
+            .expect("the lease was just reserved");
+        (id, expires_at)
+    }
+
+    /// The lease's blocks: None if unknown, empty while reserved.
     pub fn blocks(&self, id: u64) -> Option<&[BlockId]> {
         self.leases.get(&id).map(|l| l.blocks.as_slice())
     }
 
-    /// Ends a lease; its blocks are the caller's to release.
+    /// Answers `reply` with the lease's first token now if it is known, else once it is.
+    pub fn await_first_token(&mut self, id: u64, reply: FirstTokenReply) {
+        match self.leases.get_mut(&id) {
+            None => {
+                let _ = reply.send(Err(format!("unknown or expired KV lease {id}")));
+            }
+            Some(Lease {
+                first_token: Some(token),
+                ..
+            }) => {
+                let _ = reply.send(Ok(token.clone()));
+            }
+            Some(lease) => lease.waiters.push(reply),
+        }
+    }
+
+    /// Ends a lease (reserved or not); its blocks are the caller's to release.
     pub fn take(&mut self, id: u64) -> Option<Vec<BlockId>> {
-        self.leases.remove(&id).map(|l| l.blocks)
+        self.leases
+            .remove(&id)
+            .map(|l| l.end("the KV lease was released before prefill sampled its first token"))
     }
 
     /// Ends every lease that expired by `now`; returns their blocks.
     pub fn take_expired(&mut self, now: Instant) -> Vec<BlockId> {
-        let expired: Vec<u64> = self.leases.iter().filter(|(_, l)| l.expires_at <= now).map(|(&id, _)| id).collect();
-        expired.into_iter().flat_map(|id| self.take(id).unwrap_or_default()).collect()
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires_at <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|id| self.leases.remove(&id))
+            .flat_map(|l| l.end("the KV lease expired"))
+            .collect()
     }
 
     /// Ends every lease (shutdown).
     pub fn take_all(&mut self) -> Vec<BlockId> {
-        self.leases.drain().flat_map(|(_, l)| l.blocks).collect()
+        self.leases
+            .drain()
+            .flat_map(|(_, l)| l.end("the engine shut down"))
+            .collect()
     }
 
     /// The earliest expiry, so an idle engine knows when to wake up.
@@ -86,8 +187,8 @@ mod tests {
     fn a_lease_is_taken_once_and_expires_on_time() {
         let t0 = Instant::now();
         let mut table = LeaseTable::new(Duration::from_secs(10), 42);
-        let (a, expires) = table.pin(vec![1, 2], t0);
-        let (b, _) = table.pin(vec![3], t0 + Duration::from_secs(5));
+        let (a, expires) = table.pin(vec![1, 2], token(1), t0);
+        let (b, _) = table.pin(vec![3], token(2), t0 + Duration::from_secs(5));
         assert_ne!(a, b);
         assert_eq!(expires, t0 + Duration::from_secs(10));
         assert_eq!(table.num_blocks(), 3);
@@ -97,5 +198,56 @@ mod tests {
         assert_eq!(table.take(a), None, "expired lease is gone");
         assert_eq!(table.take(b), Some(vec![3]));
         assert!(table.is_empty());
+    }
+
+    fn token(token_id: u32) -> TokenLogprob {
+        TokenLogprob {
+            token_id,
+            logprob: -0.5,
+            top: Vec::new(),
+        }
+    }
+
+    fn waiter(table: &mut LeaseTable, id: u64) -> oneshot::Receiver<FirstTokenResult> {
+        let (tx, rx) = oneshot::channel();
+        table.await_first_token(id, tx);
+        rx
+    }
+
+    #[test]
+    fn a_reserved_lease_answers_its_waiters_when_filled_and_later_callers_at_once() {
+        let mut table = LeaseTable::new(Duration::from_secs(10), 7);
+        let (id, _) = table.reserve(Instant::now());
+        let mut early = waiter(&mut table, id);
+        assert!(early.try_recv().is_err(), "no token yet");
+        assert_eq!(table.blocks(id), Some(&[][..]));
+        assert!(table.fill(id, vec![4, 5], token(9)).is_ok());
+        assert_eq!(early.try_recv().unwrap(), Ok(token(9)));
+        assert_eq!(waiter(&mut table, id).try_recv().unwrap(), Ok(token(9)));
+        assert_eq!(table.num_blocks(), 2);
+    }
+
+    #[test]
+    fn releasing_or_expiring_a_reserved_lease_fails_its_waiters_and_refuses_the_blocks() {
+        let t0 = Instant::now();
+        let mut table = LeaseTable::new(Duration::from_secs(10), 7);
+        let (released, _) = table.reserve(t0);
+        let mut w = waiter(&mut table, released);
+        assert_eq!(table.take(released), Some(Vec::new()));
+        assert!(w.try_recv().unwrap().unwrap_err().contains("released"));
+        assert_eq!(
+            table.fill(released, vec![1], token(3)),
+            Err(vec![1]),
+            "the caller frees the blocks"
+        );
+        let (expired, _) = table.reserve(t0);
+        let mut w = waiter(&mut table, expired);
+        assert!(table.take_expired(t0 + Duration::from_secs(10)).is_empty());
+        assert!(w.try_recv().unwrap().unwrap_err().contains("expired"));
+        assert!(waiter(&mut table, expired)
+            .try_recv()
+            .unwrap()
+            .unwrap_err()
+            .contains("unknown or expired"));
     }
 }

@@ -8,4 +8,4 @@ mod lease;
 
 pub use block_hash::{hash_block, hash_full_blocks};
 pub use block_manager::{BlockId, BlockManager};
-pub use lease::LeaseTable;
+pub use lease::{FirstTokenReply, LeaseTable};

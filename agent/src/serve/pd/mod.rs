@@ -6,6 +6,7 @@
 //! (CUDA IPC on one node, TCP anywhere), releases prefill's lease and generates the rest.
 
 mod descriptor;
+mod first_token;
 mod free;
 mod handoff;
 mod import;
@@ -25,9 +26,11 @@ use dlengine_registry::{Identity, TransferEndpoints};
 use crate::openai::ApiError;
 
 pub use descriptor::PrefillEndpoint;
+pub use first_token::first_token;
 pub use free::free_lease;
-pub use handoff::{answer, Handoff};
+pub use handoff::{answer, Handoff, PrefillOrder};
 use import::import_kv;
+pub use import::DecodeImport;
 pub use params::KvParams;
 pub use release::LeaseRelease;
 
@@ -46,7 +49,12 @@ pub struct Pd {
 impl Pd {
     /// Starts the TCP KV listener (every engine has one: any engine may be asked to
     /// prefill) and gathers what descriptors advertise.
-    pub async fn start(args: &ServeArgs, engine: &Engine, served_model: &str, identity: &Identity) -> anyhow::Result<Pd> {
+    pub async fn start(
+        args: &ServeArgs,
+        engine: &Engine,
+        served_model: &str,
+        identity: &Identity,
+    ) -> anyhow::Result<Pd> {
         let self_url = &identity.advertise_url;
         if args.transfer.require_rdma || args.transfer.kv_transport == KvTransport::Rdma {
             anyhow::bail!(
@@ -54,9 +62,15 @@ impl Pd {
                  transport (crate dlengine-kv-rdma) is not wired into serving yet. Use --kv-transport auto|tcp|cuda-ipc"
             );
         }
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.transfer.kv_transfer_port))
-            .await
-            .with_context(|| format!("binding the KV transfer listener on {}:{}", args.host, args.transfer.kv_transfer_port))?;
+        let listener =
+            tokio::net::TcpListener::bind((args.host.as_str(), args.transfer.kv_transfer_port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the KV transfer listener on {}:{}",
+                        args.host, args.transfer.kv_transfer_port
+                    )
+                })?;
         let port = listener.local_addr()?.port();
         tokio::spawn(tcp::serve(listener, engine.clone()));
         let host = url_host(self_url);
@@ -64,33 +78,52 @@ impl Pd {
             engine_id: identity.instance_id.clone(),
             model: served_model.to_owned(),
             free_url: format!("{self_url}/pd/free"),
+            first_token_url: format!("{self_url}/pd/first_token"),
             node: gethostname::gethostname().to_string_lossy().into_owned(),
             tcp: Some(format!("{host}:{port}")),
             cuda_ipc: engine.kv_ipc().cloned(),
         };
         tracing::info!(tcp = ?endpoint.tcp, cuda_ipc = endpoint.cuda_ipc.is_some(), "KV transfer ready");
-        let client = reqwest::Client::builder().timeout(FREE_TIMEOUT).build().context("building the HTTP client")?;
-        Ok(Pd { endpoint, transport: args.transfer.kv_transport, client })
+        let client = reqwest::Client::builder()
+            .timeout(FREE_TIMEOUT)
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Pd {
+            endpoint,
+            transport: args.transfer.kv_transport,
+            client,
+        })
     }
 
     /// Applies `kv_transfer_params` to a request about to be submitted: prefill hands its
-    /// KV off, decode imports it (over TCP, pulled right here). The returned lease must
-    /// be held until the engine's first event for the request.
+    /// KV off, decode imports it (over TCP, pulled right here). The returned import must
+    /// be followed once the request is submitted.
     pub async fn apply(
         &self,
         engine: &Engine,
         served_model: &str,
         params: &KvParams,
         request: &mut GenerateRequest,
-    ) -> Result<Option<LeaseRelease>, ApiError> {
+    ) -> Result<Option<DecodeImport>, ApiError> {
         match params {
             KvParams::None => Ok(None),
-            KvParams::RemoteDecode => {
-                request.kv_transfer = KvTransfer::Export;
+            KvParams::RemoteDecode { early } => {
+                request.kv_transfer = if *early {
+                    KvTransfer::ExportEarly
+                } else {
+                    KvTransfer::Export
+                };
                 Ok(None)
             }
             KvParams::Continue(descriptor) => {
-                let (transfer, lease) = import_kv(self, engine, served_model, &request.prompt_token_ids, descriptor).await?;
+                let (transfer, lease) = import_kv(
+                    self,
+                    engine,
+                    served_model,
+                    &request.prompt_token_ids,
+                    descriptor,
+                )
+                .await?;
                 request.kv_transfer = transfer;
                 Ok(Some(lease))
             }
@@ -101,7 +134,11 @@ impl Pd {
     pub fn transfer_endpoints(&self) -> TransferEndpoints {
         TransferEndpoints {
             tcp: self.endpoint.tcp.clone(),
-            cuda_ipc: self.endpoint.cuda_ipc.as_ref().map(|c| format!("{}@{}", c.device, self.endpoint.node)),
+            cuda_ipc: self
+                .endpoint
+                .cuda_ipc
+                .as_ref()
+                .map(|c| format!("{}@{}", c.device, self.endpoint.node)),
             rdma: None,
         }
     }

@@ -1,0 +1,469 @@
+//! The engine core's side of prefill/decode disaggregation (docs/disaggregation.md).
+//!
+//! Prefill: a request's blocks end under a lease instead of being freed. An early handoff
+//! reserves that lease when the prompt's last chunk is scheduled and announces it before
+//! the forward runs ([`StepEvent::KvReady`]), asking the backend to publish per-layer
+//! progress so a peer can read each layer as soon as it is written.
+//!
+//! Decode: an imported request waits for blocks (FCFS), then its copy starts; it runs
+//! once the copy finished and prefill's first token is known, which it emits at once.
+
+use std::time::Instant;
+
+use super::{EngineCore, Export, RequestKey, StepEvent};
+use crate::error::EngineError;
+use crate::kv::{BlockId, FirstTokenReply};
+use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvHandoff, KvSource};
+use crate::request::TokenLogprob;
+use crate::sampler::SampledToken;
+use crate::scheduler::SchedulerOutput;
+use crate::sequence::{SeqId, Sequence};
+
+/// A decode request whose KV is still to come, waiting for blocks and a running slot.
+pub(super) struct PendingImport {
+    key: RequestKey,
+    seq: Sequence,
+    source: KvSource,
+    first_token: Option<FirstTokenResult>,
+}
+
+impl PendingImport {
+    pub(super) fn new(key: RequestKey, seq: Sequence, kv: ImportedKv) -> Self {
+        Self {
+            key,
+            seq,
+            source: kv.source,
+            first_token: kv.first_token.map(Ok),
+        }
+    }
+}
+
+/// A decode request whose blocks are allocated and whose copy has started.
+pub(super) struct Importing {
+    key: RequestKey,
+    seq: Sequence,
+    /// The device copy still running (None: done, or the KV was written synchronously).
+    copy: Option<u64>,
+    first_token: Option<FirstTokenResult>,
+    started: Instant,
+    via: &'static str,
+}
+
+/// What a finished import needs to run.
+enum Outcome {
+    Run(TokenLogprob),
+    Fail(String),
+}
+
+impl EngineCore {
+    fn can_admit(&self, import: &PendingImport) -> bool {
+        let blocks = import.seq.len().div_ceil(self.info.kv_layout.block_size);
+        self.scheduler.can_admit_running(blocks)
+    }
+
+    /// Whether imports need the engine to step: one can be admitted, a copy is running,
+    /// or one is ready to run. (Waiting only for a first token is not work: that arrives
+    /// as a command.)
+    pub(super) fn imports_have_work(&self) -> bool {
+        self.pending_imports
+            .front()
+            .is_some_and(|p| self.can_admit(p))
+            || self
+                .pending_imports
+                .iter()
+                .any(|p| matches!(p.first_token, Some(Err(_))))
+            || self
+                .importing
+                .iter()
+                .any(|i| i.copy.is_some() || i.first_token.is_some())
+            || !self.orphaned_copies.is_empty()
+    }
+
+    /// Admits the imports that fit (their copy starts), then starts the imports whose KV
+    /// and first token are both here. True if a first token (or failure) went out: the
+    /// step returns at once rather than run a forward after it, which would add a whole
+    /// step to the time to first token.
+    pub(super) fn advance_imports(&mut self, events: &mut Vec<StepEvent>) -> bool {
+        self.reap_orphaned_copies();
+        while let Some(i) = self
+            .pending_imports
+            .iter()
+            .position(|p| matches!(p.first_token, Some(Err(_))))
+        {
+            let pending = self.pending_imports.remove(i).expect("found");
+            let Some(Err(why)) = pending.first_token else {
+                unreachable!()
+            };
+            self.fail_import(
+                pending.key,
+                format!("prefill's first token did not arrive: {why}"),
+                events,
+            );
+        }
+        while self
+            .pending_imports
+            .front()
+            .is_some_and(|p| self.can_admit(p))
+        {
+            let import = self.pending_imports.pop_front().expect("checked front");
+            self.begin_import(import, events);
+        }
+        let mut emitted = false;
+        for i in (0..self.importing.len()).rev() {
+            if let Some(outcome) = self.import_outcome(i) {
+                let import = self.importing.swap_remove(i);
+                self.finish_import(import, outcome, events);
+                emitted = true;
+            }
+        }
+        emitted
+    }
+
+    fn begin_import(&mut self, import: PendingImport, events: &mut Vec<StepEvent>) {
+        let PendingImport {
+            key,
+            mut seq,
+            source,
+            first_token,
+        } = import;
+        if let Some(req) = self.requests.get_mut(&key) {
+            req.started = true;
+        }
+        events.push(StepEvent::Started {
+            key,
+            cached_tokens: 0,
+        });
+        let num_blocks = seq.len().div_ceil(self.info.kv_layout.block_size);
+        let Some(blocks) = self.scheduler.allocate_detached(num_blocks) else {
+            return self.fail_import(key, "no free KV blocks".into(), events);
+        };
+        let started = Instant::now();
+        let via = if matches!(source, KvSource::Host(_)) {
+            "host"
+        } else {
+            "cuda-ipc"
+        };
+        match self.start_copy(&source, &blocks) {
+            Ok(copy) => {
+                seq.block_table = blocks;
+                self.importing.push(Importing {
+                    key,
+                    seq,
+                    copy,
+                    first_token,
+                    started,
+                    via,
+                });
+            }
+            Err(e) => {
+                self.scheduler.release_detached(&blocks);
+                self.fail_import(
+                    key,
+                    format!("importing the prompt's KV cache failed: {e}"),
+                    events,
+                );
+            }
+        }
+    }
+
+    /// Writes host bytes at once; starts a device copy and returns its ticket.
+    fn start_copy(&mut self, source: &KvSource, blocks: &[BlockId]) -> Result<Option<u64>, String> {
+        let num_layers = self.info.kv_layout.num_layers;
+        match source {
+            KvSource::Host(payload) if payload.num_blocks != blocks.len() => Err(format!(
+                "the KV payload holds {} blocks, the prompt needs {}",
+                payload.num_blocks,
+                blocks.len()
+            )),
+            KvSource::Host(payload) => {
+                self.executor
+                    .kv_io()
+                    .write_kv_blocks(blocks, 0..num_layers, &payload.bytes)
+                    .map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            KvSource::CudaIpc { remote_blocks, .. } if remote_blocks.len() != blocks.len() => {
+                Err(format!(
+                    "the peer lease holds {} blocks, the prompt needs {}",
+                    remote_blocks.len(),
+                    blocks.len()
+                ))
+            }
+            KvSource::CudaIpc {
+                peer,
+                remote_blocks,
+                ready_mark,
+            } => {
+                let pairs: Vec<(u32, u32)> = remote_blocks
+                    .iter()
+                    .copied()
+                    .zip(blocks.iter().copied())
+                    .collect();
+                let ticket = self
+                    .executor
+                    .kv_io()
+                    .start_copy_from_peer(peer, &pairs, *ready_mark)
+                    .map_err(|e| e.to_string())?;
+                Ok(Some(ticket))
+            }
+        }
+    }
+
+    /// Polls import `i`: None while its copy runs or its first token is awaited.
+    fn import_outcome(&mut self, i: usize) -> Option<Outcome> {
+        // No token is coming: fail now rather than after the copy (which may wait for a
+        // prefill that is gone); its blocks wait for the copy in `finish_import`.
+        if let Some(Err(why)) = &self.importing[i].first_token {
+            return Some(Outcome::Fail(format!(
+                "prefill's first token did not arrive: {why}"
+            )));
+        }
+        if let Some(ticket) = self.importing[i].copy {
+            match self.executor.kv_io().copy_finished(ticket) {
+                Ok(false) => return None,
+                Ok(true) => self.importing[i].copy = None,
+                Err(e) => {
+                    self.importing[i].copy = None; // over, failed
+                    return Some(Outcome::Fail(format!(
+                        "copying the prompt's KV cache from prefill failed: {e}"
+                    )));
+                }
+            }
+        }
+        match self.importing[i].first_token.take()? {
+            Ok(token) => Some(Outcome::Run(token)),
+            Err(why) => Some(Outcome::Fail(format!(
+                "prefill's first token did not arrive: {why}"
+            ))),
+        }
+    }
+
+    fn finish_import(&mut self, import: Importing, outcome: Outcome, events: &mut Vec<StepEvent>) {
+        let Importing {
+            key,
+            mut seq,
+            started,
+            via,
+            copy,
+            ..
+        } = import;
+        let first = match outcome {
+            Outcome::Run(token) => token,
+            Outcome::Fail(message) => {
+                match copy {
+                    Some(ticket) => self
+                        .orphaned_copies
+                        .push((ticket, std::mem::take(&mut seq.block_table))),
+                    None => self.scheduler.release_detached(&seq.block_table),
+                }
+                return self.fail_import(key, message, events);
+            }
+        };
+        let prompt_len = seq.len();
+        let bytes = seq.block_table.len() * self.info.kv_layout.bytes_per_block();
+        let seconds = started.elapsed().as_secs_f64();
+        // From admission to the first token: for an early descriptor this includes waiting
+        // for prefill's forward, so gb_per_s is a bandwidth only for a late one.
+        let (ms, gb_per_s) = (seconds * 1e3, bytes as f64 / seconds / 1e9);
+        tracing::info!(tokens = prompt_len, bytes, ms, gb_per_s, via, "imported KV");
+        let seq_id = seq.id;
+        seq.num_computed_tokens = prompt_len;
+        self.scheduler.add_running(seq);
+        self.scheduler.append_token(seq_id, first.token_id);
+        let token = SampledToken {
+            token: first.token_id,
+            logprob: first.logprob,
+            top: first.top,
+        };
+        self.emit_token(seq_id, 0, token, events);
+    }
+
+    fn fail_import(&mut self, key: RequestKey, message: String, events: &mut Vec<StepEvent>) {
+        self.abort(key);
+        events.push(StepEvent::Failed {
+            key,
+            message,
+            was_queued: false,
+        });
+    }
+
+    /// Decode side: prefill's first token for an import started from an early descriptor
+    /// (or why it will not come, which fails the request).
+    pub fn provide_first_token(&mut self, key: RequestKey, token: FirstTokenResult) {
+        if let Some(import) = self.importing.iter_mut().find(|i| i.key == key) {
+            import.first_token = Some(token);
+        } else if let Some(pending) = self.pending_imports.iter_mut().find(|p| p.key == key) {
+            pending.first_token = Some(token);
+        }
+    }
+
+    /// Drops an import wherever it is. Blocks a device copy may still write into wait
+    /// until the copy is over: given to another request now, they could be overwritten.
+    pub(super) fn drop_import(&mut self, key: RequestKey) {
+        self.pending_imports.retain(|p| p.key != key);
+        let Some(i) = self.importing.iter().position(|i| i.key == key) else {
+            return;
+        };
+        let import = self.importing.swap_remove(i);
+        match import.copy {
+            Some(ticket) => self.orphaned_copies.push((ticket, import.seq.block_table)),
+            None => self.scheduler.release_detached(&import.seq.block_table),
+        }
+    }
+
+    fn reap_orphaned_copies(&mut self) {
+        let mut i = 0;
+        while i < self.orphaned_copies.len() {
+            let ticket = self.orphaned_copies[i].0;
+            // A failed copy is over too: its blocks can go.
+            if self.executor.kv_io().copy_finished(ticket).unwrap_or(true) {
+                let (_, blocks) = self.orphaned_copies.swap_remove(i);
+                self.scheduler.release_detached(&blocks);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Prefill side: reserves the lease of every early-handoff request whose last prompt
+    /// chunk this step computes, and announces it before the forward runs.
+    pub(super) fn announce_early_handoffs(
+        &mut self,
+        out: &SchedulerOutput,
+        announce: &mut dyn FnMut(StepEvent),
+    ) {
+        let mut ready_mark = None;
+        for s in out.scheduled.iter().filter(|s| s.sample) {
+            let Some(&(key, _)) = self.owner.get(&s.seq_id) else {
+                continue;
+            };
+            let Some(req) = self.requests.get(&key) else {
+                continue;
+            };
+            if req.export != Export::Early || req.early_lease.is_some() {
+                continue;
+            }
+            let seq = self.scheduler.seq(s.seq_id).expect("scheduled sequence");
+            let num_tokens = seq.prompt_len;
+            let blocks =
+                seq.block_table[..num_tokens.div_ceil(self.info.kv_layout.block_size)].to_vec();
+            let mark = *ready_mark.get_or_insert_with(|| {
+                let mark = self.steps as u32;
+                self.executor.kv_io().publish_progress(mark).then_some(mark)
+            });
+            let (lease_id, expires_at) = self.leases.reserve(Instant::now());
+            self.requests
+                .get_mut(&key)
+                .expect("active request")
+                .early_lease = Some(lease_id);
+            announce(StepEvent::KvReady {
+                key,
+                kv: EarlyKv {
+                    lease_id,
+                    blocks,
+                    num_tokens,
+                    expires_at,
+                    ready_mark: mark,
+                },
+            });
+        }
+    }
+
+    /// Prefill side, at the first token: hands `seq_id`'s blocks to its lease instead of
+    /// freeing them. An early handoff always does (decode may be reading already) unless
+    /// its lease was released meanwhile; otherwise only a request that goes on.
+    pub(super) fn hand_off(
+        &mut self,
+        seq_id: SeqId,
+        key: RequestKey,
+        token: &SampledToken,
+        finished: bool,
+    ) -> Option<KvHandoff> {
+        let req = &self.requests[&key];
+        let (export, early_lease) = (req.export, req.early_lease);
+        if export == Export::No || (export == Export::Late && finished) {
+            return None;
+        }
+        let first_token = TokenLogprob {
+            token_id: token.token,
+            logprob: token.logprob,
+            top: token.top.clone(),
+        };
+        let num_tokens = self.scheduler.seq(seq_id)?.prompt_len;
+        let blocks = self.scheduler.detach(seq_id)?;
+        let now = Instant::now();
+        let (lease_id, expires_at) = match early_lease {
+            None => self.leases.pin(blocks.clone(), first_token, now),
+            Some(id) => match self.leases.fill(id, blocks.clone(), first_token) {
+                Ok(expires_at) => (id, expires_at),
+                Err(blocks) => {
+                    self.scheduler.release_detached(&blocks);
+                    return None;
+                }
+            },
+        };
+        Some(KvHandoff {
+            lease_id,
+            blocks,
+            num_tokens,
+            expires_at,
+        })
+    }
+
+    /// Answers `reply` with a lease's first token, now or once sampled.
+    pub fn await_first_token(&mut self, lease_id: u64, reply: FirstTokenReply) {
+        self.leases.await_first_token(lease_id, reply);
+    }
+
+    /// Reads a lease's blocks of `layers` to the host (for the TCP transfer).
+    pub fn read_lease(
+        &mut self,
+        lease_id: u64,
+        layers: std::ops::Range<usize>,
+    ) -> Result<Vec<u8>, EngineError> {
+        if layers.end > self.info.kv_layout.num_layers || layers.is_empty() {
+            return Err(EngineError::Request(format!(
+                "layers {layers:?} out of range (the model has {})",
+                self.info.kv_layout.num_layers
+            )));
+        }
+        let blocks = self.leases.blocks(lease_id).ok_or_else(|| {
+            EngineError::Request(format!("unknown or expired KV lease {lease_id}"))
+        })?;
+        if blocks.is_empty() {
+            return Err(EngineError::Request(format!(
+                "KV lease {lease_id} is not ready: prefill has not sampled its first token yet"
+            )));
+        }
+        let blocks = blocks.to_vec();
+        Ok(self.executor.kv_io().read_kv_blocks(&blocks, layers)?)
+    }
+
+    /// Ends a lease early (the decode engine pulled the KV, or the router gave up on the
+    /// pair). False if it was unknown.
+    pub fn free_lease(&mut self, lease_id: u64) -> bool {
+        match self.leases.take(lease_id) {
+            Some(blocks) => {
+                self.scheduler.release_detached(&blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn expire_leases(&mut self) {
+        let blocks = self.leases.take_expired(Instant::now());
+        if !blocks.is_empty() {
+            tracing::warn!(
+                blocks = blocks.len(),
+                "KV leases expired before a decode engine released them"
+            );
+            self.scheduler.release_detached(&blocks);
+        }
+    }
+
+    /// CUDA IPC handles of the KV cache (None on backends without them).
+    pub fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>, EngineError> {
+        Ok(self.executor.kv_io().export_kv_ipc()?)
+    }
+}
