@@ -132,7 +132,7 @@ async fn requests_are_split_over_a_prefill_and_a_decode_worker() {
     let to_prefill = &p.bodies()[0];
     assert_eq!(
         to_prefill["kv_transfer_params"],
-        json!({"do_remote_decode": true})
+        json!({"do_remote_decode": true, "early_descriptor": true})
     );
     assert_eq!(to_prefill["stream"], false);
     assert_eq!(to_prefill["prompt"], "hello");
@@ -185,7 +185,7 @@ async fn requests_are_split_over_a_prefill_and_a_decode_worker() {
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(
         p.bodies()[3]["kv_transfer_params"],
-        json!({"do_remote_decode": true})
+        json!({"do_remote_decode": true, "early_descriptor": true})
     );
     assert_eq!(lease_of(&d.bodies()[3]), "p1-3");
 
