@@ -28,10 +28,7 @@ mod verbs {
         let include = env::var_os("IBVERBS_INCLUDE_DIR").map(PathBuf::from);
         if let Some(dir) = &include {
             if !dir.join("infiniband/verbs.h").is_file() {
-                panic!(
-                    "{MISSING} (IBVERBS_INCLUDE_DIR={} has no infiniband/verbs.h)",
-                    dir.display()
-                );
+                panic!("{MISSING} (IBVERBS_INCLUDE_DIR={} has no infiniband/verbs.h)", dir.display());
             }
         } else if !PathBuf::from("/usr/include/infiniband/verbs.h").is_file()
             && !PathBuf::from("/usr/local/include/infiniband/verbs.h").is_file()
@@ -50,10 +47,7 @@ mod verbs {
         // link line: cc printed the shim's link line above, this one follows it. Dynamic
         // linking: the provider drivers (mlx5, rxe, ...) are loaded by libibverbs itself.
         if let Some(dir) = env::var_os("IBVERBS_LIB_DIR") {
-            println!(
-                "cargo:rustc-link-search=native={}",
-                PathBuf::from(dir).display()
-            );
+            println!("cargo:rustc-link-search=native={}", PathBuf::from(dir).display());
         }
         println!("cargo:rustc-link-lib=dylib=ibverbs");
 
@@ -75,13 +69,9 @@ mod verbs {
         if let Some(dir) = &include {
             builder = builder.clang_arg(format!("-I{}", dir.display()));
         }
-        let bindings = builder
-            .generate()
-            .unwrap_or_else(|e| panic!("bindgen on infiniband/verbs.h failed: {e}. {MISSING}"));
-        let out =
-            PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("verbs_sys.rs");
-        bindings
-            .write_to_file(&out)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+        let bindings =
+            builder.generate().unwrap_or_else(|e| panic!("bindgen on infiniband/verbs.h failed: {e}. {MISSING}"));
+        let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("verbs_sys.rs");
+        bindings.write_to_file(&out).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
     }
 }

@@ -23,30 +23,16 @@ pub fn engine_config(args: &EngineArgs, max_waiting_requests: usize) -> EngineCo
 }
 
 /// Loads the model on the requested device (blocking).
-pub fn load(
-    model: &std::path::Path,
-    args: &EngineArgs,
-    max_waiting_requests: usize,
-) -> anyhow::Result<Engine> {
+pub fn load(model: &std::path::Path, args: &EngineArgs, max_waiting_requests: usize) -> anyhow::Result<Engine> {
     load_with(model, args, engine_config(args, max_waiting_requests))
 }
 
-fn load_with(
-    model: &std::path::Path,
-    args: &EngineArgs,
-    config: EngineConfig,
-) -> anyhow::Result<Engine> {
+fn load_with(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) -> anyhow::Result<Engine> {
     if args.gpu_memory_utilization <= 0.0 || args.gpu_memory_utilization > 1.0 {
-        bail!(
-            "--gpu-memory-utilization must be in (0, 1], got {}",
-            args.gpu_memory_utilization
-        );
+        bail!("--gpu-memory-utilization must be in (0, 1], got {}", args.gpu_memory_utilization);
     }
     if args.tensor_parallel_size != 1 {
-        bail!(
-            "--tensor-parallel-size {} is not supported yet: this build runs one device per engine",
-            args.tensor_parallel_size
-        );
+        bail!("--tensor-parallel-size {} is not supported yet: this build runs one device per engine", args.tensor_parallel_size);
     }
     let engine = match args.device {
         Device::Cpu => start_cpu(model, args, config),
@@ -65,11 +51,7 @@ fn load_with(
     engine.with_context(|| format!("loading {}", model.display()))
 }
 
-fn start_cuda(
-    model: &std::path::Path,
-    args: &EngineArgs,
-    config: EngineConfig,
-) -> anyhow::Result<Engine> {
+fn start_cuda(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) -> anyhow::Result<Engine> {
     let backend = CudaBackend::new(cuda_config(args)).context("--device cuda")?;
     Ok(Engine::start(model, config, backend)?)
 }
@@ -93,20 +75,13 @@ fn kernel_cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("dlengine").join("kernels"))
 }
 
-fn start_cpu(
-    model: &std::path::Path,
-    args: &EngineArgs,
-    config: EngineConfig,
-) -> anyhow::Result<Engine> {
+fn start_cpu(model: &std::path::Path, args: &EngineArgs, config: EngineConfig) -> anyhow::Result<Engine> {
     let backend = CpuBackend::new(args.cpu_kv_cache_mib * 1024 * 1024);
     Ok(Engine::start(model, config, backend)?)
 }
 
 /// `dlengine serve`'s engine.
 pub fn load_engine(args: &ServeArgs) -> anyhow::Result<Engine> {
-    let config = EngineConfig {
-        kv_lease_secs: args.transfer.kv_lease_secs,
-        ..engine_config(&args.engine, args.max_waiting_requests)
-    };
+    let config = EngineConfig { kv_lease_secs: args.transfer.kv_lease_secs, ..engine_config(&args.engine, args.max_waiting_requests) };
     load_with(&args.model, &args.engine, config)
 }

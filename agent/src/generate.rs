@@ -42,10 +42,7 @@ fn read_inputs(args: &GenerateArgs) -> anyhow::Result<Vec<InputLine>> {
         };
         return Ok(vec![line]);
     }
-    let path = args
-        .input
-        .as_ref()
-        .context("either --prompt or --input is required")?;
+    let path = args.input.as_ref().context("either --prompt or --input is required")?;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut lines = Vec::new();
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
@@ -53,8 +50,7 @@ fn read_inputs(args: &GenerateArgs) -> anyhow::Result<Vec<InputLine>> {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed = serde_json::from_str(&line)
-            .with_context(|| format!("{}: line {}", path.display(), n + 1))?;
+        let parsed = serde_json::from_str(&line).with_context(|| format!("{}: line {}", path.display(), n + 1))?;
         lines.push(parsed);
     }
     if lines.is_empty() {
@@ -75,38 +71,22 @@ fn params(args: &GenerateArgs, line: &InputLine) -> SamplingParams {
     }
 }
 
-fn submit(
-    engine: &Engine,
-    args: &GenerateArgs,
-    lines: &[InputLine],
-) -> anyhow::Result<Vec<RequestStream>> {
+fn submit(engine: &Engine, args: &GenerateArgs, lines: &[InputLine]) -> anyhow::Result<Vec<RequestStream>> {
     lines
         .iter()
         .enumerate()
         .map(|(i, line)| {
-            let prompt_token_ids = engine
-                .tokenizer()
-                .encode(&line.prompt, true)
-                .map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?;
-            let request = GenerateRequest {
-                request_id: line.id.clone().unwrap_or_else(|| i.to_string()),
-                prompt_token_ids,
-                params: params(args, line),
-                kv_transfer: Default::default(),
-            };
-            engine
-                .submit(request)
-                .map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))
+            let prompt_token_ids =
+                engine.tokenizer().encode(&line.prompt, true).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))?;
+            let request =
+                GenerateRequest { request_id: line.id.clone().unwrap_or_else(|| i.to_string()), prompt_token_ids, params: params(args, line), kv_transfer: Default::default() };
+            engine.submit(request).map_err(|e| anyhow::anyhow!("prompt {i}: {e}"))
         })
         .collect()
 }
 
 /// Drains one request's stream into a JSON result line.
-fn collect(
-    id: String,
-    prompt: &str,
-    mut stream: RequestStream,
-) -> anyhow::Result<serde_json::Value> {
+fn collect(id: String, prompt: &str, mut stream: RequestStream) -> anyhow::Result<serde_json::Value> {
     let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
     while let Some(delta) = stream.next_blocking() {
         let delta = delta.with_context(|| format!("request {id}"))?;
@@ -129,30 +109,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let streams = submit(&engine, &args, &lines)?;
     let mut out: Box<dyn Write> = match &args.output {
-        Some(p) => {
-            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
-        }
+        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
         None => Box::new(std::io::stdout().lock()),
     };
     let mut generated = 0usize;
     for ((i, line), stream) in lines.iter().enumerate().zip(streams) {
-        let result = collect(
-            line.id.clone().unwrap_or_else(|| i.to_string()),
-            &line.prompt,
-            stream,
-        )?;
+        let result = collect(line.id.clone().unwrap_or_else(|| i.to_string()), &line.prompt, stream)?;
         generated += result["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
         writeln!(out, "{result}")?;
     }
     out.flush()?;
     let secs = started.elapsed().as_secs_f64();
-    tracing::info!(
-        prompts = lines.len(),
-        generated,
-        seconds = secs,
-        tokens_per_second = generated as f64 / secs,
-        "done"
-    );
+    tracing::info!(prompts = lines.len(), generated, seconds = secs, tokens_per_second = generated as f64 / secs, "done");
     engine.shutdown();
     Ok(())
 }

@@ -12,15 +12,9 @@ fn user(content: &str) -> Value {
 
 fn assert_error_shape(body: &Value, context: &str) {
     let error = &body["error"];
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{context}: {body}"
-    );
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{context}: {body}");
     assert!(error["type"].is_string(), "{context}: {body}");
-    assert!(
-        error.get("param").is_some() && error.get("code").is_some(),
-        "{context}: {body}"
-    );
+    assert!(error.get("param").is_some() && error.get("code").is_some(), "{context}: {body}");
 }
 
 #[tokio::test]
@@ -76,26 +70,12 @@ async fn bad_inputs_table() {
         (cmpl, json!({"model": "other", "prompt": "x"}).to_string(), 404, Some("model")),
     ];
     for (path, body, status, param) in cases {
-        let response = server
-            .client
-            .post(server.url(path))
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
+        let response = server.client.post(server.url(path)).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
         let got = response.status().as_u16();
-        let answer: Value = response
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("{path} {body}: not JSON: {e}"));
+        let answer: Value = response.json().await.unwrap_or_else(|e| panic!("{path} {body}: not JSON: {e}"));
         assert_eq!(got, status, "{path} {body}: {answer}");
         assert_error_shape(&answer, &body);
-        assert_eq!(
-            answer["error"]["param"].as_str(),
-            param,
-            "{path} {body}: {answer}"
-        );
+        assert_eq!(answer["error"]["param"].as_str(), param, "{path} {body}: {answer}");
         assert_eq!(server.health().await, 200, "unhealthy after {path} {body}");
     }
 }
@@ -106,10 +86,7 @@ async fn over_length_errors_say_both_numbers() {
     let body = json!({"prompt": "The small engine read", "max_tokens": 100});
     let answer = server.post_json("/v1/completions", body, 400).await;
     let message = answer["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("64") && message.contains("100") && message.contains('5'),
-        "{message}"
-    );
+    assert!(message.contains("64") && message.contains("100") && message.contains('5'), "{message}");
 }
 
 #[tokio::test]
@@ -125,29 +102,13 @@ async fn invalid_utf8_routes_methods_and_oversized_bodies() {
         .unwrap();
     assert_eq!(response.status(), 400);
     let answer: Value = response.json().await.unwrap();
-    assert!(
-        answer["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("UTF-8"),
-        "{answer}"
-    );
+    assert!(answer["error"]["message"].as_str().unwrap().contains("UTF-8"), "{answer}");
 
-    let response = server
-        .client
-        .get(server.url("/v1/nothing"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.client.get(server.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(response.status(), 404);
     assert_error_shape(&response.json().await.unwrap(), "unknown route");
 
-    let response = server
-        .client
-        .get(server.url("/v1/chat/completions"))
-        .send()
-        .await
-        .unwrap();
+    let response = server.client.get(server.url("/v1/chat/completions")).send().await.unwrap();
     assert_eq!(response.status(), 405);
     assert_error_shape(&response.json().await.unwrap(), "wrong method");
 
@@ -155,21 +116,9 @@ async fn invalid_utf8_routes_methods_and_oversized_bodies() {
     let response = server.post("/v1/completions", big).await;
     assert_eq!(response.status(), 413);
     let answer: Value = response.json().await.unwrap();
-    assert!(
-        answer["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("2048"),
-        "{answer}"
-    );
+    assert!(answer["error"]["message"].as_str().unwrap().contains("2048"), "{answer}");
     assert_eq!(server.health().await, 200);
-    server
-        .post_json(
-            "/v1/completions",
-            json!({"prompt": "still fine", "max_tokens": 2}),
-            200,
-        )
-        .await;
+    server.post_json("/v1/completions", json!({"prompt": "still fine", "max_tokens": 2}), 200).await;
 }
 
 #[tokio::test]
@@ -179,37 +128,13 @@ async fn api_key_guards_v1_only() {
     let missing = server.post("/v1/completions", body.clone()).await;
     assert_eq!(missing.status(), 401);
     assert_error_shape(&missing.json().await.unwrap(), "no key");
-    let wrong = server
-        .client
-        .post(server.url("/v1/completions"))
-        .bearer_auth("guess")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let wrong = server.client.post(server.url("/v1/completions")).bearer_auth("guess").json(&body).send().await.unwrap();
     assert_eq!(wrong.status(), 401);
-    let right = server
-        .client
-        .post(server.url("/v1/completions"))
-        .bearer_auth("sekrit")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let right = server.client.post(server.url("/v1/completions")).bearer_auth("sekrit").json(&body).send().await.unwrap();
     assert_eq!(right.status(), 200);
-    let models = server
-        .client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap();
+    let models = server.client.get(server.url("/v1/models")).send().await.unwrap();
     assert_eq!(models.status(), 401);
     assert_eq!(server.health().await, 200, "health stays open");
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
+    let metrics = server.client.get(server.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), 200, "metrics stay open");
 }

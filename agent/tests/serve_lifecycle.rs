@@ -20,18 +20,9 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let requests = (0..12).map(|_| server.post("/v1/completions", body.clone()));
     let responses = futures::future::join_all(requests).await;
     let statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
-    assert!(
-        statuses.iter().all(|&s| s == 200 || s == 429),
-        "{statuses:?}"
-    );
-    let refused: Vec<_> = responses
-        .into_iter()
-        .filter(|r| r.status() == 429)
-        .collect();
-    assert!(
-        !refused.is_empty(),
-        "12 concurrent requests against a queue of 1 were all accepted: {statuses:?}"
-    );
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+    let refused: Vec<_> = responses.into_iter().filter(|r| r.status() == 429).collect();
+    assert!(!refused.is_empty(), "12 concurrent requests against a queue of 1 were all accepted: {statuses:?}");
     for r in refused {
         assert!(r.headers().contains_key("retry-after"));
         let body: Value = r.json().await.unwrap();
@@ -46,39 +37,18 @@ async fn a_disconnected_stream_frees_its_kv_blocks() {
     let response = server.post("/v1/completions", long_stream(8)).await;
     assert_eq!(response.status(), 200);
     let mut body = response.bytes_stream();
-    let first = body
-        .next()
-        .await
-        .expect("a first chunk")
-        .expect("chunk bytes");
+    let first = body.next().await.expect("a first chunk").expect("chunk bytes");
     assert!(first.starts_with(b"data: "));
-    assert!(
-        server.metric("dlengine_running_sequences").await >= 1.0,
-        "the request should still be running"
-    );
+    assert!(server.metric("dlengine_running_sequences").await >= 1.0, "the request should still be running");
     assert!(server.metric("dlengine_kv_cache_blocks_used").await > 0.0);
     drop(body);
-    server
-        .wait_for_metric("dlengine_running_sequences", 0.0, Duration::from_secs(10))
-        .await;
-    server
-        .wait_for_metric(
-            "dlengine_kv_cache_blocks_used",
-            0.0,
-            Duration::from_secs(10),
-        )
-        .await;
+    server.wait_for_metric("dlengine_running_sequences", 0.0, Duration::from_secs(10)).await;
+    server.wait_for_metric("dlengine_kv_cache_blocks_used", 0.0, Duration::from_secs(10)).await;
     assert_eq!(server.health().await, 200);
 }
 
 /// Starts a long stream, reads its first chunk, then sends SIGTERM.
-async fn stream_then_terminate(
-    server: &Server,
-    n: usize,
-) -> (
-    impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>>,
-    String,
-) {
+async fn stream_then_terminate(server: &Server, n: usize) -> (impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>>, String) {
     let response = server.post("/v1/completions", long_stream(n)).await;
     assert_eq!(response.status(), 200);
     let mut body = Box::pin(response.bytes_stream());
@@ -88,10 +58,7 @@ async fn stream_then_terminate(
 }
 
 /// The rest of a stream as text; a broken connection fails the test.
-async fn read_to_end(
-    mut body: impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin,
-    mut text: String,
-) -> String {
+async fn read_to_end(mut body: impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin, mut text: String) -> String {
     while let Some(chunk) = body.next().await {
         match chunk {
             Ok(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
@@ -111,21 +78,11 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         assert!(Instant::now() < deadline, "health never turned 503");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let refused = server
-        .post("/v1/completions", json!({"prompt": "x", "max_tokens": 1}))
-        .await;
+    let refused = server.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
     assert_eq!(refused.status(), 503);
     let text = read_to_end(body, first).await;
-    assert!(
-        text.ends_with("data: [DONE]\n\n"),
-        "the in-flight stream was cut: ...{}",
-        &text[text.len().saturating_sub(200)..]
-    );
-    assert!(
-        !text.contains("{\"error\""),
-        "the in-flight stream failed: ...{}",
-        &text[text.len().saturating_sub(400)..]
-    );
+    assert!(text.ends_with("data: [DONE]\n\n"), "the in-flight stream was cut: ...{}", &text[text.len().saturating_sub(200)..]);
+    assert!(!text.contains("{\"error\""), "the in-flight stream failed: ...{}", &text[text.len().saturating_sub(400)..]);
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
 }
@@ -137,19 +94,9 @@ async fn streams_cut_by_the_drain_timeout_end_with_an_error_event() {
     let (body, first) = stream_then_terminate(&server, 16).await;
     let text = read_to_end(body, first).await;
     let events = serve_support::parse_sse(&text);
-    assert_eq!(
-        events.last().unwrap(),
-        "[DONE]",
-        "...{}",
-        &text[text.len().saturating_sub(300)..]
-    );
+    assert_eq!(events.last().unwrap(), "[DONE]", "...{}", &text[text.len().saturating_sub(300)..]);
     let error = &events[events.len() - 2]["error"];
-    assert!(
-        error["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("shut down")),
-        "{error}"
-    );
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("shut down")), "{error}");
     assert_eq!(error["type"], "server_error");
     assert_eq!(server.wait_exit(Duration::from_secs(30)).code(), Some(0));
 }

@@ -17,24 +17,15 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    const SUPPORTED: &'static [(&'static str, Architecture)] = &[
-        ("LlamaForCausalLM", Architecture::Llama),
-        ("Qwen3ForCausalLM", Architecture::Qwen3),
-    ];
+    const SUPPORTED: &'static [(&'static str, Architecture)] =
+        &[("LlamaForCausalLM", Architecture::Llama), ("Qwen3ForCausalLM", Architecture::Qwen3)];
 
     fn from_hf_name(name: &str) -> Option<Self> {
-        Self::SUPPORTED
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, a)| *a)
+        Self::SUPPORTED.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
     }
 
     fn supported_names() -> String {
-        Self::SUPPORTED
-            .iter()
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-            .join(", ")
+        Self::SUPPORTED.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -42,12 +33,7 @@ impl Architecture {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum RopeScaling {
     /// Llama 3.1's frequency-dependent scaling.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,32 +55,19 @@ pub struct ModelConfig {
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> LoadError {
-    LoadError::Invalid {
-        path: path.to_owned(),
-        message: message.into(),
-    }
+    LoadError::Invalid { path: path.to_owned(), message: message.into() }
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Json {
-        path: path.to_owned(),
-        source,
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_owned(), source })?;
+    serde_json::from_str(&text).map_err(|source| LoadError::Json { path: path.to_owned(), source })
 }
 
 /// `eos_token_id` may be one id or a list.
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|x| x as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
         _ => Vec::new(),
     }
 }
@@ -110,12 +83,7 @@ impl Fields<'_> {
             .get(key)
             .and_then(Value::as_u64)
             .map(|v| v as usize)
-            .ok_or_else(|| {
-                invalid(
-                    self.path,
-                    format!("`{key}` is missing or not a non-negative integer"),
-                )
-            })
+            .ok_or_else(|| invalid(self.path, format!("`{key}` is missing or not a non-negative integer")))
     }
     fn usize_or(&self, key: &str, default: usize) -> Result<usize, LoadError> {
         match self.json.get(key) {
@@ -126,29 +94,17 @@ impl Fields<'_> {
     fn f32_or(&self, key: &str, default: f32) -> Result<f32, LoadError> {
         match self.json.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .map(|x| x as f32)
-                .ok_or_else(|| invalid(self.path, format!("`{key}` is not a number"))),
+            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| invalid(self.path, format!("`{key}` is not a number"))),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> bool {
-        self.json
-            .get(key)
-            .and_then(Value::as_bool)
-            .unwrap_or(default)
+        self.json.get(key).and_then(Value::as_bool).unwrap_or(default)
     }
 }
 
 fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<Option<RopeScaling>, LoadError> {
-    let Some(obj) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let kind = obj
-        .get("rope_type")
-        .or_else(|| obj.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let Some(obj) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
     let f = Fields { json: obj, path };
     match kind {
         "default" => Ok(None),
@@ -156,13 +112,9 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<Option<RopeScali
             factor: f.f32_or("factor", 8.0)?,
             low_freq_factor: f.f32_or("low_freq_factor", 1.0)?,
             high_freq_factor: f.f32_or("high_freq_factor", 4.0)?,
-            original_max_position_embeddings: f
-                .usize_or("original_max_position_embeddings", 8192)?,
+            original_max_position_embeddings: f.usize_or("original_max_position_embeddings", 8192)?,
         })),
-        other => Err(invalid(
-            path,
-            format!("rope_scaling type {other:?} is not supported (supported: default, llama3)"),
-        )),
+        other => Err(invalid(path, format!("rope_scaling type {other:?} is not supported (supported: default, llama3)"))),
     }
 }
 
@@ -180,12 +132,10 @@ impl ModelConfig {
             .and_then(|a| a.get(0))
             .and_then(Value::as_str)
             .ok_or_else(|| invalid(path, "`architectures` is missing"))?;
-        let architecture = Architecture::from_hf_name(arch_name).ok_or_else(|| {
-            LoadError::UnknownArchitecture {
-                path: path.to_owned(),
-                architecture: arch_name.to_owned(),
-                supported: Architecture::supported_names(),
-            }
+        let architecture = Architecture::from_hf_name(arch_name).ok_or_else(|| LoadError::UnknownArchitecture {
+            path: path.to_owned(),
+            architecture: arch_name.to_owned(),
+            supported: Architecture::supported_names(),
         })?;
         let f = Fields { json, path };
         // transformers 5 keeps RoPE settings in `rope_parameters`; older configs at the top.
@@ -195,30 +145,17 @@ impl ModelConfig {
         };
         for unsupported in ["attention_bias", "mlp_bias", "use_sliding_window"] {
             if f.bool_or(unsupported, false) {
-                return Err(invalid(
-                    path,
-                    format!("`{unsupported}: true` is not supported"),
-                ));
+                return Err(invalid(path, format!("`{unsupported}: true` is not supported")));
             }
         }
         if let Some(act) = json.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(invalid(
-                    path,
-                    format!("hidden_act {act:?} is not supported (supported: silu)"),
-                ));
+                return Err(invalid(path, format!("hidden_act {act:?} is not supported (supported: silu)")));
             }
         }
         if let Some(types) = json.get("layer_types").and_then(Value::as_array) {
-            if let Some(other) = types
-                .iter()
-                .filter_map(Value::as_str)
-                .find(|t| *t != "full_attention")
-            {
-                return Err(invalid(
-                    path,
-                    format!("layer type {other:?} is not supported (supported: full_attention)"),
-                ));
+            if let Some(other) = types.iter().filter_map(Value::as_str).find(|t| *t != "full_attention") {
+                return Err(invalid(path, format!("layer type {other:?} is not supported (supported: full_attention)")));
             }
         }
         let hidden_size = f.usize("hidden_size")?;
@@ -235,10 +172,7 @@ impl ModelConfig {
             max_position_embeddings: f.usize_or("max_position_embeddings", 4096)?,
             rms_norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
             rope_theta: rope.f32_or("rope_theta", 10_000.0)?,
-            rope_scaling: parse_rope_scaling(
-                json.get("rope_scaling").or(json.get("rope_parameters")),
-                path,
-            )?,
+            rope_scaling: parse_rope_scaling(json.get("rope_scaling").or(json.get("rope_parameters")), path)?,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false),
             eos_token_ids: token_ids(json.get("eos_token_id")),
         };
@@ -248,10 +182,7 @@ impl ModelConfig {
 
     fn check(&self, path: &Path) -> Result<(), LoadError> {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.head_dim == 0 {
-            return Err(invalid(
-                path,
-                "attention heads and head_dim must be positive",
-            ));
+            return Err(invalid(path, "attention heads and head_dim must be positive"));
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(invalid(
@@ -263,13 +194,7 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(invalid(
-                path,
-                format!(
-                    "head_dim must be even for rotary embeddings, got {}",
-                    self.head_dim
-                ),
-            ));
+            return Err(invalid(path, format!("head_dim must be even for rotary embeddings, got {}", self.head_dim)));
         }
         Ok(())
     }
@@ -298,10 +223,7 @@ impl GenerationDefaults {
             eos_token_ids: token_ids(json.get("eos_token_id")),
             temperature: num("temperature"),
             top_p: num("top_p"),
-            top_k: json
-                .get("top_k")
-                .and_then(Value::as_u64)
-                .map(|v| v as usize),
+            top_k: json.get("top_k").and_then(Value::as_u64).map(|v| v as usize),
             min_p: num("min_p"),
             repetition_penalty: num("repetition_penalty"),
         })
@@ -345,10 +267,7 @@ impl Default for EngineConfig {
 impl EngineConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.block_size == 0 || !self.block_size.is_power_of_two() || self.block_size > 256 {
-            return Err(format!(
-                "kvcache-block-size must be a power of two in 1..=256, got {}",
-                self.block_size
-            ));
+            return Err(format!("kvcache-block-size must be a power of two in 1..=256, got {}", self.block_size));
         }
         if self.max_num_seqs == 0 {
             return Err("max-num-seqs must be at least 1".into());

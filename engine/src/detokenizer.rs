@@ -28,36 +28,22 @@ impl IncrementalDetokenizer {
         let start = prompt_tail.len().saturating_sub(CONTEXT_TOKENS);
         let tokens = prompt_tail[start..].to_vec();
         let read_offset = tokens.len();
-        Self {
-            tokens,
-            prefix_offset: 0,
-            read_offset,
-            skip_special_tokens,
-        }
+        Self { tokens, prefix_offset: 0, read_offset, skip_special_tokens }
     }
 
     /// Adds one token; returns the text it completes (possibly empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> String {
         self.tokens.push(token);
-        let prefix = tokenizer.decode(
-            &self.tokens[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        );
+        let prefix = tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset], self.skip_special_tokens);
         let full = tokenizer.decode(&self.tokens[self.prefix_offset..], self.skip_special_tokens);
         let pending = self.tokens.len() - self.read_offset;
-        let complete = full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.starts_with(prefix.as_str());
+        let complete = full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(prefix.as_str());
         if !complete && pending < MAX_PENDING_TOKENS {
             // Nothing new, or an incomplete character: wait. (A decoder that rewrites
             // earlier text is handled by waiting too; the window then catches up.)
             return String::new();
         }
-        let delta = if full.starts_with(prefix.as_str()) {
-            full[prefix.len()..].to_owned()
-        } else {
-            full
-        };
+        let delta = if full.starts_with(prefix.as_str()) { full[prefix.len()..].to_owned() } else { full };
         self.prefix_offset = self.read_offset;
         self.read_offset = self.tokens.len();
         // Keep the buffer short: everything before prefix_offset is never decoded again.
@@ -75,8 +61,7 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> Tokenizer {
-        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../fixtures/models/qwen3-tiny");
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen3-tiny");
         Tokenizer::from_dir(&dir).unwrap()
     }
 
@@ -89,10 +74,7 @@ mod tests {
         let mut out = String::new();
         for &id in &ids {
             let piece = d.push(&tok, id);
-            assert!(
-                !piece.contains('\u{FFFD}'),
-                "a split character leaked: {piece:?}"
-            );
+            assert!(!piece.contains('\u{FFFD}'), "a split character leaked: {piece:?}");
             out.push_str(&piece);
         }
         assert_eq!(out, text);
@@ -105,10 +87,7 @@ mod tests {
         let bad = tok.encode("\u{80}", false).unwrap()[0];
         let mut d = IncrementalDetokenizer::new(&[], true);
         let emitted: String = (0..20).map(|_| d.push(&tok, bad)).collect();
-        assert!(
-            !emitted.is_empty(),
-            "text must come out after a bounded wait"
-        );
+        assert!(!emitted.is_empty(), "text must come out after a bounded wait");
         assert!(d.tokens.len() <= MAX_PENDING_TOKENS + 1 || d.read_offset > 0);
     }
 }

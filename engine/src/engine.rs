@@ -26,33 +26,13 @@ use crate::stats::EngineStats;
 use crate::tokenizer::Tokenizer;
 
 enum Command {
-    Add {
-        key: RequestKey,
-        request: GenerateRequest,
-        events: tokio_mpsc::UnboundedSender<RequestEvent>,
-    },
+    Add { key: RequestKey, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<RequestEvent> },
     Abort(RequestKey),
-    StopChoice {
-        key: RequestKey,
-        choice: u32,
-    },
-    ReadLease {
-        lease_id: u64,
-        layers: Range<usize>,
-        reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
-    },
-    FreeLease {
-        lease_id: u64,
-        reply: oneshot::Sender<bool>,
-    },
-    AwaitFirstToken {
-        lease_id: u64,
-        reply: oneshot::Sender<FirstTokenResult>,
-    },
-    ProvideFirstToken {
-        key: RequestKey,
-        token: FirstTokenResult,
-    },
+    StopChoice { key: RequestKey, choice: u32 },
+    ReadLease { lease_id: u64, layers: Range<usize>, reply: oneshot::Sender<Result<Vec<u8>, EngineError>> },
+    FreeLease { lease_id: u64, reply: oneshot::Sender<bool> },
+    AwaitFirstToken { lease_id: u64, reply: oneshot::Sender<FirstTokenResult> },
+    ProvideFirstToken { key: RequestKey, token: FirstTokenResult },
     Shutdown,
 }
 
@@ -60,9 +40,8 @@ enum Command {
 #[derive(Debug)]
 pub(crate) enum RequestEvent {
     /// First scheduled: how many prompt tokens came from the prefix cache.
-    Started {
-        cached_tokens: usize,
-    },
+    Started { cached_tokens: usize },
+    /// An early handoff's lease and blocks, before the first token.
     KvReady(EarlyKv),
     Tokens(TokenEvent),
     Failed(String),
@@ -92,20 +71,11 @@ pub struct Engine {
 impl Engine {
     /// Loads the model from `model_dir` onto `backend`, sizes the KV cache and starts the
     /// engine thread. Blocks while loading.
-    pub fn start<B: Backend>(
-        model_dir: &Path,
-        config: EngineConfig,
-        backend: B,
-    ) -> Result<Engine, EngineError> {
+    pub fn start<B: Backend>(model_dir: &Path, config: EngineConfig, backend: B) -> Result<Engine, EngineError> {
         let tokenizer = Arc::new(Tokenizer::from_dir(model_dir)?);
         let mut core = EngineCore::load(model_dir, &config, backend)?;
         // Like other engines, the tokenizer's EOS always ends generation too.
-        if let Some(id) = tokenizer
-            .config
-            .eos_token
-            .as_deref()
-            .and_then(|t| tokenizer.token_to_id(t))
-        {
+        if let Some(id) = tokenizer.config.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
             core.add_eos_token(id);
         }
         let kv_ipc = core.export_kv_ipc().unwrap_or_else(|e| {
@@ -124,13 +94,7 @@ impl Engine {
         Ok(Self::spawn(core, tokenizer, config, info, kv_ipc))
     }
 
-    fn spawn(
-        core: EngineCore,
-        tokenizer: Arc<Tokenizer>,
-        config: EngineConfig,
-        info: ModelInfo,
-        kv_ipc: Option<CudaIpcKv>,
-    ) -> Engine {
+    fn spawn(core: EngineCore, tokenizer: Arc<Tokenizer>, config: EngineConfig, info: ModelInfo, kv_ipc: Option<CudaIpcKv>) -> Engine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(core.stats()));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -179,17 +143,9 @@ impl Engine {
 
     /// Copies a lease's KV blocks of `layers` to the host (the engine thread does it
     /// between steps).
-    pub async fn read_lease(
-        &self,
-        lease_id: u64,
-        layers: Range<usize>,
-    ) -> Result<Vec<u8>, EngineError> {
+    pub async fn read_lease(&self, lease_id: u64, layers: Range<usize>) -> Result<Vec<u8>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        if !self.send(Command::ReadLease {
-            lease_id,
-            layers,
-            reply,
-        }) {
+        if !self.send(Command::ReadLease { lease_id, layers, reply }) {
             return Err(EngineError::Stopped);
         }
         rx.await.map_err(|_| EngineError::Stopped)?
@@ -208,8 +164,7 @@ impl Engine {
         if !self.send(Command::AwaitFirstToken { lease_id, reply }) {
             return Err("the engine stopped".into());
         }
-        rx.await
-            .unwrap_or_else(|_| Err("the engine stopped".into()))
+        rx.await.unwrap_or_else(|_| Err("the engine stopped".into()))
     }
 
     /// Checks a request against the engine's limits without submitting it.
@@ -218,19 +173,13 @@ impl Engine {
         if !matches!(request.kv_transfer, KvTransfer::Local) && request.params.n != 1 {
             return Err(SubmitError::InvalidParam(InvalidParam {
                 param: "n",
-                message: format!(
-                    "must be 1 when the KV cache moves between engines, got {}",
-                    request.params.n
-                ),
+                message: format!("must be 1 when the KV cache moves between engines, got {}", request.params.n),
             }));
         }
         if request.params.n > self.shared.config.max_num_seqs {
             return Err(SubmitError::InvalidParam(InvalidParam {
                 param: "n",
-                message: format!(
-                    "must not exceed max-num-seqs ({}), got {}",
-                    self.shared.config.max_num_seqs, request.params.n
-                ),
+                message: format!("must not exceed max-num-seqs ({}), got {}", self.shared.config.max_num_seqs, request.params.n),
             }));
         }
         let prompt_tokens = request.prompt_token_ids.len();
@@ -238,23 +187,12 @@ impl Engine {
             return Err(SubmitError::EmptyPrompt);
         }
         let vocab_size = self.shared.info.vocab_size;
-        if let Some(&token_id) = request
-            .prompt_token_ids
-            .iter()
-            .find(|&&t| t as usize >= vocab_size)
-        {
-            return Err(SubmitError::TokenOutOfVocab {
-                token_id,
-                vocab_size,
-            });
+        if let Some(&token_id) = request.prompt_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(SubmitError::TokenOutOfVocab { token_id, vocab_size });
         }
         let max_model_len = self.shared.info.max_model_len;
         if prompt_tokens + request.params.max_tokens > max_model_len {
-            return Err(SubmitError::TooLong {
-                prompt_tokens,
-                max_tokens: request.params.max_tokens,
-                max_model_len,
-            });
+            return Err(SubmitError::TooLong { prompt_tokens, max_tokens: request.params.max_tokens, max_model_len });
         }
         Ok(())
     }
@@ -272,17 +210,9 @@ impl Engine {
         }
         let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events_rx) = tokio_mpsc::unbounded_channel();
-        let processor = OutputProcessor::new(
-            self.shared.tokenizer.clone(),
-            &request.prompt_token_ids,
-            &request.params,
-        );
+        let processor = OutputProcessor::new(self.shared.tokenizer.clone(), &request.prompt_token_ids, &request.params);
         let prompt_tokens = request.prompt_token_ids.len();
-        let sent = self.send(Command::Add {
-            key,
-            request,
-            events: events_tx,
-        });
+        let sent = self.send(Command::Add { key, request, events: events_tx });
         if !sent {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Draining);
@@ -292,20 +222,13 @@ impl Engine {
             engine: self.clone(),
             events: events_rx,
             processor,
-            usage: Usage {
-                prompt_tokens,
-                ..Usage::default()
-            },
+            usage: Usage { prompt_tokens, ..Usage::default() },
             done: false,
         })
     }
 
     fn send(&self, command: Command) -> bool {
-        let tx = self
-            .shared
-            .commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let tx = self.shared.commands.lock().unwrap_or_else(|e| e.into_inner());
         tx.send(command).is_ok()
     }
 
@@ -322,12 +245,7 @@ impl Engine {
     pub fn shutdown(&self) {
         self.begin_drain();
         self.send(Command::Shutdown);
-        let handle = self
-            .shared
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
@@ -340,28 +258,15 @@ fn engine_loop(
     stats: Arc<Mutex<EngineStats>>,
     queued: Arc<AtomicUsize>,
 ) {
-    let mut streams: std::collections::HashMap<
-        RequestKey,
-        tokio_mpsc::UnboundedSender<RequestEvent>,
-    > = Default::default();
+    let mut streams: std::collections::HashMap<RequestKey, tokio_mpsc::UnboundedSender<RequestEvent>> =
+        Default::default();
     let mut running = true;
     while running {
         // Sleep on the channel only when idle; otherwise just drain what arrived.
-        let first = if core.has_work() {
-            rx.try_recv().ok()
-        } else {
-            wait_for_command(&rx, core.next_deadline())
-        };
-        for command in first
-            .into_iter()
-            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-        {
+        let first = if core.has_work() { rx.try_recv().ok() } else { wait_for_command(&rx, core.next_deadline()) };
+        for command in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match command {
-                Command::Add {
-                    key,
-                    request,
-                    events,
-                } => {
+                Command::Add { key, request, events } => {
                     streams.insert(key, events);
                     core.add_request(key, request);
                 }
@@ -372,19 +277,13 @@ fn engine_loop(
                     streams.remove(&key);
                 }
                 Command::StopChoice { key, choice } => core.stop_choice(key, choice),
-                Command::ReadLease {
-                    lease_id,
-                    layers,
-                    reply,
-                } => {
+                Command::ReadLease { lease_id, layers, reply } => {
                     let _ = reply.send(core.read_lease(lease_id, layers));
                 }
                 Command::FreeLease { lease_id, reply } => {
                     let _ = reply.send(core.free_lease(lease_id));
                 }
-                Command::AwaitFirstToken { lease_id, reply } => {
-                    core.await_first_token(lease_id, reply)
-                }
+                Command::AwaitFirstToken { lease_id, reply } => core.await_first_token(lease_id, reply),
                 Command::ProvideFirstToken { key, token } => core.provide_first_token(key, token),
                 Command::Shutdown => running = false,
             }
@@ -392,15 +291,8 @@ fn engine_loop(
         if !running {
             break;
         }
-        let due = core.has_work()
-            || core
-                .next_deadline()
-                .is_some_and(|d| d <= std::time::Instant::now());
-        let events = if due {
-            core.step_announcing(&mut |event| deliver(vec![event], &mut streams, &queued))
-        } else {
-            Vec::new()
-        };
+        let due = core.has_work() || core.next_deadline().is_some_and(|d| d <= std::time::Instant::now());
+        let events = if due { core.step_announcing(&mut |event| deliver(vec![event], &mut streams, &queued)) } else { Vec::new() };
         // Stats first: whoever sees an event, then reads the stats, sees this step's.
         publish_stats(&mut core, &stats);
         deliver(events, &mut streams, &queued);
@@ -422,19 +314,14 @@ fn publish_stats(core: &mut EngineCore, stats: &Mutex<EngineStats>) {
 
 /// Sleeps until a command arrives or `deadline` passes (None: a timeout, not a command).
 /// A closed channel means every handle is gone: shut down.
-fn wait_for_command(
-    rx: &mpsc::Receiver<Command>,
-    deadline: Option<std::time::Instant>,
-) -> Option<Command> {
+fn wait_for_command(rx: &mpsc::Receiver<Command>, deadline: Option<std::time::Instant>) -> Option<Command> {
     match deadline {
         None => Some(rx.recv().unwrap_or(Command::Shutdown)),
-        Some(at) => {
-            match rx.recv_timeout(at.saturating_duration_since(std::time::Instant::now())) {
-                Ok(command) => Some(command),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
-            }
-        }
+        Some(at) => match rx.recv_timeout(at.saturating_duration_since(std::time::Instant::now())) {
+            Ok(command) => Some(command),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
+        },
     }
 }
 
@@ -450,16 +337,8 @@ fn deliver(
                 (key, RequestEvent::Started { cached_tokens }, false)
             }
             StepEvent::KvReady { key, kv } => (key, RequestEvent::KvReady(kv), false),
-            StepEvent::Token {
-                key,
-                event,
-                request_finished,
-            } => (key, RequestEvent::Tokens(event), request_finished),
-            StepEvent::Failed {
-                key,
-                message,
-                was_queued,
-            } => {
+            StepEvent::Token { key, event, request_finished } => (key, RequestEvent::Tokens(event), request_finished),
+            StepEvent::Failed { key, message, was_queued } => {
                 if was_queued {
                     queued.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -530,10 +409,7 @@ impl RequestStream {
                 let processed = self.processor.process(ev)?;
                 self.usage.completion_tokens += processed.delta.token_ids.len();
                 if processed.stop_engine {
-                    self.engine.send(Command::StopChoice {
-                        key: self.key,
-                        choice,
-                    });
+                    self.engine.send(Command::StopChoice { key: self.key, choice });
                 }
                 self.done = self.processor.all_finished();
                 Some(Ok(processed.delta))
@@ -543,10 +419,7 @@ impl RequestStream {
 
     /// Where prefill's first token goes for a request submitted from an early descriptor.
     pub fn first_token_sink(&self) -> FirstTokenSink {
-        FirstTokenSink {
-            engine: self.engine.clone(),
-            key: self.key,
-        }
+        FirstTokenSink { engine: self.engine.clone(), key: self.key }
     }
 
     /// Token counts so far (final once the stream has ended).
@@ -568,10 +441,7 @@ pub struct FirstTokenSink {
 
 impl FirstTokenSink {
     pub fn provide(&self, token: FirstTokenResult) {
-        self.engine.send(Command::ProvideFirstToken {
-            key: self.key,
-            token,
-        });
+        self.engine.send(Command::ProvideFirstToken { key: self.key, token });
     }
 }
 

@@ -29,23 +29,12 @@ pub type RequestKey = u64;
 
 #[derive(Debug)]
 pub enum StepEvent {
-    Started {
-        key: RequestKey,
-        cached_tokens: usize,
-    },
+    Started { key: RequestKey, cached_tokens: usize },
     /// An early handoff's lease and blocks, announced before the forward that completes
     /// the prompt's KV (delivered ahead of the step's other events).
     KvReady { key: RequestKey, kv: EarlyKv },
-    Token {
-        key: RequestKey,
-        event: TokenEvent,
-        request_finished: bool,
-    },
-    Failed {
-        key: RequestKey,
-        message: String,
-        was_queued: bool,
-    },
+    Token { key: RequestKey, event: TokenEvent, request_finished: bool },
+    Failed { key: RequestKey, message: String, was_queued: bool },
 }
 
 struct ActiveRequest {
@@ -107,11 +96,7 @@ fn config_error(message: String) -> EngineError {
 
 impl EngineCore {
     /// Loads a model directory onto `backend` and sizes the KV cache.
-    pub fn load<B: Backend>(
-        dir: &Path,
-        config: &EngineConfig,
-        mut backend: B,
-    ) -> Result<Self, EngineError> {
+    pub fn load<B: Backend>(dir: &Path, config: &EngineConfig, mut backend: B) -> Result<Self, EngineError> {
         config.validate().map_err(config_error)?;
         let model_config = ModelConfig::from_dir(dir)?;
         let generation_defaults = GenerationDefaults::from_dir(dir)?;
@@ -136,12 +121,7 @@ impl EngineCore {
             max_blocks_per_seq,
             max_sampling_rows: config.max_num_seqs,
         };
-        let plan = MemoryPlan {
-            layout,
-            fixed_blocks: config.num_kv_blocks,
-            limits,
-            max_model_len,
-        };
+        let plan = MemoryPlan { layout, fixed_blocks: config.num_kv_blocks, limits, max_model_len };
         let num_blocks = executor.allocate_kv_cache(plan)?;
         if num_blocks * config.block_size < max_model_len {
             return Err(config_error(format!(
@@ -189,10 +169,7 @@ impl EngineCore {
             next_arrival: 0,
             base_seed: config.seed,
             steps: 0,
-            leases: LeaseTable::new(
-                Duration::from_secs(config.kv_lease_secs),
-                splitmix64(config.seed ^ lease_salt()),
-            ),
+            leases: LeaseTable::new(Duration::from_secs(config.kv_lease_secs), splitmix64(config.seed ^ lease_salt())),
             pending_imports: VecDeque::new(),
             importing: Vec::new(),
             orphaned_copies: Vec::new(),
@@ -246,9 +223,7 @@ impl EngineCore {
     /// Queues a validated request.
     pub fn add_request(&mut self, key: RequestKey, request: GenerateRequest) {
         let params = request.params;
-        let seed = params
-            .seed
-            .unwrap_or_else(|| splitmix64(self.base_seed ^ splitmix64(key)));
+        let seed = params.seed.unwrap_or_else(|| splitmix64(self.base_seed ^ splitmix64(key)));
         let mut stop_ids = params.stop_token_ids.clone();
         if !params.ignore_eos {
             stop_ids.extend(&self.info.eos_token_ids);
@@ -264,28 +239,13 @@ impl EngineCore {
             KvTransfer::Local | KvTransfer::Import(_) => Export::No,
         };
         match request.kv_transfer {
-            KvTransfer::Import(kv) => self
-                .pending_imports
-                .push_back(PendingImport::new(key, seq, kv)),
-            KvTransfer::Local | KvTransfer::Export | KvTransfer::ExportEarly => {
-                self.scheduler.add(seq)
-            }
+            KvTransfer::Import(kv) => self.pending_imports.push_back(PendingImport::new(key, seq, kv)),
+            KvTransfer::Local | KvTransfer::Export | KvTransfer::ExportEarly => self.scheduler.add(seq),
         }
         self.next_arrival += 1;
         self.owner.insert(seq_id, (key, 0));
-        self.requests.insert(
-            key,
-            ActiveRequest {
-                params,
-                seed,
-                choices,
-                forked: false,
-                started: false,
-                stop_ids,
-                export,
-                early_lease: None,
-            },
-        );
+        self.requests
+            .insert(key, ActiveRequest { params, seed, choices, forked: false, started: false, stop_ids, export, early_lease: None });
     }
 
     fn new_seq_id(&mut self) -> SeqId {
@@ -296,9 +256,7 @@ impl EngineCore {
 
     /// Drops a request and frees its blocks. True if it had never started.
     pub fn abort(&mut self, key: RequestKey) -> bool {
-        let Some(req) = self.requests.remove(&key) else {
-            return false;
-        };
+        let Some(req) = self.requests.remove(&key) else { return false };
         self.drop_import(key);
         // A reserved lease not filled yet dies with its request (decode's wait fails).
         if let Some(lease) = req.early_lease {
@@ -313,9 +271,7 @@ impl EngineCore {
 
     /// Ends one choice early (a stop string matched on the caller's side).
     pub fn stop_choice(&mut self, key: RequestKey, choice: u32) {
-        let Some(req) = self.requests.get_mut(&key) else {
-            return;
-        };
+        let Some(req) = self.requests.get_mut(&key) else { return };
         if let Some(seq) = req.choices.get_mut(choice as usize).and_then(Option::take) {
             self.scheduler.remove(seq);
             self.owner.remove(&seq);
@@ -345,9 +301,7 @@ impl EngineCore {
         }
         let out = self.scheduler.schedule();
         for &(seq, cached_tokens) in &out.started {
-            let Some(&(key, _)) = self.owner.get(&seq) else {
-                continue;
-            };
+            let Some(&(key, _)) = self.owner.get(&seq) else { continue };
             if let Some(req) = self.requests.get_mut(&key) {
                 if !req.started {
                     req.started = true;
@@ -373,11 +327,7 @@ impl EngineCore {
     }
 
     /// Executes the step; returns which (sequence, choice) each sampled token is for.
-    fn run(
-        &mut self,
-        input: &StepInput,
-        out: &SchedulerOutput,
-    ) -> (Vec<(SeqId, u32)>, Result<Vec<SampledToken>, EngineError>) {
+    fn run(&mut self, input: &StepInput, out: &SchedulerOutput) -> (Vec<(SeqId, u32)>, Result<Vec<SampledToken>, EngineError>) {
         let mut targets = Vec::new();
         let mut rows = Vec::new();
         for (logit_row, s) in out.scheduled.iter().filter(|s| s.sample).enumerate() {
@@ -385,11 +335,7 @@ impl EngineCore {
             let req = &self.requests[&key];
             let seq = self.scheduler.seq(s.seq_id).expect("scheduled sequence");
             // The first sample of an n > 1 request draws every choice from the same logits.
-            let choices: Vec<u32> = if req.awaiting_fork() {
-                (0..req.params.n as u32).collect()
-            } else {
-                vec![own_choice]
-            };
+            let choices: Vec<u32> = if req.awaiting_fork() { (0..req.params.n as u32).collect() } else { vec![own_choice] };
             for choice in choices {
                 rows.push(sampling_row(req, seq, choice, logit_row));
                 targets.push((s.seq_id, choice));
@@ -399,12 +345,7 @@ impl EngineCore {
         (targets, result)
     }
 
-    fn apply_samples(
-        &mut self,
-        targets: Vec<(SeqId, u32)>,
-        sampled: Vec<SampledToken>,
-        events: &mut Vec<StepEvent>,
-    ) {
+    fn apply_samples(&mut self, targets: Vec<(SeqId, u32)>, sampled: Vec<SampledToken>, events: &mut Vec<StepEvent>) {
         // Forks first: children copy the parent before it gets its own new token.
         let mut seqs = Vec::with_capacity(targets.len());
         for &(seq, choice) in &targets {
@@ -427,37 +368,19 @@ impl EngineCore {
         }
     }
 
-    fn emit_token(
-        &mut self,
-        seq_id: SeqId,
-        choice: u32,
-        token: SampledToken,
-        events: &mut Vec<StepEvent>,
-    ) {
+    fn emit_token(&mut self, seq_id: SeqId, choice: u32, token: SampledToken, events: &mut Vec<StepEvent>) {
         let (key, _) = self.owner[&seq_id];
         let seq = self.scheduler.seq(seq_id).expect("sampled sequence");
         let req = &self.requests[&key];
-        let mut finish = finish_reason(
-            req,
-            seq.output().len(),
-            seq.len(),
-            self.info.max_model_len,
-            token.token,
-        );
-        let logprobs = match req.params.logprobs {
-            Some(_) => vec![TokenLogprob {
-                token_id: token.token,
-                logprob: token.logprob,
-                top: token.top.clone(),
-            }],
-            None => Vec::new(),
-        };
+        let mut finish = finish_reason(req, seq.output().len(), seq.len(), self.info.max_model_len, token.token);
+        let (exporting, early_lease, wants_logprobs) = (req.export != Export::No, req.early_lease, req.params.logprobs.is_some());
         // A prefill's request ends on its first token, its KV kept under a lease.
-        let exporting = req.export != Export::No;
-        let handoff = self.hand_off(seq_id, key, &token, finish.is_some());
+        let handoff = if exporting { self.hand_off(seq_id, early_lease, &token, finish.is_some()) } else { None };
         if exporting && finish.is_none() {
             finish = Some((FinishReason::Length, None));
         }
+        let logprobs =
+            if wants_logprobs { vec![TokenLogprob { token_id: token.token, logprob: token.logprob, top: token.top }] } else { Vec::new() };
         if handoff.is_none() && finish.is_some() {
             self.scheduler.remove(seq_id);
         }
@@ -470,41 +393,18 @@ impl EngineCore {
         if request_finished {
             self.requests.remove(&key);
         }
-        let event = TokenEvent {
-            choice,
-            tokens: vec![token.token],
-            logprobs,
-            finish,
-            handoff,
-        };
-        events.push(StepEvent::Token {
-            key,
-            event,
-            request_finished,
-        });
+        let event = TokenEvent { choice, tokens: vec![token.token], logprobs, finish, handoff };
+        events.push(StepEvent::Token { key, event, request_finished });
     }
 
-    fn fail_scheduled(
-        &mut self,
-        out: &SchedulerOutput,
-        message: &str,
-        events: &mut Vec<StepEvent>,
-    ) {
+    fn fail_scheduled(&mut self, out: &SchedulerOutput, message: &str, events: &mut Vec<StepEvent>) {
         tracing::error!(error = message, "step failed; failing its requests");
-        let mut keys: Vec<RequestKey> = out
-            .scheduled
-            .iter()
-            .filter_map(|s| self.owner.get(&s.seq_id).map(|o| o.0))
-            .collect();
+        let mut keys: Vec<RequestKey> = out.scheduled.iter().filter_map(|s| self.owner.get(&s.seq_id).map(|o| o.0)).collect();
         keys.sort_unstable();
         keys.dedup();
         for key in keys {
             let was_queued = self.abort(key);
-            events.push(StepEvent::Failed {
-                key,
-                message: format!("the engine failed to run the request: {message}"),
-                was_queued,
-            });
+            events.push(StepEvent::Failed { key, message: format!("the engine failed to run the request: {message}"), was_queued });
         }
     }
 
@@ -516,9 +416,7 @@ impl EngineCore {
         let blocks = self
             .scheduler
             .allocate_detached(tokens.len().div_ceil(bs))
-            .ok_or_else(|| {
-                EngineError::Request("not enough free KV blocks to score the prompt".into())
-            })?;
+            .ok_or_else(|| EngineError::Request("not enough free KV blocks to score the prompt".into()))?;
         let mut logits = Vec::with_capacity(tokens.len() * self.info.vocab_size);
         let mut result = Ok(());
         for start in (0..tokens.len()).step_by(chunk.max(1)) {
@@ -549,12 +447,7 @@ fn resolve_max_model_len(config: &EngineConfig, model: &ModelConfig) -> Result<u
     }
 }
 
-fn sampling_row<'a>(
-    req: &'a ActiveRequest,
-    seq: &'a Sequence,
-    choice: u32,
-    logit_row: usize,
-) -> SamplingRow<'a> {
+fn sampling_row<'a>(req: &'a ActiveRequest, seq: &'a Sequence, choice: u32, logit_row: usize) -> SamplingRow<'a> {
     let p = &req.params;
     let generated = seq.output().len();
     SamplingRow {
@@ -570,11 +463,7 @@ fn sampling_row<'a>(
         repetition_penalty: p.repetition_penalty,
         prompt_tokens: seq.prompt(),
         output_tokens: seq.output(),
-        banned_tokens: if generated < p.min_tokens {
-            &req.stop_ids
-        } else {
-            &[]
-        },
+        banned_tokens: if generated < p.min_tokens { &req.stop_ids } else { &[] },
         num_logprobs: p.logprobs,
     }
 }
@@ -601,19 +490,11 @@ fn finish_reason(
 }
 
 /// A single-sequence step over detached blocks, every row a logit row.
-fn detached_input(
-    tokens: &[u32],
-    start: usize,
-    end: usize,
-    blocks: &[u32],
-    bs: usize,
-) -> StepInput {
+fn detached_input(tokens: &[u32], start: usize, end: usize, blocks: &[u32], bs: usize) -> StepInput {
     StepInput {
         token_ids: tokens[start..end].to_vec(),
         positions: (start as u32..end as u32).collect(),
-        slot_mapping: (start..end)
-            .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
-            .collect(),
+        slot_mapping: (start..end).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32).collect(),
         query_start: vec![0, (end - start) as u32],
         context_lens: vec![end as u32],
         block_tables: blocks.to_vec(),
@@ -625,8 +506,6 @@ fn detached_input(
 
 /// Differs between processes so lease ids of a restarted engine do not repeat.
 fn lease_salt() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 32)
 }

@@ -7,15 +7,9 @@ use crate::sampling_params::InvalidParam;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, source: serde_json::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("{path}: corrupt safetensors header: {message}")]
@@ -23,24 +17,11 @@ pub enum LoadError {
     #[error("tensor `{tensor}` is missing (looked in {looked_in})")]
     MissingTensor { tensor: String, looked_in: String },
     #[error("tensor `{tensor}` in {path}: expected shape {expected:?}, found {found:?}")]
-    WrongShape {
-        tensor: String,
-        path: PathBuf,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    WrongShape { tensor: String, path: PathBuf, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{tensor}` in {path}: unsupported dtype {dtype} (supported: BF16, F16, F32)")]
-    UnsupportedDtype {
-        tensor: String,
-        path: PathBuf,
-        dtype: String,
-    },
+    UnsupportedDtype { tensor: String, path: PathBuf, dtype: String },
     #[error("{path}: unknown architecture {architecture:?} (supported: {supported})")]
-    UnknownArchitecture {
-        path: PathBuf,
-        architecture: String,
-        supported: String,
-    },
+    UnknownArchitecture { path: PathBuf, architecture: String, supported: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
 }
@@ -83,11 +64,7 @@ pub enum SubmitError {
          {prompt_tokens} prompt tokens plus {max_tokens} completion tokens ({total} in total)",
         total = prompt_tokens + max_tokens
     )]
-    TooLong {
-        prompt_tokens: usize,
-        max_tokens: usize,
-        max_model_len: usize,
-    },
+    TooLong { prompt_tokens: usize, max_tokens: usize, max_model_len: usize },
     #[error("token id {token_id} is outside the vocabulary (size {vocab_size})")]
     TokenOutOfVocab { token_id: u32, vocab_size: usize },
     #[error("the waiting queue is full ({limit} requests); retry later")]

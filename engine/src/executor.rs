@@ -51,14 +51,7 @@ pub struct ModelExecutor<B: Backend> {
 
 impl<B: Backend> ModelExecutor<B> {
     pub fn new(backend: B, model: Box<dyn CausalLm<B>>) -> Self {
-        Self {
-            backend,
-            model,
-            graphs: Vec::new(),
-            scratch_block: 0,
-            block_size: 1,
-            graph_table_stride: 1,
-        }
+        Self { backend, model, graphs: Vec::new(), scratch_block: 0, block_size: 1, graph_table_stride: 1 }
     }
 
     /// Sizes and allocates the KV cache (plus one scratch block) and returns the number of
@@ -72,8 +65,7 @@ impl<B: Backend> ModelExecutor<B> {
         }
         let usable = match plan.fixed_blocks {
             Some(n) => n,
-            None => (self.backend.kv_cache_budget_bytes()? / plan.layout.bytes_per_block())
-                .saturating_sub(1),
+            None => (self.backend.kv_cache_budget_bytes()? / plan.layout.bytes_per_block()).saturating_sub(1),
         };
         self.backend.allocate_kv_cache(plan.layout, usable + 1)?;
         self.scratch_block = usable as u32;
@@ -85,20 +77,11 @@ impl<B: Backend> ModelExecutor<B> {
     fn profile_run(&mut self, plan: &MemoryPlan) -> Result<(), EngineError> {
         let bs = plan.layout.block_size;
         let per_seq = plan.max_model_len.min(plan.limits.max_tokens).max(1);
-        let num_seqs = plan
-            .limits
-            .max_tokens
-            .div_ceil(per_seq)
-            .min(plan.limits.max_seqs);
+        let num_seqs = plan.limits.max_tokens.div_ceil(per_seq).min(plan.limits.max_seqs);
         let tokens = plan.limits.max_tokens.min(num_seqs * per_seq);
         let blocks_per_seq = per_seq.div_ceil(bs);
-        self.backend
-            .allocate_kv_cache(plan.layout, num_seqs * blocks_per_seq)?;
-        let mut input = StepInput {
-            block_size: bs,
-            block_table_stride: blocks_per_seq,
-            ..Default::default()
-        };
+        self.backend.allocate_kv_cache(plan.layout, num_seqs * blocks_per_seq)?;
+        let mut input = StepInput { block_size: bs, block_table_stride: blocks_per_seq, ..Default::default() };
         input.query_start.push(0);
         for s in 0..num_seqs {
             let len = per_seq.min(tokens - s * per_seq);
@@ -106,15 +89,11 @@ impl<B: Backend> ModelExecutor<B> {
             for p in 0..len {
                 input.token_ids.push((p % 7) as u32);
                 input.positions.push(p as u32);
-                input
-                    .slot_mapping
-                    .push((first_block + (p / bs) as u32) * bs as u32 + (p % bs) as u32);
+                input.slot_mapping.push((first_block + (p / bs) as u32) * bs as u32 + (p % bs) as u32);
             }
             input.query_start.push(input.token_ids.len() as u32);
             input.context_lens.push(len as u32);
-            input
-                .block_tables
-                .extend((0..blocks_per_seq as u32).map(|b| first_block + b));
+            input.block_tables.extend((0..blocks_per_seq as u32).map(|b| first_block + b));
             input.logit_rows.push(input.token_ids.len() as u32 - 1);
         }
         let batch = self.backend.prepare(&input)?;
@@ -169,9 +148,7 @@ impl<B: Backend> ModelExecutor<B> {
         let pad = bs - input.num_seqs();
         padded.token_ids.extend(std::iter::repeat_n(0, pad));
         padded.positions.extend(std::iter::repeat_n(0, pad));
-        padded
-            .slot_mapping
-            .extend(std::iter::repeat_n(scratch_slot, pad));
+        padded.slot_mapping.extend(std::iter::repeat_n(scratch_slot, pad));
         padded.context_lens.extend(std::iter::repeat_n(1, pad));
         padded
     }

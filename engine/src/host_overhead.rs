@@ -25,27 +25,16 @@ impl Executor for DeviceFreeExecutor {
         "device-free (host overhead measurement)".into()
     }
 
-    fn execute(
-        &mut self,
-        input: &StepInput,
-        _: &[(u32, u32)],
-        rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>, EngineError> {
+    fn execute(&mut self, input: &StepInput, _: &[(u32, u32)], rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>, EngineError> {
         std::hint::black_box(input);
         Ok(rows
             .iter()
-            .map(|r| SampledToken {
-                token: 1 + (r.step as u32 * 7 + r.logit_row as u32) % (self.vocab - 1),
-                logprob: 0.0,
-                top: Vec::new(),
-            })
+            .map(|r| SampledToken { token: 1 + (r.step as u32 * 7 + r.logit_row as u32) % (self.vocab - 1), logprob: 0.0, top: Vec::new() })
             .collect())
     }
 
     fn logits(&mut self, _: &StepInput) -> Result<Vec<f32>, EngineError> {
-        Err(EngineError::Request(
-            "the device-free executor computes no logits".into(),
-        ))
+        Err(EngineError::Request("the device-free executor computes no logits".into()))
     }
 
     fn device_time(&mut self) -> Option<crate::backend::DeviceTimeReport> {
@@ -89,44 +78,16 @@ pub fn measure(num_seqs: usize, prompt_len: usize, steps: usize) -> OverheadRepo
         vocab_size: vocab,
         max_model_len: max_len,
         eos_token_ids: vec![0],
-        kv_layout: KvCacheLayout {
-            num_layers: 28,
-            kv_heads: 8,
-            head_dim: 128,
-            block_size,
-            dtype: DType::BF16,
-        },
+        kv_layout: KvCacheLayout { num_layers: 28, kv_heads: 8, head_dim: 128, block_size, dtype: DType::BF16 },
         num_kv_blocks: num_blocks,
         device: "none".into(),
         generation_defaults: GenerationDefaults::default(),
     };
-    let mut core = EngineCore::new(
-        Box::new(DeviceFreeExecutor {
-            vocab: vocab as u32,
-        }),
-        info,
-        &config,
-    );
+    let mut core = EngineCore::new(Box::new(DeviceFreeExecutor { vocab: vocab as u32 }), info, &config);
     for i in 0..num_seqs {
-        let prompt = (0..prompt_len as u32)
-            .map(|t| 1 + (t * 31 + i as u32 * 17) % 50_000)
-            .collect();
-        let params = SamplingParams {
-            max_tokens: steps + 32,
-            temperature: 0.8,
-            top_p: 0.95,
-            ignore_eos: true,
-            ..Default::default()
-        };
-        core.add_request(
-            i as u64 + 1,
-            GenerateRequest {
-                request_id: i.to_string(),
-                prompt_token_ids: prompt,
-                params,
-                kv_transfer: Default::default(),
-            },
-        );
+        let prompt = (0..prompt_len as u32).map(|t| 1 + (t * 31 + i as u32 * 17) % 50_000).collect();
+        let params = SamplingParams { max_tokens: steps + 32, temperature: 0.8, top_p: 0.95, ignore_eos: true, ..Default::default() };
+        core.add_request(i as u64 + 1, GenerateRequest { request_id: i.to_string(), prompt_token_ids: prompt, params, kv_transfer: Default::default() });
     }
     // Prefill (one big step) and a few warm-up decodes.
     for _ in 0..4 {
@@ -138,10 +99,7 @@ pub fn measure(num_seqs: usize, prompt_len: usize, steps: usize) -> OverheadRepo
             let t = Instant::now();
             let events = core.step();
             let elapsed = t.elapsed();
-            tokens += events
-                .iter()
-                .filter(|e| matches!(e, StepEvent::Token { .. }))
-                .count();
+            tokens += events.iter().filter(|e| matches!(e, StepEvent::Token { .. })).count();
             elapsed
         })
         .collect();

@@ -37,7 +37,7 @@ pub enum KvTransfer {
 pub struct ImportedKv {
     /// The token prefill sampled after the prompt (decode emits it as its first token).
     /// None when the request comes from an early descriptor: the copy starts at once and
-    /// the token follows ([`crate::engine::Engine::provide_first_token`]).
+    /// the token follows ([`crate::engine::FirstTokenSink`]).
     pub first_token: Option<TokenLogprob>,
     pub source: KvSource,
 }
@@ -50,11 +50,7 @@ pub enum KvSource {
     /// Blocks of a peer process on this node, read device to device. With `ready_mark`
     /// (an early descriptor) each layer is read once the peer's progress mark for that
     /// layer reached it, i.e. while prefill is still computing later layers.
-    CudaIpc {
-        peer: Arc<CudaIpcKv>,
-        remote_blocks: Vec<BlockId>,
-        ready_mark: Option<u32>,
-    },
+    CudaIpc { peer: Arc<CudaIpcKv>, remote_blocks: Vec<BlockId>, ready_mark: Option<u32> },
 }
 
 /// KV bytes of whole blocks, layer-major: for each layer, the K rows of every block in

@@ -47,19 +47,12 @@ impl OutputProcessor {
         let choices = (0..params.n)
             .map(|_| ChoiceState {
                 detokenizer: IncrementalDetokenizer::new(prompt, params.skip_special_tokens),
-                stops: StopStringMatcher::new(
-                    params.stop.clone(),
-                    params.include_stop_str_in_output,
-                ),
+                stops: StopStringMatcher::new(params.stop.clone(), params.include_stop_str_in_output),
                 generated: 0,
                 finished: false,
             })
             .collect();
-        Self {
-            tokenizer,
-            min_tokens: params.min_tokens,
-            choices,
-        }
+        Self { tokenizer, min_tokens: params.min_tokens, choices }
     }
 
     pub fn all_finished(&self) -> bool {
@@ -99,11 +92,7 @@ impl OutputProcessor {
         }
         let logprobs = ev.logprobs.into_iter().take(kept_tokens.len()).collect();
         let (finish_reason, stop_reason, stop_engine) = match (stop_hit, ev.finish) {
-            (Some(s), finish) => (
-                Some(FinishReason::Stop),
-                Some(StopReason::Text(s)),
-                finish.is_none(),
-            ),
+            (Some(s), finish) => (Some(FinishReason::Stop), Some(StopReason::Text(s)), finish.is_none()),
             (None, Some((reason, why))) => {
                 text.push_str(&state.stops.flush());
                 (Some(reason), why, false)

@@ -33,9 +33,7 @@ impl SamplingRow<'_> {
         self.temperature == 0.0 || self.top_k == 1
     }
     pub fn has_penalties(&self) -> bool {
-        self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0
-            || self.repetition_penalty != 1.0
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 }
 
@@ -83,10 +81,7 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
 fn top_entries(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
     let better = |a: &u32, b: &u32| {
-        values[*b as usize]
-            .partial_cmp(&values[*a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(b))
+        values[*b as usize].partial_cmp(&values[*a as usize]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b))
     };
     let k = k.min(idx.len());
     if k == 0 {
@@ -104,17 +99,11 @@ fn apply_penalties(logits: &mut [f32], row: &SamplingRow<'_>) {
     if row.repetition_penalty != 1.0 {
         let mut seen = vec![false; logits.len()];
         for &t in row.prompt_tokens.iter().chain(row.output_tokens) {
-            let Some(slot) = seen.get_mut(t as usize) else {
-                continue;
-            };
+            let Some(slot) = seen.get_mut(t as usize) else { continue };
             if !*slot {
                 *slot = true;
                 let l = &mut logits[t as usize];
-                *l = if *l > 0.0 {
-                    *l / row.repetition_penalty
-                } else {
-                    *l * row.repetition_penalty
-                };
+                *l = if *l > 0.0 { *l / row.repetition_penalty } else { *l * row.repetition_penalty };
             }
         }
     }
@@ -145,18 +134,11 @@ fn argmax(values: &[f32]) -> u32 {
 /// filters, then inverse-CDF sampling with the row's counter-based uniform.
 fn draw(logits: &[f32], row: &SamplingRow<'_>) -> u32 {
     let inv_t = 1.0 / row.temperature;
-    let k = if row.top_k == 0 {
-        logits.len()
-    } else {
-        row.top_k.min(logits.len())
-    };
+    let k = if row.top_k == 0 { logits.len() } else { row.top_k.min(logits.len()) };
     // Candidates best first (exact order matters for reproducibility).
     let mut cand = top_entries(logits, k);
     let max = cand[0].1;
-    let mut probs: Vec<f64> = cand
-        .iter()
-        .map(|&(_, l)| (((l - max) * inv_t) as f64).exp())
-        .collect();
+    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| (((l - max) * inv_t) as f64).exp()).collect();
     let total: f64 = probs.iter().sum();
     let mut keep = probs.len();
     if row.top_p < 1.0 {
@@ -198,11 +180,7 @@ pub fn sample_row(raw: &[f32], row: &SamplingRow<'_>) -> SampledToken {
     if row.has_penalties() {
         apply_penalties(&mut logits, row);
     }
-    let token = if row.is_greedy() {
-        argmax(&logits)
-    } else {
-        draw(&logits, row)
-    };
+    let token = if row.is_greedy() { argmax(&logits) } else { draw(&logits, row) };
     let (logprob, top) = match row.num_logprobs {
         Some(k) => {
             let lp = log_softmax(raw);
@@ -210,18 +188,12 @@ pub fn sample_row(raw: &[f32], row: &SamplingRow<'_>) -> SampledToken {
         }
         None => (0.0, Vec::new()),
     };
-    SampledToken {
-        token,
-        logprob,
-        top,
-    }
+    SampledToken { token, logprob, top }
 }
 
 /// Samples every row on the host; `logits` is [num_rows, vocab] row-major.
 pub fn sample_host(logits: &[f32], vocab: usize, rows: &[SamplingRow<'_>]) -> Vec<SampledToken> {
-    rows.iter()
-        .map(|r| sample_row(&logits[r.logit_row * vocab..(r.logit_row + 1) * vocab], r))
-        .collect()
+    rows.iter().map(|r| sample_row(&logits[r.logit_row * vocab..(r.logit_row + 1) * vocab], r)).collect()
 }
 
 #[cfg(test)]
@@ -253,25 +225,16 @@ mod tests {
     fn greedy_picks_argmax_and_top_k_one_equals_greedy() {
         assert_eq!(sample_row(&LOGITS, &row(0.0, 1, 0)).token, 1);
         for seed in 0..50 {
-            let r = SamplingRow {
-                top_k: 1,
-                ..row(1.0, seed, seed)
-            };
+            let r = SamplingRow { top_k: 1, ..row(1.0, seed, seed) };
             assert_eq!(sample_row(&LOGITS, &r).token, 1);
         }
     }
 
     #[test]
     fn same_seed_same_draws_different_seed_differs() {
-        let a: Vec<u32> = (0..64)
-            .map(|s| sample_row(&LOGITS, &row(1.0, 7, s)).token)
-            .collect();
-        let b: Vec<u32> = (0..64)
-            .map(|s| sample_row(&LOGITS, &row(1.0, 7, s)).token)
-            .collect();
-        let c: Vec<u32> = (0..64)
-            .map(|s| sample_row(&LOGITS, &row(1.0, 8, s)).token)
-            .collect();
+        let a: Vec<u32> = (0..64).map(|s| sample_row(&LOGITS, &row(1.0, 7, s)).token).collect();
+        let b: Vec<u32> = (0..64).map(|s| sample_row(&LOGITS, &row(1.0, 7, s)).token).collect();
+        let c: Vec<u32> = (0..64).map(|s| sample_row(&LOGITS, &row(1.0, 8, s)).token).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }
@@ -286,61 +249,35 @@ mod tests {
         let lp = log_softmax(&LOGITS);
         for (t, &c) in counts.iter().enumerate() {
             let expected = lp[t].exp() as f64 * 20_000.0;
-            assert!(
-                (c as f64 - expected).abs() < 5.0 * expected.sqrt() + 5.0,
-                "token {t}: {c} vs {expected}"
-            );
+            assert!((c as f64 - expected).abs() < 5.0 * expected.sqrt() + 5.0, "token {t}: {c} vs {expected}");
         }
     }
 
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
         for s in 0..500 {
-            let r = SamplingRow {
-                top_p: 0.5,
-                ..row(1.0, 11, s)
-            };
+            let r = SamplingRow { top_p: 0.5, ..row(1.0, 11, s) };
             assert!([1, 2].contains(&sample_row(&LOGITS, &r).token));
-            let r = SamplingRow {
-                min_p: 0.8,
-                ..row(1.0, 11, s)
-            };
+            let r = SamplingRow { min_p: 0.8, ..row(1.0, 11, s) };
             assert!([1, 2].contains(&sample_row(&LOGITS, &r).token));
-            let r = SamplingRow {
-                top_k: 3,
-                ..row(1.0, 11, s)
-            };
+            let r = SamplingRow { top_k: 3, ..row(1.0, 11, s) };
             assert!([1, 2, 5].contains(&sample_row(&LOGITS, &r).token));
         }
     }
 
     #[test]
     fn banned_tokens_and_penalties_change_the_choice() {
-        let r = SamplingRow {
-            banned_tokens: &[1],
-            ..row(0.0, 0, 0)
-        };
+        let r = SamplingRow { banned_tokens: &[1], ..row(0.0, 0, 0) };
         assert_eq!(sample_row(&LOGITS, &r).token, 2);
-        let r = SamplingRow {
-            output_tokens: &[1],
-            presence_penalty: 0.5,
-            ..row(0.0, 0, 0)
-        };
+        let r = SamplingRow { output_tokens: &[1], presence_penalty: 0.5, ..row(0.0, 0, 0) };
         assert_eq!(sample_row(&LOGITS, &r).token, 2);
-        let r = SamplingRow {
-            prompt_tokens: &[1],
-            repetition_penalty: 1.2,
-            ..row(0.0, 0, 0)
-        };
+        let r = SamplingRow { prompt_tokens: &[1], repetition_penalty: 1.2, ..row(0.0, 0, 0) };
         assert_eq!(sample_row(&LOGITS, &r).token, 2);
     }
 
     #[test]
     fn logprobs_are_raw_and_sorted() {
-        let r = SamplingRow {
-            num_logprobs: Some(3),
-            ..row(0.0, 0, 0)
-        };
+        let r = SamplingRow { num_logprobs: Some(3), ..row(0.0, 0, 0) };
         let s = sample_row(&LOGITS, &r);
         let lp = log_softmax(&LOGITS);
         assert!((s.logprob - lp[1]).abs() < 1e-6);

@@ -74,20 +74,14 @@ pub struct InvalidParam {
 }
 
 fn invalid(param: &'static str, message: impl Into<String>) -> InvalidParam {
-    InvalidParam {
-        param,
-        message: message.into(),
-    }
+    InvalidParam { param, message: message.into() }
 }
 
 fn check_range(param: &'static str, value: f32, lo: f32, hi: f32) -> Result<(), InvalidParam> {
     if value.is_finite() && value >= lo && value <= hi {
         Ok(())
     } else {
-        Err(invalid(
-            param,
-            format!("must be between {lo} and {hi}, got {value}"),
-        ))
+        Err(invalid(param, format!("must be between {lo} and {hi}, got {value}")))
     }
 }
 
@@ -97,36 +91,22 @@ impl SamplingParams {
     }
 
     pub fn has_penalties(&self) -> bool {
-        self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0
-            || self.repetition_penalty != 1.0
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 
     pub fn validate(&self) -> Result<(), InvalidParam> {
         if self.n == 0 || self.n > MAX_N {
-            return Err(invalid(
-                "n",
-                format!("must be between 1 and {MAX_N}, got {}", self.n),
-            ));
+            return Err(invalid("n", format!("must be between 1 and {MAX_N}, got {}", self.n)));
         }
         check_range("temperature", self.temperature, 0.0, 2.0)?;
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(invalid(
-                "top_p",
-                format!("must be in (0, 1], got {}", self.top_p),
-            ));
+            return Err(invalid("top_p", format!("must be in (0, 1], got {}", self.top_p)));
         }
         check_range("min_p", self.min_p, 0.0, 1.0)?;
         check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
         check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
-        if !(self.repetition_penalty.is_finite()
-            && self.repetition_penalty > 0.0
-            && self.repetition_penalty <= 10.0)
-        {
-            return Err(invalid(
-                "repetition_penalty",
-                format!("must be in (0, 10], got {}", self.repetition_penalty),
-            ));
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return Err(invalid("repetition_penalty", format!("must be in (0, 10], got {}", self.repetition_penalty)));
         }
         if self.max_tokens == 0 {
             return Err(invalid("max_tokens", "must be at least 1"));
@@ -134,30 +114,18 @@ impl SamplingParams {
         if self.min_tokens > self.max_tokens {
             return Err(invalid(
                 "min_tokens",
-                format!(
-                    "must not exceed max_tokens ({} > {})",
-                    self.min_tokens, self.max_tokens
-                ),
+                format!("must not exceed max_tokens ({} > {})", self.min_tokens, self.max_tokens),
             ));
         }
         if self.stop.len() > MAX_STOP_STRINGS {
-            return Err(invalid(
-                "stop",
-                format!(
-                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
-                    self.stop.len()
-                ),
-            ));
+            return Err(invalid("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", self.stop.len())));
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(invalid("stop", "stop strings must not be empty"));
         }
         if let Some(k) = self.logprobs {
             if k > MAX_LOGPROBS {
-                return Err(invalid(
-                    "logprobs",
-                    format!("must be between 0 and {MAX_LOGPROBS}, got {k}"),
-                ));
+                return Err(invalid("logprobs", format!("must be between 0 and {MAX_LOGPROBS}, got {k}")));
             }
         }
         Ok(())
@@ -176,91 +144,18 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let cases: Vec<(&str, SamplingParams)> = vec![
-            (
-                "n",
-                SamplingParams {
-                    n: 0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "n",
-                SamplingParams {
-                    n: MAX_N + 1,
-                    ..Default::default()
-                },
-            ),
-            (
-                "temperature",
-                SamplingParams {
-                    temperature: -0.1,
-                    ..Default::default()
-                },
-            ),
-            (
-                "temperature",
-                SamplingParams {
-                    temperature: f32::NAN,
-                    ..Default::default()
-                },
-            ),
-            (
-                "top_p",
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "min_p",
-                SamplingParams {
-                    min_p: 1.5,
-                    ..Default::default()
-                },
-            ),
-            (
-                "presence_penalty",
-                SamplingParams {
-                    presence_penalty: 3.0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "repetition_penalty",
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "max_tokens",
-                SamplingParams {
-                    max_tokens: 0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "min_tokens",
-                SamplingParams {
-                    min_tokens: 20,
-                    max_tokens: 10,
-                    ..Default::default()
-                },
-            ),
-            (
-                "stop",
-                SamplingParams {
-                    stop: vec![String::new()],
-                    ..Default::default()
-                },
-            ),
-            (
-                "logprobs",
-                SamplingParams {
-                    logprobs: Some(21),
-                    ..Default::default()
-                },
-            ),
+            ("n", SamplingParams { n: 0, ..Default::default() }),
+            ("n", SamplingParams { n: MAX_N + 1, ..Default::default() }),
+            ("temperature", SamplingParams { temperature: -0.1, ..Default::default() }),
+            ("temperature", SamplingParams { temperature: f32::NAN, ..Default::default() }),
+            ("top_p", SamplingParams { top_p: 0.0, ..Default::default() }),
+            ("min_p", SamplingParams { min_p: 1.5, ..Default::default() }),
+            ("presence_penalty", SamplingParams { presence_penalty: 3.0, ..Default::default() }),
+            ("repetition_penalty", SamplingParams { repetition_penalty: 0.0, ..Default::default() }),
+            ("max_tokens", SamplingParams { max_tokens: 0, ..Default::default() }),
+            ("min_tokens", SamplingParams { min_tokens: 20, max_tokens: 10, ..Default::default() }),
+            ("stop", SamplingParams { stop: vec![String::new()], ..Default::default() }),
+            ("logprobs", SamplingParams { logprobs: Some(21), ..Default::default() }),
         ];
         for (field, params) in cases {
             assert_eq!(params.validate().unwrap_err().param, field);

@@ -116,9 +116,7 @@ impl Scheduler {
 
     fn insert_waiting(&mut self, id: SeqId, arrival: u64) {
         let seqs = &self.seqs;
-        let pos = self
-            .waiting
-            .partition_point(|w| seqs.get(w).is_some_and(|s| s.arrival <= arrival));
+        let pos = self.waiting.partition_point(|w| seqs.get(w).is_some_and(|s| s.arrival <= arrival));
         self.waiting.insert(pos, id);
     }
 
@@ -158,10 +156,7 @@ impl Scheduler {
 
     /// Decides the next step.
     pub fn schedule(&mut self) -> SchedulerOutput {
-        let mut out = SchedulerOutput {
-            blocks_to_copy: std::mem::take(&mut self.pending_copies),
-            ..Default::default()
-        };
+        let mut out = SchedulerOutput { blocks_to_copy: std::mem::take(&mut self.pending_copies), ..Default::default() };
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut scheduled = HashSet::new();
         // Decodes first so a long prefill never stalls them, then prefill chunks.
@@ -193,36 +188,18 @@ impl Scheduler {
 
     /// Allocates blocks so `id` can hold `n` more tokens, preempting the newest running
     /// sequences not scheduled in this step if needed. False if it does not fit now.
-    fn make_room(
-        &mut self,
-        id: SeqId,
-        n: usize,
-        scheduled: &HashSet<SeqId>,
-        out: &mut SchedulerOutput,
-    ) -> bool {
+    fn make_room(&mut self, id: SeqId, n: usize, scheduled: &HashSet<SeqId>, out: &mut SchedulerOutput) -> bool {
         loop {
             let seq = &self.seqs[&id];
-            let need = self
-                .blocks
-                .blocks_for(seq.num_computed_tokens + n)
-                .saturating_sub(seq.block_table.len());
+            let need = self.blocks.blocks_for(seq.num_computed_tokens + n).saturating_sub(seq.block_table.len());
             if need <= self.blocks.num_free() {
                 for _ in 0..need {
                     let b = self.blocks.allocate().expect("counted free blocks");
-                    self.seqs
-                        .get_mut(&id)
-                        .expect("running sequence")
-                        .block_table
-                        .push(b);
+                    self.seqs.get_mut(&id).expect("running sequence").block_table.push(b);
                 }
                 return true;
             }
-            let victim = self
-                .running
-                .iter()
-                .rev()
-                .copied()
-                .find(|v| !scheduled.contains(v));
+            let victim = self.running.iter().rev().copied().find(|v| !scheduled.contains(v));
             match victim {
                 Some(v) => {
                     self.preempt(v, out);
@@ -251,12 +228,7 @@ impl Scheduler {
     fn push_scheduled(&mut self, id: SeqId, n: usize, out: &mut SchedulerOutput) {
         let seq = &self.seqs[&id];
         let start = seq.num_computed_tokens;
-        out.scheduled.push(ScheduledSeq {
-            seq_id: id,
-            start,
-            num_tokens: n,
-            sample: start + n == seq.len(),
-        });
+        out.scheduled.push(ScheduledSeq { seq_id: id, start, num_tokens: n, sample: start + n == seq.len() });
         out.num_batched_tokens += n;
     }
 
@@ -268,9 +240,7 @@ impl Scheduler {
     fn admit_waiting(&mut self, budget: &mut usize, out: &mut SchedulerOutput) {
         let mut reserved = self.reserved_seqs();
         while *budget > 0 {
-            let Some(&id) = self.waiting.front() else {
-                break;
-            };
+            let Some(&id) = self.waiting.front() else { break };
             if reserved + self.seqs[&id].fan_out > self.cfg.max_num_seqs {
                 break;
             }
@@ -278,11 +248,7 @@ impl Scheduler {
             let seq = self.seqs.get_mut(&id).expect("waiting sequence");
             // Only blocks wholly inside the first len-1 tokens may hit: the last token is
             // always computed, into a block of this sequence's own.
-            let hit_candidates = if self.blocks.prefix_caching() {
-                seq.len().saturating_sub(1) / bs
-            } else {
-                0
-            };
+            let hit_candidates = if self.blocks.prefix_caching() { seq.len().saturating_sub(1) / bs } else { 0 };
             let keys = seq.block_keys(hit_candidates, bs).to_vec();
             let hits = self.blocks.match_prefix(&keys);
             let cached = hits.len() * bs;
@@ -307,9 +273,7 @@ impl Scheduler {
                 out.started.push((id, cached));
             }
             self.waiting.pop_front();
-            let pos = self
-                .running
-                .partition_point(|r| self.seqs[r].arrival <= self.seqs[&id].arrival);
+            let pos = self.running.partition_point(|r| self.seqs[r].arrival <= self.seqs[&id].arrival);
             self.running.insert(pos, id);
             self.push_scheduled(id, n, out);
             *budget -= n;
@@ -322,9 +286,7 @@ impl Scheduler {
     pub fn commit(&mut self, out: &SchedulerOutput) {
         let bs = self.cfg.block_size;
         for s in &out.scheduled {
-            let Some(seq) = self.seqs.get_mut(&s.seq_id) else {
-                continue;
-            };
+            let Some(seq) = self.seqs.get_mut(&s.seq_id) else { continue };
             let full_before = seq.num_computed_tokens / bs;
             seq.num_computed_tokens = s.start + s.num_tokens;
             let full_after = seq.num_computed_tokens / bs;
@@ -343,11 +305,7 @@ impl Scheduler {
         if n > self.blocks.num_free() {
             return None;
         }
-        Some(
-            (0..n)
-                .map(|_| self.blocks.allocate().expect("counted free blocks"))
-                .collect(),
-        )
+        Some((0..n).map(|_| self.blocks.allocate().expect("counted free blocks")).collect())
     }
 
     pub fn release_detached(&mut self, blocks: &[BlockId]) {
@@ -365,9 +323,7 @@ impl Scheduler {
     /// filled last block is copied (both will write into it). If no block is free for the
     /// copy, the child goes to waiting and is recomputed later.
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
-        let Some(p) = self.seqs.get_mut(&parent) else {
-            return;
-        };
+        let Some(p) = self.seqs.get_mut(&parent) else { return };
         p.fan_out = 1;
         let mut c = p.fork(child);
         self.blocks.acquire(&c.block_table);
@@ -393,11 +349,7 @@ impl Scheduler {
                 }
             }
         }
-        let pos = self
-            .running
-            .iter()
-            .position(|&r| r == parent)
-            .map_or(self.running.len(), |p| p + 1);
+        let pos = self.running.iter().position(|&r| r == parent).map_or(self.running.len(), |p| p + 1);
         self.running.insert(pos, child);
         self.seqs.insert(child, c);
     }

@@ -70,11 +70,7 @@ impl Sequence {
     /// Prefix keys of the first `n` full blocks (`n` must not exceed the full blocks).
     pub fn block_keys(&mut self, n: usize, block_size: usize) -> &[u64] {
         if self.block_keys.len() < n {
-            hash_full_blocks(
-                &self.token_ids[..n * block_size],
-                block_size,
-                &mut self.block_keys,
-            );
+            hash_full_blocks(&self.token_ids[..n * block_size], block_size, &mut self.block_keys);
         }
         &self.block_keys[..n]
     }
@@ -82,10 +78,6 @@ impl Sequence {
     /// A copy with another id that shares (by value) everything generated so far; the
     /// caller takes the block references.
     pub fn fork(&self, id: SeqId) -> Self {
-        Self {
-            id,
-            fan_out: 1,
-            ..self.clone()
-        }
+        Self { id, fan_out: 1, ..self.clone() }
     }
 }

@@ -23,11 +23,7 @@ pub struct StopOutcome {
 
 impl StopStringMatcher {
     pub fn new(stops: Vec<String>, include_stop: bool) -> Self {
-        Self {
-            stops,
-            include_stop,
-            held: String::new(),
-        }
+        Self { stops, include_stop, held: String::new() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -36,33 +32,20 @@ impl StopStringMatcher {
 
     pub fn push(&mut self, delta: &str) -> StopOutcome {
         if self.stops.is_empty() {
-            return StopOutcome {
-                text: delta.to_owned(),
-                matched: None,
-            };
+            return StopOutcome { text: delta.to_owned(), matched: None };
         }
         self.held.push_str(delta);
         if let Some((pos, stop)) = self.earliest_match() {
-            let end = if self.include_stop {
-                pos + stop.len()
-            } else {
-                pos
-            };
+            let end = if self.include_stop { pos + stop.len() } else { pos };
             let text = self.held[..end].to_owned();
             self.held.clear();
-            return StopOutcome {
-                text,
-                matched: Some(stop),
-            };
+            return StopOutcome { text, matched: Some(stop) };
         }
         let keep = self.longest_stop_prefix_suffix();
         let release = self.held.len() - keep;
         let text = self.held[..release].to_owned();
         self.held.drain(..release);
-        StopOutcome {
-            text,
-            matched: None,
-        }
+        StopOutcome { text, matched: None }
     }
 
     /// Releases held text when generation ends without a stop string.
@@ -111,42 +94,21 @@ mod tests {
 
     #[test]
     fn cuts_exactly_before_the_stop_string_across_deltas() {
-        assert_eq!(
-            run(&["STOP"], false, &["hello S", "T", "OP and more"]),
-            ("hello ".into(), Some("STOP".into()))
-        );
-        assert_eq!(
-            run(&["STOP"], true, &["hello ST", "OP!"]),
-            ("hello STOP".into(), Some("STOP".into()))
-        );
+        assert_eq!(run(&["STOP"], false, &["hello S", "T", "OP and more"]), ("hello ".into(), Some("STOP".into())));
+        assert_eq!(run(&["STOP"], true, &["hello ST", "OP!"]), ("hello STOP".into(), Some("STOP".into())));
     }
 
     #[test]
     fn held_prefix_is_released_when_it_is_not_a_stop() {
-        assert_eq!(
-            run(&["STOP"], false, &["a ST", "ART b"]),
-            ("a START b".into(), None)
-        );
-        assert_eq!(
-            run(&["STOP"], false, &["ends with ST"]),
-            ("ends with ST".into(), None)
-        );
+        assert_eq!(run(&["STOP"], false, &["a ST", "ART b"]), ("a START b".into(), None));
+        assert_eq!(run(&["STOP"], false, &["ends with ST"]), ("ends with ST".into(), None));
     }
 
     #[test]
     fn earliest_of_several_stops_wins_and_unicode_is_safe() {
-        assert_eq!(
-            run(&["b", "a"], false, &["xxab"]),
-            ("xx".into(), Some("a".into()))
-        );
-        assert_eq!(
-            run(&["é!"], false, &["caf", "é", "!x"]),
-            ("caf".into(), Some("é!".into()))
-        );
-        assert_eq!(
-            run(&["日本"], false, &["こんにちは日", "本語"]),
-            ("こんにちは".into(), Some("日本".into()))
-        );
+        assert_eq!(run(&["b", "a"], false, &["xxab"]), ("xx".into(), Some("a".into())));
+        assert_eq!(run(&["é!"], false, &["caf", "é", "!x"]), ("caf".into(), Some("é!".into())));
+        assert_eq!(run(&["日本"], false, &["こんにちは日", "本語"]), ("こんにちは".into(), Some("日本".into())));
     }
 
     #[test]

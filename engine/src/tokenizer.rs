@@ -28,10 +28,7 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("path", &self.path)
-            .field("vocab_size", &self.vocab_size())
-            .finish()
+        f.debug_struct("Tokenizer").field("path", &self.path).field("vocab_size", &self.vocab_size()).finish()
     }
 }
 
@@ -48,17 +45,9 @@ fn parse_tokenizer_config(path: &Path) -> Result<TokenizerConfig, LoadError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TokenizerConfig::default()),
-        Err(source) => {
-            return Err(LoadError::Io {
-                path: path.to_owned(),
-                source,
-            })
-        }
+        Err(source) => return Err(LoadError::Io { path: path.to_owned(), source }),
     };
-    let json: Value = serde_json::from_str(&text).map_err(|source| LoadError::Json {
-        path: path.to_owned(),
-        source,
-    })?;
+    let json: Value = serde_json::from_str(&text).map_err(|source| LoadError::Json { path: path.to_owned(), source })?;
     let mut config = TokenizerConfig {
         bos_token: token_text(json.get("bos_token")),
         eos_token: token_text(json.get("eos_token")),
@@ -76,9 +65,7 @@ fn parse_tokenizer_config(path: &Path) -> Result<TokenizerConfig, LoadError> {
                     if name == "default" {
                         config.chat_template = Some(template.to_owned());
                     }
-                    config
-                        .named_templates
-                        .push((name.to_owned(), template.to_owned()));
+                    config.named_templates.push((name.to_owned(), template.to_owned()));
                 }
             }
         }
@@ -99,21 +86,12 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(LoadError::Tokenizer {
-                path,
-                message: "file not found".into(),
-            });
+            return Err(LoadError::Tokenizer { path, message: "file not found".into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| LoadError::Tokenizer { path: path.clone(), message: e.to_string() })?;
         let config = parse_tokenizer_config(&dir.join("tokenizer_config.json"))?;
-        Ok(Self {
-            inner,
-            path,
-            config,
-        })
+        Ok(Self { inner, path, config })
     }
 
     /// Size of the id space, added tokens included.
@@ -122,17 +100,12 @@ impl Tokenizer {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
-        self.inner
-            .encode(text, add_special_tokens)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
+        self.inner.encode(text, add_special_tokens).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
         // Decoding ids of our own vocabulary cannot fail; unknown ids decode to nothing.
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .unwrap_or_default()
+        self.inner.decode(ids, skip_special_tokens).unwrap_or_default()
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -33,10 +33,7 @@ struct SafetensorsFile {
 }
 
 fn corrupt(path: &Path, message: impl Into<String>) -> LoadError {
-    LoadError::CorruptHeader {
-        path: path.to_owned(),
-        message: message.into(),
-    }
+    LoadError::CorruptHeader { path: path.to_owned(), message: message.into() }
 }
 
 /// The dtype and its element size; dtypes we do not compute with keep their name.
@@ -55,20 +52,10 @@ fn parse_dtype(name: &str) -> Option<(Result<DType, String>, usize)> {
     }
 }
 
-fn parse_entry(
-    name: &str,
-    v: &Value,
-    data_start: usize,
-    file_len: usize,
-    path: &Path,
-) -> Result<TensorEntry, LoadError> {
+fn parse_entry(name: &str, v: &Value, data_start: usize, file_len: usize, path: &Path) -> Result<TensorEntry, LoadError> {
     let bad = |what: &str| corrupt(path, format!("tensor `{name}`: {what}"));
-    let dtype_name = v
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("no dtype"))?;
-    let (dtype, elem_size) =
-        parse_dtype(dtype_name).ok_or_else(|| bad(&format!("unknown dtype {dtype_name}")))?;
+    let dtype_name = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?;
+    let (dtype, elem_size) = parse_dtype(dtype_name).ok_or_else(|| bad(&format!("unknown dtype {dtype_name}")))?;
     let shape: Vec<usize> = v
         .get("shape")
         .and_then(Value::as_array)
@@ -77,86 +64,43 @@ fn parse_entry(
         .map(|d| d.as_u64().map(|d| d as usize))
         .collect::<Option<_>>()
         .ok_or_else(|| bad("shape is not a list of integers"))?;
-    let offsets = v
-        .get("data_offsets")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("no data_offsets"))?;
+    let offsets = v.get("data_offsets").and_then(Value::as_array).ok_or_else(|| bad("no data_offsets"))?;
     let (begin, end) = match offsets.as_slice() {
-        [b, e] => (
-            b.as_u64().ok_or_else(|| bad("bad offset"))? as usize,
-            e.as_u64().ok_or_else(|| bad("bad offset"))? as usize,
-        ),
+        [b, e] => (b.as_u64().ok_or_else(|| bad("bad offset"))? as usize, e.as_u64().ok_or_else(|| bad("bad offset"))? as usize),
         _ => return Err(bad("data_offsets must have two entries")),
     };
     let expected = shape.iter().product::<usize>() * elem_size;
     if end < begin || end - begin != expected {
-        return Err(bad(&format!(
-            "data_offsets [{begin}, {end}] do not match shape {shape:?} of {dtype_name}"
-        )));
+        return Err(bad(&format!("data_offsets [{begin}, {end}] do not match shape {shape:?} of {dtype_name}")));
     }
     if data_start + end > file_len {
-        return Err(bad(&format!(
-            "data ends at byte {} beyond the file's {file_len} bytes",
-            data_start + end
-        )));
+        return Err(bad(&format!("data ends at byte {} beyond the file's {file_len} bytes", data_start + end)));
     }
-    Ok(TensorEntry {
-        dtype,
-        shape,
-        start: data_start + begin,
-        end: data_start + end,
-    })
+    Ok(TensorEntry { dtype, shape, start: data_start + begin, end: data_start + end })
 }
 
 impl SafetensorsFile {
     fn open(path: &Path) -> Result<Self, LoadError> {
-        let file = File::open(path).map_err(|source| LoadError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| LoadError::Io { path: path.to_owned(), source })?;
         // SAFETY: the file is opened read-only; we never write through the map. A file
         // truncated under us would fault, which is the accepted risk of mapping weights.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.to_owned(), source })?;
         if mmap.len() < 8 {
-            return Err(corrupt(
-                path,
-                format!(
-                    "file is {} bytes, shorter than the 8-byte header length",
-                    mmap.len()
-                ),
-            ));
+            return Err(corrupt(path, format!("file is {} bytes, shorter than the 8-byte header length", mmap.len())));
         }
         let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
         if header_len > mmap.len() - 8 {
-            return Err(corrupt(
-                path,
-                format!(
-                    "header length {header_len} exceeds the file size {}",
-                    mmap.len()
-                ),
-            ));
+            return Err(corrupt(path, format!("header length {header_len} exceeds the file size {}", mmap.len())));
         }
         let header: Value = serde_json::from_slice(&mmap[8..8 + header_len])
             .map_err(|e| corrupt(path, format!("header is not valid JSON: {e}")))?;
-        let obj = header
-            .as_object()
-            .ok_or_else(|| corrupt(path, "header is not a JSON object"))?;
+        let obj = header.as_object().ok_or_else(|| corrupt(path, "header is not a JSON object"))?;
         let data_start = 8 + header_len;
         let mut tensors = HashMap::with_capacity(obj.len());
         for (name, v) in obj.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
-            tensors.insert(
-                name.clone(),
-                parse_entry(name, v, data_start, mmap.len(), path)?,
-            );
+            tensors.insert(name.clone(), parse_entry(name, v, data_start, mmap.len(), path)?);
         }
-        Ok(Self {
-            path: path.to_owned(),
-            mmap,
-            tensors,
-        })
+        Ok(Self { path: path.to_owned(), mmap, tensors })
     }
 }
 
@@ -174,41 +118,25 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         let map = json
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| LoadError::Invalid {
-                path: index.clone(),
-                message: "`weight_map` is missing".into(),
-            })?;
-        let files: BTreeMap<&str, ()> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| (f, ()))
-            .collect();
+            .ok_or_else(|| LoadError::Invalid { path: index.clone(), message: "`weight_map` is missing".into() })?;
+        let files: BTreeMap<&str, ()> = map.values().filter_map(Value::as_str).map(|f| (f, ())).collect();
         return Ok(files.keys().map(|f| dir.join(f)).collect());
     }
-    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io { path: dir.to_owned(), source })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     paths.sort();
     if paths.is_empty() {
-        return Err(LoadError::Invalid {
-            path: dir.to_owned(),
-            message: "no *.safetensors files found".into(),
-        });
+        return Err(LoadError::Invalid { path: dir.to_owned(), message: "no *.safetensors files found".into() });
     }
     Ok(paths)
 }
 
 impl Weights {
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        let files = shard_paths(dir)?
-            .iter()
-            .map(|p| SafetensorsFile::open(p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let files = shard_paths(dir)?.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>, _>>()?;
         let mut location = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for name in f.tensors.keys() {
@@ -223,11 +151,7 @@ impl Weights {
     }
 
     fn looked_in(&self) -> String {
-        self.files
-            .iter()
-            .map(|f| f.path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
     }
 
     /// A tensor by name, borrowed from the mapped file.
@@ -236,24 +160,14 @@ impl Weights {
             .location
             .get(name)
             .map(|&i| &self.files[i])
-            .ok_or_else(|| LoadError::MissingTensor {
-                tensor: name.to_owned(),
-                looked_in: self.looked_in(),
-            })?;
+            .ok_or_else(|| LoadError::MissingTensor { tensor: name.to_owned(), looked_in: self.looked_in() })?;
         let e = &file.tensors[name];
-        let dtype = e
-            .dtype
-            .clone()
-            .map_err(|dtype| LoadError::UnsupportedDtype {
-                tensor: name.to_owned(),
-                path: file.path.clone(),
-                dtype,
-            })?;
-        Ok(HostTensor {
+        let dtype = e.dtype.clone().map_err(|dtype| LoadError::UnsupportedDtype {
+            tensor: name.to_owned(),
+            path: file.path.clone(),
             dtype,
-            shape: e.shape.clone(),
-            bytes: Cow::Borrowed(&file.mmap[e.start..e.end]),
-        })
+        })?;
+        Ok(HostTensor { dtype, shape: e.shape.clone(), bytes: Cow::Borrowed(&file.mmap[e.start..e.end]) })
     }
 
     /// A tensor that must have exactly `expected` shape.
@@ -295,28 +209,14 @@ mod tests {
     #[test]
     fn reads_a_tensor_and_checks_its_shape() {
         let dir = temp_dir("ok");
-        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        write_file(
-            &dir,
-            "model.safetensors",
-            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
-            &data,
-        );
+        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        write_file(&dir, "model.safetensors", r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#, &data);
         let w = Weights::open(&dir).unwrap();
         assert_eq!(w.get("w").unwrap().to_f32(), vec![1.0, 2.0, 3.0, 4.0]);
         let err = w.get_shaped("w", &[4, 1]).unwrap_err().to_string();
-        assert!(
-            err.contains("`w`") && err.contains("[4, 1]") && err.contains("[2, 2]"),
-            "{err}"
-        );
+        assert!(err.contains("`w`") && err.contains("[4, 1]") && err.contains("[2, 2]"), "{err}");
         let err = w.get("missing.weight").unwrap_err().to_string();
-        assert!(
-            err.contains("missing.weight") && err.contains("model.safetensors"),
-            "{err}"
-        );
+        assert!(err.contains("missing.weight") && err.contains("model.safetensors"), "{err}");
     }
 
     #[test]
@@ -324,40 +224,16 @@ mod tests {
         let dir = temp_dir("bad");
         write_file(&dir, "a.safetensors", "{not json", &[]);
         let err = Weights::open(&dir).err().unwrap().to_string();
-        assert!(
-            err.contains("a.safetensors") && err.contains("JSON"),
-            "{err}"
-        );
+        assert!(err.contains("a.safetensors") && err.contains("JSON"), "{err}");
 
         let dir = temp_dir("short");
-        write_file(
-            &dir,
-            "b.safetensors",
-            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
-            &[0; 8],
-        );
+        write_file(&dir, "b.safetensors", r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]);
         let err = Weights::open(&dir).err().unwrap().to_string();
-        assert!(
-            err.contains("b.safetensors") && err.contains("`w`"),
-            "{err}"
-        );
+        assert!(err.contains("b.safetensors") && err.contains("`w`"), "{err}");
 
         let dir = temp_dir("dtype");
-        write_file(
-            &dir,
-            "c.safetensors",
-            r#"{"w":{"dtype":"I8","shape":[1],"data_offsets":[0,1]}}"#,
-            &[0],
-        );
-        let err = Weights::open(&dir)
-            .unwrap()
-            .get("w")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("I8") && err.contains("`w`") && err.contains("c.safetensors"),
-            "{err}"
-        );
+        write_file(&dir, "c.safetensors", r#"{"w":{"dtype":"I8","shape":[1],"data_offsets":[0,1]}}"#, &[0]);
+        let err = Weights::open(&dir).unwrap().get("w").err().unwrap().to_string();
+        assert!(err.contains("I8") && err.contains("`w`") && err.contains("c.safetensors"), "{err}");
     }
 }

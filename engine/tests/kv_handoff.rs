@@ -9,30 +9,18 @@ use std::sync::Arc;
 use common::{core, greedy, run_to_end};
 use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
-use dlengine_engine::kv_transfer::{
-    EarlyKv, ImportedKv, KvHandoff, KvPayload, KvSource, KvTransfer,
-};
+use dlengine_engine::kv_transfer::{EarlyKv, ImportedKv, KvHandoff, KvPayload, KvSource, KvTransfer};
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
 
 const MODEL: &str = "qwen3-tiny";
 
 fn config() -> EngineConfig {
-    EngineConfig {
-        block_size: 4,
-        max_num_batched_tokens: 16,
-        num_kv_blocks: Some(256),
-        ..EngineConfig::default()
-    }
+    EngineConfig { block_size: 4, max_num_batched_tokens: 16, num_kv_blocks: Some(256), ..EngineConfig::default() }
 }
 
 fn request(prompt: &[u32], params: &SamplingParams, kv_transfer: KvTransfer) -> GenerateRequest {
-    GenerateRequest {
-        request_id: "r".into(),
-        prompt_token_ids: prompt.to_vec(),
-        params: params.clone(),
-        kv_transfer,
-    }
+    GenerateRequest { request_id: "r".into(), prompt_token_ids: prompt.to_vec(), params: params.clone(), kv_transfer }
 }
 
 /// Runs one request on `core` until it ends; returns its tokens, logprobs and handoff.
@@ -60,55 +48,26 @@ fn drive(core: &mut EngineCore, key: u64) -> (Vec<u32>, Vec<TokenLogprob>, Optio
 /// Prefills `prompt` on `prefill` and submits it to `decode` as request 2 with the KV
 /// copied as bytes. Ok: prefill's first token; Err: the whole output, when prefill
 /// finished the request itself.
-fn hand_over(
-    prefill: &mut EngineCore,
-    decode: &mut EngineCore,
-    prompt: &[u32],
-    params: &SamplingParams,
-) -> Result<u32, Vec<u32>> {
+fn hand_over(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> Result<u32, Vec<u32>> {
     prefill.add_request(1, request(prompt, params, KvTransfer::Export));
     let (first, logprobs, handoff) = drive(prefill, 1);
-    let Some(handoff) = handoff else {
-        return Err(first);
-    };
+    let Some(handoff) = handoff else { return Err(first) };
     assert_eq!(handoff.num_tokens, prompt.len());
     let layers = decode.info().kv_layout.num_layers;
     let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
     assert!(prefill.free_lease(handoff.lease_id));
-    assert!(
-        !prefill.free_lease(handoff.lease_id),
-        "a lease is freed once"
-    );
-    let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob {
-        token_id: first[0],
-        logprob: 0.0,
-        top: Vec::new(),
-    });
-    let payload = Arc::new(KvPayload {
-        num_blocks: handoff.blocks.len(),
-        bytes,
-    });
+    assert!(!prefill.free_lease(handoff.lease_id), "a lease is freed once");
+    let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
+    let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
     decode.add_request(
         2,
-        request(
-            prompt,
-            params,
-            KvTransfer::Import(ImportedKv {
-                first_token: Some(first_token),
-                source: KvSource::Host(payload),
-            }),
-        ),
+        request(prompt, params, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source: KvSource::Host(payload) })),
     );
     Ok(first[0])
 }
 
 /// Prefill on one core, the KV copied as bytes, decode on another.
-fn disaggregated(
-    prefill: &mut EngineCore,
-    decode: &mut EngineCore,
-    prompt: &[u32],
-    params: &SamplingParams,
-) -> Vec<u32> {
+fn disaggregated(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
     match hand_over(prefill, decode, prompt, params) {
         Ok(_) => drive(decode, 2).0,
         Err(finished) => finished,
@@ -117,46 +76,19 @@ fn disaggregated(
 
 fn prompts() -> Vec<Vec<u32>> {
     // Lengths around block boundaries (4) and above the chunk budget (16).
-    [1usize, 3, 4, 5, 8, 17, 33]
-        .iter()
-        .map(|&n| {
-            (0..n as u32)
-                .map(|i| (i * 37 + n as u32 * 11) % 900 + 3)
-                .collect()
-        })
-        .collect()
+    [1usize, 3, 4, 5, 8, 17, 33].iter().map(|&n| (0..n as u32).map(|i| (i * 37 + n as u32 * 11) % 900 + 3).collect()).collect()
 }
 
 #[test]
 fn disaggregated_output_equals_aggregated_greedy_and_seeded() {
-    let seeded = SamplingParams {
-        temperature: 0.8,
-        top_p: 0.9,
-        seed: Some(7),
-        max_tokens: 12,
-        ignore_eos: true,
-        ..SamplingParams::default()
-    };
-    let with_logprobs = SamplingParams {
-        logprobs: Some(2),
-        ..greedy(6)
-    };
+    let seeded = SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(7), max_tokens: 12, ignore_eos: true, ..SamplingParams::default() };
+    let with_logprobs = SamplingParams { logprobs: Some(2), ..greedy(6) };
     let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
     for params in [greedy(10), seeded, with_logprobs] {
         for prompt in prompts() {
-            let expected = run_to_end(
-                &mut core(MODEL, config()),
-                vec![(prompt.clone(), params.clone())],
-            )
-            .remove(0)
-            .remove(0);
+            let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.clone(), params.clone())]).remove(0).remove(0);
             let got = disaggregated(&mut prefill, &mut decode, &prompt, &params);
-            assert_eq!(
-                got,
-                expected,
-                "prompt of {} tokens, {params:?}",
-                prompt.len()
-            );
+            assert_eq!(got, expected, "prompt of {} tokens, {params:?}", prompt.len());
         }
     }
     for (name, core) in [("prefill", &prefill), ("decode", &decode)] {
@@ -171,22 +103,11 @@ fn disaggregated_output_equals_aggregated_greedy_and_seeded() {
 fn prefix_cache_hits_on_the_prefill_side_still_hand_off_the_whole_prompt() {
     let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
     let prompt: Vec<u32> = (0..21).map(|i| i * 13 % 500 + 5).collect();
-    let expected = run_to_end(
-        &mut core(MODEL, config()),
-        vec![(prompt.clone(), greedy(8))],
-    )
-    .remove(0)
-    .remove(0);
+    let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.clone(), greedy(8))]).remove(0).remove(0);
     for _ in 0..2 {
-        assert_eq!(
-            disaggregated(&mut prefill, &mut decode, &prompt, &greedy(8)),
-            expected
-        );
+        assert_eq!(disaggregated(&mut prefill, &mut decode, &prompt, &greedy(8)), expected);
     }
-    assert!(
-        prefill.stats().prefix_cache_hit_tokens > 0,
-        "the second prefill should hit the cache"
-    );
+    assert!(prefill.stats().prefix_cache_hit_tokens > 0, "the second prefill should hit the cache");
 }
 
 #[test]
@@ -201,13 +122,7 @@ fn a_request_that_ends_on_its_first_token_is_not_handed_off() {
 
 #[test]
 fn an_unclaimed_lease_expires_and_frees_its_blocks() {
-    let mut prefill = core(
-        MODEL,
-        EngineConfig {
-            kv_lease_secs: 0,
-            ..config()
-        },
-    );
+    let mut prefill = core(MODEL, EngineConfig { kv_lease_secs: 0, ..config() });
     prefill.add_request(1, request(&[5, 6, 7, 8, 9], &greedy(4), KvTransfer::Export));
     let (_, _, handoff) = drive(&mut prefill, 1);
     let handoff = handoff.expect("handed off");
@@ -215,35 +130,15 @@ fn an_unclaimed_lease_expires_and_frees_its_blocks() {
     prefill.step(); // expiry is checked at every step
     assert_eq!(prefill.stats().kv_leases, 0);
     assert_eq!(prefill.stats().kv_blocks_used, 0);
-    assert!(
-        prefill.read_lease(handoff.lease_id, 0..1).is_err(),
-        "an expired lease cannot be read"
-    );
+    assert!(prefill.read_lease(handoff.lease_id, 0..1).is_err(), "an expired lease cannot be read");
 }
 
 #[test]
 fn a_payload_of_the_wrong_size_fails_the_request_and_frees_its_blocks() {
     let mut decode = core(MODEL, config());
-    let first_token = Some(TokenLogprob {
-        token_id: 9,
-        logprob: 0.0,
-        top: Vec::new(),
-    });
-    let payload = Arc::new(KvPayload {
-        num_blocks: 2,
-        bytes: vec![0; 10],
-    });
-    decode.add_request(
-        1,
-        request(
-            &[1, 2, 3, 4, 5],
-            &greedy(4),
-            KvTransfer::Import(ImportedKv {
-                first_token,
-                source: KvSource::Host(payload),
-            }),
-        ),
-    );
+    let first_token = Some(TokenLogprob { token_id: 9, logprob: 0.0, top: Vec::new() });
+    let payload = Arc::new(KvPayload { num_blocks: 2, bytes: vec![0; 10] });
+    decode.add_request(1, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
     let events = decode.step();
     assert!(
         events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("importing the prompt's KV cache failed"))),
@@ -256,25 +151,10 @@ fn a_payload_of_the_wrong_size_fails_the_request_and_frees_its_blocks() {
 #[test]
 fn an_imported_requests_first_token_goes_out_before_any_forward() {
     let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
-    let first =
-        hand_over(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4)).expect("handed off");
+    let first = hand_over(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4)).expect("handed off");
     let events = decode.step();
-    let tokens: Vec<u32> = events
-        .iter()
-        .filter_map(|e| {
-            if let StepEvent::Token { event, .. } = e {
-                Some(event.tokens.clone())
-            } else {
-                None
-            }
-        })
-        .flatten()
-        .collect();
-    assert_eq!(
-        tokens,
-        vec![first],
-        "the first step hands out prefill's token"
-    );
+    let tokens: Vec<u32> = events.iter().filter_map(|e| if let StepEvent::Token { event, .. } = e { Some(event.tokens.clone()) } else { None }).flatten().collect();
+    assert_eq!(tokens, vec![first], "the first step hands out prefill's token");
     assert_eq!(decode.stats().steps, 0, "and runs no forward for it");
     assert_eq!(drive(&mut decode, 2).0.len(), 3, "the rest follows");
 }
@@ -288,102 +168,46 @@ fn first_token_of(prefill: &mut EngineCore, lease_id: u64) -> Result<TokenLogpro
 
 /// Prefills `prompt` with an early handoff; returns the announcement (checked to come
 /// before the step's first token) and the handoff.
-fn prefill_early(
-    prefill: &mut EngineCore,
-    prompt: &[u32],
-    params: &SamplingParams,
-) -> (EarlyKv, KvHandoff) {
+fn prefill_early(prefill: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> (EarlyKv, KvHandoff) {
     prefill.add_request(1, request(prompt, params, KvTransfer::ExportEarly));
     let mut announced = Vec::new();
     for _ in 0..100 {
         let events = prefill.step_announcing(&mut |e| announced.push(e));
-        let handoff = events.into_iter().find_map(|e| {
-            if let StepEvent::Token { event, .. } = e {
-                event.handoff
-            } else {
-                None
-            }
-        });
+        let handoff = events.into_iter().find_map(|e| if let StepEvent::Token { event, .. } = e { event.handoff } else { None });
         if let Some(handoff) = handoff {
-            let [StepEvent::KvReady { kv, .. }] = &announced[..] else {
-                panic!("one announcement before the token: {announced:?}")
-            };
+            let [StepEvent::KvReady { kv, .. }] = &announced[..] else { panic!("one announcement before the token: {announced:?}") };
             return (kv.clone(), handoff);
         }
-        assert!(
-            announced.is_empty(),
-            "announced only in the step that samples the first token"
-        );
+        assert!(announced.is_empty(), "announced only in the step that samples the first token");
     }
     panic!("no handoff");
 }
 
 #[test]
 fn an_early_handoff_continues_exactly_once_its_first_token_arrives() {
-    let seeded = SamplingParams {
-        temperature: 0.8,
-        top_p: 0.9,
-        seed: Some(7),
-        max_tokens: 9,
-        ignore_eos: true,
-        ..SamplingParams::default()
-    };
+    let seeded =
+        SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(7), max_tokens: 9, ignore_eos: true, ..SamplingParams::default() };
     let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
     let layers = decode.info().kv_layout.num_layers;
     for params in [greedy(8), seeded] {
         for prompt in prompts() {
-            let expected = run_to_end(
-                &mut core(MODEL, config()),
-                vec![(prompt.clone(), params.clone())],
-            )
-            .remove(0)
-            .remove(0);
+            let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.clone(), params.clone())]).remove(0).remove(0);
             let (early, handoff) = prefill_early(&mut prefill, &prompt, &params);
-            assert_eq!(
-                (early.lease_id, &early.blocks, early.num_tokens),
-                (handoff.lease_id, &handoff.blocks, prompt.len())
-            );
-            assert_eq!(
-                early.ready_mark, None,
-                "the CPU backend publishes no per-layer progress"
-            );
+            assert_eq!((early.lease_id, &early.blocks, early.num_tokens), (handoff.lease_id, &handoff.blocks, prompt.len()));
+            assert_eq!(early.ready_mark, None, "the CPU backend publishes no per-layer progress");
             let bytes = prefill.read_lease(early.lease_id, 0..layers).unwrap();
-            let payload = Arc::new(KvPayload {
-                num_blocks: early.blocks.len(),
-                bytes,
-            });
-            let import = ImportedKv {
-                first_token: None,
-                source: KvSource::Host(payload),
-            };
+            let payload = Arc::new(KvPayload { num_blocks: early.blocks.len(), bytes });
+            let import = ImportedKv { first_token: None, source: KvSource::Host(payload) };
             decode.add_request(2, request(&prompt, &params, KvTransfer::Import(import)));
             for _ in 0..3 {
-                assert!(
-                    decode
-                        .step()
-                        .iter()
-                        .all(|e| !matches!(e, StepEvent::Token { .. })),
-                    "no token before prefill's"
-                );
+                assert!(decode.step().iter().all(|e| !matches!(e, StepEvent::Token { .. })), "no token before prefill's");
             }
             decode.provide_first_token(2, first_token_of(&mut prefill, early.lease_id));
             assert!(prefill.free_lease(early.lease_id));
-            assert_eq!(
-                drive(&mut decode, 2).0,
-                expected,
-                "prompt of {} tokens, {params:?}",
-                prompt.len()
-            );
+            assert_eq!(drive(&mut decode, 2).0, expected, "prompt of {} tokens, {params:?}", prompt.len());
         }
     }
-    assert_eq!(
-        (
-            prefill.stats().kv_blocks_used,
-            decode.stats().kv_blocks_used
-        ),
-        (0, 0),
-        "no block left behind"
-    );
+    assert_eq!((prefill.stats().kv_blocks_used, decode.stats().kv_blocks_used), (0, 0), "no block left behind");
 }
 
 #[test]
@@ -391,11 +215,7 @@ fn an_early_handoff_that_ends_on_its_first_token_still_pins_its_blocks_for_decod
     let mut prefill = core(MODEL, config());
     let (early, handoff) = prefill_early(&mut prefill, &[5, 6, 7, 8, 9], &greedy(1));
     assert_eq!(early.blocks, handoff.blocks);
-    assert_eq!(
-        prefill.stats().kv_blocks_leased,
-        2,
-        "decode may be reading them already"
-    );
+    assert_eq!(prefill.stats().kv_blocks_leased, 2, "decode may be reading them already");
     assert!(first_token_of(&mut prefill, early.lease_id).is_ok());
     assert!(prefill.free_lease(early.lease_id));
     assert_eq!(prefill.stats().kv_blocks_used, 0);
@@ -406,24 +226,11 @@ fn a_first_token_that_never_comes_fails_the_import_and_frees_its_blocks() {
     let mut decode = core(MODEL, config());
     let bytes = vec![0; 2 * decode.info().kv_layout.bytes_per_block()];
     for (key, admitted_first) in [(1, true), (2, false)] {
-        let import = ImportedKv {
-            first_token: None,
-            source: KvSource::Host(Arc::new(KvPayload {
-                num_blocks: 2,
-                bytes: bytes.clone(),
-            })),
-        };
-        decode.add_request(
-            key,
-            request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(import)),
-        );
+        let import = ImportedKv { first_token: None, source: KvSource::Host(Arc::new(KvPayload { num_blocks: 2, bytes: bytes.clone() })) };
+        decode.add_request(key, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(import)));
         if admitted_first {
             decode.step();
-            assert_eq!(
-                decode.stats().kv_blocks_used,
-                2,
-                "admitted: the KV is written, the token awaited"
-            );
+            assert_eq!(decode.stats().kv_blocks_used, 2, "admitted: the KV is written, the token awaited");
         }
         decode.provide_first_token(key, Err("the KV lease expired".into()));
         let events = decode.step();

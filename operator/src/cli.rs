@@ -6,11 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "dlengine-operator",
-    version,
-    about = "Kubernetes operator for dlengine InferenceDeployments"
-)]
+#[command(name = "dlengine-operator", version, about = "Kubernetes operator for dlengine InferenceDeployments")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -62,11 +58,7 @@ pub struct RunArgs {
     #[arg(long, env = "DLENGINE_OPERATOR_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
     /// etcd endpoints for deployments that name none (the chart's bundled etcd).
-    #[arg(
-        long,
-        env = "DLENGINE_OPERATOR_DEFAULT_ETCD_ENDPOINTS",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "DLENGINE_OPERATOR_DEFAULT_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub default_etcd_endpoints: Vec<String>,
     /// Secret name (in each deployment's namespace) with ca.crt/tls.crt/tls.key for the default etcd.
     #[arg(long, env = "DLENGINE_OPERATOR_DEFAULT_ETCD_TLS_SECRET")]
@@ -103,11 +95,7 @@ pub struct RenderArgs {
     #[arg(long)]
     pub output_dir: PathBuf,
     /// Used when a manifest names no etcd endpoints.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "http://dlengine-etcd.dlengine-system.svc:2379"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "http://dlengine-etcd.dlengine-system.svc:2379")]
     pub default_etcd_endpoints: Vec<String>,
     /// Namespace for manifests that name none.
     #[arg(long, default_value = "default")]
@@ -125,12 +113,7 @@ where
 
 /// clap's first line (`error: ...`), which names the bad flag or value.
 pub fn one_line(error: &clap::Error) -> String {
-    error
-        .to_string()
-        .lines()
-        .next()
-        .unwrap_or("error: bad command line")
-        .to_string()
+    error.to_string().lines().next().unwrap_or("error: bad command line").to_string()
 }
 
 #[cfg(test)]
@@ -140,9 +123,7 @@ mod tests {
 
     #[test]
     fn run_defaults_elect_a_leader() {
-        let Command::Run(args) = parse(["dlengine-operator", "run"]).unwrap().command else {
-            panic!("not run")
-        };
+        let Command::Run(args) = parse(["dlengine-operator", "run"]).unwrap().command else { panic!("not run") };
         assert!(args.leader_elect);
         assert_eq!(args.metrics_addr.port(), 8080);
     }
@@ -152,15 +133,8 @@ mod tests {
         let error = parse(["dlengine-operator", "run", "--lease-duration-secs", "1"]).unwrap_err();
         assert_eq!(error.kind(), ErrorKind::ValueValidation);
         assert!(!one_line(&error).contains('\n'));
-        assert!(
-            one_line(&error).contains("lease-duration-secs"),
-            "{}",
-            one_line(&error)
-        );
+        assert!(one_line(&error).contains("lease-duration-secs"), "{}", one_line(&error));
         assert!(parse(["dlengine-operator", "run", "--metrics-addr", "nowhere"]).is_err());
-        assert!(
-            parse(["dlengine-operator", "render"]).is_err(),
-            "render needs inputs"
-        );
+        assert!(parse(["dlengine-operator", "render"]).is_err(), "render needs inputs");
     }
 }

@@ -18,17 +18,11 @@ use crate::registry::{etcd_connect_options, EtcdTls};
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     #[error("reading TLS material {path}: {source}")]
-    Tls {
-        path: String,
-        source: std::io::Error,
-    },
+    Tls { path: String, source: std::io::Error },
     #[error("changing membership through {endpoint}: {message}")]
     Membership { endpoint: String, message: String },
     #[error("writing {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("serialising the etcd config: {0}")]
     Serialise(#[from] serde_norway::Error),
 }
@@ -49,11 +43,7 @@ pub struct MemberLayout {
 
 impl MemberLayout {
     fn scheme(&self) -> &'static str {
-        if self.tls_dir.is_some() {
-            "https"
-        } else {
-            "http"
-        }
+        if self.tls_dir.is_some() { "https" } else { "http" }
     }
 
     fn host(&self, member: &str) -> String {
@@ -69,17 +59,11 @@ impl MemberLayout {
     }
 
     pub fn members(&self) -> Vec<String> {
-        (0..self.replicas)
-            .map(|i| format!("{}-{i}", self.statefulset))
-            .collect()
+        (0..self.replicas).map(|i| format!("{}-{i}", self.statefulset)).collect()
     }
 
     fn initial_cluster(&self) -> String {
-        self.members()
-            .iter()
-            .map(|m| format!("{m}={}", self.peer_url(m)))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.members().iter().map(|m| format!("{m}={}", self.peer_url(m))).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -133,12 +117,7 @@ pub fn config(layout: &MemberLayout, existing: Option<String>) -> EtcdConfig {
         listen_client_urls: format!("{scheme}://0.0.0.0:2379"),
         advertise_client_urls: layout.client_url(&layout.name),
         initial_advertise_peer_urls: layout.peer_url(&layout.name),
-        initial_cluster_state: if existing.is_some() {
-            "existing"
-        } else {
-            "new"
-        }
-        .into(),
+        initial_cluster_state: if existing.is_some() { "existing" } else { "new" }.into(),
         initial_cluster: existing.unwrap_or_else(|| layout.initial_cluster()),
         initial_cluster_token: format!("{}.{}", layout.statefulset, layout.namespace),
         // Engines authenticate with client certificates when they have them, but the CA is
@@ -151,23 +130,13 @@ pub fn config(layout: &MemberLayout, existing: Option<String>) -> EtcdConfig {
 /// Decides new-or-join, changes membership if joining, and writes the config file.
 pub async fn bootstrap(layout: &MemberLayout, out: &Path) -> Result<EtcdConfig, BootstrapError> {
     let has_data = layout.data_dir.join("member").exists();
-    let existing = if has_data {
-        None
-    } else {
-        join_existing(layout).await?
-    };
+    let existing = if has_data { None } else { join_existing(layout).await? };
     let config = config(layout, existing);
     let text = serde_norway::to_string(&config)?;
     if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| BootstrapError::Write {
-            path: parent.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(parent).map_err(|source| BootstrapError::Write { path: parent.display().to_string(), source })?;
     }
-    std::fs::write(out, text).map_err(|source| BootstrapError::Write {
-        path: out.display().to_string(),
-        source,
-    })?;
+    std::fs::write(out, text).map_err(|source| BootstrapError::Write { path: out.display().to_string(), source })?;
     Ok(config)
 }
 
@@ -177,12 +146,8 @@ async fn join_existing(layout: &MemberLayout) -> Result<Option<String>, Bootstra
     let tls = read_tls(layout)?;
     for peer in layout.members().into_iter().filter(|m| *m != layout.name) {
         let endpoint = layout.client_url(&peer);
-        let options = etcd_connect_options(tls.as_ref())
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
-        let Ok(mut client) = Client::connect([endpoint.as_str()], Some(options)).await else {
-            continue;
-        };
+        let options = etcd_connect_options(tls.as_ref()).with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(5));
+        let Ok(mut client) = Client::connect([endpoint.as_str()], Some(options)).await else { continue };
         if client.member_list().await.is_err() {
             continue;
         }
@@ -191,37 +156,19 @@ async fn join_existing(layout: &MemberLayout) -> Result<Option<String>, Bootstra
     Ok(None)
 }
 
-async fn rejoin(
-    client: &mut Client,
-    layout: &MemberLayout,
-    endpoint: &str,
-) -> Result<String, BootstrapError> {
-    let failed = |e: etcd_client::Error| BootstrapError::Membership {
-        endpoint: endpoint.into(),
-        message: e.to_string(),
-    };
+async fn rejoin(client: &mut Client, layout: &MemberLayout, endpoint: &str) -> Result<String, BootstrapError> {
+    let failed = |e: etcd_client::Error| BootstrapError::Membership { endpoint: endpoint.into(), message: e.to_string() };
     let peer_url = layout.peer_url(&layout.name);
     let members = client.member_list().await.map_err(failed)?;
-    for stale in members
-        .members()
-        .iter()
-        .filter(|m| m.name() == layout.name || m.peer_urls().iter().any(|u| *u == peer_url))
-    {
+    for stale in members.members().iter().filter(|m| m.name() == layout.name || m.peer_urls().iter().any(|u| *u == peer_url)) {
         client.member_remove(stale.id()).await.map_err(failed)?;
     }
-    let added = client
-        .member_add([peer_url.as_str()], None)
-        .await
-        .map_err(failed)?;
+    let added = client.member_add([peer_url.as_str()], None).await.map_err(failed)?;
     let cluster = added
         .member_list()
         .iter()
         .filter_map(|m| {
-            let name = if m.name().is_empty() {
-                layout.name.as_str()
-            } else {
-                m.name()
-            };
+            let name = if m.name().is_empty() { layout.name.as_str() } else { m.name() };
             m.peer_urls().first().map(|url| format!("{name}={url}"))
         })
         .collect::<Vec<_>>()
@@ -230,21 +177,12 @@ async fn rejoin(
 }
 
 fn read_tls(layout: &MemberLayout) -> Result<Option<EtcdTls>, BootstrapError> {
-    let Some(dir) = &layout.tls_dir else {
-        return Ok(None);
-    };
+    let Some(dir) = &layout.tls_dir else { return Ok(None) };
     let read = |file: &str| {
         let path = dir.join(file);
-        std::fs::read(&path).map_err(|source| BootstrapError::Tls {
-            path: path.display().to_string(),
-            source,
-        })
+        std::fs::read(&path).map_err(|source| BootstrapError::Tls { path: path.display().to_string(), source })
     };
-    Ok(Some(EtcdTls {
-        ca: read("ca.crt")?,
-        client_cert: Some(read("tls.crt")?),
-        client_key: Some(read("tls.key")?),
-    }))
+    Ok(Some(EtcdTls { ca: read("ca.crt")?, client_cert: Some(read("tls.crt")?), client_key: Some(read("tls.key")?) }))
 }
 
 #[cfg(test)]
@@ -271,10 +209,7 @@ mod tests {
             c.initial_cluster,
             "reg-etcd-0=http://reg-etcd-0.reg-etcd.ops.svc:2380,reg-etcd-1=http://reg-etcd-1.reg-etcd.ops.svc:2380,reg-etcd-2=http://reg-etcd-2.reg-etcd.ops.svc:2380"
         );
-        assert_eq!(
-            c.advertise_client_urls,
-            "http://reg-etcd-1.reg-etcd.ops.svc:2379"
-        );
+        assert_eq!(c.advertise_client_urls, "http://reg-etcd-1.reg-etcd.ops.svc:2379");
         assert!(c.peer_transport_security.is_none());
     }
 
@@ -284,19 +219,9 @@ mod tests {
         assert_eq!(c.initial_cluster_state, "existing");
         assert!(c.listen_client_urls.starts_with("https://"));
         assert!(c.peer_transport_security.as_ref().unwrap().client_cert_auth);
-        assert_eq!(
-            c.client_transport_security
-                .as_ref()
-                .unwrap()
-                .trusted_ca_file,
-            "/etc/etcd/tls/ca.crt"
-        );
+        assert_eq!(c.client_transport_security.as_ref().unwrap().trusted_ca_file, "/etc/etcd/tls/ca.crt");
         let yaml = serde_norway::to_string(&c).unwrap();
-        assert!(
-            yaml.contains("initial-cluster-state: existing")
-                && yaml.contains("peer-transport-security:"),
-            "{yaml}"
-        );
+        assert!(yaml.contains("initial-cluster-state: existing") && yaml.contains("peer-transport-security:"), "{yaml}");
     }
 
     #[tokio::test]
@@ -309,8 +234,6 @@ mod tests {
         let out = dir.path().join("etcd.yaml");
         let c = bootstrap(&l, &out).await.unwrap();
         assert_eq!(c.initial_cluster_state, "new");
-        assert!(std::fs::read_to_string(out)
-            .unwrap()
-            .contains("name: reg-etcd-0"));
+        assert!(std::fs::read_to_string(out).unwrap().contains("name: reg-etcd-0"));
     }
 }

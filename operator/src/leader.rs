@@ -27,20 +27,8 @@ pub struct LeaseLock {
 }
 
 impl LeaseLock {
-    pub fn new(
-        api: Api<Lease>,
-        name: &str,
-        identity: &str,
-        duration: Duration,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
-        LeaseLock {
-            api,
-            name: name.into(),
-            identity: identity.into(),
-            duration,
-            clock,
-        }
+    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration, clock: Arc<dyn Clock>) -> Self {
+        LeaseLock { api, name: name.into(), identity: identity.into(), duration, clock }
     }
 
     pub fn identity(&self) -> &str {
@@ -50,14 +38,8 @@ impl LeaseLock {
     /// Takes the lease if free or expired, renews it if held; true when this replica leads.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, LeaderError> {
         let now = self.clock.now();
-        let existing = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.error(e))?;
-        let Some(lease) = existing else {
-            return self.create(now).await;
-        };
+        let existing = self.api.get_opt(&self.name).await.map_err(|e| self.error(e))?;
+        let Some(lease) = existing else { return self.create(now).await };
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone();
         let ours = holder.as_deref() == Some(self.identity.as_str());
@@ -65,11 +47,7 @@ impl LeaseLock {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
-        let acquired = if ours {
-            spec.acquire_time.clone()
-        } else {
-            Some(MicroTime(now))
-        };
+        let acquired = if ours { spec.acquire_time.clone() } else { Some(MicroTime(now)) };
         let mut updated = lease.clone();
         updated.spec = Some(self.spec(now, acquired, transitions));
         self.replace(&updated).await
@@ -77,14 +55,7 @@ impl LeaseLock {
 
     /// Gives the lease up at shutdown so a successor need not wait for expiry.
     pub async fn release(&self) -> Result<(), LeaderError> {
-        let Some(mut lease) = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.error(e))?
-        else {
-            return Ok(());
-        };
+        let Some(mut lease) = self.api.get_opt(&self.name).await.map_err(|e| self.error(e))? else { return Ok(()) };
         let spec = lease.spec.get_or_insert_with(Default::default);
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return Ok(());
@@ -95,13 +66,8 @@ impl LeaseLock {
     }
 
     fn expired(&self, spec: &LeaseSpec, now: Timestamp) -> bool {
-        let Some(renewed) = spec.renew_time.as_ref().map(|t| t.0) else {
-            return true;
-        };
-        let seconds = i64::from(
-            spec.lease_duration_seconds
-                .unwrap_or(self.duration.as_secs() as i32),
-        );
+        let Some(renewed) = spec.renew_time.as_ref().map(|t| t.0) else { return true };
+        let seconds = i64::from(spec.lease_duration_seconds.unwrap_or(self.duration.as_secs() as i32));
         now.duration_since(renewed) > SignedDuration::from_secs(seconds)
     }
 
@@ -118,10 +84,7 @@ impl LeaseLock {
 
     async fn create(&self, now: Timestamp) -> Result<bool, LeaderError> {
         let lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                ..Default::default()
-            },
+            metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
             spec: Some(self.spec(now, Some(MicroTime(now)), 0)),
         };
         match self.api.create(&PostParams::default(), &lease).await {
@@ -133,11 +96,7 @@ impl LeaseLock {
 
     /// A replace carries the resourceVersion read: losing a race is a 409, not a split brain.
     async fn replace(&self, lease: &Lease) -> Result<bool, LeaderError> {
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), lease)
-            .await
-        {
+        match self.api.replace(&self.name, &PostParams::default(), lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(self.error(e)),
@@ -145,10 +104,7 @@ impl LeaseLock {
     }
 
     fn error(&self, source: kube::Error) -> LeaderError {
-        LeaderError::Api {
-            name: self.name.clone(),
-            source,
-        }
+        LeaderError::Api { name: self.name.clone(), source }
     }
 }
 
@@ -168,49 +124,24 @@ mod tests {
     }
 
     fn lock(api: &FakeApi, who: &str, clock: Arc<ManualClock>) -> LeaseLock {
-        LeaseLock::new(
-            Api::namespaced(api.client(), "ops"),
-            "dlengine-operator",
-            who,
-            Duration::from_secs(15),
-            clock,
-        )
+        LeaseLock::new(Api::namespaced(api.client(), "ops"), "dlengine-operator", who, Duration::from_secs(15), clock)
     }
 
     #[tokio::test]
     async fn one_leader_at_a_time_and_takeover_after_expiry() {
         let api = FakeApi::default();
         let clock = Arc::new(ManualClock(Mutex::new(1_000)));
-        let (a, b) = (
-            lock(&api, "a", clock.clone()),
-            lock(&api, "b", clock.clone()),
-        );
+        let (a, b) = (lock(&api, "a", clock.clone()), lock(&api, "b", clock.clone()));
         assert!(a.try_acquire_or_renew().await.unwrap());
         assert!(!b.try_acquire_or_renew().await.unwrap());
         *clock.0.lock().unwrap() += 10;
         assert!(a.try_acquire_or_renew().await.unwrap(), "renewal");
         *clock.0.lock().unwrap() += 10;
-        assert!(
-            !b.try_acquire_or_renew().await.unwrap(),
-            "renewed 10 s ago: still held"
-        );
+        assert!(!b.try_acquire_or_renew().await.unwrap(), "renewed 10 s ago: still held");
         *clock.0.lock().unwrap() += 20;
-        assert!(
-            b.try_acquire_or_renew().await.unwrap(),
-            "expired: taken over"
-        );
-        assert!(
-            !a.try_acquire_or_renew().await.unwrap(),
-            "the old leader learns it lost"
-        );
-        let lease = api
-            .get(
-                "apis/coordination.k8s.io/v1",
-                "leases",
-                "ops",
-                "dlengine-operator",
-            )
-            .unwrap();
+        assert!(b.try_acquire_or_renew().await.unwrap(), "expired: taken over");
+        assert!(!a.try_acquire_or_renew().await.unwrap(), "the old leader learns it lost");
+        let lease = api.get("apis/coordination.k8s.io/v1", "leases", "ops", "dlengine-operator").unwrap();
         assert_eq!(lease["spec"]["holderIdentity"], "b");
         assert_eq!(lease["spec"]["leaseTransitions"], 1);
     }
@@ -219,16 +150,10 @@ mod tests {
     async fn release_hands_over_without_waiting() {
         let api = FakeApi::default();
         let clock = Arc::new(ManualClock(Mutex::new(1_000)));
-        let (a, b) = (
-            lock(&api, "a", clock.clone()),
-            lock(&api, "b", clock.clone()),
-        );
+        let (a, b) = (lock(&api, "a", clock.clone()), lock(&api, "b", clock.clone()));
         assert!(a.try_acquire_or_renew().await.unwrap());
         b.release().await.unwrap();
-        assert!(
-            !b.try_acquire_or_renew().await.unwrap(),
-            "a follower's release changes nothing"
-        );
+        assert!(!b.try_acquire_or_renew().await.unwrap(), "a follower's release changes nothing");
         a.release().await.unwrap();
         assert!(b.try_acquire_or_renew().await.unwrap());
     }

@@ -49,10 +49,7 @@ fn print_crds() -> anyhow::Result<()> {
 }
 
 fn render(args: cli::RenderArgs) -> anyhow::Result<()> {
-    let ctx = RenderContext {
-        default_etcd_endpoints: args.default_etcd_endpoints,
-        default_etcd_tls_secret: None,
-    };
+    let ctx = RenderContext { default_etcd_endpoints: args.default_etcd_endpoints, default_etcd_tls_secret: None };
     let written = offline::render_to_dir(&args.inputs, &args.output_dir, &args.namespace, &ctx)?;
     for path in written {
         println!("{}", path.display());
@@ -70,30 +67,20 @@ fn etcd_config(args: cli::EtcdConfigArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         tls_dir: args.tls_dir,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     let config = runtime.block_on(etcd_bootstrap::bootstrap(&layout, &args.out))?;
-    println!(
-        "{} joins as {} ({})",
-        config.name, config.initial_cluster_state, config.initial_cluster
-    );
+    println!("{} joins as {} ({})", config.name, config.initial_cluster_state, config.initial_cluster);
     Ok(())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(serve(args))
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -102,15 +89,11 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(forward_signals(stop_tx));
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding {}", args.metrics_addr))?;
     tokio::spawn(serve_metrics(listener, metrics.clone()));
     // Followers are ready too: they are healthy standbys, and an operator rollout must not stall on them.
     metrics.set_ready(true);
@@ -128,25 +111,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     metrics.is_leader.set(1);
     let context = Arc::new(Context::new(
         client.clone(),
-        RenderContext {
-            default_etcd_endpoints: args.default_etcd_endpoints.clone(),
-            default_etcd_tls_secret: args.default_etcd_tls_secret.clone(),
-        },
+        RenderContext { default_etcd_endpoints: args.default_etcd_endpoints.clone(), default_etcd_tls_secret: args.default_etcd_tls_secret.clone() },
         Arc::new(EtcdRegistry),
         Arc::new(MetricsScraper::new(client.clone())),
         metrics.clone(),
         Arc::new(SystemClock),
     ));
-    let config = ControllerConfig {
-        namespace: args.watch_namespace.clone(),
-        concurrency: args.concurrency,
-    };
-    let renewing = lease.clone().map(|lock| {
-        tokio::spawn(keep_leading(
-            lock,
-            Duration::from_secs(args.lease_duration_secs),
-        ))
-    });
+    let config = ControllerConfig { namespace: args.watch_namespace.clone(), concurrency: args.concurrency };
+    let renewing = lease.clone().map(|lock| tokio::spawn(keep_leading(lock, Duration::from_secs(args.lease_duration_secs))));
     tracing::info!(namespace = ?args.watch_namespace, "controller starting");
     run_controller(context, config, wait_for_stop(stop_rx)).await;
     if let Some(task) = renewing {
@@ -161,28 +133,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn acquire_leadership(
-    client: &kube::Client,
-    args: &RunArgs,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<Option<LeaseLock>> {
-    let namespace = args
-        .lease_namespace
-        .clone()
-        .context("--lease-namespace (or POD_NAMESPACE) is required for leader election")?;
-    let identity = args
-        .identity
-        .clone()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .context("--identity (or POD_NAME) is required for leader election")?;
+async fn acquire_leadership(client: &kube::Client, args: &RunArgs, mut stop: watch::Receiver<bool>) -> anyhow::Result<Option<LeaseLock>> {
+    let namespace = args.lease_namespace.clone().context("--lease-namespace (or POD_NAMESPACE) is required for leader election")?;
+    let identity = args.identity.clone().or_else(|| std::env::var("HOSTNAME").ok()).context("--identity (or POD_NAME) is required for leader election")?;
     let duration = Duration::from_secs(args.lease_duration_secs);
-    let lock = LeaseLock::new(
-        kube::Api::namespaced(client.clone(), &namespace),
-        &args.lease_name,
-        &identity,
-        duration,
-        Arc::new(SystemClock),
-    );
+    let lock = LeaseLock::new(kube::Api::namespaced(client.clone(), &namespace), &args.lease_name, &identity, duration, Arc::new(SystemClock));
     loop {
         match lock.try_acquire_or_renew().await {
             Ok(true) => {
@@ -221,14 +176,13 @@ async fn keep_leading(lock: Arc<LeaseLock>, duration: Duration) {
 }
 
 async fn forward_signals(stop: watch::Sender<bool>) {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM");
+            return;
+        }
+    };
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),

@@ -16,10 +16,7 @@ pub struct SpecProblem {
 }
 
 fn problem(field: impl Into<String>, message: impl Into<String>) -> SpecProblem {
-    SpecProblem {
-        field: field.into(),
-        message: message.into(),
-    }
+    SpecProblem { field: field.into(), message: message.into() }
 }
 
 /// Every problem of `spec`; empty when it can be reconciled.
@@ -36,36 +33,21 @@ fn role_set_problems(spec: &InferenceDeploymentSpec) -> Vec<SpecProblem> {
     let mut seen = BTreeSet::new();
     for role in &spec.roles {
         if !seen.insert(role.name.as_str()) {
-            problems.push(problem(
-                "spec.roles",
-                format!("role name {:?} is used twice", role.name),
-            ));
+            problems.push(problem("spec.roles", format!("role name {:?} is used twice", role.name)));
         }
     }
     let has = |kind: RoleKind| spec.roles.iter().any(|r| r.kind == kind);
     if !spec.roles.iter().any(|r| r.kind.runs_engine()) {
         problems.push(problem("spec.roles", "no role serves the model"));
     }
-    if spec
-        .roles
-        .iter()
-        .filter(|r| r.kind == RoleKind::Router)
-        .count()
-        > 1
-    {
+    if spec.roles.iter().filter(|r| r.kind == RoleKind::Router).count() > 1 {
         problems.push(problem("spec.roles", "at most one Router role"));
     }
     if has(RoleKind::Prefill) != has(RoleKind::Decode) {
-        problems.push(problem(
-            "spec.roles",
-            "Prefill and Decode roles come together",
-        ));
+        problems.push(problem("spec.roles", "Prefill and Decode roles come together"));
     }
     if (has(RoleKind::Prefill) || has(RoleKind::Encode)) && !has(RoleKind::Router) {
-        problems.push(problem(
-            "spec.roles",
-            "Prefill/Decode and Encode roles need a Router role",
-        ));
+        problems.push(problem("spec.roles", "Prefill/Decode and Encode roles need a Router role"));
     }
     problems
 }
@@ -75,44 +57,24 @@ fn role_problems(spec: &InferenceDeploymentSpec, role: &RoleSpec, path: &str) ->
     if let Err(message) = InstanceShape::of(role) {
         problems.push(problem(format!("{path}.parallelism"), message));
     }
-    let Some(autoscaling) = &role.autoscaling else {
-        return problems;
-    };
+    let Some(autoscaling) = &role.autoscaling else { return problems };
     if autoscaling.min_replicas > autoscaling.max_replicas {
-        problems.push(problem(
-            format!("{path}.autoscaling"),
-            "minReplicas is greater than maxReplicas",
-        ));
+        problems.push(problem(format!("{path}.autoscaling"), "minReplicas is greater than maxReplicas"));
     }
     if let Some(follow) = &autoscaling.follow_role {
         let leader = spec.roles.iter().find(|r| r.name == follow.role);
         match leader {
-            None => problems.push(problem(
-                format!("{path}.autoscaling.followRole.role"),
-                format!("no role named {:?}", follow.role),
-            )),
-            Some(l) if l.name == role.name || l.kind == RoleKind::Router => problems.push(problem(
-                format!("{path}.autoscaling.followRole.role"),
-                "must name another engine role",
-            )),
-            Some(l)
-                if l.autoscaling
-                    .as_ref()
-                    .and_then(|a| a.follow_role.as_ref())
-                    .is_some() =>
-            {
-                problems.push(problem(
-                    format!("{path}.autoscaling.followRole.role"),
-                    "the followed role follows another role itself",
-                ))
+            None => problems.push(problem(format!("{path}.autoscaling.followRole.role"), format!("no role named {:?}", follow.role))),
+            Some(l) if l.name == role.name || l.kind == RoleKind::Router => {
+                problems.push(problem(format!("{path}.autoscaling.followRole.role"), "must name another engine role"))
+            }
+            Some(l) if l.autoscaling.as_ref().and_then(|a| a.follow_role.as_ref()).is_some() => {
+                problems.push(problem(format!("{path}.autoscaling.followRole.role"), "the followed role follows another role itself"))
             }
             Some(_) => {}
         }
         if autoscaling.actuator != Actuator::Operator {
-            problems.push(problem(
-                format!("{path}.autoscaling.followRole"),
-                "followRole works only with the Operator actuator",
-            ));
+            problems.push(problem(format!("{path}.autoscaling.followRole"), "followRole works only with the Operator actuator"));
         }
     }
     problems
@@ -126,12 +88,7 @@ mod tests {
     #[test]
     fn samples_have_no_problems() {
         for dep in samples::all() {
-            assert_eq!(
-                spec_problems(&dep.spec),
-                vec![],
-                "{}",
-                dep.metadata.name.clone().unwrap_or_default()
-            );
+            assert_eq!(spec_problems(&dep.spec), vec![], "{}", dep.metadata.name.clone().unwrap_or_default());
         }
     }
 
@@ -140,10 +97,7 @@ mod tests {
         let mut dep = samples::disaggregated();
         dep.spec.roles.retain(|r| r.kind != RoleKind::Decode);
         dep.spec.roles.push(dep.spec.roles[0].clone());
-        let text: Vec<String> = spec_problems(&dep.spec)
-            .iter()
-            .map(|p| p.to_string())
-            .collect();
+        let text: Vec<String> = spec_problems(&dep.spec).iter().map(|p| p.to_string()).collect();
         assert!(text.iter().any(|t| t.contains("used twice")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("come together")), "{text:?}");
     }
@@ -151,16 +105,9 @@ mod tests {
     #[test]
     fn unsupported_parallelism_is_refused_with_its_reason() {
         let mut dep = samples::aggregated();
-        dep.spec.roles[0].parallelism = Some(crate::crd::Parallelism {
-            data_parallel: 2,
-            ..Default::default()
-        });
+        dep.spec.roles[0].parallelism = Some(crate::crd::Parallelism { data_parallel: 2, ..Default::default() });
         let problems = spec_problems(&dep.spec);
         assert_eq!(problems.len(), 1);
-        assert!(
-            problems[0].message.contains("data-parallel"),
-            "{}",
-            problems[0]
-        );
+        assert!(problems[0].message.contains("data-parallel"), "{}", problems[0]);
     }
 }

@@ -8,11 +8,7 @@ const OPERATOR: &str = env!("CARGO_BIN_EXE_dlengine-operator");
 #[test]
 fn crd_prints_the_crds_the_repository_ships() {
     let out = Command::new(OPERATOR).arg("crd").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let shipped = include_str!("../../crds/dlengine.io.yaml");
     assert!(
         String::from_utf8_lossy(&out.stdout) == shipped,
@@ -22,10 +18,7 @@ fn crd_prints_the_crds_the_repository_ships() {
 
 #[test]
 fn a_bad_command_line_exits_2_with_one_line() {
-    let out = Command::new(OPERATOR)
-        .args(["run", "--no-such-flag"])
-        .output()
-        .unwrap();
+    let out = Command::new(OPERATOR).args(["run", "--no-such-flag"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

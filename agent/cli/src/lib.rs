@@ -27,11 +27,7 @@ pub mod env {
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "dlengine",
-    version,
-    about = "Kubernetes-native LLM inference engine, router and tools"
-)]
+#[command(name = "dlengine", version, about = "Kubernetes-native LLM inference engine, router and tools")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -100,12 +96,7 @@ pub struct EngineArgs {
     #[arg(long, alias = "max_num_batched_tokens", default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
     /// Tokens per KV-cache block.
-    #[arg(
-        long,
-        alias = "kvcache_block_size",
-        alias = "block-size",
-        default_value_t = 16
-    )]
+    #[arg(long, alias = "kvcache_block_size", alias = "block-size", default_value_t = 16)]
     pub kvcache_block_size: usize,
     /// Fraction of the GPU's memory for weights, activations and KV cache.
     #[arg(long, alias = "gpu_memory_utilization", default_value_t = 0.9)]
@@ -117,26 +108,12 @@ pub struct EngineArgs {
     #[arg(long, alias = "num_kv_blocks")]
     pub num_kv_blocks: Option<usize>,
     /// Reuse KV blocks of identical prompt prefixes.
-    #[arg(
-        long,
-        alias = "enable_prefix_caching",
-        overrides_with = "no_enable_prefix_caching",
-        default_value_t = true
-    )]
+    #[arg(long, alias = "enable_prefix_caching", overrides_with = "no_enable_prefix_caching", default_value_t = true)]
     pub enable_prefix_caching: bool,
-    #[arg(
-        long,
-        alias = "no_enable_prefix_caching",
-        overrides_with = "enable_prefix_caching"
-    )]
+    #[arg(long, alias = "no_enable_prefix_caching", overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
     /// GPUs one instance spreads its layers' matrices over.
-    #[arg(
-        long,
-        alias = "tensor_parallel_size",
-        alias = "tp",
-        default_value_t = 1
-    )]
+    #[arg(long, alias = "tensor_parallel_size", alias = "tp", default_value_t = 1)]
     pub tensor_parallel_size: usize,
     /// Which GPU of the node (CUDA ordinal) the engine runs on.
     #[arg(long, alias = "cuda_device", default_value_t = 0)]
@@ -374,29 +351,9 @@ mod tests {
 
     #[test]
     fn snake_case_aliases_parse_like_kebab_case() {
-        let kebab = Cli::try_parse_from([
-            "dlengine",
-            "serve",
-            "/m",
-            "--max-num-seqs",
-            "7",
-            "--kvcache-block-size",
-            "32",
-        ])
-        .unwrap();
-        let snake = Cli::try_parse_from([
-            "dlengine",
-            "serve",
-            "/m",
-            "--max_num_seqs",
-            "7",
-            "--kvcache_block_size",
-            "32",
-        ])
-        .unwrap();
-        let (Command::Serve(a), Command::Serve(b)) = (kebab.command, snake.command) else {
-            panic!("not serve")
-        };
+        let kebab = Cli::try_parse_from(["dlengine", "serve", "/m", "--max-num-seqs", "7", "--kvcache-block-size", "32"]).unwrap();
+        let snake = Cli::try_parse_from(["dlengine", "serve", "/m", "--max_num_seqs", "7", "--kvcache_block_size", "32"]).unwrap();
+        let (Command::Serve(a), Command::Serve(b)) = (kebab.command, snake.command) else { panic!("not serve") };
         assert_eq!(a.engine.max_num_seqs, 7);
         assert_eq!(b.engine.max_num_seqs, 7);
         assert_eq!(a.engine.kvcache_block_size, b.engine.kvcache_block_size);
@@ -404,47 +361,25 @@ mod tests {
 
     #[test]
     fn prefix_caching_can_be_turned_off() {
-        let cli =
-            Cli::try_parse_from(["dlengine", "serve", "/m", "--no-enable-prefix-caching"]).unwrap();
-        let Command::Serve(a) = cli.command else {
-            panic!("not serve")
-        };
+        let cli = Cli::try_parse_from(["dlengine", "serve", "/m", "--no-enable-prefix-caching"]).unwrap();
+        let Command::Serve(a) = cli.command else { panic!("not serve") };
         assert!(!a.engine.prefix_caching());
         let cli = Cli::try_parse_from(["dlengine", "serve", "/m"]).unwrap();
-        let Command::Serve(a) = cli.command else {
-            panic!("not serve")
-        };
+        let Command::Serve(a) = cli.command else { panic!("not serve") };
         assert!(a.engine.prefix_caching());
     }
 
     #[test]
     fn bad_flags_are_errors_not_panics() {
-        assert!(
-            Cli::try_parse_from(["dlengine", "serve", "/m", "--max-num-seqs", "many"]).is_err()
-        );
+        assert!(Cli::try_parse_from(["dlengine", "serve", "/m", "--max-num-seqs", "many"]).is_err());
         assert!(Cli::try_parse_from(["dlengine", "serve", "/m", "--device", "tpu"]).is_err());
-        assert!(
-            Cli::try_parse_from(["dlengine", "router"]).is_err(),
-            "router needs etcd endpoints"
-        );
+        assert!(Cli::try_parse_from(["dlengine", "router"]).is_err(), "router needs etcd endpoints");
     }
 
     #[test]
     fn etcd_endpoints_split_on_commas() {
-        let cli = Cli::try_parse_from([
-            "dlengine",
-            "serve",
-            "/m",
-            "--ctrl-address",
-            "http://a:2379,http://b:2379",
-        ])
-        .unwrap();
-        let Command::Serve(a) = cli.command else {
-            panic!("not serve")
-        };
-        assert_eq!(
-            a.registry.etcd_endpoints,
-            vec!["http://a:2379", "http://b:2379"]
-        );
+        let cli = Cli::try_parse_from(["dlengine", "serve", "/m", "--ctrl-address", "http://a:2379,http://b:2379"]).unwrap();
+        let Command::Serve(a) = cli.command else { panic!("not serve") };
+        assert_eq!(a.registry.etcd_endpoints, vec!["http://a:2379", "http://b:2379"]);
     }
 }

@@ -97,10 +97,7 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        Self {
-            max_batch: 32,
-            timeout: Duration::from_secs(30),
-        }
+        Self { max_batch: 32, timeout: Duration::from_secs(30) }
     }
 }
 
@@ -162,15 +159,11 @@ mod tests {
         let v4 = Gid::from_hex("00000000000000000000ffff0a000001").unwrap();
         let v6 = Gid::from_hex("20010db8000000000000000000000001").unwrap();
         let ll = Gid::from_hex("fe800000000000000000000000000001").unwrap();
-        let ranks: Vec<_> = [
-            (v4, GidKind::RoceV2),
-            (v6, GidKind::RoceV2),
-            (ll, GidKind::RoceV2),
-            (v4, GidKind::RoceV1),
-        ]
-        .iter()
-        .map(|(g, k)| roce_gid_rank(g, *k))
-        .collect();
+        let ranks: Vec<_> =
+            [(v4, GidKind::RoceV2), (v6, GidKind::RoceV2), (ll, GidKind::RoceV2), (v4, GidKind::RoceV1)]
+                .iter()
+                .map(|(g, k)| roce_gid_rank(g, *k))
+                .collect();
         assert_eq!(ranks, vec![Some(4), Some(3), Some(2), Some(1)]);
         assert_eq!(roce_gid_rank(&Gid::default(), GidKind::RoceV2), None);
     }

@@ -6,18 +6,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("RDMA metadata is not valid JSON for {what}: {source}")]
-    Json {
-        what: &'static str,
-        source: serde_json::Error,
-    },
+    Json { what: &'static str, source: serde_json::Error },
     #[error("RDMA metadata {what} has no numeric `version` field")]
     MissingVersion { what: &'static str },
     #[error("RDMA metadata {what} has version {found}; this build speaks version {supported}")]
-    UnsupportedVersion {
-        what: &'static str,
-        found: u64,
-        supported: u32,
-    },
+    UnsupportedVersion { what: &'static str, found: u64, supported: u32 },
     #[error("invalid RDMA metadata: {field}: {reason}")]
     Invalid { field: String, reason: String },
     #[error("RDMA metadata KV layout: {0}")]
@@ -26,10 +19,7 @@ pub enum MetaError {
 
 impl MetaError {
     pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid {
-            field: field.into(),
-            reason: reason.into(),
-        }
+        Self::Invalid { field: field.into(), reason: reason.into() }
     }
 }
 
@@ -45,26 +35,11 @@ pub enum LayoutError {
     #[error("block stride {stride} is smaller than one block ({block_bytes} bytes)")]
     StrideTooSmall { stride: u64, block_bytes: u64 },
     #[error("layer {layer} {part} lies past the end of the address space (offset {offset})")]
-    Overflow {
-        layer: u32,
-        part: KvPart,
-        offset: u64,
-    },
+    Overflow { layer: u32, part: KvPart, offset: u64 },
     #[error("layer {a_layer} {a_part} and layer {b_layer} {b_part} overlap in region {region}")]
-    Overlap {
-        region: u32,
-        a_layer: u32,
-        a_part: KvPart,
-        b_layer: u32,
-        b_part: KvPart,
-    },
+    Overlap { region: u32, a_layer: u32, a_part: KvPart, b_layer: u32, b_part: KvPart },
     #[error("layer {layer} {part} uses region {region} but only {regions} regions are registered")]
-    MissingRegion {
-        layer: u32,
-        part: KvPart,
-        region: u32,
-        regions: usize,
-    },
+    MissingRegion { layer: u32, part: KvPart, region: u32, regions: usize },
     #[error("region {region} is {len} bytes; the layout needs {needed}")]
     RegionTooSmall { region: u32, len: u64, needed: u64 },
 }
@@ -109,20 +84,11 @@ pub enum PlanError {
     #[error("remote and local KV shapes differ ({remote} vs {local})")]
     ShapeMismatch { remote: String, local: String },
     #[error("{side} region {region} at {addr:#x} + {len} bytes wraps the address space")]
-    RegionWraps {
-        side: Side,
-        region: u32,
-        addr: u64,
-        len: u64,
-    },
+    RegionWraps { side: Side, region: u32, addr: u64, len: u64 },
     #[error("plan options: {0}")]
     Options(String),
     #[error("{side} block {block} is out of range (the cache has {num_blocks} blocks)")]
-    BlockOutOfRange {
-        side: Side,
-        block: u32,
-        num_blocks: u32,
-    },
+    BlockOutOfRange { side: Side, block: u32, num_blocks: u32 },
     #[error("local block {block} is the destination of more than one remote block")]
     DuplicateLocalBlock { block: u32 },
 }
@@ -133,34 +99,15 @@ pub enum TrackError {
     #[error("queue pair index {qp} is out of range ({qps} queue pairs)")]
     UnknownQp { qp: usize, qps: usize },
     #[error("completion wr_id {wr_id:#x} belongs to transfer generation {found}, not {expected}")]
-    StaleCompletion {
-        wr_id: u64,
-        found: u32,
-        expected: u32,
-    },
-    #[error(
-        "completion on queue pair {qp} covers {end} work requests but only {posted} were posted"
-    )]
-    BeyondPosted {
-        qp: usize,
-        end: usize,
-        posted: usize,
-    },
+    StaleCompletion { wr_id: u64, found: u32, expected: u32 },
+    #[error("completion on queue pair {qp} covers {end} work requests but only {posted} were posted")]
+    BeyondPosted { qp: usize, end: usize, posted: usize },
     #[error(
         "completion on queue pair {qp} for work request {end} repeats or goes back ({completed} already complete)"
     )]
-    Regressed {
-        qp: usize,
-        end: usize,
-        completed: usize,
-    },
+    Regressed { qp: usize, end: usize, completed: usize },
     #[error("posting {count} work requests on queue pair {qp} exceeds its plan ({posted} of {planned} posted)")]
-    OverPosted {
-        qp: usize,
-        count: usize,
-        posted: usize,
-        planned: usize,
-    },
+    OverPosted { qp: usize, count: usize, posted: usize, planned: usize },
 }
 
 /// Errors of the device side (and of the crate as a whole).
@@ -179,18 +126,9 @@ pub enum RdmaError {
     DeviceNotFound { name: String, available: String },
     /// A verb failed; `source` carries the errno.
     #[error("{op} on {device}: {source}{}", detail_suffix(.hint))]
-    Verbs {
-        op: &'static str,
-        device: String,
-        source: std::io::Error,
-        hint: String,
-    },
+    Verbs { op: &'static str, device: String, source: std::io::Error, hint: String },
     #[error("port {port} of {device} is {state}, not ACTIVE")]
-    PortNotActive {
-        device: String,
-        port: u8,
-        state: String,
-    },
+    PortNotActive { device: String, port: u8, state: String },
     #[error("cannot connect to peer {peer}: {reason}")]
     Incompatible { peer: String, reason: String },
     /// A work request completed with an error status (the QP is now in the error state).
@@ -198,32 +136,14 @@ pub enum RdmaError {
         "RDMA READ failed on {device} QP {qp_num}: {status} (status {code}, vendor error {vendor_err:#x}){}",
         detail_suffix(.request)
     )]
-    WorkCompletion {
-        device: String,
-        qp_num: u32,
-        status: String,
-        code: u32,
-        vendor_err: u32,
-        request: String,
-    },
+    WorkCompletion { device: String, qp_num: u32, status: String, code: u32, vendor_err: u32, request: String },
     #[error(
         "RDMA READ transfer timed out after {waited:?}: {outstanding} work requests outstanding, \
          {layers_complete} of {layers} layers complete"
     )]
-    Timeout {
-        waited: Duration,
-        outstanding: usize,
-        layers_complete: u32,
-        layers: u32,
-    },
-    #[error(
-        "queue pair {qp_num} on {device} is unusable ({reason}); create and connect a new one"
-    )]
-    QpUnusable {
-        device: String,
-        qp_num: u32,
-        reason: String,
-    },
+    Timeout { waited: Duration, outstanding: usize, layers_complete: u32, layers: u32 },
+    #[error("queue pair {qp_num} on {device} is unusable ({reason}); create and connect a new one")]
+    QpUnusable { device: String, qp_num: u32, reason: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error(transparent)]
@@ -250,22 +170,10 @@ mod tests {
 
     #[test]
     fn no_device_message_names_the_alternatives() {
-        let plain = RdmaError::NoDevice {
-            detail: String::new(),
-        }
-        .to_string();
-        assert_eq!(
-            plain,
-            "no RDMA device found; use --kv-transport tcp or cuda-ipc"
-        );
-        let detailed = RdmaError::NoDevice {
-            detail: "kernel has no RDMA support".into(),
-        }
-        .to_string();
-        assert!(
-            detailed.starts_with("no RDMA device found; use --kv-transport tcp or cuda-ipc ("),
-            "{detailed}"
-        );
+        let plain = RdmaError::NoDevice { detail: String::new() }.to_string();
+        assert_eq!(plain, "no RDMA device found; use --kv-transport tcp or cuda-ipc");
+        let detailed = RdmaError::NoDevice { detail: "kernel has no RDMA support".into() }.to_string();
+        assert!(detailed.starts_with("no RDMA device found; use --kv-transport tcp or cuda-ipc ("), "{detailed}");
     }
 
     #[test]

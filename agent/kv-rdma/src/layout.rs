@@ -88,22 +88,11 @@ impl KvMemoryLayout {
     pub fn separate_regions(shape: KvShape, num_blocks: u32) -> Self {
         let layers = (0..shape.layers)
             .map(|l| LayerPlacement {
-                k: Placement {
-                    region: 2 * l,
-                    offset: 0,
-                },
-                v: Placement {
-                    region: 2 * l + 1,
-                    offset: 0,
-                },
+                k: Placement { region: 2 * l, offset: 0 },
+                v: Placement { region: 2 * l + 1, offset: 0 },
             })
             .collect();
-        Self {
-            shape,
-            num_blocks,
-            block_stride: shape.block_bytes(),
-            layers,
-        }
+        Self { shape, num_blocks, block_stride: shape.block_bytes(), layers }
     }
 
     /// One region per layer, `[2][num_blocks][block]`: K blocks then V blocks.
@@ -111,23 +100,9 @@ impl KvMemoryLayout {
         let bb = shape.block_bytes();
         let half = bb.saturating_mul(num_blocks as u64);
         let layers = (0..shape.layers)
-            .map(|l| LayerPlacement {
-                k: Placement {
-                    region: l,
-                    offset: 0,
-                },
-                v: Placement {
-                    region: l,
-                    offset: half,
-                },
-            })
+            .map(|l| LayerPlacement { k: Placement { region: l, offset: 0 }, v: Placement { region: l, offset: half } })
             .collect();
-        Self {
-            shape,
-            num_blocks,
-            block_stride: bb,
-            layers,
-        }
+        Self { shape, num_blocks, block_stride: bb, layers }
     }
 
     /// One region, `[layers][2][num_blocks][block]`.
@@ -136,22 +111,11 @@ impl KvMemoryLayout {
         let half = bb.saturating_mul(num_blocks as u64);
         let layers = (0..shape.layers as u64)
             .map(|l| LayerPlacement {
-                k: Placement {
-                    region: 0,
-                    offset: half.saturating_mul(2 * l),
-                },
-                v: Placement {
-                    region: 0,
-                    offset: half.saturating_mul(2 * l + 1),
-                },
+                k: Placement { region: 0, offset: half.saturating_mul(2 * l) },
+                v: Placement { region: 0, offset: half.saturating_mul(2 * l + 1) },
             })
             .collect();
-        Self {
-            shape,
-            num_blocks,
-            block_stride: bb,
-            layers,
-        }
+        Self { shape, num_blocks, block_stride: bb, layers }
     }
 
     /// One region, `[num_blocks][layers][2][block]`: a block's whole KV is contiguous.
@@ -159,31 +123,16 @@ impl KvMemoryLayout {
         let bb = shape.block_bytes();
         let layers = (0..shape.layers as u64)
             .map(|l| LayerPlacement {
-                k: Placement {
-                    region: 0,
-                    offset: bb.saturating_mul(2 * l),
-                },
-                v: Placement {
-                    region: 0,
-                    offset: bb.saturating_mul(2 * l + 1),
-                },
+                k: Placement { region: 0, offset: bb.saturating_mul(2 * l) },
+                v: Placement { region: 0, offset: bb.saturating_mul(2 * l + 1) },
             })
             .collect();
-        Self {
-            shape,
-            num_blocks,
-            block_stride: bb.saturating_mul(2 * shape.layers as u64),
-            layers,
-        }
+        Self { shape, num_blocks, block_stride: bb.saturating_mul(2 * shape.layers as u64), layers }
     }
 
     /// Regions the layout refers to (highest index + 1).
     pub fn region_count(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|p| [p.k.region, p.v.region])
-            .max()
-            .map_or(0, |r| r as usize + 1)
+        self.layers.iter().flat_map(|p| [p.k.region, p.v.region]).max().map_or(0, |r| r as usize + 1)
     }
 
     /// Offset of `block` of `layer`'s `part` inside its region. The layout must be valid
@@ -200,11 +149,7 @@ impl KvMemoryLayout {
             .checked_mul(self.block_stride)
             .and_then(|last| last.checked_add(p.offset))
             .and_then(|last| last.checked_add(self.shape.block_bytes()))
-            .ok_or(LayoutError::Overflow {
-                layer,
-                part,
-                offset: p.offset,
-            })
+            .ok_or(LayoutError::Overflow { layer, part, offset: p.offset })
     }
 
     /// Checks that the layout describes a real cache: dimensions set, one placement per
@@ -216,17 +161,11 @@ impl KvMemoryLayout {
             return Err(LayoutError::NoBlocks);
         }
         if self.layers.len() != self.shape.layers as usize {
-            return Err(LayoutError::LayerCount {
-                layers: self.shape.layers,
-                placements: self.layers.len(),
-            });
+            return Err(LayoutError::LayerCount { layers: self.shape.layers, placements: self.layers.len() });
         }
         let bb = self.shape.block_bytes();
         if self.num_blocks > 1 && self.block_stride < bb {
-            return Err(LayoutError::StrideTooSmall {
-                stride: self.block_stride,
-                block_bytes: bb,
-            });
+            return Err(LayoutError::StrideTooSmall { stride: self.block_stride, block_bytes: bb });
         }
         let mut slabs = Vec::with_capacity(2 * self.layers.len());
         for layer in 0..self.shape.layers {
@@ -268,20 +207,11 @@ impl KvMemoryLayout {
             for part in [KvPart::K, KvPart::V] {
                 let region = self.layers[layer as usize].part(part).region;
                 let Some(&len) = region_lens.get(region as usize) else {
-                    return Err(LayoutError::MissingRegion {
-                        layer,
-                        part,
-                        region,
-                        regions: region_lens.len(),
-                    });
+                    return Err(LayoutError::MissingRegion { layer, part, region, regions: region_lens.len() });
                 };
                 let needed = self.span_end(layer, part)?;
                 if needed > len {
-                    return Err(LayoutError::RegionTooSmall {
-                        region,
-                        len,
-                        needed,
-                    });
+                    return Err(LayoutError::RegionTooSmall { region, len, needed });
                 }
             }
         }
@@ -306,13 +236,7 @@ mod tests {
     use super::*;
 
     fn shape() -> KvShape {
-        KvShape {
-            layers: 3,
-            kv_heads: 2,
-            head_dim: 4,
-            block_size: 2,
-            elem_bytes: 2,
-        }
+        KvShape { layers: 3, kv_heads: 2, head_dim: 4, block_size: 2, elem_bytes: 2 }
     }
 
     #[test]
@@ -323,14 +247,8 @@ mod tests {
         let cases = [
             (KvMemoryLayout::separate_regions(s, 5), vec![5 * bb; 6]),
             (KvMemoryLayout::region_per_layer(s, 5), vec![10 * bb; 3]),
-            (
-                KvMemoryLayout::single_region_layer_major(s, 5),
-                vec![30 * bb],
-            ),
-            (
-                KvMemoryLayout::single_region_block_major(s, 5),
-                vec![30 * bb],
-            ),
+            (KvMemoryLayout::single_region_layer_major(s, 5), vec![30 * bb]),
+            (KvMemoryLayout::single_region_block_major(s, 5), vec![30 * bb]),
         ];
         for (layout, lens) in cases {
             layout.validate().unwrap();
@@ -366,10 +284,7 @@ mod tests {
     fn rejects_stride_smaller_than_a_block() {
         let mut l = KvMemoryLayout::separate_regions(shape(), 4);
         l.block_stride = 16;
-        assert!(matches!(
-            l.validate(),
-            Err(LayoutError::StrideTooSmall { .. })
-        ));
+        assert!(matches!(l.validate(), Err(LayoutError::StrideTooSmall { .. })));
     }
 
     #[test]
@@ -377,11 +292,7 @@ mod tests {
         let mut l = KvMemoryLayout::region_per_layer(shape(), 4);
         // V starts inside K's last block.
         l.layers[1].v.offset = 3 * 32 + 8;
-        assert!(
-            matches!(l.validate(), Err(LayoutError::Overlap { region: 1, .. })),
-            "{:?}",
-            l.validate()
-        );
+        assert!(matches!(l.validate(), Err(LayoutError::Overlap { region: 1, .. })), "{:?}", l.validate());
         // Interleaved with a wide stride is fine when blocks do not touch...
         let mut l = KvMemoryLayout::single_region_block_major(shape(), 4);
         l.validate().unwrap();
@@ -394,32 +305,15 @@ mod tests {
     fn rejects_offsets_that_overflow() {
         let mut l = KvMemoryLayout::separate_regions(shape(), 4);
         l.layers[0].v.offset = u64::MAX - 10;
-        assert!(matches!(
-            l.validate(),
-            Err(LayoutError::Overflow {
-                layer: 0,
-                part: KvPart::V,
-                ..
-            })
-        ));
+        assert!(matches!(l.validate(), Err(LayoutError::Overflow { layer: 0, part: KvPart::V, .. })));
     }
 
     #[test]
     fn check_regions_names_missing_and_short_regions() {
         let l = KvMemoryLayout::separate_regions(shape(), 4);
-        assert!(matches!(
-            l.check_regions(&[128; 5]),
-            Err(LayoutError::MissingRegion { region: 5, .. })
-        ));
+        assert!(matches!(l.check_regions(&[128; 5]), Err(LayoutError::MissingRegion { region: 5, .. })));
         let mut lens = vec![128; 6];
         lens[3] = 127;
-        assert_eq!(
-            l.check_regions(&lens),
-            Err(LayoutError::RegionTooSmall {
-                region: 3,
-                len: 127,
-                needed: 128
-            })
-        );
+        assert_eq!(l.check_regions(&lens), Err(LayoutError::RegionTooSmall { region: 3, len: 127, needed: 128 }));
     }
 }

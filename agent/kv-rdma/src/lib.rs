@@ -35,19 +35,14 @@ mod unavailable;
 mod verbs;
 
 #[cfg(not(feature = "rdma"))]
-pub use unavailable::{
-    read_blocks, Device, MemoryRegion, ProtectionDomain, QueuePair, ReadTransfer,
-};
+pub use unavailable::{read_blocks, Device, MemoryRegion, ProtectionDomain, QueuePair, ReadTransfer};
 #[cfg(feature = "rdma")]
 pub use verbs::{read_blocks, Device, MemoryRegion, ProtectionDomain, QueuePair, ReadTransfer};
 
 pub use config::{Access, DeviceLimits, GidSelector, QpConfig, ReadOptions, TransferStats};
 pub use error::{KvPart, LayoutError, MetaError, PlanError, RdmaError, Side, TrackError};
 pub use layout::{KvMemoryLayout, KvShape, LayerPlacement, Placement};
-pub use meta::{
-    ConnectInfo, EndpointInfo, Gid, KvRdmaAdvert, LinkLayer, Mtu, QpInfo, RemoteRegion,
-    META_VERSION,
-};
+pub use meta::{ConnectInfo, EndpointInfo, Gid, KvRdmaAdvert, LinkLayer, Mtu, QpInfo, RemoteRegion, META_VERSION};
 pub use plan::{LocalRegion, PlanOptions, ReadPlan, ReadPlanner, ReadRequest};
 pub use tracker::CompletionTracker;
 

@@ -36,16 +36,11 @@ impl Gid {
 
     pub fn from_hex(s: &str) -> Result<Self, MetaError> {
         if s.len() != 32 {
-            return Err(MetaError::invalid(
-                "gid",
-                format!("expected 32 hex digits, got {} characters", s.len()),
-            ));
+            return Err(MetaError::invalid("gid", format!("expected 32 hex digits, got {} characters", s.len())));
         }
         let mut raw = [0u8; 16];
         for (i, byte) in raw.iter_mut().enumerate() {
-            let pair = s
-                .get(2 * i..2 * i + 2)
-                .filter(|p| p.bytes().all(|c| c.is_ascii_hexdigit()));
+            let pair = s.get(2 * i..2 * i + 2).filter(|p| p.bytes().all(|c| c.is_ascii_hexdigit()));
             *byte = pair
                 .and_then(|p| u8::from_str_radix(p, 16).ok())
                 .ok_or_else(|| MetaError::invalid("gid", format!("{s:?} is not hexadecimal")))?;
@@ -121,15 +116,7 @@ impl Mtu {
     }
 
     pub fn from_ibv(v: u32) -> Option<Self> {
-        [
-            Mtu::Mtu256,
-            Mtu::Mtu512,
-            Mtu::Mtu1024,
-            Mtu::Mtu2048,
-            Mtu::Mtu4096,
-        ]
-        .get((v as usize).checked_sub(1)?)
-        .copied()
+        [Mtu::Mtu256, Mtu::Mtu512, Mtu::Mtu1024, Mtu::Mtu2048, Mtu::Mtu4096].get((v as usize).checked_sub(1)?).copied()
     }
 }
 
@@ -142,9 +129,7 @@ impl TryFrom<u32> for Mtu {
             1024 => Ok(Mtu::Mtu1024),
             2048 => Ok(Mtu::Mtu2048),
             4096 => Ok(Mtu::Mtu4096),
-            other => Err(format!(
-                "MTU {other} is not one of 256, 512, 1024, 2048, 4096"
-            )),
+            other => Err(format!("MTU {other} is not one of 256, 512, 1024, 2048, 4096")),
         }
     }
 }
@@ -193,20 +178,15 @@ impl EndpointInfo {
             return Err(MetaError::invalid("endpoint.device", "empty"));
         }
         if self.port == 0 {
-            return Err(MetaError::invalid(
-                "endpoint.port",
-                "ports are numbered from 1",
-            ));
+            return Err(MetaError::invalid("endpoint.port", "ports are numbered from 1"));
         }
         match self.link_layer {
-            LinkLayer::Ethernet if self.gid.is_zero() => Err(MetaError::invalid(
-                "endpoint.gid",
-                "RoCE (ethernet) endpoints need a non-zero GID",
-            )),
-            _ if self.gid.is_zero() && self.lid == 0 => Err(MetaError::invalid(
-                "endpoint",
-                "neither a LID nor a GID to address the port by",
-            )),
+            LinkLayer::Ethernet if self.gid.is_zero() => {
+                Err(MetaError::invalid("endpoint.gid", "RoCE (ethernet) endpoints need a non-zero GID"))
+            }
+            _ if self.gid.is_zero() && self.lid == 0 => {
+                Err(MetaError::invalid("endpoint", "neither a LID nor a GID to address the port by"))
+            }
             _ => Ok(()),
         }
     }
@@ -235,22 +215,13 @@ impl QpInfo {
     pub fn validate(&self) -> Result<(), MetaError> {
         // QP 0 and 1 are the subnet management QPs; never an RC QP.
         if self.qp_num <= 1 || self.qp_num >= 1 << 24 {
-            return Err(MetaError::invalid(
-                "qp.qp_num",
-                format!("{} is not a 24-bit RC QP number", self.qp_num),
-            ));
+            return Err(MetaError::invalid("qp.qp_num", format!("{} is not a 24-bit RC QP number", self.qp_num)));
         }
         if self.psn >= 1 << 24 {
-            return Err(MetaError::invalid(
-                "qp.psn",
-                format!("{} does not fit in 24 bits", self.psn),
-            ));
+            return Err(MetaError::invalid("qp.psn", format!("{} does not fit in 24 bits", self.psn)));
         }
         if self.responder_resources == 0 || self.initiator_depth == 0 {
-            return Err(MetaError::invalid(
-                "qp",
-                "responder_resources and initiator_depth must be at least 1",
-            ));
+            return Err(MetaError::invalid("qp", "responder_resources and initiator_depth must be at least 1"));
         }
         Ok(())
     }
@@ -272,10 +243,7 @@ impl RemoteRegion {
             return Err(MetaError::invalid("region.len", "0"));
         }
         if self.addr.checked_add(self.len).is_none() {
-            return Err(MetaError::invalid(
-                "region",
-                format!("{:#x} + {} overflows", self.addr, self.len),
-            ));
+            return Err(MetaError::invalid("region", format!("{:#x} + {} overflows", self.addr, self.len)));
         }
         Ok(())
     }
@@ -293,12 +261,7 @@ pub struct KvRdmaAdvert {
 
 impl KvRdmaAdvert {
     pub fn new(endpoint: EndpointInfo, layout: KvMemoryLayout, regions: Vec<RemoteRegion>) -> Self {
-        Self {
-            version: META_VERSION,
-            endpoint,
-            layout,
-            regions,
-        }
+        Self { version: META_VERSION, endpoint, layout, regions }
     }
 
     pub fn validate(&self) -> Result<(), MetaError> {
@@ -335,11 +298,7 @@ pub struct ConnectInfo {
 
 impl ConnectInfo {
     pub fn new(endpoint: EndpointInfo, qps: Vec<QpInfo>) -> Self {
-        Self {
-            version: META_VERSION,
-            endpoint,
-            qps,
-        }
+        Self { version: META_VERSION, endpoint, qps }
     }
 
     pub fn validate(&self) -> Result<(), MetaError> {
@@ -348,10 +307,7 @@ impl ConnectInfo {
         if self.qps.is_empty() || self.qps.len() > MAX_QPS_PER_CONNECTION {
             return Err(MetaError::invalid(
                 "qps",
-                format!(
-                    "{} queue pairs; expected 1 to {MAX_QPS_PER_CONNECTION}",
-                    self.qps.len()
-                ),
+                format!("{} queue pairs; expected 1 to {MAX_QPS_PER_CONNECTION}", self.qps.len()),
             ));
         }
         for qp in &self.qps {
@@ -373,11 +329,7 @@ impl ConnectInfo {
 
 fn check_version(what: &'static str, found: u64) -> Result<(), MetaError> {
     if found != META_VERSION as u64 {
-        return Err(MetaError::UnsupportedVersion {
-            what,
-            found,
-            supported: META_VERSION,
-        });
+        return Err(MetaError::UnsupportedVersion { what, found, supported: META_VERSION });
     }
     Ok(())
 }
@@ -390,12 +342,8 @@ fn to_json<T: Serialize>(value: &T) -> String {
 /// Reads the version before the body so a message from a newer peer is reported as
 /// such instead of as whatever field happened to change.
 fn from_json<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T, MetaError> {
-    let value: serde_json::Value =
-        serde_json::from_str(s).map_err(|source| MetaError::Json { what, source })?;
-    let version = value
-        .get("version")
-        .and_then(|v| v.as_u64())
-        .ok_or(MetaError::MissingVersion { what })?;
+    let value: serde_json::Value = serde_json::from_str(s).map_err(|source| MetaError::Json { what, source })?;
+    let version = value.get("version").and_then(|v| v.as_u64()).ok_or(MetaError::MissingVersion { what })?;
     check_version(what, version)?;
     serde_json::from_value(value).map_err(|source| MetaError::Json { what, source })
 }
@@ -422,20 +370,10 @@ mod tests {
     }
 
     fn advert() -> KvRdmaAdvert {
-        let shape = KvShape {
-            layers: 2,
-            kv_heads: 8,
-            head_dim: 128,
-            block_size: 16,
-            elem_bytes: 2,
-        };
+        let shape = KvShape { layers: 2, kv_heads: 8, head_dim: 128, block_size: 16, elem_bytes: 2 };
         let layout = KvMemoryLayout::separate_regions(shape, 100);
         let regions = (0..4)
-            .map(|i| RemoteRegion {
-                addr: 0x7f00_0000_0000 + i * 0x1000_0000,
-                rkey: 0x1234 + i as u32,
-                len: 3_276_800,
-            })
+            .map(|i| RemoteRegion { addr: 0x7f00_0000_0000 + i * 0x1000_0000, rkey: 0x1234 + i as u32, len: 3_276_800 })
             .collect();
         KvRdmaAdvert::new(endpoint(), layout, regions)
     }
@@ -444,18 +382,8 @@ mod tests {
         ConnectInfo::new(
             endpoint(),
             vec![
-                QpInfo {
-                    qp_num: 0x1a2b,
-                    psn: 0xabcdef,
-                    responder_resources: 16,
-                    initiator_depth: 8,
-                },
-                QpInfo {
-                    qp_num: 0xffffff,
-                    psn: 0,
-                    responder_resources: 1,
-                    initiator_depth: 1,
-                },
+                QpInfo { qp_num: 0x1a2b, psn: 0xabcdef, responder_resources: 16, initiator_depth: 8 },
+                QpInfo { qp_num: 0xffffff, psn: 0, responder_resources: 1, initiator_depth: 1 },
             ],
         )
     }
@@ -465,10 +393,7 @@ mod tests {
         let g = endpoint().gid;
         assert_eq!(g.to_hex(), "00000000000000000000ffff0a010203");
         assert_eq!(Gid::from_hex(&g.to_hex()).unwrap(), g);
-        assert_eq!(
-            Gid::from_hex("00000000000000000000FFFF0A010203").unwrap(),
-            g
-        );
+        assert_eq!(Gid::from_hex("00000000000000000000FFFF0A010203").unwrap(), g);
         assert!(g.is_ipv4_mapped() && !g.is_link_local() && !g.is_zero());
         let ll = Gid::from_hex("fe800000000000000202c9fffe000001").unwrap();
         assert!(ll.is_link_local() && !ll.is_ipv4_mapped());
@@ -490,11 +415,7 @@ mod tests {
 
     #[test]
     fn mtu_maps_bytes_and_ibv_values() {
-        for (m, bytes, ibv) in [
-            (Mtu::Mtu256, 256, 1),
-            (Mtu::Mtu1024, 1024, 3),
-            (Mtu::Mtu4096, 4096, 5),
-        ] {
+        for (m, bytes, ibv) in [(Mtu::Mtu256, 256, 1), (Mtu::Mtu1024, 1024, 3), (Mtu::Mtu4096, 4096, 5)] {
             assert_eq!(m.bytes(), bytes);
             assert_eq!(m.to_ibv(), ibv);
             assert_eq!(Mtu::from_ibv(ibv), Some(m));
@@ -547,68 +468,29 @@ mod tests {
     fn connect_info_rejects_malformed_input() {
         let cases: Vec<(&str, String)> = vec![
             ("not json", "{".into()),
-            (
-                "no version",
-                mutate(|v| drop(v.as_object_mut().unwrap().remove("version"))),
-            ),
+            ("no version", mutate(|v| drop(v.as_object_mut().unwrap().remove("version")))),
             ("string version", mutate(|v| v["version"] = "1".into())),
             ("newer version", mutate(|v| v["version"] = 2.into())),
-            (
-                "short gid",
-                mutate(|v| v["endpoint"]["gid"] = "ffff".into()),
-            ),
-            (
-                "gid not hex",
-                mutate(|v| v["endpoint"]["gid"] = "x".repeat(32).into()),
-            ),
-            (
-                "gid as bytes",
-                mutate(|v| v["endpoint"]["gid"] = serde_json::Value::from(vec![0; 16])),
-            ),
+            ("short gid", mutate(|v| v["endpoint"]["gid"] = "ffff".into())),
+            ("gid not hex", mutate(|v| v["endpoint"]["gid"] = "x".repeat(32).into())),
+            ("gid as bytes", mutate(|v| v["endpoint"]["gid"] = serde_json::Value::from(vec![0; 16]))),
             ("mtu 1500", mutate(|v| v["endpoint"]["mtu"] = 1500.into())),
             ("port 0", mutate(|v| v["endpoint"]["port"] = 0.into())),
             ("port 300", mutate(|v| v["endpoint"]["port"] = 300.into())),
-            (
-                "empty device",
-                mutate(|v| v["endpoint"]["device"] = "".into()),
-            ),
-            (
-                "zero roce gid",
-                mutate(|v| v["endpoint"]["gid"] = "0".repeat(32).into()),
-            ),
-            (
-                "unknown link layer",
-                mutate(|v| v["endpoint"]["link_layer"] = "omnipath".into()),
-            ),
-            (
-                "qp_num 25 bits",
-                mutate(|v| v["qps"][0]["qp_num"] = (1u32 << 24).into()),
-            ),
+            ("empty device", mutate(|v| v["endpoint"]["device"] = "".into())),
+            ("zero roce gid", mutate(|v| v["endpoint"]["gid"] = "0".repeat(32).into())),
+            ("unknown link layer", mutate(|v| v["endpoint"]["link_layer"] = "omnipath".into())),
+            ("qp_num 25 bits", mutate(|v| v["qps"][0]["qp_num"] = (1u32 << 24).into())),
             ("qp_num 1", mutate(|v| v["qps"][0]["qp_num"] = 1.into())),
-            (
-                "psn 25 bits",
-                mutate(|v| v["qps"][0]["psn"] = (1u32 << 24).into()),
-            ),
+            ("psn 25 bits", mutate(|v| v["qps"][0]["psn"] = (1u32 << 24).into())),
             ("negative psn", mutate(|v| v["qps"][0]["psn"] = (-1).into())),
-            (
-                "zero depth",
-                mutate(|v| v["qps"][0]["initiator_depth"] = 0.into()),
-            ),
+            ("zero depth", mutate(|v| v["qps"][0]["initiator_depth"] = 0.into())),
             ("no qps", mutate(|v| v["qps"] = serde_json::json!([]))),
-            (
-                "too many qps",
-                mutate(|v| v["qps"] = serde_json::Value::from(vec![v["qps"][0].clone(); 65])),
-            ),
-            (
-                "missing qp field",
-                mutate(|v| drop(v["qps"][0].as_object_mut().unwrap().remove("psn"))),
-            ),
+            ("too many qps", mutate(|v| v["qps"] = serde_json::Value::from(vec![v["qps"][0].clone(); 65]))),
+            ("missing qp field", mutate(|v| drop(v["qps"][0].as_object_mut().unwrap().remove("psn")))),
         ];
         for (name, json) in cases {
-            assert!(
-                ConnectInfo::from_json(&json).is_err(),
-                "{name} was accepted: {json}"
-            );
+            assert!(ConnectInfo::from_json(&json).is_err(), "{name} was accepted: {json}");
         }
     }
 
@@ -616,17 +498,7 @@ mod tests {
     fn version_is_reported_before_other_problems() {
         let json = r#"{"version":7,"endpoint":"whatever"}"#;
         let err = ConnectInfo::from_json(json).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                MetaError::UnsupportedVersion {
-                    found: 7,
-                    supported: 1,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, MetaError::UnsupportedVersion { found: 7, supported: 1, .. }), "{err}");
     }
 
     fn mutate_advert(f: impl FnOnce(&mut serde_json::Value)) -> String {
@@ -638,38 +510,14 @@ mod tests {
     #[test]
     fn advert_rejects_malformed_input() {
         let cases: Vec<(&str, String)> = vec![
-            (
-                "region len 0",
-                mutate_advert(|v| v["regions"][0]["len"] = 0.into()),
-            ),
-            (
-                "region wraps",
-                mutate_advert(|v| v["regions"][0]["addr"] = u64::MAX.into()),
-            ),
-            (
-                "region too small",
-                mutate_advert(|v| v["regions"][2]["len"] = 100.into()),
-            ),
-            (
-                "region missing",
-                mutate_advert(|v| drop(v["regions"].as_array_mut().unwrap().pop())),
-            ),
-            (
-                "rkey too wide",
-                mutate_advert(|v| v["regions"][0]["rkey"] = (1u64 << 32).into()),
-            ),
-            (
-                "layout layer missing",
-                mutate_advert(|v| drop(v["layout"]["layers"].as_array_mut().unwrap().pop())),
-            ),
-            (
-                "stride too small",
-                mutate_advert(|v| v["layout"]["block_stride"] = 1.into()),
-            ),
-            (
-                "zero heads",
-                mutate_advert(|v| v["layout"]["shape"]["kv_heads"] = 0.into()),
-            ),
+            ("region len 0", mutate_advert(|v| v["regions"][0]["len"] = 0.into())),
+            ("region wraps", mutate_advert(|v| v["regions"][0]["addr"] = u64::MAX.into())),
+            ("region too small", mutate_advert(|v| v["regions"][2]["len"] = 100.into())),
+            ("region missing", mutate_advert(|v| drop(v["regions"].as_array_mut().unwrap().pop()))),
+            ("rkey too wide", mutate_advert(|v| v["regions"][0]["rkey"] = (1u64 << 32).into())),
+            ("layout layer missing", mutate_advert(|v| drop(v["layout"]["layers"].as_array_mut().unwrap().pop()))),
+            ("stride too small", mutate_advert(|v| v["layout"]["block_stride"] = 1.into())),
+            ("zero heads", mutate_advert(|v| v["layout"]["shape"]["kv_heads"] = 0.into())),
             ("version 0", mutate_advert(|v| v["version"] = 0.into())),
             (
                 "ib without lid or gid",
@@ -680,10 +528,7 @@ mod tests {
             ),
         ];
         for (name, json) in cases {
-            assert!(
-                KvRdmaAdvert::from_json(&json).is_err(),
-                "{name} was accepted: {json}"
-            );
+            assert!(KvRdmaAdvert::from_json(&json).is_err(), "{name} was accepted: {json}");
         }
     }
 }

@@ -49,11 +49,7 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        Self {
-            num_qps: 1,
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            min_split_bytes: DEFAULT_MIN_SPLIT_BYTES,
-        }
+        Self { num_qps: 1, max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES, min_split_bytes: DEFAULT_MIN_SPLIT_BYTES }
     }
 }
 
@@ -81,10 +77,7 @@ impl ReadPlan {
     }
 
     pub fn qp_bytes(&self) -> Vec<u64> {
-        self.qps
-            .iter()
-            .map(|q| q.iter().map(|r| r.len as u64).sum())
-            .collect()
+        self.qps.iter().map(|q| q.iter().map(|r| r.len as u64).sum()).collect()
     }
 
     pub fn num_requests(&self) -> usize {
@@ -143,18 +136,11 @@ impl ReadPlanner {
                 local: format!("{:?}", local.shape),
             });
         }
-        let remote_spans: Vec<(u64, u64)> =
-            remote_regions.iter().map(|r| (r.addr, r.len)).collect();
+        let remote_spans: Vec<(u64, u64)> = remote_regions.iter().map(|r| (r.addr, r.len)).collect();
         let local_spans: Vec<(u64, u64)> = local_regions.iter().map(|r| (r.addr, r.len)).collect();
         check_side(Side::Remote, &remote, &remote_spans)?;
         check_side(Side::Local, &local, &local_spans)?;
-        Ok(Self {
-            remote,
-            remote_regions,
-            local,
-            local_regions,
-            options,
-        })
+        Ok(Self { remote, remote_regions, local, local_regions, options })
     }
 
     pub fn options(&self) -> &PlanOptions {
@@ -167,18 +153,10 @@ impl ReadPlanner {
         let (rn, ln) = (self.remote.num_blocks, self.local.num_blocks);
         for &(r, l) in pairs {
             if r >= rn {
-                return Err(PlanError::BlockOutOfRange {
-                    side: Side::Remote,
-                    block: r,
-                    num_blocks: rn,
-                });
+                return Err(PlanError::BlockOutOfRange { side: Side::Remote, block: r, num_blocks: rn });
             }
             if l >= ln {
-                return Err(PlanError::BlockOutOfRange {
-                    side: Side::Local,
-                    block: l,
-                    num_blocks: ln,
-                });
+                return Err(PlanError::BlockOutOfRange { side: Side::Local, block: l, num_blocks: ln });
             }
         }
         let mut locals: Vec<u32> = pairs.iter().map(|p| p.1).collect();
@@ -190,10 +168,7 @@ impl ReadPlanner {
         let n = self.options.num_qps;
         let layers = self.remote.shape.layers;
         let bb = self.remote.shape.block_bytes();
-        let mut plan = ReadPlan {
-            layers,
-            qps: vec![Vec::new(); n],
-        };
+        let mut plan = ReadPlan { layers, qps: vec![Vec::new(); n] };
         let mut load = vec![0u64; n];
         let mut segments: Vec<Segment> = Vec::with_capacity(2 * pairs.len());
         let mut merged: Vec<Segment> = Vec::with_capacity(2 * pairs.len());
@@ -293,12 +268,7 @@ fn check_side(side: Side, layout: &KvMemoryLayout, spans: &[(u64, u64)]) -> Resu
     layout.check_regions(&lens).map_err(err)?;
     for (i, &(addr, len)) in spans.iter().enumerate() {
         if addr.checked_add(len).is_none() {
-            return Err(PlanError::RegionWraps {
-                side,
-                region: i as u32,
-                addr,
-                len,
-            });
+            return Err(PlanError::RegionWraps { side, region: i as u32, addr, len });
         }
     }
     Ok(())

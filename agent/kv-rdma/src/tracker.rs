@@ -36,11 +36,7 @@ impl CompletionTracker {
     /// Tracks `plan`; `generation` (24 bits used) tags this transfer's `wr_id`s so a
     /// completion left over from another transfer on the same QP is recognised.
     pub fn new(plan: &ReadPlan, generation: u32) -> Self {
-        let qp_layers: Vec<Vec<u32>> = plan
-            .qps
-            .iter()
-            .map(|q| q.iter().map(|r| r.layer).collect())
-            .collect();
+        let qp_layers: Vec<Vec<u32>> = plan.qps.iter().map(|q| q.iter().map(|r| r.layer).collect()).collect();
         let mut remaining = vec![0usize; plan.layers as usize];
         for &l in qp_layers.iter().flatten() {
             // A plan's layers are < plan.layers; an out-of-range one is never counted and
@@ -82,18 +78,13 @@ impl CompletionTracker {
 
     /// (generation, requests done through) of a `wr_id` made by [`wr_id`](Self::wr_id).
     pub fn decode_wr_id(wr_id: u64) -> (u32, usize) {
-        (
-            ((wr_id >> GENERATION_SHIFT) & GENERATION_MASK) as u32,
-            (wr_id & INDEX_MASK) as usize,
-        )
+        (((wr_id >> GENERATION_SHIFT) & GENERATION_MASK) as u32, (wr_id & INDEX_MASK) as usize)
     }
 
     /// The requests to post next on `qp`: at most `max_batch`, keeping at most
     /// `max_outstanding` posted but not completed (the send queue depth).
     pub fn next_batch(&self, qp: usize, max_outstanding: usize, max_batch: usize) -> Range<usize> {
-        let Some(layers) = self.qp_layers.get(qp) else {
-            return 0..0;
-        };
+        let Some(layers) = self.qp_layers.get(qp) else { return 0..0 };
         let start = self.posted[qp];
         let room = max_outstanding.saturating_sub(start - self.completed[qp]);
         start..(start + room.min(max_batch)).min(layers.len())
@@ -102,12 +93,7 @@ impl CompletionTracker {
     pub fn on_posted(&mut self, qp: usize, count: usize) -> Result<(), TrackError> {
         let planned = self.check_qp(qp)?.len();
         if self.posted[qp] + count > planned {
-            return Err(TrackError::OverPosted {
-                qp,
-                count,
-                posted: self.posted[qp],
-                planned,
-            });
+            return Err(TrackError::OverPosted { qp, count, posted: self.posted[qp], planned });
         }
         self.posted[qp] += count;
         Ok(())
@@ -119,25 +105,13 @@ impl CompletionTracker {
         self.check_qp(qp)?;
         let (generation, end) = Self::decode_wr_id(wr_id);
         if generation != self.generation {
-            return Err(TrackError::StaleCompletion {
-                wr_id,
-                found: generation,
-                expected: self.generation,
-            });
+            return Err(TrackError::StaleCompletion { wr_id, found: generation, expected: self.generation });
         }
         if end > self.posted[qp] {
-            return Err(TrackError::BeyondPosted {
-                qp,
-                end,
-                posted: self.posted[qp],
-            });
+            return Err(TrackError::BeyondPosted { qp, end, posted: self.posted[qp] });
         }
         if end <= self.completed[qp] {
-            return Err(TrackError::Regressed {
-                qp,
-                end,
-                completed: self.completed[qp],
-            });
+            return Err(TrackError::Regressed { qp, end, completed: self.completed[qp] });
         }
         for &l in &self.qp_layers[qp][self.completed[qp]..end] {
             if let Some(n) = self.remaining.get_mut(l as usize) {
@@ -162,10 +136,7 @@ impl CompletionTracker {
     }
 
     pub fn outstanding(&self, qp: usize) -> usize {
-        self.posted
-            .get(qp)
-            .zip(self.completed.get(qp))
-            .map_or(0, |(p, c)| p - c)
+        self.posted.get(qp).zip(self.completed.get(qp)).map_or(0, |(p, c)| p - c)
     }
 
     pub fn total_outstanding(&self) -> usize {
@@ -179,32 +150,19 @@ impl CompletionTracker {
 
     /// Requests of `qp` not yet posted.
     pub fn unposted(&self, qp: usize) -> usize {
-        self.qp_layers
-            .get(qp)
-            .map_or(0, |l| l.len() - self.posted[qp])
+        self.qp_layers.get(qp).map_or(0, |l| l.len() - self.posted[qp])
     }
 
     pub fn is_done(&self) -> bool {
-        self.completed
-            .iter()
-            .zip(&self.qp_layers)
-            .all(|(&c, l)| c == l.len())
+        self.completed.iter().zip(&self.qp_layers).all(|(&c, l)| c == l.len())
     }
 
     fn check_qp(&self, qp: usize) -> Result<&[u32], TrackError> {
-        self.qp_layers
-            .get(qp)
-            .map(Vec::as_slice)
-            .ok_or(TrackError::UnknownQp {
-                qp,
-                qps: self.qp_layers.len(),
-            })
+        self.qp_layers.get(qp).map(Vec::as_slice).ok_or(TrackError::UnknownQp { qp, qps: self.qp_layers.len() })
     }
 
     fn advance_watermark(&mut self) {
-        while (self.watermark as usize) < self.remaining.len()
-            && self.remaining[self.watermark as usize] == 0
-        {
+        while (self.watermark as usize) < self.remaining.len() && self.remaining[self.watermark as usize] == 0 {
             self.watermark += 1;
         }
     }
@@ -216,29 +174,12 @@ mod tests {
     use crate::plan::ReadRequest;
 
     fn plan(qps: &[&[u32]], layers: u32) -> ReadPlan {
-        let req = |layer| ReadRequest {
-            layer,
-            remote_addr: 0,
-            rkey: 1,
-            local_addr: 0,
-            lkey: 2,
-            len: 8,
-        };
-        ReadPlan {
-            layers,
-            qps: qps
-                .iter()
-                .map(|q| q.iter().map(|&l| req(l)).collect())
-                .collect(),
-        }
+        let req = |layer| ReadRequest { layer, remote_addr: 0, rkey: 1, local_addr: 0, lkey: 2, len: 8 };
+        ReadPlan { layers, qps: qps.iter().map(|q| q.iter().map(|&l| req(l)).collect()).collect() }
     }
 
     /// Posts everything that fits on every QP, as the transfer loop does.
-    fn post_all(
-        t: &mut CompletionTracker,
-        max_outstanding: usize,
-        max_batch: usize,
-    ) -> Vec<(usize, Range<usize>)> {
+    fn post_all(t: &mut CompletionTracker, max_outstanding: usize, max_batch: usize) -> Vec<(usize, Range<usize>)> {
         let mut posted = Vec::new();
         for q in 0..t.num_qps() {
             let b = t.next_batch(q, max_outstanding, max_batch);
@@ -300,10 +241,7 @@ mod tests {
         assert_eq!(t.next_batch(0, 64, 32), 0..2);
         t.on_posted(0, 2).unwrap();
         assert_eq!(t.next_batch(0, 64, 32), 2..2);
-        assert!(matches!(
-            t.on_posted(0, 1),
-            Err(TrackError::OverPosted { .. })
-        ));
+        assert!(matches!(t.on_posted(0, 1), Err(TrackError::OverPosted { .. })));
         assert_eq!(t.next_batch(5, 64, 32), 0..0);
     }
 
@@ -312,44 +250,16 @@ mod tests {
         let p = plan(&[&[0, 0, 0]], 1);
         let mut t = CompletionTracker::new(&p, 3);
         t.on_posted(0, 2).unwrap();
-        assert_eq!(
-            t.on_completed(0, t.wr_id(2)),
-            Err(TrackError::BeyondPosted {
-                qp: 0,
-                end: 3,
-                posted: 2
-            })
-        );
+        assert_eq!(t.on_completed(0, t.wr_id(2)), Err(TrackError::BeyondPosted { qp: 0, end: 3, posted: 2 }));
         let other = CompletionTracker::new(&p, 4);
         assert!(matches!(
             t.on_completed(0, other.wr_id(0)),
-            Err(TrackError::StaleCompletion {
-                found: 4,
-                expected: 3,
-                ..
-            })
+            Err(TrackError::StaleCompletion { found: 4, expected: 3, .. })
         ));
         t.on_completed(0, t.wr_id(1)).unwrap();
-        assert_eq!(
-            t.on_completed(0, t.wr_id(0)),
-            Err(TrackError::Regressed {
-                qp: 0,
-                end: 1,
-                completed: 2
-            })
-        );
-        assert_eq!(
-            t.on_completed(0, t.wr_id(1)),
-            Err(TrackError::Regressed {
-                qp: 0,
-                end: 2,
-                completed: 2
-            })
-        );
-        assert_eq!(
-            t.on_completed(2, t.wr_id(0)),
-            Err(TrackError::UnknownQp { qp: 2, qps: 1 })
-        );
+        assert_eq!(t.on_completed(0, t.wr_id(0)), Err(TrackError::Regressed { qp: 0, end: 1, completed: 2 }));
+        assert_eq!(t.on_completed(0, t.wr_id(1)), Err(TrackError::Regressed { qp: 0, end: 2, completed: 2 }));
+        assert_eq!(t.on_completed(2, t.wr_id(0)), Err(TrackError::UnknownQp { qp: 2, qps: 1 }));
     }
 
     #[test]
@@ -378,42 +288,22 @@ mod tests {
         use crate::layout::{KvMemoryLayout, KvShape};
         use crate::meta::RemoteRegion;
         use crate::plan::{LocalRegion, PlanOptions, ReadPlanner};
-        let shape = KvShape {
-            layers: 4,
-            kv_heads: 2,
-            head_dim: 16,
-            block_size: 4,
-            elem_bytes: 2,
-        };
+        let shape = KvShape { layers: 4, kv_heads: 2, head_dim: 16, block_size: 4, elem_bytes: 2 };
         let layout = KvMemoryLayout::separate_regions(shape, 32);
         let lens = layout.required_region_lens().unwrap();
         let rr = lens
             .iter()
             .enumerate()
-            .map(|(i, &len)| RemoteRegion {
-                addr: (i as u64 + 1) << 30,
-                rkey: i as u32,
-                len,
-            })
+            .map(|(i, &len)| RemoteRegion { addr: (i as u64 + 1) << 30, rkey: i as u32, len })
             .collect();
         let lr = lens
             .iter()
             .enumerate()
-            .map(|(i, &len)| LocalRegion {
-                addr: (i as u64 + 9) << 30,
-                lkey: i as u32,
-                len,
-            })
+            .map(|(i, &len)| LocalRegion { addr: (i as u64 + 9) << 30, lkey: i as u32, len })
             .collect();
-        let options = PlanOptions {
-            num_qps: 3,
-            max_message_bytes: 256,
-            min_split_bytes: 0,
-        };
+        let options = PlanOptions { num_qps: 3, max_message_bytes: 256, min_split_bytes: 0 };
         let planner = ReadPlanner::new(layout.clone(), rr, layout, lr, options).unwrap();
-        let plan = planner
-            .plan(&(0..8).map(|b| (b, 31 - b)).collect::<Vec<_>>())
-            .unwrap();
+        let plan = planner.plan(&(0..8).map(|b| (b, 31 - b)).collect::<Vec<_>>()).unwrap();
         let mut t = CompletionTracker::new(&plan, 9);
         let mut seen = Vec::new();
         // Small queues and batches: many rounds of post, complete the oldest batch per QP.

@@ -58,12 +58,7 @@ impl ProtectionDomain {
 
     /// # Safety
     /// As with the `rdma` build: the range must stay allocated while registered.
-    pub unsafe fn register_host(
-        &self,
-        _addr: *mut u8,
-        _len: usize,
-        _access: Access,
-    ) -> Result<MemoryRegion> {
+    pub unsafe fn register_host(&self, _addr: *mut u8, _len: usize, _access: Access) -> Result<MemoryRegion> {
         match self.never {}
     }
 
@@ -153,11 +148,7 @@ pub struct ReadTransfer<'a> {
 
 impl<'a> ReadTransfer<'a> {
     /// Always fails: an empty slice of queue pairs is the only one that exists here.
-    pub fn start(
-        _qps: &'a mut [QueuePair],
-        _plan: &'a ReadPlan,
-        _options: ReadOptions,
-    ) -> Result<Self> {
+    pub fn start(_qps: &'a mut [QueuePair], _plan: &'a ReadPlan, _options: ReadOptions) -> Result<Self> {
         Err(RdmaError::RdmaUnavailable)
     }
     pub fn progress(&mut self) -> Result<Range<u32>> {
@@ -174,11 +165,7 @@ impl<'a> ReadTransfer<'a> {
     }
 }
 
-pub fn read_blocks(
-    _qps: &mut [QueuePair],
-    _plan: &ReadPlan,
-    _options: ReadOptions,
-) -> Result<TransferStats> {
+pub fn read_blocks(_qps: &mut [QueuePair], _plan: &ReadPlan, _options: ReadOptions) -> Result<TransferStats> {
     Err(RdmaError::RdmaUnavailable)
 }
 
@@ -188,24 +175,12 @@ mod tests {
 
     #[test]
     fn device_operations_report_the_missing_feature() {
-        assert!(matches!(
-            Device::open(None),
-            Err(RdmaError::RdmaUnavailable)
-        ));
-        assert!(matches!(
-            Device::open(Some("mlx5_0")),
-            Err(RdmaError::RdmaUnavailable)
-        ));
+        assert!(matches!(Device::open(None), Err(RdmaError::RdmaUnavailable)));
+        assert!(matches!(Device::open(Some("mlx5_0")), Err(RdmaError::RdmaUnavailable)));
         assert!(matches!(Device::list(), Err(RdmaError::RdmaUnavailable)));
         let plan = ReadPlan::default();
-        assert!(matches!(
-            ReadTransfer::start(&mut [], &plan, ReadOptions::default()),
-            Err(RdmaError::RdmaUnavailable)
-        ));
-        assert!(matches!(
-            read_blocks(&mut [], &plan, ReadOptions::default()),
-            Err(RdmaError::RdmaUnavailable)
-        ));
+        assert!(matches!(ReadTransfer::start(&mut [], &plan, ReadOptions::default()), Err(RdmaError::RdmaUnavailable)));
+        assert!(matches!(read_blocks(&mut [], &plan, ReadOptions::default()), Err(RdmaError::RdmaUnavailable)));
         let msg = Device::open(None).unwrap_err().to_string();
         assert!(msg.contains("built without the `rdma` feature"), "{msg}");
     }

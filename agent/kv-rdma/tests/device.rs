@@ -13,9 +13,7 @@ use std::time::Duration;
 use dlengine_kv_rdma::*;
 
 fn machine_has_rdma_devices() -> bool {
-    std::fs::read_dir("/sys/class/infiniband")
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false)
+    std::fs::read_dir("/sys/class/infiniband").map(|mut d| d.next().is_some()).unwrap_or(false)
 }
 
 #[test]
@@ -27,10 +25,7 @@ fn without_a_device_open_says_so_clearly() {
     let err = Device::open(None).unwrap_err();
     assert!(matches!(err, RdmaError::NoDevice { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.starts_with("no RDMA device found; use --kv-transport tcp or cuda-ipc"),
-        "{msg}"
-    );
+    assert!(msg.starts_with("no RDMA device found; use --kv-transport tcp or cuda-ipc"), "{msg}");
     let err = Device::open(Some("mlx5_0")).unwrap_err();
     assert!(matches!(err, RdmaError::NoDevice { .. }), "{err:?}");
     assert_eq!(Device::list().unwrap(), Vec::<String>::new());
@@ -89,22 +84,13 @@ fn device() -> (Device, EndpointInfo, ProtectionDomain) {
 
 /// `n` connected pairs on one device: (readers, responders). The handshake goes through
 /// JSON as it would between two engines.
-fn loopback_pairs(
-    pd: &ProtectionDomain,
-    ep: &EndpointInfo,
-    n: usize,
-) -> (Vec<QueuePair>, Vec<QueuePair>) {
-    let config = QpConfig {
-        max_send_wr: 16,
-        ..QpConfig::default()
-    };
+fn loopback_pairs(pd: &ProtectionDomain, ep: &EndpointInfo, n: usize) -> (Vec<QueuePair>, Vec<QueuePair>) {
+    let config = QpConfig { max_send_wr: 16, ..QpConfig::default() };
     let mut readers: Vec<QueuePair> = (0..n).map(|_| pd.create_qp(ep, &config).unwrap()).collect();
-    let mut responders: Vec<QueuePair> =
-        (0..n).map(|_| pd.create_qp(ep, &config).unwrap()).collect();
-    let offer = ConnectInfo::from_json(
-        &ConnectInfo::new(ep.clone(), readers.iter().map(QueuePair::info).collect()).to_json(),
-    )
-    .unwrap();
+    let mut responders: Vec<QueuePair> = (0..n).map(|_| pd.create_qp(ep, &config).unwrap()).collect();
+    let offer =
+        ConnectInfo::from_json(&ConnectInfo::new(ep.clone(), readers.iter().map(QueuePair::info).collect()).to_json())
+            .unwrap();
     let answer = ConnectInfo::from_json(
         &ConnectInfo::new(ep.clone(), responders.iter().map(QueuePair::info).collect()).to_json(),
     )
@@ -125,46 +111,26 @@ fn pattern(region: usize, offset: usize) -> u8 {
 /// Prefill-like remote cache (one region per layer and part) read into a decode-like
 /// local cache (one block-major region), checked byte for byte.
 fn loopback_read(num_qps: usize, max_message_bytes: u64) {
-    let shape = KvShape {
-        layers: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        block_size: 16,
-        elem_bytes: 2,
-    };
+    let shape = KvShape { layers: 4, kv_heads: 2, head_dim: 64, block_size: 16, elem_bytes: 2 };
     let remote_layout = KvMemoryLayout::separate_regions(shape, 32);
     let local_layout = KvMemoryLayout::single_region_block_major(shape, 32);
 
     let (_device, ep, pd) = device();
-    let mut remote_bufs: Vec<HostBuf> = remote_layout
-        .required_region_lens()
-        .unwrap()
-        .iter()
-        .map(|&len| HostBuf::new(len as usize))
-        .collect();
+    let mut remote_bufs: Vec<HostBuf> =
+        remote_layout.required_region_lens().unwrap().iter().map(|&len| HostBuf::new(len as usize)).collect();
     for (r, buf) in remote_bufs.iter_mut().enumerate() {
         for (o, b) in buf.bytes_mut().iter_mut().enumerate() {
             *b = pattern(r, o);
         }
     }
     let local_buf = HostBuf::new(local_layout.required_region_lens().unwrap()[0] as usize);
-    let remote_mrs: Vec<MemoryRegion> = remote_bufs
-        .iter()
-        .map(|b| b.register(&pd, Access::REMOTE_READ))
-        .collect();
+    let remote_mrs: Vec<MemoryRegion> = remote_bufs.iter().map(|b| b.register(&pd, Access::REMOTE_READ)).collect();
     let local_mr = local_buf.register(&pd, Access::LOCAL_WRITE);
 
-    let advert = KvRdmaAdvert::new(
-        ep.clone(),
-        remote_layout,
-        remote_mrs.iter().map(MemoryRegion::remote_region).collect(),
-    );
+    let advert =
+        KvRdmaAdvert::new(ep.clone(), remote_layout, remote_mrs.iter().map(MemoryRegion::remote_region).collect());
     let advert = KvRdmaAdvert::from_json(&advert.to_json()).unwrap();
-    let options = PlanOptions {
-        num_qps,
-        max_message_bytes,
-        min_split_bytes: 0,
-    };
+    let options = PlanOptions { num_qps, max_message_bytes, min_split_bytes: 0 };
     let planner = ReadPlanner::new(
         advert.layout.clone(),
         advert.regions.clone(),
@@ -178,17 +144,11 @@ fn loopback_read(num_qps: usize, max_message_bytes: u64) {
 
     let (mut readers, _responders) = loopback_pairs(&pd, &ep, num_qps);
     let mut landed = Vec::new();
-    let stats = ReadTransfer::start(
-        &mut readers,
-        &plan,
-        ReadOptions {
-            max_batch: 4,
-            timeout: Duration::from_secs(10),
-        },
-    )
-    .unwrap()
-    .wait(|layers| landed.extend(layers))
-    .unwrap();
+    let stats =
+        ReadTransfer::start(&mut readers, &plan, ReadOptions { max_batch: 4, timeout: Duration::from_secs(10) })
+            .unwrap()
+            .wait(|layers| landed.extend(layers))
+            .unwrap();
     assert_eq!(landed, vec![0, 1, 2, 3]);
     assert_eq!(stats.bytes, plan.total_bytes());
 
@@ -211,15 +171,9 @@ fn loopback_read(num_qps: usize, max_message_bytes: u64) {
             }
         }
     }
-    assert!(
-        local.iter().zip(&touched).all(|(&b, &t)| t || b == 0),
-        "bytes outside the requested blocks were written"
-    );
+    assert!(local.iter().zip(&touched).all(|(&b, &t)| t || b == 0), "bytes outside the requested blocks were written");
     for qp in &readers {
-        assert!(
-            qp.is_connected(),
-            "a successful transfer leaves the QP usable"
-        );
+        assert!(qp.is_connected(), "a successful transfer leaves the QP usable");
     }
 }
 
@@ -243,31 +197,20 @@ fn loopback_second_transfer_on_the_same_qps() {
     let dst = HostBuf::new(1 << 16);
     let src_mr = src.register(&pd, Access::REMOTE_READ);
     let dst_mr = dst.register(&pd, Access::LOCAL_WRITE);
-    let shape = KvShape {
-        layers: 1,
-        kv_heads: 1,
-        head_dim: 256,
-        block_size: 16,
-        elem_bytes: 1,
-    }; // 4 KiB blocks
+    let shape = KvShape { layers: 1, kv_heads: 1, head_dim: 256, block_size: 16, elem_bytes: 1 }; // 4 KiB blocks
     let layout = KvMemoryLayout::region_per_layer(shape, 8);
     let planner = ReadPlanner::new(
         layout.clone(),
         vec![src_mr.remote_region()],
         layout,
         vec![dst_mr.local_region()],
-        PlanOptions {
-            num_qps: 2,
-            max_message_bytes: 4096,
-            min_split_bytes: 0,
-        },
+        PlanOptions { num_qps: 2, max_message_bytes: 4096, min_split_bytes: 0 },
     )
     .unwrap();
     let (mut readers, _responders) = loopback_pairs(&pd, &ep, 2);
     for pairs in [vec![(0, 1), (1, 2)], vec![(5, 5), (6, 6), (7, 7)]] {
         let plan = planner.plan(&pairs).unwrap();
-        let mut transfer =
-            ReadTransfer::start(&mut readers, &plan, ReadOptions::default()).unwrap();
+        let mut transfer = ReadTransfer::start(&mut readers, &plan, ReadOptions::default()).unwrap();
         let mut layers = Vec::new();
         while !transfer.is_done() {
             layers.extend(transfer.progress().unwrap());
@@ -299,27 +242,14 @@ fn loopback_bad_rkey_fails_with_the_completion_status() {
         }]],
     };
     let (mut readers, _responders) = loopback_pairs(&pd, &ep, 1);
-    let err = read_blocks(
-        &mut readers,
-        &plan,
-        ReadOptions {
-            max_batch: 1,
-            timeout: Duration::from_secs(10),
-        },
-    )
-    .unwrap_err();
+    let err =
+        read_blocks(&mut readers, &plan, ReadOptions { max_batch: 1, timeout: Duration::from_secs(10) }).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, RdmaError::WorkCompletion { .. }), "{err:?}");
-    assert!(
-        msg.contains("remote access error") || msg.contains("remote invalid request"),
-        "{msg}"
-    );
+    assert!(msg.contains("remote access error") || msg.contains("remote invalid request"), "{msg}");
     assert!(readers[0].unusable_reason().is_some());
     // The spent QP refuses further work instead of hanging.
-    assert!(matches!(
-        read_blocks(&mut readers, &plan, ReadOptions::default()),
-        Err(RdmaError::QpUnusable { .. })
-    ));
+    assert!(matches!(read_blocks(&mut readers, &plan, ReadOptions::default()), Err(RdmaError::QpUnusable { .. })));
 }
 
 #[test]
@@ -327,8 +257,5 @@ fn loopback_bad_rkey_fails_with_the_completion_status() {
 fn unknown_device_name_lists_the_devices() {
     let (device, _, _) = device();
     let err = Device::open(Some("no-such-device")).unwrap_err();
-    assert!(
-        matches!(&err, RdmaError::DeviceNotFound { available, .. } if available.contains(device.name())),
-        "{err}"
-    );
+    assert!(matches!(&err, RdmaError::DeviceNotFound { available, .. } if available.contains(device.name())), "{err}");
 }

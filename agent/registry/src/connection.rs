@@ -53,10 +53,7 @@ impl EtcdConfig {
         let connect = Client::connect(&self.endpoints, Some(options));
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(client)) => Ok(client),
-            Ok(Err(source)) => Err(RegistryError::Connect {
-                endpoints: self.endpoints.clone(),
-                source,
-            }),
+            Ok(Err(source)) => Err(RegistryError::Connect { endpoints: self.endpoints.clone(), source }),
             Err(_) => Err(RegistryError::Connect {
                 endpoints: self.endpoints.clone(),
                 source: etcd_client::Error::InvalidArgs("connect timed out".into()),
@@ -73,16 +70,8 @@ impl EtcdConfig {
     ) -> Result<T, RegistryError> {
         match tokio::time::timeout(self.request_timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(RegistryError::Etcd {
-                operation,
-                key: key.to_string(),
-                source,
-            }),
-            Err(_) => Err(RegistryError::Timeout {
-                operation,
-                key: key.to_string(),
-                after: self.request_timeout,
-            }),
+            Ok(Err(source)) => Err(RegistryError::Etcd { operation, key: key.to_string(), source }),
+            Err(_) => Err(RegistryError::Timeout { operation, key: key.to_string(), after: self.request_timeout }),
         }
     }
 }

@@ -9,9 +9,7 @@ use dlengine_engine::engine::Engine;
 
 use crate::error::RegistryError;
 use crate::identity::Identity;
-use crate::record::{
-    unix_millis_now, Capacity, KvLayout, Load, TransferEndpoints, WorkerRecord, PROTOCOL_VERSION,
-};
+use crate::record::{unix_millis_now, Capacity, KvLayout, Load, TransferEndpoints, WorkerRecord, PROTOCOL_VERSION};
 use crate::registrar::{Registrar, RegistrarConfig, RegistrarHandle};
 
 /// Starts registration for a served engine; `Ok(None)` when no etcd endpoints are set.
@@ -27,22 +25,14 @@ pub fn register_engine(
     engine: &Engine,
     transfer: TransferEndpoints,
 ) -> Result<Option<RegistrarHandle>, RegistryError> {
-    let Some(config) = RegistrarConfig::from_args(args)? else {
-        return Ok(None);
-    };
+    let Some(config) = RegistrarConfig::from_args(args)? else { return Ok(None) };
     let record = engine_record(identity, model, served_model_name, engine, transfer);
     let engine = engine.clone();
     let load = Arc::new(move || engine_load(&engine));
     Ok(Some(Registrar::spawn(config, record, load)))
 }
 
-fn engine_record(
-    identity: &Identity,
-    model: &str,
-    served_model_name: &str,
-    engine: &Engine,
-    transfer: TransferEndpoints,
-) -> WorkerRecord {
+fn engine_record(identity: &Identity, model: &str, served_model_name: &str, engine: &Engine, transfer: TransferEndpoints) -> WorkerRecord {
     let info = engine.info();
     WorkerRecord {
         protocol_version: PROTOCOL_VERSION,
@@ -56,10 +46,7 @@ fn engine_record(
         url: identity.advertise_url.clone(),
         kv_layout: KvLayout::from(&info.kv_layout),
         transfer,
-        capacity: Capacity {
-            max_seqs: engine.config().max_num_seqs,
-            kv_blocks: info.num_kv_blocks,
-        },
+        capacity: Capacity { max_seqs: engine.config().max_num_seqs, kv_blocks: info.num_kv_blocks },
         load: engine_load(engine),
         started_at: unix_millis_now(),
     }
@@ -67,13 +54,7 @@ fn engine_record(
 
 impl From<&KvCacheLayout> for KvLayout {
     fn from(l: &KvCacheLayout) -> Self {
-        KvLayout {
-            layers: l.num_layers,
-            kv_heads: l.kv_heads,
-            head_dim: l.head_dim,
-            block_size: l.block_size,
-            dtype: l.dtype.name().to_string(),
-        }
+        KvLayout { layers: l.num_layers, kv_heads: l.kv_heads, head_dim: l.head_dim, block_size: l.block_size, dtype: l.dtype.name().to_string() }
     }
 }
 

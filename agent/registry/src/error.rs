@@ -8,29 +8,15 @@ pub enum RegistryError {
     #[error("etcd TLS: {0}")]
     Tls(String),
     #[error("etcd TLS: reading {path}: {source}")]
-    TlsFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    TlsFile { path: PathBuf, source: std::io::Error },
     #[error("invalid registry identity: {what} {value:?} must be a non-empty name without '/'")]
     InvalidSegment { what: &'static str, value: String },
     #[error("connecting to etcd at {endpoints:?}: {source}")]
-    Connect {
-        endpoints: Vec<String>,
-        source: etcd_client::Error,
-    },
+    Connect { endpoints: Vec<String>, source: etcd_client::Error },
     #[error("etcd {operation} on {key}: {source}")]
-    Etcd {
-        operation: &'static str,
-        key: String,
-        source: etcd_client::Error,
-    },
+    Etcd { operation: &'static str, key: String, source: etcd_client::Error },
     #[error("etcd {operation} on {key} got no answer within {after:?}")]
-    Timeout {
-        operation: &'static str,
-        key: String,
-        after: Duration,
-    },
+    Timeout { operation: &'static str, key: String, after: Duration },
     #[error("lease {lease_id:x} expired or was revoked")]
     LeaseLost { lease_id: i64 },
     #[error("lease keep-alive for {key}: {reason}")]

@@ -30,10 +30,7 @@ impl Identity {
         port: u16,
         pod_ip: Option<&str>,
     ) -> Result<Identity, RegistryError> {
-        let instance_id = args
-            .instance_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let instance_id = args.instance_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let advertise_url = match &args.advertise_url {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => default_advertise_url(bind_host, port, pod_ip),
@@ -58,10 +55,7 @@ impl Identity {
             ("instance id", &self.instance_id),
         ] {
             if !is_valid_segment(value) {
-                return Err(RegistryError::InvalidSegment {
-                    what,
-                    value: value.clone(),
-                });
+                return Err(RegistryError::InvalidSegment { what, value: value.clone() });
             }
         }
         Ok(())
@@ -84,10 +78,7 @@ fn default_advertise_url(bind_host: &str, port: u16, pod_ip: Option<&str>) -> St
     let host = match bind_host.parse::<IpAddr>() {
         Ok(ip) if !ip.is_unspecified() => bracket_v6(ip),
         Ok(_) => match pod_ip.filter(|ip| !ip.is_empty()) {
-            Some(ip) => ip
-                .parse::<IpAddr>()
-                .map(bracket_v6)
-                .unwrap_or_else(|_| ip.to_string()),
+            Some(ip) => ip.parse::<IpAddr>().map(bracket_v6).unwrap_or_else(|_| ip.to_string()),
             None => gethostname::gethostname().to_string_lossy().into_owned(),
         },
         Err(_) => bind_host.to_string(),
@@ -120,42 +111,21 @@ mod tests {
 
     #[test]
     fn concrete_bind_address_is_advertised() {
-        let id = Identity::from_args(
-            &registry_args(&[]),
-            Role::Aggregated,
-            "127.0.0.1",
-            8001,
-            Some("10.0.0.9"),
-        )
-        .unwrap();
+        let id = Identity::from_args(&registry_args(&[]), Role::Aggregated, "127.0.0.1", 8001, Some("10.0.0.9")).unwrap();
         assert_eq!(id.advertise_url, "http://127.0.0.1:8001");
         assert!(!id.instance_id.is_empty());
     }
 
     #[test]
     fn wildcard_bind_uses_the_pod_ip() {
-        let id = Identity::from_args(
-            &registry_args(&[]),
-            Role::Prefill,
-            "0.0.0.0",
-            80,
-            Some("10.0.0.9"),
-        )
-        .unwrap();
+        let id = Identity::from_args(&registry_args(&[]), Role::Prefill, "0.0.0.0", 80, Some("10.0.0.9")).unwrap();
         assert_eq!(id.advertise_url, "http://10.0.0.9:80");
         assert_eq!(id.key().role, Role::Prefill);
     }
 
     #[test]
     fn explicit_flags_win() {
-        let args = registry_args(&[
-            "--instance-id",
-            "uid-1",
-            "--advertise-url",
-            "http://svc:9/",
-            "--deployment",
-            "d1",
-        ]);
+        let args = registry_args(&["--instance-id", "uid-1", "--advertise-url", "http://svc:9/", "--deployment", "d1"]);
         let id = Identity::from_args(&args, Role::Decode, "0.0.0.0", 80, None).unwrap();
         assert_eq!(id.advertise_url, "http://svc:9");
         assert_eq!(id.key().render(), "/dlengine/default/d1/0/decode/uid-1");

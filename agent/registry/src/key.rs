@@ -42,13 +42,8 @@ impl RegistryKey {
     pub fn parse(key: &str) -> Option<RegistryKey> {
         let rest = key.strip_prefix(ROOT)?.strip_prefix('/')?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let [namespace, deployment, revision, role, instance_id] = parts.as_slice() else {
-            return None;
-        };
-        if [namespace, deployment, revision, instance_id]
-            .iter()
-            .any(|p| p.is_empty())
-        {
+        let [namespace, deployment, revision, role, instance_id] = parts.as_slice() else { return None };
+        if [namespace, deployment, revision, instance_id].iter().any(|p| p.is_empty()) {
             return None;
         }
         Some(RegistryKey {
@@ -93,12 +88,7 @@ mod tests {
 
     #[test]
     fn rejects_foreign_keys() {
-        for bad in [
-            "/dlengine/a/b/c/decode",
-            "/other/a/b/c/decode/x",
-            "/dlengine/a/b/c/chef/x",
-            "/dlengine/a//c/decode/x",
-        ] {
+        for bad in ["/dlengine/a/b/c/decode", "/other/a/b/c/decode/x", "/dlengine/a/b/c/chef/x", "/dlengine/a//c/decode/x"] {
             assert_eq!(RegistryKey::parse(bad), None, "{bad}");
         }
     }

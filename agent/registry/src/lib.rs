@@ -20,9 +20,9 @@ mod identity;
 mod key;
 mod record;
 mod registrar;
+mod tls;
 #[cfg(feature = "testing")]
 pub mod testing;
-mod tls;
 
 pub use backoff::Backoff;
 pub use connection::EtcdConfig;
@@ -33,8 +33,7 @@ pub use error::RegistryError;
 pub use identity::Identity;
 pub use key::{discovery_prefix, RegistryKey};
 pub use record::{
-    unix_millis_now, Capacity, KvLayout, Load, PairingKey, Role, TransferEndpoints, WorkerRecord,
-    PROTOCOL_VERSION,
+    unix_millis_now, Capacity, KvLayout, Load, PairingKey, Role, TransferEndpoints, WorkerRecord, PROTOCOL_VERSION,
 };
 pub use registrar::{LoadFn, Registrar, RegistrarConfig, RegistrarHandle, RegistrationStatus};
 pub use tls::EtcdTls;

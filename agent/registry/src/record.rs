@@ -36,9 +36,7 @@ impl Role {
     }
 
     pub fn parse(s: &str) -> Option<Role> {
-        [Role::Aggregated, Role::Prefill, Role::Decode, Role::Encode]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [Role::Aggregated, Role::Prefill, Role::Decode, Role::Encode].into_iter().find(|r| r.as_str() == s)
     }
 }
 
@@ -187,18 +185,9 @@ pub(crate) mod tests {
             model: "tiny".into(),
             served_model_name: "tiny".into(),
             url: url.into(),
-            kv_layout: KvLayout {
-                layers: 2,
-                kv_heads: 2,
-                head_dim: 16,
-                block_size: 16,
-                dtype: "f32".into(),
-            },
+            kv_layout: KvLayout { layers: 2, kv_heads: 2, head_dim: 16, block_size: 16, dtype: "f32".into() },
             transfer: TransferEndpoints::default(),
-            capacity: Capacity {
-                max_seqs: 8,
-                kv_blocks: 64,
-            },
+            capacity: Capacity { max_seqs: 8, kv_blocks: 64 },
             load: Load::default(),
             started_at: 1,
         }
@@ -209,20 +198,8 @@ pub(crate) mod tests {
         let record = sample_record("abc", "http://127.0.0.1:1");
         let json: serde_json::Value = serde_json::from_str(&record.to_json()).unwrap();
         for field in [
-            "protocol_version",
-            "instance_id",
-            "namespace",
-            "deployment",
-            "revision",
-            "role",
-            "model",
-            "served_model_name",
-            "url",
-            "kv_layout",
-            "transfer",
-            "capacity",
-            "load",
-            "started_at",
+            "protocol_version", "instance_id", "namespace", "deployment", "revision", "role", "model",
+            "served_model_name", "url", "kv_layout", "transfer", "capacity", "load", "started_at",
         ] {
             assert!(json.get(field).is_some(), "missing {field}");
         }
@@ -235,8 +212,7 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_fields_are_ignored_and_load_may_be_missing() {
-        let mut json: serde_json::Value =
-            serde_json::from_str(&sample_record("a", "http://x").to_json()).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&sample_record("a", "http://x").to_json()).unwrap();
         json["future_field"] = serde_json::json!({"x": 1});
         json.as_object_mut().unwrap().remove("load");
         let back: WorkerRecord = serde_json::from_value(json).unwrap();
@@ -245,28 +221,10 @@ pub(crate) mod tests {
 
     #[test]
     fn small_kv_usage_jitter_is_not_a_meaningful_change() {
-        let published = Load {
-            running: 2,
-            waiting: 0,
-            kv_usage: 0.30,
-            updated_at: 1,
-        };
-        assert!(!Load {
-            kv_usage: 0.32,
-            updated_at: 2,
-            ..published
-        }
-        .differs_meaningfully(&published));
-        assert!(Load {
-            kv_usage: 0.36,
-            ..published
-        }
-        .differs_meaningfully(&published));
-        assert!(Load {
-            waiting: 1,
-            ..published
-        }
-        .differs_meaningfully(&published));
+        let published = Load { running: 2, waiting: 0, kv_usage: 0.30, updated_at: 1 };
+        assert!(!Load { kv_usage: 0.32, updated_at: 2, ..published }.differs_meaningfully(&published));
+        assert!(Load { kv_usage: 0.36, ..published }.differs_meaningfully(&published));
+        assert!(Load { waiting: 1, ..published }.differs_meaningfully(&published));
     }
 
     #[test]

@@ -19,75 +19,42 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-            code: None,
-            retry_after_secs: None,
-        }
+        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after_secs: None }
     }
 
     pub fn invalid_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        ApiError {
-            param,
-            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-        }
+        ApiError { param, ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
     }
 
     pub fn model_not_found(model: &str) -> Self {
         ApiError {
             param: Some("model"),
             code: Some("model_not_found"),
-            ..Self::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!("The model `{model}` does not exist or has no running engine."),
-            )
+            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model `{model}` does not exist or has no running engine."))
         }
     }
 
     pub fn unauthorized() -> Self {
         ApiError {
             code: Some("invalid_api_key"),
-            ..Self::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "Missing or invalid API key: send `Authorization: Bearer KEY`.",
-            )
+            ..Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "Missing or invalid API key: send `Authorization: Bearer KEY`.")
         }
     }
 
     pub fn body_too_large(limit: usize) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!("Request body exceeds {limit} bytes."),
-        )
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("Request body exceeds {limit} bytes."))
     }
 
     pub fn rate_limited(retry_after_secs: u64) -> Self {
         ApiError {
             code: Some("rate_limit_exceeded"),
             retry_after_secs: Some(retry_after_secs),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "Rate limit exceeded for this API key; retry later.",
-            )
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "Rate limit exceeded for this API key; retry later.")
         }
     }
 
     pub fn no_worker(message: impl Into<String>) -> Self {
-        ApiError {
-            retry_after_secs: Some(1),
-            ..Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                message,
-            )
-        }
+        ApiError { retry_after_secs: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message) }
     }
 
     pub fn bad_gateway(message: impl Into<String>) -> Self {
@@ -99,11 +66,7 @@ impl ApiError {
     }
 
     pub fn draining() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "The router is shutting down.",
-        )
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "The router is shutting down.")
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -115,9 +78,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after_secs {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

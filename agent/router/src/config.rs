@@ -9,10 +9,7 @@ use dlengine_registry::EtcdTls;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading API key file {path}: {source}")]
-    KeyFile {
-        path: String,
-        source: std::io::Error,
-    },
+    KeyFile { path: String, source: std::io::Error },
     #[error("API key file {path} holds no keys")]
     EmptyKeyFile { path: String },
     #[error("--rate-limit-rps must be a finite number >= 0, got {0}")]
@@ -46,24 +43,14 @@ pub struct RouterConfig {
 
 impl RouterConfig {
     pub fn from_args(args: &RouterArgs) -> Result<RouterConfig, ConfigError> {
-        let etcd_endpoints: Vec<String> = args
-            .etcd_endpoints
-            .iter()
-            .filter(|e| !e.trim().is_empty())
-            .cloned()
-            .collect();
+        let etcd_endpoints: Vec<String> = args.etcd_endpoints.iter().filter(|e| !e.trim().is_empty()).cloned().collect();
         if etcd_endpoints.is_empty() {
             return Err(ConfigError::NoEtcd);
         }
         if !args.rate_limit_rps.is_finite() || args.rate_limit_rps < 0.0 {
             return Err(ConfigError::RateLimit(args.rate_limit_rps));
         }
-        let mut api_keys: Vec<String> = args
-            .api_key
-            .iter()
-            .filter(|k| !k.is_empty())
-            .cloned()
-            .collect();
+        let mut api_keys: Vec<String> = args.api_key.iter().filter(|k| !k.is_empty()).cloned().collect();
         if let Some(path) = &args.api_key_file {
             api_keys.extend(read_key_file(path)?);
         }
@@ -90,10 +77,7 @@ impl RouterConfig {
 /// One key per line; blank lines and `#` comments are skipped. A file with no key at all is
 /// an error rather than a silently open router.
 fn read_key_file(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile { path: path.display().to_string(), source })?;
     let keys: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -101,9 +85,7 @@ fn read_key_file(path: &Path) -> Result<Vec<String>, ConfigError> {
         .map(str::to_string)
         .collect();
     if keys.is_empty() {
-        return Err(ConfigError::EmptyKeyFile {
-            path: path.display().to_string(),
-        });
+        return Err(ConfigError::EmptyKeyFile { path: path.display().to_string() });
     }
     Ok(keys)
 }
@@ -131,18 +113,10 @@ mod tests {
     fn keys_come_from_the_flag_and_the_file() {
         let path = std::env::temp_dir().join(format!("router-keys-{}", std::process::id()));
         std::fs::write(&path, "# keys\nk2\n\n  k3  \n").unwrap();
-        let config = RouterConfig::from_args(&parse(&[
-            "--api-key",
-            "k1",
-            "--api-key-file",
-            path.to_str().unwrap(),
-        ]))
-        .unwrap();
+        let config = RouterConfig::from_args(&parse(&["--api-key", "k1", "--api-key-file", path.to_str().unwrap()])).unwrap();
         assert_eq!(config.api_keys, vec!["k1", "k2", "k3"]);
         std::fs::write(&path, "# nothing\n").unwrap();
-        assert!(
-            RouterConfig::from_args(&parse(&["--api-key-file", path.to_str().unwrap()])).is_err()
-        );
+        assert!(RouterConfig::from_args(&parse(&["--api-key-file", path.to_str().unwrap()])).is_err());
         let _ = std::fs::remove_file(path);
     }
 
@@ -150,13 +124,9 @@ mod tests {
     fn etcd_tls_files_must_match_the_endpoints_scheme() {
         let ca = std::env::temp_dir().join(format!("router-ca-{}.crt", std::process::id()));
         std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
-        let err =
-            RouterConfig::from_args(&parse(&["--etcd-ca-file", ca.to_str().unwrap()])).unwrap_err();
+        let err = RouterConfig::from_args(&parse(&["--etcd-ca-file", ca.to_str().unwrap()])).unwrap_err();
         assert!(err.to_string().contains("must be https://"), "{err}");
-        let https = parse_with_etcd(
-            "https://etcd:2379",
-            &["--etcd-ca-file", ca.to_str().unwrap()],
-        );
+        let https = parse_with_etcd("https://etcd:2379", &["--etcd-ca-file", ca.to_str().unwrap()]);
         assert!(RouterConfig::from_args(&https).unwrap().etcd_tls.is_some());
         let _ = std::fs::remove_file(ca);
     }

@@ -87,72 +87,20 @@ impl Metrics {
         let pd_lease_frees = Counter::default();
         let workers = Gauge::default();
         let etcd_connected = Gauge::default();
-        registry.register(
-            "worker_requests",
-            "Requests sent to a worker (each attempt counts)",
-            worker_requests.clone(),
-        );
-        registry.register(
-            "worker_errors",
-            "Failed attempts on a worker, by kind",
-            worker_errors.clone(),
-        );
-        registry.register(
-            "worker_in_flight",
-            "Requests in flight on a worker",
-            worker_in_flight.clone(),
-        );
-        registry.register(
-            "worker_request_duration_seconds",
-            "Send to last byte, per worker",
-            worker_latency.clone(),
-        );
-        registry.register(
-            "routing_decisions",
-            "Routing decisions by policy and reason",
-            decisions.clone(),
-        );
-        registry.register(
-            "client_requests",
-            "Requests answered, by endpoint and HTTP status",
-            client_requests.clone(),
-        );
-        registry.register(
-            "retries",
-            "Attempts moved to another worker",
-            retries.clone(),
-        );
-        registry.register(
-            "pd_requests",
-            "Requests split into a prefill and a decode hop",
-            pd_requests.clone(),
-        );
-        registry.register(
-            "pd_prefill_finished",
-            "Split requests that prefill finished alone (no decode hop)",
-            pd_prefill_finished.clone(),
-        );
-        registry.register(
-            "pd_retries",
-            "Prefill/decode pairs redone after a failed hop",
-            pd_retries.clone(),
-        );
-        registry.register(
-            "pd_pairing_failures",
-            "Requests of a model with prefill workers that could not be split, by reason",
-            pd_pairing_failures.clone(),
-        );
-        registry.register(
-            "pd_lease_frees",
-            "Prefill KV leases released early by the router (POST /pd/free)",
-            pd_lease_frees.clone(),
-        );
+        registry.register("worker_requests", "Requests sent to a worker (each attempt counts)", worker_requests.clone());
+        registry.register("worker_errors", "Failed attempts on a worker, by kind", worker_errors.clone());
+        registry.register("worker_in_flight", "Requests in flight on a worker", worker_in_flight.clone());
+        registry.register("worker_request_duration_seconds", "Send to last byte, per worker", worker_latency.clone());
+        registry.register("routing_decisions", "Routing decisions by policy and reason", decisions.clone());
+        registry.register("client_requests", "Requests answered, by endpoint and HTTP status", client_requests.clone());
+        registry.register("retries", "Attempts moved to another worker", retries.clone());
+        registry.register("pd_requests", "Requests split into a prefill and a decode hop", pd_requests.clone());
+        registry.register("pd_prefill_finished", "Split requests that prefill finished alone (no decode hop)", pd_prefill_finished.clone());
+        registry.register("pd_retries", "Prefill/decode pairs redone after a failed hop", pd_retries.clone());
+        registry.register("pd_pairing_failures", "Requests of a model with prefill workers that could not be split, by reason", pd_pairing_failures.clone());
+        registry.register("pd_lease_frees", "Prefill KV leases released early by the router (POST /pd/free)", pd_lease_frees.clone());
         registry.register("workers", "Workers in the current view", workers.clone());
-        registry.register(
-            "etcd_connected",
-            "1 while the etcd watch is established",
-            etcd_connected.clone(),
-        );
+        registry.register("etcd_connected", "1 while the etcd watch is established", etcd_connected.clone());
         Metrics {
             registry,
             worker_requests,
@@ -180,24 +128,15 @@ impl Metrics {
     }
 
     pub fn worker_error(&self, worker: &str, kind: &'static str) {
-        self.worker_errors
-            .get_or_create(&WorkerErrorLabels {
-                worker: worker.to_string(),
-                kind,
-            })
-            .inc();
+        self.worker_errors.get_or_create(&WorkerErrorLabels { worker: worker.to_string(), kind }).inc();
     }
 
     pub fn pairing_failure(&self, reason: &'static str) {
-        self.pd_pairing_failures
-            .get_or_create(&PairingLabels { reason })
-            .inc();
+        self.pd_pairing_failures.get_or_create(&PairingLabels { reason }).inc();
     }
 
     pub fn client_answer(&self, endpoint: &'static str, status: u16) {
-        self.client_requests
-            .get_or_create(&ClientLabels { endpoint, status })
-            .inc();
+        self.client_requests.get_or_create(&ClientLabels { endpoint, status }).inc();
     }
 }
 

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use dlengine_cli::RouterArgs;
-use dlengine_registry::{
-    discovery_prefix, Discovery, DiscoveryConfig, DiscoveryHandle, EtcdConfig,
-};
+use dlengine_registry::{discovery_prefix, Discovery, DiscoveryConfig, DiscoveryHandle, EtcdConfig};
 use tokio::net::TcpListener;
 
 use crate::config::RouterConfig;
@@ -31,11 +29,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
 }
 
 /// The router on an already bound listener, until `shutdown` resolves.
-pub async fn run_with_config(
-    config: RouterConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run_with_config(config: RouterConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let pool = Arc::new(WorkerPool::new(BreakerPolicy::default()));
     let policy = policy::build(config.policy);
@@ -43,25 +37,14 @@ pub async fn run_with_config(
         etcd: EtcdConfig::new(config.etcd_endpoints.clone()).with_tls(config.etcd_tls.clone()),
         prefix: discovery_prefix(&config.namespace, config.deployment.as_deref()),
     });
-    tokio::spawn(follow_discovery(
-        &discovery,
-        pool.clone(),
-        policy.clone(),
-        metrics.clone(),
-    ));
+    tokio::spawn(follow_discovery(&discovery, pool.clone(), policy.clone(), metrics.clone()));
     let settings = ProxySettings {
         max_retries: config.max_retries,
         request_timeout: config.request_timeout,
         idle_timeout: config.idle_timeout,
     };
     let proxy = Proxy::new(pool.clone(), policy.clone(), metrics.clone(), settings);
-    let gateway = Arc::new(Gateway::new(
-        &config,
-        proxy,
-        pool,
-        metrics,
-        discovery.connected(),
-    ));
+    let gateway = Arc::new(Gateway::new(&config, proxy, pool, metrics, discovery.connected()));
     let app = gateway::router(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let address = listener.local_addr()?;
     tracing::info!(%address, policy = policy.name(), etcd = ?config.etcd_endpoints, "router listening");
@@ -84,9 +67,7 @@ pub async fn run_with_config(
     tracing::info!(timeout = ?config.drain_timeout, "draining");
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.drain_timeout, &mut server).await {
-        Ok(finished) => finished
-            .context("router server task")?
-            .context("router server")?,
+        Ok(finished) => finished.context("router server task")?.context("router server")?,
         Err(_) => {
             tracing::warn!("drain timeout passed with requests still in flight; exiting");
             server.abort();
@@ -117,9 +98,7 @@ fn follow_discovery(
                 policy.forget(worker);
             }
             metrics.workers.set(pool.snapshot().len() as i64);
-            metrics
-                .etcd_connected
-                .set(i64::from(*connected.borrow_and_update()));
+            metrics.etcd_connected.set(i64::from(*connected.borrow_and_update()));
             tokio::select! {
                 changed = view.changed() => if changed.is_err() { return },
                 changed = connected.changed() => if changed.is_err() { return },

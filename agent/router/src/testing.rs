@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use dlengine_registry::{
-    Capacity, KvLayout, Load, Role, TransferEndpoints, WorkerRecord, WorkerView, PROTOCOL_VERSION,
-};
+use dlengine_registry::{Capacity, KvLayout, Load, Role, TransferEndpoints, WorkerRecord, WorkerView, PROTOCOL_VERSION};
 
 use crate::workers::{BreakerPolicy, Worker, WorkerId};
 
@@ -19,18 +17,9 @@ pub fn record(instance_id: &str, model: &str, role: Role) -> WorkerRecord {
         model: model.into(),
         served_model_name: model.into(),
         url: format!("http://{instance_id}.invalid"),
-        kv_layout: KvLayout {
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 8,
-            block_size: 16,
-            dtype: "f32".into(),
-        },
+        kv_layout: KvLayout { layers: 1, kv_heads: 1, head_dim: 8, block_size: 16, dtype: "f32".into() },
         transfer: TransferEndpoints::default(),
-        capacity: Capacity {
-            max_seqs: 4,
-            kv_blocks: 16,
-        },
+        capacity: Capacity { max_seqs: 4, kv_blocks: 16 },
         load: Load::default(),
         started_at: 0,
     }
@@ -45,12 +34,7 @@ pub fn workers(n: usize) -> Vec<Arc<Worker>> {
     (1..=n)
         .map(|i| {
             let r = record(&format!("w{i}"), "m", Role::Aggregated);
-            Arc::new(Worker::new(
-                WorkerId(i as u64),
-                format!("k{i}"),
-                r,
-                BreakerPolicy::default(),
-            ))
+            Arc::new(Worker::new(WorkerId(i as u64), format!("k{i}"), r, BreakerPolicy::default()))
         })
         .collect()
 }

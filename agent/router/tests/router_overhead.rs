@@ -17,10 +17,7 @@ const REQUESTS_PER_CLIENT_SEQUENTIAL: usize = 2000;
 const REQUESTS_PER_CLIENT_CONCURRENT: usize = 50;
 
 async fn latencies(url: String, clients: usize, per_client: usize) -> Vec<Duration> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
     let body = serde_json::to_vec(&completion("tiny", "measure me", false)).unwrap();
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -29,13 +26,7 @@ async fn latencies(url: String, clients: usize, per_client: usize) -> Vec<Durati
             let mut seen = Vec::with_capacity(per_client);
             for _ in 0..per_client {
                 let started = Instant::now();
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .unwrap();
+                let response = client.post(&url).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
                 assert_eq!(response.status(), 200);
                 response.bytes().await.unwrap();
                 seen.push(started.elapsed());
@@ -58,31 +49,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn router_overhead() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let engine = FakeEngine::start(&etcd.endpoint(), "a", "tiny").await;
     let router = RunningRouter::start(config(&etcd.endpoint(), Policy::CacheAware)).await;
     router.wait_workers(1).await;
-    for (clients, per_client) in [
-        (1, REQUESTS_PER_CLIENT_SEQUENTIAL),
-        (64, REQUESTS_PER_CLIENT_CONCURRENT),
-    ] {
+    for (clients, per_client) in [(1, REQUESTS_PER_CLIENT_SEQUENTIAL), (64, REQUESTS_PER_CLIENT_CONCURRENT)] {
         // Warm both paths' connection pools first.
         latencies(format!("{}/v1/completions", engine.url), clients, 5).await;
         latencies(format!("{}/v1/completions", router.url), clients, 5).await;
-        let direct = latencies(
-            format!("{}/v1/completions", engine.url),
-            clients,
-            per_client,
-        )
-        .await;
-        let routed = latencies(
-            format!("{}/v1/completions", router.url),
-            clients,
-            per_client,
-        )
-        .await;
+        let direct = latencies(format!("{}/v1/completions", engine.url), clients, per_client).await;
+        let routed = latencies(format!("{}/v1/completions", router.url), clients, per_client).await;
         for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
             let (d, r) = (percentile(&direct, p), percentile(&routed, p));
             println!(

@@ -19,10 +19,7 @@ use support::pd_engine::{PdEngine, Script, Spec};
 use support::{config, metric_sum, RunningRouter};
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }
 
 struct Answer {
@@ -43,13 +40,7 @@ impl Answer {
         self.text
             .split("\n\n")
             .filter(|e| !e.is_empty() && *e != "data: [DONE]")
-            .map(|e| {
-                serde_json::from_str(
-                    e.strip_prefix("data: ")
-                        .unwrap_or_else(|| panic!("not a data event: {e}")),
-                )
-                .unwrap()
-            })
+            .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data event: {e}"))).unwrap())
             .collect()
     }
 
@@ -58,9 +49,7 @@ impl Answer {
         let mut text = String::new();
         for event in self.events() {
             for choice in event["choices"].as_array().unwrap() {
-                let piece = choice["text"]
-                    .as_str()
-                    .or(choice["delta"]["content"].as_str());
+                let piece = choice["text"].as_str().or(choice["delta"]["content"].as_str());
                 text.push_str(piece.unwrap_or(""));
             }
         }
@@ -69,27 +58,11 @@ impl Answer {
 }
 
 async fn send(router: &RunningRouter, path: &str, body: &Value) -> Answer {
-    let response = client()
-        .post(format!("{}{path}", router.url))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default()
-    };
+    let response = client().post(format!("{}{path}", router.url)).json(body).send().await.unwrap();
+    let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
     let (worker, prefill) = (header(WORKER_HEADER), header(PREFILL_WORKER_HEADER));
     let status = response.status().as_u16();
-    Answer {
-        status,
-        worker,
-        prefill,
-        text: response.text().await.unwrap(),
-    }
+    Answer { status, worker, prefill, text: response.text().await.unwrap() }
 }
 
 fn completion(prompt: &str, stream: bool) -> Value {
@@ -105,17 +78,12 @@ async fn engine(etcd: &EtcdServer, name: &str, role: Role, script: &Arc<Script>)
 }
 
 fn lease_of(body: &Value) -> String {
-    body["kv_transfer_params"]["lease_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no descriptor in {body}"))
-        .to_string()
+    body["kv_transfer_params"]["lease_id"].as_str().unwrap_or_else(|| panic!("no descriptor in {body}")).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_split_over_a_prefill_and_a_decode_worker() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
     let p = engine(&etcd, "p1", Role::Prefill, &script).await;
     let d = engine(&etcd, "d1", Role::Decode, &script).await;
@@ -125,29 +93,14 @@ async fn requests_are_split_over_a_prefill_and_a_decode_worker() {
     let answer = send(&router, "/v1/completions", &completion("hello", false)).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.json()["choices"][0]["text"], "P decoded by d1");
-    assert_eq!(
-        (answer.worker.as_str(), answer.prefill.as_str()),
-        ("d1", "p1")
-    );
+    assert_eq!((answer.worker.as_str(), answer.prefill.as_str()), ("d1", "p1"));
     let to_prefill = &p.bodies()[0];
-    assert_eq!(
-        to_prefill["kv_transfer_params"],
-        json!({"do_remote_decode": true, "early_descriptor": true})
-    );
+    assert_eq!(to_prefill["kv_transfer_params"], json!({"do_remote_decode": true, "early_descriptor": true}));
     assert_eq!(to_prefill["stream"], false);
     assert_eq!(to_prefill["prompt"], "hello");
     let to_decode = &d.bodies()[0];
-    assert_eq!(
-        to_decode["kv_transfer_params"],
-        json!({"lease_id": "p1-0", "engine": "p1", "first_token": 7})
-    );
-    assert_eq!(
-        (
-            to_decode["prompt"].as_str(),
-            to_decode["max_tokens"].as_u64()
-        ),
-        (Some("hello"), Some(8))
-    );
+    assert_eq!(to_decode["kv_transfer_params"], json!({"lease_id": "p1-0", "engine": "p1", "first_token": 7}));
+    assert_eq!((to_decode["prompt"].as_str(), to_decode["max_tokens"].as_u64()), (Some("hello"), Some(8)));
 
     // Streamed: prefill still gets a plain request, decode the client's own.
     let mut body = completion("hello again", true);
@@ -155,21 +108,12 @@ async fn requests_are_split_over_a_prefill_and_a_decode_worker() {
     let answer = send(&router, "/v1/completions", &body).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.streamed_text(), "P decoded by d1");
-    assert_eq!(
-        answer.events().last().unwrap()["usage"]["completion_tokens"],
-        3
-    );
+    assert_eq!(answer.events().last().unwrap()["usage"]["completion_tokens"], 3);
     let to_prefill = &p.bodies()[1];
     assert_eq!(to_prefill["stream"], false);
     assert!(to_prefill.get("stream_options").is_none(), "{to_prefill}");
     let to_decode = &d.bodies()[1];
-    assert_eq!(
-        (
-            to_decode["stream"].as_bool(),
-            to_decode["stream_options"]["include_usage"].as_bool()
-        ),
-        (Some(true), Some(true))
-    );
+    assert_eq!((to_decode["stream"].as_bool(), to_decode["stream_options"]["include_usage"].as_bool()), (Some(true), Some(true)));
     assert_eq!(lease_of(to_decode), "p1-1");
 
     let answer = send(&router, "/v1/chat/completions", &chat("hi", true)).await;
@@ -183,38 +127,20 @@ async fn requests_are_split_over_a_prefill_and_a_decode_worker() {
     forged["kv_transfer_params"] = json!({"lease_id": "someone-else"});
     let answer = send(&router, "/v1/completions", &forged).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
-    assert_eq!(
-        p.bodies()[3]["kv_transfer_params"],
-        json!({"do_remote_decode": true, "early_descriptor": true})
-    );
+    assert_eq!(p.bodies()[3]["kv_transfer_params"], json!({"do_remote_decode": true, "early_descriptor": true}));
     assert_eq!(lease_of(&d.bodies()[3]), "p1-3");
 
-    assert!(
-        p.frees().is_empty(),
-        "a lease was released although decode took it: {:?}",
-        p.frees()
-    );
+    assert!(p.frees().is_empty(), "a lease was released although decode took it: {:?}", p.frees());
     let metrics = router.metrics().await;
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_pd_requests_total", ""),
-        4.0
-    );
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_pd_prefill_finished_total", ""),
-        0.0
-    );
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_worker_requests_total", &d.url),
-        4.0
-    );
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_requests_total", ""), 4.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_prefill_finished_total", ""), 0.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_worker_requests_total", &d.url), 4.0);
     router.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_prefill_finished_is_answered_by_prefill_alone() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
     let p = engine(&etcd, "p1", Role::Prefill, &script).await;
     let d = engine(&etcd, "d1", Role::Decode, &script).await;
@@ -226,18 +152,9 @@ async fn a_request_prefill_finished_is_answered_by_prefill_alone() {
     let answer = send(&router, "/v1/completions", &one_token).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     let body = answer.json();
-    assert_eq!(
-        (
-            body["choices"][0]["text"].as_str(),
-            body["choices"][0]["finish_reason"].as_str()
-        ),
-        (Some("P"), Some("length"))
-    );
+    assert_eq!((body["choices"][0]["text"].as_str(), body["choices"][0]["finish_reason"].as_str()), (Some("P"), Some("length")));
     assert!(body.get("kv_transfer_params").is_none(), "{body}");
-    assert_eq!(
-        (answer.worker.as_str(), answer.prefill.as_str()),
-        ("p1", "p1")
-    );
+    assert_eq!((answer.worker.as_str(), answer.prefill.as_str()), ("p1", "p1"));
 
     // Streamed: synthesized from prefill's JSON.
     let mut streamed = completion("finish-in-prefill", true);
@@ -247,284 +164,118 @@ async fn a_request_prefill_finished_is_answered_by_prefill_alone() {
     let events = answer.events();
     assert_eq!(events.len(), 2, "{}", answer.text);
     assert_eq!(events[0]["object"], "text_completion");
-    assert_eq!(
-        (
-            events[0]["choices"][0]["text"].as_str(),
-            events[0]["choices"][0]["finish_reason"].as_str()
-        ),
-        (Some("P"), Some("length"))
-    );
+    assert_eq!((events[0]["choices"][0]["text"].as_str(), events[0]["choices"][0]["finish_reason"].as_str()), (Some("P"), Some("length")));
     assert_eq!(events[1]["choices"], json!([]));
     assert_eq!(events[1]["usage"]["total_tokens"], 4);
 
-    let answer = send(
-        &router,
-        "/v1/chat/completions",
-        &chat("finish-in-prefill tool-call", true),
-    )
-    .await;
+    let answer = send(&router, "/v1/chat/completions", &chat("finish-in-prefill tool-call", true)).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     let events = answer.events();
-    assert!(
-        events
-            .iter()
-            .all(|e| e["object"] == "chat.completion.chunk"),
-        "{}",
-        answer.text
-    );
+    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"), "{}", answer.text);
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
     let call = &events[1]["choices"][0]["delta"]["tool_calls"][0];
-    assert_eq!(
-        (call["index"].as_u64(), call["function"]["name"].as_str()),
-        (Some(0), Some("get_time"))
-    );
-    assert_eq!(
-        events.last().unwrap()["choices"][0]["finish_reason"],
-        "tool_calls"
-    );
-    assert!(
-        events.iter().all(|e| e.get("usage").is_none()),
-        "usage was not asked for"
-    );
+    assert_eq!((call["index"].as_u64(), call["function"]["name"].as_str()), (Some(0), Some("get_time")));
+    assert_eq!(events.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+    assert!(events.iter().all(|e| e.get("usage").is_none()), "usage was not asked for");
 
-    let answer = send(
-        &router,
-        "/v1/chat/completions",
-        &chat("finish-in-prefill", false),
-    )
-    .await;
+    let answer = send(&router, "/v1/chat/completions", &chat("finish-in-prefill", false)).await;
     assert_eq!(answer.json()["choices"][0]["message"]["content"], "P");
 
     assert_eq!(d.hits(), 0, "decode was asked although prefill finished");
     assert_eq!(p.hits(), 4);
     let metrics = router.metrics().await;
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_pd_prefill_finished_total", ""),
-        4.0
-    );
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_prefill_finished_total", ""), 4.0);
     router.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engines_of_another_revision_layout_or_model_are_never_paired() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
     let e = etcd.endpoint();
     let p_good = engine(&etcd, "p-good", Role::Prefill, &script).await;
-    let p_rev = PdEngine::start(
-        &e,
-        Spec {
-            revision: "r2".into(),
-            ..Spec::new("p-rev", Role::Prefill)
-        },
-        script.clone(),
-    )
-    .await;
+    let p_rev = PdEngine::start(&e, Spec { revision: "r2".into(), ..Spec::new("p-rev", Role::Prefill) }, script.clone()).await;
     let d_good = engine(&etcd, "d-good", Role::Decode, &script).await;
-    let d_layout = PdEngine::start(
-        &e,
-        Spec {
-            block_size: 32,
-            ..Spec::new("d-layout", Role::Decode)
-        },
-        script.clone(),
-    )
-    .await;
-    let d_model = PdEngine::start(
-        &e,
-        Spec {
-            weights: "other-weights".into(),
-            ..Spec::new("d-model", Role::Decode)
-        },
-        script.clone(),
-    )
-    .await;
+    let d_layout = PdEngine::start(&e, Spec { block_size: 32, ..Spec::new("d-layout", Role::Decode) }, script.clone()).await;
+    let d_model = PdEngine::start(&e, Spec { weights: "other-weights".into(), ..Spec::new("d-model", Role::Decode) }, script.clone()).await;
     // Model "solo": its only prefill and decode workers do not pair.
-    let solo = |name: &str, role| Spec {
-        model: "solo".into(),
-        ..Spec::new(name, role)
-    };
+    let solo = |name: &str, role| Spec { model: "solo".into(), ..Spec::new(name, role) };
     let solo_p = PdEngine::start(&e, solo("solo-p", Role::Prefill), script.clone()).await;
-    let solo_d = PdEngine::start(
-        &e,
-        Spec {
-            revision: "r9".into(),
-            ..solo("solo-d", Role::Decode)
-        },
-        script.clone(),
-    )
-    .await;
+    let solo_d = PdEngine::start(&e, Spec { revision: "r9".into(), ..solo("solo-d", Role::Decode) }, script.clone()).await;
     let router = RunningRouter::start(config(&e, Policy::RoundRobin)).await;
     router.wait_workers(7).await;
 
     for i in 0..6 {
-        let answer = send(
-            &router,
-            "/v1/completions",
-            &completion(&format!("q{i}"), i % 2 == 0),
-        )
-        .await;
+        let answer = send(&router, "/v1/completions", &completion(&format!("q{i}"), i % 2 == 0)).await;
         assert_eq!(answer.status, 200, "{}", answer.text);
-        assert_eq!(
-            (answer.worker.as_str(), answer.prefill.as_str()),
-            ("d-good", "p-good")
-        );
+        assert_eq!((answer.worker.as_str(), answer.prefill.as_str()), ("d-good", "p-good"));
     }
-    assert_eq!(
-        (p_rev.hits(), d_layout.hits(), d_model.hits()),
-        (0, 0, 0),
-        "a mismatched engine got work"
-    );
+    assert_eq!((p_rev.hits(), d_layout.hits(), d_model.hits()), (0, 0, 0), "a mismatched engine got work");
     assert_eq!(p_good.hits(), 6);
-    assert!(d_good
-        .bodies()
-        .iter()
-        .all(|b| lease_of(b).starts_with("p-good-")));
+    assert!(d_good.bodies().iter().all(|b| lease_of(b).starts_with("p-good-")));
 
     // Nothing pairs: decode serves whole requests, prefill gets nothing.
-    let answer = send(
-        &router,
-        "/v1/completions",
-        &json!({"model": "solo", "prompt": "x"}),
-    )
-    .await;
+    let answer = send(&router, "/v1/completions", &json!({"model": "solo", "prompt": "x"})).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.json()["choices"][0]["text"], "whole by solo-d");
     assert_eq!(solo_p.hits(), 0);
     assert!(solo_d.bodies()[0].get("kv_transfer_params").is_none());
     let metrics = router.metrics().await;
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "dlengine_router_pd_pairing_failures_total",
-            "no_compatible_decode"
-        ),
-        1.0
-    );
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_pairing_failures_total", "no_compatible_decode"), 1.0);
     router.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_kv_transfer_re_prefills_on_another_pair_and_frees_the_lease() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
-    let prefills = [
-        engine(&etcd, "p1", Role::Prefill, &script).await,
-        engine(&etcd, "p2", Role::Prefill, &script).await,
-    ];
-    let decodes = [
-        engine(&etcd, "d1", Role::Decode, &script).await,
-        engine(&etcd, "d2", Role::Decode, &script).await,
-    ];
+    let prefills = [engine(&etcd, "p1", Role::Prefill, &script).await, engine(&etcd, "p2", Role::Prefill, &script).await];
+    let decodes = [engine(&etcd, "d1", Role::Decode, &script).await, engine(&etcd, "d2", Role::Decode, &script).await];
     let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
     router.wait_workers(4).await;
 
     for (round, stream) in [false, true].into_iter().enumerate() {
         script.kv_failures.store(1, Ordering::SeqCst);
-        let answer = send(
-            &router,
-            "/v1/completions",
-            &completion(&format!("retry {round}"), stream),
-        )
-        .await;
+        let answer = send(&router, "/v1/completions", &completion(&format!("retry {round}"), stream)).await;
         assert_eq!(answer.status, 200, "{}", answer.text);
-        let text = if stream {
-            answer.streamed_text()
-        } else {
-            answer.json()["choices"][0]["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        };
+        let text = if stream { answer.streamed_text() } else { answer.json()["choices"][0]["text"].as_str().unwrap().to_string() };
         assert_eq!(text, format!("P decoded by {}", answer.worker));
         // Two prefills and two decode requests happened this round; the first pair failed.
-        let this_round = |bodies: Vec<Value>| {
-            bodies
-                .into_iter()
-                .filter(|b| b["prompt"] == format!("retry {round}"))
-                .collect::<Vec<_>>()
-        };
-        let tried: Vec<(String, Value)> = decodes
-            .iter()
-            .flat_map(|d| {
-                this_round(d.bodies())
-                    .into_iter()
-                    .map(|b| (d.name.clone(), b))
-            })
-            .collect();
+        let this_round = |bodies: Vec<Value>| bodies.into_iter().filter(|b| b["prompt"] == format!("retry {round}")).collect::<Vec<_>>();
+        let tried: Vec<(String, Value)> =
+            decodes.iter().flat_map(|d| this_round(d.bodies()).into_iter().map(|b| (d.name.clone(), b))).collect();
         assert_eq!(tried.len(), 2, "{tried:?}");
-        let (failed, served): (Vec<_>, Vec<_>) = tried
-            .into_iter()
-            .partition(|(name, _)| *name != answer.worker);
+        let (failed, served): (Vec<_>, Vec<_>) = tried.into_iter().partition(|(name, _)| *name != answer.worker);
         let (failed_decode, failed_body) = &failed[0];
-        assert_ne!(
-            failed_decode, &answer.worker,
-            "the pair was redone on the failed decode worker"
-        );
+        assert_ne!(failed_decode, &answer.worker, "the pair was redone on the failed decode worker");
         let failed_lease = lease_of(failed_body);
         let served_lease = lease_of(&served[0].1);
-        let failed_prefill = prefills
-            .iter()
-            .find(|p| failed_lease.starts_with(&format!("{}-", p.name)))
-            .unwrap();
-        assert!(
-            served_lease.starts_with(&format!("{}-", answer.prefill)),
-            "{served_lease} vs {}",
-            answer.prefill
-        );
-        assert_ne!(
-            failed_prefill.name, answer.prefill,
-            "re-prefill did not move to the other prefill worker"
-        );
+        let failed_prefill = prefills.iter().find(|p| failed_lease.starts_with(&format!("{}-", p.name))).unwrap();
+        assert!(served_lease.starts_with(&format!("{}-", answer.prefill)), "{served_lease} vs {}", answer.prefill);
+        assert_ne!(failed_prefill.name, answer.prefill, "re-prefill did not move to the other prefill worker");
         let frees = failed_prefill.wait_frees(round + 1).await;
-        assert!(
-            frees.contains(&failed_lease),
-            "abandoned lease {failed_lease} not freed: {frees:?}"
-        );
+        assert!(frees.contains(&failed_lease), "abandoned lease {failed_lease} not freed: {frees:?}");
         let all_frees: usize = prefills.iter().map(|p| p.frees().len()).sum();
         assert_eq!(all_frees, round + 1, "only the abandoned lease is freed");
     }
     let metrics = router.metrics().await;
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_pd_retries_total", ""),
-        2.0
-    );
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_pd_lease_frees_total", ""),
-        2.0
-    );
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_retries_total", ""), 2.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_lease_frees_total", ""), 2.0);
     router.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_end_in_clear_errors_once_the_budget_is_spent() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
     let p = engine(&etcd, "p1", Role::Prefill, &script).await;
-    let d = PdEngine::start_with(
-        &etcd.endpoint(),
-        Spec::new("d1", Role::Decode),
-        script.clone(),
-        true,
-    )
-    .await;
+    let d = PdEngine::start_with(&etcd.endpoint(), Spec::new("d1", Role::Decode), script.clone(), true).await;
     let a = engine(&etcd, "a1", Role::Aggregated, &script).await;
     let router = RunningRouter::start(config(&etcd.endpoint(), Policy::LeastLoad)).await;
     router.wait_workers(3).await;
 
     // Prefill's own 5xx: no other prefill worker, passed on.
-    let answer = send(
-        &router,
-        "/v1/completions",
-        &completion("prefill-500", false),
-    )
-    .await;
+    let answer = send(&router, "/v1/completions", &completion("prefill-500", false)).await;
     assert_eq!(answer.status, 500, "{}", answer.text);
     assert_eq!(answer.json()["error"]["message"], "prefill broke");
     assert_eq!(d.hits(), 0);
@@ -547,71 +298,32 @@ async fn failures_end_in_clear_errors_once_the_budget_is_spent() {
 
     // Three failures in a row ejected the decode worker: no prefill is wasted meanwhile,
     // the aggregated worker serves whole requests.
-    let answer = send(
-        &router,
-        "/v1/completions",
-        &completion("while ejected", false),
-    )
-    .await;
-    assert_eq!(
-        (answer.status, answer.worker.as_str()),
-        (200, "a1"),
-        "{}",
-        answer.text
-    );
+    let answer = send(&router, "/v1/completions", &completion("while ejected", false)).await;
+    assert_eq!((answer.status, answer.worker.as_str()), (200, "a1"), "{}", answer.text);
     assert_eq!(answer.json()["choices"][0]["text"], "whole by a1");
     assert_eq!((p.hits(), a.hits()), (5, 1));
     let metrics = router.metrics().await;
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "dlengine_router_pd_pairing_failures_total",
-            "kv_layout_mismatch"
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "dlengine_router_pd_pairing_failures_total",
-            "no_available_pair"
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_pd_retries_total", ""),
-        2.0
-    );
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_pairing_failures_total", "kv_layout_mismatch"), 1.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_pairing_failures_total", "no_available_pair"), 1.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_retries_total", ""), 2.0);
     router.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_between_the_hops_frees_the_lease_and_cancels_decode() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
     let p = engine(&etcd, "p1", Role::Prefill, &script).await;
     let d = engine(&etcd, "d1", Role::Decode, &script).await;
     let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
     router.wait_workers(2).await;
-    let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    let sent = impatient
-        .post(format!("{}/v1/completions", router.url))
-        .json(&completion("decode-stall", false))
-        .send()
-        .await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    let sent = impatient.post(format!("{}/v1/completions", router.url)).json(&completion("decode-stall", false)).send().await;
     assert!(sent.is_err(), "decode was supposed to stall");
     assert_eq!(p.wait_frees(1).await, vec!["p1-0".to_string()]);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while d.seen.cancelled.load(Ordering::SeqCst) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "decode never saw the cancellation"
-        );
+        assert!(std::time::Instant::now() < deadline, "decode never saw the cancellation");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     router.stop().await;
@@ -619,15 +331,10 @@ async fn a_client_leaving_between_the_hops_frees_the_lease_and_cancels_decode() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_cannot_be_split_are_served_whole() {
-    let Some(etcd) = EtcdServer::start_or_skip() else {
-        return;
-    };
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
     let e = etcd.endpoint();
-    let on = |model: &str, name: &str, role| Spec {
-        model: model.into(),
-        ..Spec::new(name, role)
-    };
+    let on = |model: &str, name: &str, role| Spec { model: model.into(), ..Spec::new(name, role) };
     let p = engine(&etcd, "p1", Role::Prefill, &script).await;
     let d = engine(&etcd, "d1", Role::Decode, &script).await;
     let a = engine(&etcd, "a1", Role::Aggregated, &script).await;
@@ -644,12 +351,7 @@ async fn requests_that_cannot_be_split_are_served_whole() {
     let mut several = completion("n2", false);
     several["n"] = json!(2);
     let answer = send(&router, "/v1/completions", &several).await;
-    assert_eq!(
-        (answer.status, answer.worker.as_str()),
-        (200, "a1"),
-        "{}",
-        answer.text
-    );
+    assert_eq!((answer.status, answer.worker.as_str()), (200, "a1"), "{}", answer.text);
     let batch = json!({"model": "tiny", "prompt": ["one", "two"]});
     assert_eq!(send(&router, "/v1/completions", &batch).await.worker, "a1");
     assert_eq!((p.hits(), d.hits(), a.hits()), (0, 0, 2));
@@ -658,59 +360,26 @@ async fn requests_that_cannot_be_split_are_served_whole() {
     let mut forged = json!({"model": "plain", "prompt": "x"});
     forged["kv_transfer_params"] = json!({"lease_id": "x"});
     let answer = send(&router, "/v1/completions", &forged).await;
-    assert_eq!(
-        (answer.status, answer.worker.as_str()),
-        (200, "a2"),
-        "{}",
-        answer.text
-    );
+    assert_eq!((answer.status, answer.worker.as_str()), (200, "a2"), "{}", answer.text);
     assert!(agg.bodies()[0].get("kv_transfer_params").is_none());
     assert_eq!(agg_d.hits(), 0);
 
     // Only decode workers: whole requests on them.
-    let answer = send(
-        &router,
-        "/v1/completions",
-        &json!({"model": "decoders", "prompt": "x"}),
-    )
-    .await;
+    let answer = send(&router, "/v1/completions", &json!({"model": "decoders", "prompt": "x"})).await;
     assert_eq!(answer.json()["choices"][0]["text"], "whole by d3");
     assert_eq!(only_d.hits(), 1);
 
     // Prefill without decode: aggregated if any, else a 503 naming the missing role.
-    let answer = send(
-        &router,
-        "/v1/completions",
-        &json!({"model": "mixed", "prompt": "x"}),
-    )
-    .await;
+    let answer = send(&router, "/v1/completions", &json!({"model": "mixed", "prompt": "x"})).await;
     assert_eq!((answer.status, answer.worker.as_str()), (200, "a5"));
     assert_eq!((only_p_agg.hits(), mixed_a.hits()), (0, 1));
-    let answer = send(
-        &router,
-        "/v1/chat/completions",
-        &json!({"model": "prefills", "messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let answer = send(&router, "/v1/chat/completions", &json!({"model": "prefills", "messages": [{"role": "user", "content": "x"}]})).await;
     assert_eq!(answer.status, 503, "{}", answer.text);
-    let message = answer.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let message = answer.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.contains("no decode"), "{message}");
 
     let metrics = router.metrics().await;
-    assert_eq!(
-        metric_sum(&metrics, "dlengine_router_pd_requests_total", ""),
-        0.0
-    );
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "dlengine_router_pd_pairing_failures_total",
-            "no_decode"
-        ),
-        2.0
-    );
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_requests_total", ""), 0.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_pairing_failures_total", "no_decode"), 2.0);
     router.stop().await;
 }

@@ -13,11 +13,7 @@ pub struct Roofline {
 
 /// bf16 bytes of the weights a decode step reads.
 pub fn weight_bytes_per_token(c: &ModelConfig) -> u64 {
-    let (h, i, d) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.head_dim as u64,
-    );
+    let (h, i, d) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim as u64);
     let (q, kv) = (c.num_attention_heads as u64, c.num_key_value_heads as u64);
     let per_layer = h * (q + 2 * kv) * d + q * d * h + 3 * h * i + 2 * h;
     let lm_head = c.vocab_size as u64 * h;
@@ -37,11 +33,7 @@ pub fn measure(config: &ModelConfig, device: &str) -> Option<Roofline> {
         }
     };
     let bytes = weight_bytes_per_token(config);
-    Some(Roofline {
-        copy_bandwidth_gbps: bw,
-        weight_bytes_per_token: bytes,
-        tokens_per_second: bw * 1e9 / bytes as f64,
-    })
+    Some(Roofline { copy_bandwidth_gbps: bw, weight_bytes_per_token: bytes, tokens_per_second: bw * 1e9 / bytes as f64 })
 }
 
 #[cfg(test)]

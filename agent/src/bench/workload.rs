@@ -12,35 +12,16 @@ use dlengine_engine::sampling_params::SamplingParams;
 /// preference; the fixture vocabularies keep their special tokens at the top).
 pub fn random_prompt(len: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let range = (vocab as u64 * 9 / 10).max(2);
-    (0..len as u64)
-        .map(|i| (splitmix64(seed.wrapping_mul(1_000_003) ^ i) % range) as u32)
-        .collect()
+    (0..len as u64).map(|i| (splitmix64(seed.wrapping_mul(1_000_003) ^ i) % range) as u32).collect()
 }
 
 pub fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        max_tokens,
-        ignore_eos: true,
-        ..SamplingParams::default()
-    }
+    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
 }
 
-pub fn submit(
-    engine: &Engine,
-    id: usize,
-    prompt: Vec<u32>,
-    params: SamplingParams,
-) -> anyhow::Result<RequestStream> {
-    let request = GenerateRequest {
-        request_id: format!("bench-{id}"),
-        prompt_token_ids: prompt,
-        params,
-        kv_transfer: Default::default(),
-    };
-    engine
-        .submit(request)
-        .map_err(|e| anyhow::anyhow!("submitting a benchmark request: {e}"))
+pub fn submit(engine: &Engine, id: usize, prompt: Vec<u32>, params: SamplingParams) -> anyhow::Result<RequestStream> {
+    let request = GenerateRequest { request_id: format!("bench-{id}"), prompt_token_ids: prompt, params, kv_transfer: Default::default() };
+    engine.submit(request).map_err(|e| anyhow::anyhow!("submitting a benchmark request: {e}"))
 }
 
 /// When the first and the last token of one request arrived.
@@ -59,12 +40,7 @@ impl Timed {
 }
 
 /// Runs one request alone and times it.
-pub fn timed(
-    engine: &Engine,
-    id: usize,
-    prompt: Vec<u32>,
-    max_tokens: usize,
-) -> anyhow::Result<Timed> {
+pub fn timed(engine: &Engine, id: usize, prompt: Vec<u32>, max_tokens: usize) -> anyhow::Result<Timed> {
     let started = Instant::now();
     let mut stream = submit(engine, id, prompt, greedy(max_tokens))?;
     let (mut ttft, mut tokens) = (None, 0);
@@ -75,11 +51,7 @@ pub fn timed(
         }
         tokens += delta.token_ids.len();
     }
-    Ok(Timed {
-        ttft: ttft.unwrap_or_default(),
-        total: started.elapsed(),
-        tokens,
-    })
+    Ok(Timed { ttft: ttft.unwrap_or_default(), total: started.elapsed(), tokens })
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

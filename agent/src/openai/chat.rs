@@ -171,10 +171,7 @@ pub struct ChatDelta {
 
 impl ChatDelta {
     pub fn is_empty(&self) -> bool {
-        self.role.is_none()
-            && self.content.is_none()
-            && self.reasoning_content.is_none()
-            && self.tool_calls.is_empty()
+        self.role.is_none() && self.content.is_none() && self.reasoning_content.is_none() && self.tool_calls.is_empty()
     }
 }
 
@@ -187,49 +184,29 @@ mod tests {
 
     #[test]
     fn unknown_message_fields_are_kept_for_the_template() {
-        let m: ChatMessage =
-            serde_json::from_str(r#"{"role": "user", "content": "hi", "x_note": 1}"#).unwrap();
+        let m: ChatMessage = serde_json::from_str(r#"{"role": "user", "content": "hi", "x_note": 1}"#).unwrap();
         assert_eq!(m.extra.get("x_note"), Some(&Value::from(1)));
         let back = serde_json::to_value(&m).unwrap();
-        assert_eq!(
-            back,
-            serde_json::json!({"role": "user", "content": "hi", "x_note": 1})
-        );
+        assert_eq!(back, serde_json::json!({"role": "user", "content": "hi", "x_note": 1}));
     }
 
     #[test]
     fn content_parts_parse() {
         let m: ChatMessage =
-            serde_json::from_str(r#"{"role": "user", "content": [{"type": "text", "text": "a"}]}"#)
-                .unwrap();
-        let Some(MessageContent::Parts(parts)) = m.content else {
-            panic!("not parts")
-        };
+            serde_json::from_str(r#"{"role": "user", "content": [{"type": "text", "text": "a"}]}"#).unwrap();
+        let Some(MessageContent::Parts(parts)) = m.content else { panic!("not parts") };
         assert_eq!(parts[0].text.as_deref(), Some("a"));
     }
 
     #[test]
     fn an_unknown_role_names_the_choices() {
-        let err = serde_json::from_str::<ChatMessage>(r#"{"role": "wizard", "content": "x"}"#)
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("unknown variant `wizard`"),
-            "{err}"
-        );
+        let err = serde_json::from_str::<ChatMessage>(r#"{"role": "wizard", "content": "x"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown variant `wizard`"), "{err}");
     }
 
     #[test]
     fn empty_deltas_are_omitted_from_json() {
-        let chunk = ChatChunkChoice {
-            index: 0,
-            delta: ChatDelta::default(),
-            logprobs: None,
-            finish_reason: None,
-            stop_reason: None,
-        };
-        assert_eq!(
-            serde_json::to_string(&chunk).unwrap(),
-            r#"{"index":0,"delta":{},"finish_reason":null}"#
-        );
+        let chunk = ChatChunkChoice { index: 0, delta: ChatDelta::default(), logprobs: None, finish_reason: None, stop_reason: None };
+        assert_eq!(serde_json::to_string(&chunk).unwrap(), r#"{"index":0,"delta":{},"finish_reason":null}"#);
     }
 }

@@ -66,18 +66,12 @@ impl<'de> Deserialize<'de> for Prompt {
         let parsed = match &value {
             Value::String(s) => Some(Prompt::Text(s.clone())),
             Value::Array(items) if items.first().is_some_and(Value::is_string) => {
-                serde_json::from_value(value.clone())
-                    .ok()
-                    .map(Prompt::Texts)
+                serde_json::from_value(value.clone()).ok().map(Prompt::Texts)
             }
             Value::Array(items) if items.first().is_some_and(Value::is_array) => {
-                serde_json::from_value(value.clone())
-                    .ok()
-                    .map(Prompt::TokenBatches)
+                serde_json::from_value(value.clone()).ok().map(Prompt::TokenBatches)
             }
-            Value::Array(_) => serde_json::from_value(value.clone())
-                .ok()
-                .map(Prompt::Tokens),
+            Value::Array(_) => serde_json::from_value(value.clone()).ok().map(Prompt::Tokens),
             _ => None,
         };
         parsed.ok_or_else(|| D::Error::custom(EXPECTED))
@@ -132,29 +126,15 @@ mod tests {
     #[test]
     fn every_prompt_form_parses() {
         assert_eq!(prompt(r#""hi""#).unwrap(), Prompt::Text("hi".into()));
-        assert_eq!(
-            prompt(r#"["a", "b"]"#).unwrap(),
-            Prompt::Texts(vec!["a".into(), "b".into()])
-        );
+        assert_eq!(prompt(r#"["a", "b"]"#).unwrap(), Prompt::Texts(vec!["a".into(), "b".into()]));
         assert_eq!(prompt("[1, 2]").unwrap(), Prompt::Tokens(vec![1, 2]));
-        assert_eq!(
-            prompt("[[1], [2, 3]]").unwrap(),
-            Prompt::TokenBatches(vec![vec![1], vec![2, 3]])
-        );
+        assert_eq!(prompt("[[1], [2, 3]]").unwrap(), Prompt::TokenBatches(vec![vec![1], vec![2, 3]]));
         assert_eq!(prompt("[]").unwrap(), Prompt::Tokens(vec![]));
     }
 
     #[test]
     fn wrong_prompt_shapes_are_named() {
-        for bad in [
-            "5",
-            "[-1]",
-            r#"["a", 1]"#,
-            "[[1], 2]",
-            "{}",
-            "null",
-            "[1.5]",
-        ] {
+        for bad in ["5", "[-1]", r#"["a", 1]"#, "[[1], 2]", "{}", "null", "[1.5]"] {
             let err = prompt(bad).unwrap_err().to_string();
             assert!(err.contains("prompt must be"), "{bad}: {err}");
         }
@@ -163,9 +143,6 @@ mod tests {
     #[test]
     fn batches_become_one_input_each() {
         let inputs = Prompt::TokenBatches(vec![vec![1], vec![2]]).into_inputs();
-        assert_eq!(
-            inputs,
-            vec![PromptInput::Tokens(vec![1]), PromptInput::Tokens(vec![2])]
-        );
+        assert_eq!(inputs, vec![PromptInput::Tokens(vec![1]), PromptInput::Tokens(vec![2])]);
     }
 }

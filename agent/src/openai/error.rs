@@ -35,14 +35,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-            code: None,
-            retry_after_secs: None,
-        }
+        Self { status, message: message.into(), kind, param: None, code: None, retry_after_secs: None }
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -75,8 +68,7 @@ impl ApiError {
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message)
-            .with_code("invalid_api_key")
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message).with_code("invalid_api_key")
     }
 
     pub fn model_not_found(model: &str, served: &str) -> Self {
@@ -94,12 +86,7 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            message,
-        )
-        .with_code("method_not_allowed")
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", message).with_code("method_not_allowed")
     }
 
     pub fn payload_too_large(limit_bytes: usize) -> Self {
@@ -112,17 +99,11 @@ impl ApiError {
     }
 
     pub fn too_many_requests(message: impl Into<String>, retry_after_secs: u64) -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
-            .with_retry_after(retry_after_secs)
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_retry_after(retry_after_secs)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            message,
-        )
-        .with_retry_after(1)
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message).with_retry_after(1)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -145,9 +126,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after_secs {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -23,27 +23,12 @@ pub struct ModelCard {
 
 impl ModelList {
     pub fn new(data: Vec<ModelCard>) -> Self {
-        Self {
-            object: "list".into(),
-            data,
-        }
+        Self { object: "list".into(), data }
     }
 }
 
 impl ModelCard {
-    pub fn new(
-        id: String,
-        created: u64,
-        root: Option<String>,
-        max_model_len: Option<usize>,
-    ) -> Self {
-        Self {
-            id,
-            object: "model".into(),
-            created,
-            owned_by: "dlengine".into(),
-            root,
-            max_model_len,
-        }
+    pub fn new(id: String, created: u64, root: Option<String>, max_model_len: Option<usize>) -> Self {
+        Self { id, object: "model".into(), created, owned_by: "dlengine".into(), root, max_model_len }
     }
 }

@@ -90,16 +90,12 @@ mod tests {
         let many: SamplingFields = serde_json::from_str(r#"{"stop": ["a", "b"]}"#).unwrap();
         assert_eq!(many.stop.unwrap().into_vec(), vec!["a", "b"]);
         let err = serde_json::from_str::<SamplingFields>(r#"{"stop": 5}"#).unwrap_err();
-        assert!(
-            err.to_string().contains("a string or a list of strings"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("a string or a list of strings"), "{err}");
     }
 
     #[test]
     fn max_completion_tokens_wins() {
-        let f: SamplingFields =
-            serde_json::from_str(r#"{"max_tokens": 5, "max_completion_tokens": 7}"#).unwrap();
+        let f: SamplingFields = serde_json::from_str(r#"{"max_tokens": 5, "max_completion_tokens": 7}"#).unwrap();
         assert_eq!(f.max_tokens_field(), Some(("max_completion_tokens", 7)));
         let f: SamplingFields = serde_json::from_str(r#"{"max_tokens": 5}"#).unwrap();
         assert_eq!(f.max_tokens_field(), Some(("max_tokens", 5)));

@@ -32,10 +32,7 @@ pub struct FunctionDefinition {
 
 /// `tool_choice`: `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name": ...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}"
-)]
+#[serde(untagged, expecting = "\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}")]
 pub enum ToolChoice {
     Mode(ToolChoiceMode),
     Named(NamedToolChoice),
@@ -115,11 +112,7 @@ pub struct FunctionCallDelta {
 
 impl ToolCall {
     pub fn function(id: String, name: String, arguments: String) -> Self {
-        Self {
-            id,
-            kind: ToolKind::Function,
-            function: FunctionCall { name, arguments },
-        }
+        Self { id, kind: ToolKind::Function, function: FunctionCall { name, arguments } }
     }
 
     /// The whole call as one stream delta (clients concatenate argument fragments, so a
@@ -129,10 +122,7 @@ impl ToolCall {
             index,
             id: Some(self.id),
             kind: Some(self.kind),
-            function: FunctionCallDelta {
-                name: Some(self.function.name),
-                arguments: Some(self.function.arguments),
-            },
+            function: FunctionCallDelta { name: Some(self.function.name), arguments: Some(self.function.arguments) },
         }
     }
 }
@@ -145,8 +135,7 @@ mod tests {
     fn tool_choice_forms() {
         let auto: ToolChoice = serde_json::from_str(r#""auto""#).unwrap();
         assert_eq!(auto, ToolChoice::Mode(ToolChoiceMode::Auto));
-        let named: ToolChoice =
-            serde_json::from_str(r#"{"type": "function", "function": {"name": "f"}}"#).unwrap();
+        let named: ToolChoice = serde_json::from_str(r#"{"type": "function", "function": {"name": "f"}}"#).unwrap();
         assert!(matches!(named, ToolChoice::Named(n) if n.function.name == "f"));
         let err = serde_json::from_str::<ToolChoice>(r#""sometimes""#).unwrap_err();
         assert!(err.to_string().contains("\"required\""), "{err}");

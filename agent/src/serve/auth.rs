@@ -9,26 +9,15 @@ use axum::response::{IntoResponse, Response};
 use super::state::AppState;
 use crate::openai::ApiError;
 
-pub async fn require_api_key(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = state.api_key() else {
         return next.run(request).await;
     };
-    let given = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let given = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(key) if same_secret(key.trim().as_bytes(), expected.as_bytes()) => {
-            next.run(request).await
-        }
+        Some(key) if same_secret(key.trim().as_bytes(), expected.as_bytes()) => next.run(request).await,
         Some(_) => ApiError::unauthorized("the API key is not valid").into_response(),
-        None => ApiError::unauthorized("an API key is required: send `Authorization: Bearer KEY`")
-            .into_response(),
+        None => ApiError::unauthorized("an API key is required: send `Authorization: Bearer KEY`").into_response(),
     }
 }
 

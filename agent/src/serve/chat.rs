@@ -40,29 +40,14 @@ pub async fn chat_completions(
     };
     let params = sampling_params(&request.sampling, &ctx)?;
     let n = params.n;
-    let fields = PromptFields {
-        prompt: "messages",
-        max_tokens: request.sampling.max_tokens_field().map(|f| f.0),
-    };
+    let fields = PromptFields { prompt: "messages", max_tokens: request.sampling.max_tokens_field().map(|f| f.0) };
     let id = ids::chat_completion_id();
     tracing::debug!(%id, prompt_tokens = prompt.token_ids.len(), "chat request");
-    let mut generate = GenerateRequest {
-        request_id: request_id.0,
-        prompt_token_ids: prompt.token_ids,
-        params,
-        kv_transfer: Default::default(),
-    };
-    engine
-        .check(&generate)
-        .map_err(|e| submit_error(e, fields))?;
-    let import = ready
-        .pd
-        .apply(engine, state.served_model(), &kv_params, &mut generate)
-        .await?;
+    let mut generate = GenerateRequest { request_id: request_id.0, prompt_token_ids: prompt.token_ids, params, kv_transfer: Default::default() };
+    engine.check(&generate).map_err(|e| submit_error(e, fields))?;
+    let import = ready.pd.apply(engine, state.served_model(), &kv_params, &mut generate).await?;
     let prefill = kv_params.prefill_order(&generate.prompt_token_ids);
-    let stream = engine
-        .submit(generate)
-        .map_err(|e| submit_error(e, fields))?;
+    let stream = engine.submit(generate).map_err(|e| submit_error(e, fields))?;
     let lease = import.map(|import| import.follow(&stream));
     let mut generation = Generation::new(vec![stream], state.track_request());
     if let Some(lease) = lease {
@@ -82,12 +67,5 @@ pub async fn chat_completions(
     if request.stream.unwrap_or(false) {
         return Ok(sse_response(generation, ChatChunks::new(answer)));
     }
-    pd::answer(
-        &ready.pd,
-        engine,
-        prefill,
-        generation,
-        ChatMessageCollector::new(answer),
-    )
-    .await
+    pd::answer(&ready.pd, engine, prefill, generation, ChatMessageCollector::new(answer)).await
 }

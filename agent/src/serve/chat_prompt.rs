@@ -27,19 +27,11 @@ struct TemplateSource {
     tools: Option<minijinja::Value>,
 }
 
-pub fn chat_prompt(
-    ready: &Ready,
-    request: &ChatCompletionRequest,
-    body: &[u8],
-) -> Result<ChatPrompt, ApiError> {
+pub fn chat_prompt(ready: &Ready, request: &ChatCompletionRequest, body: &[u8]) -> Result<ChatPrompt, ApiError> {
     check_messages(&request.messages)?;
     check_response_format(request.response_format.as_ref())?;
     let tools_on = tools_in_use(request)?;
-    let template = ready
-        .chat
-        .template
-        .as_ref()
-        .map_err(|why| ApiError::invalid_param("messages", why.clone()))?;
+    let template = ready.chat.template.as_ref().map_err(|why| ApiError::invalid_param("messages", why.clone()))?;
     let tool_parser = match (tools_on, ready.chat.tool_parser) {
         (false, _) => None,
         (true, Some(parser)) => Some(parser),
@@ -58,18 +50,15 @@ pub fn chat_prompt(
             "continue_final_message and add_generation_prompt cannot both be true",
         ));
     }
-    let source: TemplateSource = serde_json::from_slice(body).map_err(|e| {
-        ApiError::internal(format!("the validated request did not parse again: {e}"))
-    })?;
+    let source: TemplateSource = serde_json::from_slice(body)
+        .map_err(|e| ApiError::internal(format!("the validated request did not parse again: {e}")))?;
     let input = TemplateInput {
         messages: message_values(&source.messages),
         tools: if tools_on { source.tools } else { None },
         add_generation_prompt,
         kwargs: request.chat_template_kwargs.clone().unwrap_or_default(),
     };
-    let mut text = template
-        .render(&input)
-        .map_err(|e| ApiError::invalid_param("messages", e.0))?;
+    let mut text = template.render(&input).map_err(|e| ApiError::invalid_param("messages", e.0))?;
     if continue_final {
         cut_after_final_message(&mut text, &request.messages)?;
     }
@@ -79,39 +68,24 @@ pub fn chat_prompt(
         .encode(&text, false)
         .map_err(|e| ApiError::internal(format!("cannot tokenize the rendered prompt: {e}")))?;
     let reasoning = ready.chat.reasoning.then(|| prompt_opens_reasoning(&text));
-    Ok(ChatPrompt {
-        token_ids,
-        reasoning,
-        tool_parser,
-    })
+    Ok(ChatPrompt { token_ids, reasoning, tool_parser })
 }
 
 fn check_messages(messages: &[ChatMessage]) -> Result<(), ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::invalid_param(
-            "messages",
-            "messages must contain at least one message",
-        ));
+        return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
     }
     for (i, message) in messages.iter().enumerate() {
-        let Some(MessageContent::Parts(parts)) = &message.content else {
-            continue;
-        };
+        let Some(MessageContent::Parts(parts)) = &message.content else { continue };
         for (j, part) in parts.iter().enumerate() {
             if part.kind != "text" {
                 return Err(ApiError::unsupported(
                     format!("messages[{i}].content[{j}].type"),
-                    format!(
-                        "content parts of type `{}` are not supported; only `text`",
-                        part.kind
-                    ),
+                    format!("content parts of type `{}` are not supported; only `text`", part.kind),
                 ));
             }
             if part.text.is_none() {
-                return Err(ApiError::invalid_param(
-                    format!("messages[{i}].content[{j}].text"),
-                    "a text part needs `text`",
-                ));
+                return Err(ApiError::invalid_param(format!("messages[{i}].content[{j}].text"), "a text part needs `text`"));
             }
         }
     }
@@ -123,9 +97,7 @@ fn check_response_format(format: Option<&Value>) -> Result<(), ApiError> {
         None | Some("text") => Ok(()),
         Some(other) => Err(ApiError::unsupported(
             "response_format",
-            format!(
-                "response_format `{other}` is not supported (no structured output); use `text`"
-            ),
+            format!("response_format `{other}` is not supported (no structured output); use `text`"),
         )),
     }
 }
@@ -133,10 +105,7 @@ fn check_response_format(format: Option<&Value>) -> Result<(), ApiError> {
 /// Whether the model is offered the tools, after checking `tool_choice` against them.
 fn tools_in_use(request: &ChatCompletionRequest) -> Result<bool, ApiError> {
     let tools = request.tools.as_deref().unwrap_or_default();
-    let choice = request
-        .tool_choice
-        .clone()
-        .unwrap_or(ToolChoice::Mode(ToolChoiceMode::Auto));
+    let choice = request.tool_choice.clone().unwrap_or(ToolChoice::Mode(ToolChoiceMode::Auto));
     let forced = match &choice {
         ToolChoice::Mode(ToolChoiceMode::None) => return Ok(false),
         ToolChoice::Mode(ToolChoiceMode::Auto) => return Ok(!tools.is_empty()),
@@ -145,20 +114,14 @@ fn tools_in_use(request: &ChatCompletionRequest) -> Result<bool, ApiError> {
             if !tools.iter().any(|t| t.function.name == named.function.name) {
                 return Err(ApiError::invalid_param(
                     "tool_choice",
-                    format!(
-                        "tool_choice names `{}`, which is not among the tools",
-                        named.function.name
-                    ),
+                    format!("tool_choice names `{}`, which is not among the tools", named.function.name),
                 ));
             }
             format!("the named function `{}`", named.function.name)
         }
     };
     if tools.is_empty() {
-        return Err(ApiError::invalid_param(
-            "tool_choice",
-            format!("tool_choice {forced} needs `tools`"),
-        ));
+        return Err(ApiError::invalid_param("tool_choice", format!("tool_choice {forced} needs `tools`")));
     }
     Err(ApiError::unsupported(
         "tool_choice",

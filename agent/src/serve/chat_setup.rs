@@ -37,11 +37,7 @@ impl ChatSetup {
             reasoning,
             "chat template loaded"
         );
-        Self {
-            template,
-            tool_parser,
-            reasoning,
-        }
+        Self { template, tool_parser, reasoning }
     }
 }
 

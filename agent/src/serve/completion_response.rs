@@ -10,9 +10,7 @@ use super::finish::{finish_reason, stop_reason};
 use super::generation::Collector;
 use super::logprobs::completion_logprobs;
 use super::sse::{push_event, ChunkWriter};
-use crate::openai::completion::{
-    CompletionChoice, CompletionChunk, CompletionResponse, COMPLETION_OBJECT,
-};
+use crate::openai::completion::{CompletionChoice, CompletionChunk, CompletionResponse, COMPLETION_OBJECT};
 use crate::openai::usage::Usage;
 
 pub struct CompletionAnswer {
@@ -57,9 +55,10 @@ impl Choices {
             }
         }
         text.push_str(&delta.text);
-        let logprobs = self.answer.logprobs.then(|| {
-            completion_logprobs(&self.answer.tokenizer, &delta.logprobs, &mut state.chars)
-        });
+        let logprobs = self
+            .answer
+            .logprobs
+            .then(|| completion_logprobs(&self.answer.tokenizer, &delta.logprobs, &mut state.chars));
         Some(CompletionChoice {
             index,
             text,
@@ -77,9 +76,7 @@ pub struct CompletionChunks {
 
 impl CompletionChunks {
     pub fn new(answer: CompletionAnswer) -> Self {
-        Self {
-            choices: Choices::new(answer),
-        }
+        Self { choices: Choices::new(answer) }
     }
 
     fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> CompletionChunk {
@@ -98,10 +95,7 @@ impl CompletionChunks {
 impl ChunkWriter for CompletionChunks {
     fn delta(&mut self, source: usize, delta: ChoiceDelta, out: &mut Vec<u8>) {
         if let Some(choice) = self.choices.choice(source, delta) {
-            if !choice.text.is_empty()
-                || choice.finish_reason.is_some()
-                || choice.logprobs.is_some()
-            {
+            if !choice.text.is_empty() || choice.finish_reason.is_some() || choice.logprobs.is_some() {
                 push_event(out, &self.chunk(vec![choice], None));
             }
         }
@@ -124,18 +118,9 @@ impl CompletionCollector {
     pub fn new(answer: CompletionAnswer) -> Self {
         let total = answer.n * answer.echo.len();
         let answers = (0..total)
-            .map(|index| CompletionChoice {
-                index,
-                text: String::new(),
-                logprobs: None,
-                finish_reason: None,
-                stop_reason: None,
-            })
+            .map(|index| CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: None, stop_reason: None })
             .collect();
-        Self {
-            choices: Choices::new(answer),
-            answers,
-        }
+        Self { choices: Choices::new(answer), answers }
     }
 }
 
@@ -143,18 +128,11 @@ impl Collector for CompletionCollector {
     type Output = CompletionResponse;
 
     fn add(&mut self, source: usize, delta: ChoiceDelta) {
-        let Some(part) = self.choices.choice(source, delta) else {
-            return;
-        };
-        let Some(answer) = self.answers.get_mut(part.index) else {
-            return;
-        };
+        let Some(part) = self.choices.choice(source, delta) else { return };
+        let Some(answer) = self.answers.get_mut(part.index) else { return };
         answer.text.push_str(&part.text);
         if let Some(lp) = part.logprobs {
-            answer
-                .logprobs
-                .get_or_insert_with(Default::default)
-                .extend(lp);
+            answer.logprobs.get_or_insert_with(Default::default).extend(lp);
         }
         if part.finish_reason.is_some() {
             answer.finish_reason = part.finish_reason;

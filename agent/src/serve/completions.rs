@@ -37,38 +37,23 @@ pub async fn completions(
     let kv_params = KvParams::from_body(&body)?;
     kv_params.check_stream(request.stream.unwrap_or(false))?;
     let engine = &ready.engine;
-    let fields = PromptFields {
-        prompt: "prompt",
-        max_tokens: request.sampling.max_tokens_field().map(|f| f.0),
-    };
+    let fields = PromptFields { prompt: "prompt", max_tokens: request.sampling.max_tokens_field().map(|f| f.0) };
     let mut prepared = prepare(engine, &request, &request_id.0)?;
     for p in &prepared {
-        engine
-            .check(&p.request)
-            .map_err(|e| submit_error(e, fields))?;
+        engine.check(&p.request).map_err(|e| submit_error(e, fields))?;
     }
     if !kv_params.is_none() && prepared.len() != 1 {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            "kv_transfer_params needs exactly one prompt",
-        ));
+        return Err(ApiError::invalid_param("prompt", "kv_transfer_params needs exactly one prompt"));
     }
     let mut import = None;
     if let Some(p) = prepared.first_mut() {
-        import = ready
-            .pd
-            .apply(engine, state.served_model(), &kv_params, &mut p.request)
-            .await?;
+        import = ready.pd.apply(engine, state.served_model(), &kv_params, &mut p.request).await?;
     }
-    let prefill = prepared
-        .first()
-        .and_then(|p| kv_params.prefill_order(&p.request.prompt_token_ids));
+    let prefill = prepared.first().and_then(|p| kv_params.prefill_order(&p.request.prompt_token_ids));
     let n = prepared.first().map_or(1, |p| p.request.params.n);
     let echo = prepared.iter().map(|p| p.echo.clone()).collect();
     let streams = submit_all(engine, prepared, fields)?;
-    let lease = import
-        .zip(streams.first())
-        .map(|(import, stream)| import.follow(stream));
+    let lease = import.zip(streams.first()).map(|(import, stream)| import.follow(stream));
     let mut generation = Generation::new(streams, state.track_request());
     if let Some(lease) = lease {
         generation.hold_lease(lease);
@@ -86,22 +71,12 @@ pub async fn completions(
     if request.stream.unwrap_or(false) {
         return Ok(sse_response(generation, CompletionChunks::new(answer)));
     }
-    pd::answer(
-        &ready.pd,
-        engine,
-        prefill,
-        generation,
-        CompletionCollector::new(answer),
-    )
-    .await
+    pd::answer(&ready.pd, engine, prefill, generation, CompletionCollector::new(answer)).await
 }
 
 fn refuse_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::unsupported(
-            "suffix",
-            "suffix (fill-in-the-middle) is not supported",
-        ));
+        return Err(ApiError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported"));
     }
     if request.echo.unwrap_or(false) && request.logprobs.is_some() {
         return Err(ApiError::unsupported(
@@ -112,17 +87,10 @@ fn refuse_unsupported(request: &CompletionRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn prepare(
-    engine: &Engine,
-    request: &CompletionRequest,
-    request_id: &str,
-) -> Result<Vec<Prepared>, ApiError> {
+fn prepare(engine: &Engine, request: &CompletionRequest, request_id: &str) -> Result<Vec<Prepared>, ApiError> {
     let inputs = request.prompt.clone().into_inputs();
     if inputs.is_empty() {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            "prompt must not be an empty list",
-        ));
+        return Err(ApiError::invalid_param("prompt", "prompt must not be an empty list"));
     }
     let logprobs = completion_logprobs(request.logprobs)?;
     let echo = request.echo.unwrap_or(false);
@@ -135,9 +103,7 @@ fn prepare(
             let (token_ids, text) = match input {
                 // Raw prompts get the tokenizer's special tokens (e.g. BOS), as in vLLM.
                 PromptInput::Text(text) => (
-                    tokenizer.encode(&text, true).map_err(|e| {
-                        ApiError::invalid_param("prompt", format!("cannot tokenize: {e}"))
-                    })?,
+                    tokenizer.encode(&text, true).map_err(|e| ApiError::invalid_param("prompt", format!("cannot tokenize: {e}")))?,
                     Some(text),
                 ),
                 PromptInput::Tokens(ids) => (ids, None),
@@ -151,31 +117,12 @@ fn prepare(
             let params = sampling_params(&request.sampling, &ctx)?;
             let echo = echo.then(|| text.unwrap_or_else(|| tokenizer.decode(&token_ids, false)));
             let request_id = format!("{request_id}-{i}");
-            Ok(Prepared {
-                request: GenerateRequest {
-                    request_id,
-                    prompt_token_ids: token_ids,
-                    params,
-                    kv_transfer: Default::default(),
-                },
-                echo,
-            })
+            Ok(Prepared { request: GenerateRequest { request_id, prompt_token_ids: token_ids, params, kv_transfer: Default::default() }, echo })
         })
         .collect()
 }
 
 /// Submits every prompt; on a refusal the ones already queued are dropped (aborted).
-fn submit_all(
-    engine: &Engine,
-    prepared: Vec<Prepared>,
-    fields: PromptFields,
-) -> Result<Vec<RequestStream>, ApiError> {
-    prepared
-        .into_iter()
-        .map(|p| {
-            engine
-                .submit(p.request)
-                .map_err(|e| submit_error(e, fields))
-        })
-        .collect()
+fn submit_all(engine: &Engine, prepared: Vec<Prepared>, fields: PromptFields) -> Result<Vec<RequestStream>, ApiError> {
+    prepared.into_iter().map(|p| engine.submit(p.request).map_err(|e| submit_error(e, fields))).collect()
 }

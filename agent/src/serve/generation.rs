@@ -48,17 +48,9 @@ pub struct Generation {
 
 impl Generation {
     pub fn new(streams: Vec<RequestStream>, tracking: (InFlightGuard, RequestObserver)) -> Self {
-        let sources =
-            futures::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| source(i, s)));
+        let sources = futures::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| source(i, s)));
         let (in_flight, observer) = tracking;
-        Self {
-            sources,
-            usage: Usage::new(0, 0, 0),
-            observer,
-            handoff: None,
-            lease: None,
-            _in_flight: in_flight,
-        }
+        Self { sources, usage: Usage::new(0, 0, 0), observer, handoff: None, lease: None, _in_flight: in_flight }
     }
 
     /// Holds prefill's lease until the engine has imported the KV.
@@ -72,25 +64,15 @@ impl Generation {
     }
 
     fn capture_handoff(&mut self, delta: &mut ChoiceDelta) {
-        let Some(kv) = delta.kv_handoff.take() else {
-            return;
-        };
+        let Some(kv) = delta.kv_handoff.take() else { return };
         let first_token = delta.logprobs.first().cloned();
         let first_token = match (first_token, delta.token_ids.first()) {
             (Some(t), _) => t,
-            (None, Some(&token_id)) => TokenLogprob {
-                token_id,
-                logprob: 0.0,
-                top: Vec::new(),
-            },
+            (None, Some(&token_id)) => TokenLogprob { token_id, logprob: 0.0, top: Vec::new() },
             (None, None) => return,
         };
         let finished = delta.stop_reason.is_some();
-        self.handoff = Some(Handoff {
-            kv,
-            first_token,
-            finished,
-        });
+        self.handoff = Some(Handoff { kv, first_token, finished });
     }
 
     /// The next delta; None once every prompt's choices have finished.
@@ -100,12 +82,7 @@ impl Generation {
             // The engine has imported the KV by its first event: dropping releases the lease.
             drop(self.lease.take());
             match event {
-                Some(SourceEvent::Delta(
-                    _,
-                    ChoiceDelta {
-                        kv_ready: Some(kv), ..
-                    },
-                )) => return Some(Event::KvReady(kv)),
+                Some(SourceEvent::Delta(_, ChoiceDelta { kv_ready: Some(kv), .. })) => return Some(Event::KvReady(kv)),
                 Some(SourceEvent::Delta(source, mut delta)) => {
                     self.observer.on_tokens(delta.token_ids.len());
                     self.capture_handoff(&mut delta);
@@ -114,8 +91,7 @@ impl Generation {
                 Some(SourceEvent::Done(usage)) => self.add_usage(usage),
                 Some(SourceEvent::Failed(e)) => return Some(Event::Failed(e)),
                 None => {
-                    self.observer
-                        .on_finish(self.usage.prompt_tokens, self.usage.completion_tokens);
+                    self.observer.on_finish(self.usage.prompt_tokens, self.usage.completion_tokens);
                     return None;
                 }
             }
@@ -128,16 +104,8 @@ impl Generation {
     }
 
     fn add_usage(&mut self, u: dlengine_engine::request::Usage) {
-        let cached = self
-            .usage
-            .prompt_tokens_details
-            .map_or(0, |d| d.cached_tokens)
-            + u.cached_tokens;
-        self.usage = Usage::new(
-            self.usage.prompt_tokens + u.prompt_tokens,
-            self.usage.completion_tokens + u.completion_tokens,
-            cached,
-        );
+        let cached = self.usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens) + u.cached_tokens;
+        self.usage = Usage::new(self.usage.prompt_tokens + u.prompt_tokens, self.usage.completion_tokens + u.completion_tokens, cached);
     }
 }
 
@@ -162,10 +130,7 @@ pub trait Collector {
 }
 
 /// Runs a generation to its end into one answer (or the engine's failure as a 500).
-pub async fn collect<C: Collector>(
-    generation: &mut Generation,
-    mut collector: C,
-) -> Result<C::Output, ApiError> {
+pub async fn collect<C: Collector>(generation: &mut Generation, mut collector: C) -> Result<C::Output, ApiError> {
     while let Some(event) = generation.next().await {
         match event {
             Event::Delta { source, delta } => collector.add(source, delta),

@@ -26,9 +26,7 @@ pub struct InFlightGuard {
 impl InFlight {
     pub fn enter(&self) -> InFlightGuard {
         self.inner.count.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard {
-            inner: self.inner.clone(),
-        }
+        InFlightGuard { inner: self.inner.clone() }
     }
 
     pub fn count(&self) -> usize {

@@ -34,14 +34,7 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.loaded_engine().map(|e| e.stats());
     let text = state.metrics().render(stats, state.in_flight().count());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
 
 pub async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -53,24 +46,11 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Counts every answer by route and status.
-pub async fn count_requests(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let endpoint = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+pub async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let endpoint = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let response = next.run(request).await;
     let status = response.status();
-    let endpoint = endpoint.unwrap_or_else(|| {
-        if status == StatusCode::NOT_FOUND {
-            "unmatched".into()
-        } else {
-            "other".into()
-        }
-    });
+    let endpoint = endpoint.unwrap_or_else(|| if status == StatusCode::NOT_FOUND { "unmatched".into() } else { "other".into() });
     state.metrics().count_request(&endpoint, status.as_u16());
     response
 }

@@ -1,8 +1,8 @@
 //! Request bodies: raw bytes (size-limited by the router) to typed requests, with errors
 //! that name the offending field the way clients spell it (`messages[0].role`).
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
+use axum::body::Bytes;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -16,20 +16,13 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(usize::MAX);
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(usize::MAX);
         match Bytes::from_request(req, state).await {
             Ok(bytes) => Ok(RawBody(bytes)),
             Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::payload_too_large(limit))
             }
-            Err(rejection) => Err(ApiError::bad_request(format!(
-                "cannot read the request body: {}",
-                rejection.body_text()
-            ))),
+            Err(rejection) => Err(ApiError::bad_request(format!("cannot read the request body: {}", rejection.body_text()))),
         }
     }
 }
@@ -48,9 +41,7 @@ pub fn parse_request<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
     if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "the request body must be a JSON object",
-        ));
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
     }
     typed::<SamplingFields>(&value)?;
     typed::<T>(&value)
@@ -60,11 +51,7 @@ fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let message = e.inner().to_string();
-        let param = if path == "." {
-            missing_field_name(&message)
-        } else {
-            Some(path)
-        };
+        let param = if path == "." { missing_field_name(&message) } else { Some(path) };
         match param {
             Some(param) => ApiError::invalid_param(param.clone(), format!("{param}: {message}")),
             None => ApiError::bad_request(message),
@@ -108,19 +95,10 @@ mod tests {
             (r#"{"messages": [], "temperature": "hot"}"#, "temperature"),
             (r#"{"messages": [], "max_tokens": 1.5}"#, "max_tokens"),
             (r#"{"messages": [], "stop": 3}"#, "stop"),
-            (
-                r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
-                "messages[0].role",
-            ),
-            (
-                r#"{"messages": [{"role": "user", "content": 5}]}"#,
-                "messages[0].content",
-            ),
+            (r#"{"messages": [{"role": "wizard", "content": "x"}]}"#, "messages[0].role"),
+            (r#"{"messages": [{"role": "user", "content": 5}]}"#, "messages[0].content"),
             (r#"{"messages": "hi"}"#, "messages"),
-            (
-                r#"{"messages": [], "tool_choice": "sometimes"}"#,
-                "tool_choice",
-            ),
+            (r#"{"messages": [], "tool_choice": "sometimes"}"#, "tool_choice"),
             (r#"{"messages": [], "stream": "yes"}"#, "stream"),
             (r#"{"model": "m"}"#, "messages"),
         ];

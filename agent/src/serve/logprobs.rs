@@ -22,30 +22,17 @@ pub fn chat_logprobs(tokenizer: &Tokenizer, logprobs: &[TokenLogprob]) -> ChatLo
                 .iter()
                 .map(|&(id, logprob)| {
                     let (token, logprob, bytes) = entry(id, logprob);
-                    TopLogprob {
-                        token,
-                        logprob,
-                        bytes,
-                    }
+                    TopLogprob { token, logprob, bytes }
                 })
                 .collect();
-            ChatTokenLogprob {
-                token,
-                logprob,
-                bytes,
-                top_logprobs,
-            }
+            ChatTokenLogprob { token, logprob, bytes, top_logprobs }
         })
         .collect();
     ChatLogprobs { content }
 }
 
 /// `offset`: characters of the choice's text before these tokens; advanced past them.
-pub fn completion_logprobs(
-    tokenizer: &Tokenizer,
-    logprobs: &[TokenLogprob],
-    offset: &mut usize,
-) -> CompletionLogprobs {
+pub fn completion_logprobs(tokenizer: &Tokenizer, logprobs: &[TokenLogprob], offset: &mut usize) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     for lp in logprobs {
         let token = tokenizer.id_to_token_text(lp.token_id);
@@ -53,11 +40,8 @@ pub fn completion_logprobs(
         *offset += token.chars().count();
         out.tokens.push(token);
         out.token_logprobs.push(Some(lp.logprob));
-        let top: Map<String, Value> = lp
-            .top
-            .iter()
-            .map(|&(id, logprob)| (tokenizer.id_to_token_text(id), Value::from(logprob)))
-            .collect();
+        let top: Map<String, Value> =
+            lp.top.iter().map(|&(id, logprob)| (tokenizer.id_to_token_text(id), Value::from(logprob))).collect();
         out.top_logprobs.push(Some(top));
     }
     out

@@ -51,61 +51,23 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("dlengine");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "HTTP requests by endpoint and status",
-            requests.clone(),
-        );
+        registry.register("requests", "HTTP requests by endpoint and status", requests.clone());
         let prompt_tokens = Counter::default();
-        registry.register(
-            "prompt_tokens",
-            "Prompt tokens of finished requests",
-            prompt_tokens.clone(),
-        );
+        registry.register("prompt_tokens", "Prompt tokens of finished requests", prompt_tokens.clone());
         let generation_tokens = Counter::default();
-        registry.register(
-            "generation_tokens",
-            "Generated tokens of finished requests",
-            generation_tokens.clone(),
-        );
+        registry.register("generation_tokens", "Generated tokens of finished requests", generation_tokens.clone());
         let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        registry.register(
-            "time_to_first_token_seconds",
-            "Request start to first token",
-            ttft.clone(),
-        );
+        registry.register("time_to_first_token_seconds", "Request start to first token", ttft.clone());
         let inter_token = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
-        registry.register(
-            "inter_token_latency_seconds",
-            "Time between output deltas of a request",
-            inter_token.clone(),
-        );
+        registry.register("inter_token_latency_seconds", "Time between output deltas of a request", inter_token.clone());
         let e2e = Histogram::new(exponential_buckets(0.01, 2.0, 15));
-        registry.register(
-            "e2e_request_latency_seconds",
-            "Request start to last token",
-            e2e.clone(),
-        );
+        registry.register("e2e_request_latency_seconds", "Request start to last token", e2e.clone());
         let gauges = EngineGauges::register(&mut registry);
-        Self {
-            registry,
-            requests,
-            prompt_tokens,
-            generation_tokens,
-            ttft,
-            inter_token,
-            e2e,
-            gauges,
-        }
+        Self { registry, requests, prompt_tokens, generation_tokens, ttft, inter_token, e2e, gauges }
     }
 
     pub fn count_request(&self, endpoint: &str, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                endpoint: endpoint.to_owned(),
-                status: status.to_string(),
-            })
-            .inc();
+        self.requests.get_or_create(&RequestLabels { endpoint: endpoint.to_owned(), status: status.to_string() }).inc();
     }
 
     /// Prometheus text exposition, engine gauges refreshed from `stats` first.
@@ -136,61 +98,17 @@ impl EngineGauges {
             kv_blocks_leased: Gauge::default(),
             pending_kv_imports: Gauge::default(),
         };
-        registry.register(
-            "kv_leases",
-            "Prefill: handed-off KV waiting for a decode engine to pull it",
-            g.kv_leases.clone(),
-        );
-        registry.register(
-            "kv_blocks_leased",
-            "Prefill: KV blocks held by leases",
-            g.kv_blocks_leased.clone(),
-        );
-        registry.register(
-            "pending_kv_imports",
-            "Decode: requests whose KV arrived, waiting for room",
-            g.pending_kv_imports.clone(),
-        );
-        registry.register(
-            "waiting_requests",
-            "Requests queued, not yet running",
-            g.waiting.clone(),
-        );
-        registry.register(
-            "running_sequences",
-            "Sequences being stepped",
-            g.running.clone(),
-        );
-        registry.register(
-            "kv_cache_usage_ratio",
-            "Fraction of KV-cache blocks in use",
-            g.kv_usage.clone(),
-        );
-        registry.register(
-            "kv_cache_blocks_used",
-            "KV-cache blocks in use",
-            g.kv_blocks_used.clone(),
-        );
-        registry.register(
-            "kv_cache_blocks",
-            "KV-cache blocks in all",
-            g.kv_blocks_total.clone(),
-        );
-        registry.register(
-            "prefix_cache_hit_rate",
-            "Prompt tokens found in the prefix cache / looked up",
-            g.prefix_hit_rate.clone(),
-        );
-        registry.register(
-            "preemptions",
-            "Sequences preempted since start (cumulative)",
-            g.preemptions.clone(),
-        );
-        registry.register(
-            "in_flight_requests",
-            "Generation requests the server is answering",
-            g.in_flight.clone(),
-        );
+        registry.register("kv_leases", "Prefill: handed-off KV waiting for a decode engine to pull it", g.kv_leases.clone());
+        registry.register("kv_blocks_leased", "Prefill: KV blocks held by leases", g.kv_blocks_leased.clone());
+        registry.register("pending_kv_imports", "Decode: requests whose KV arrived, waiting for room", g.pending_kv_imports.clone());
+        registry.register("waiting_requests", "Requests queued, not yet running", g.waiting.clone());
+        registry.register("running_sequences", "Sequences being stepped", g.running.clone());
+        registry.register("kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", g.kv_usage.clone());
+        registry.register("kv_cache_blocks_used", "KV-cache blocks in use", g.kv_blocks_used.clone());
+        registry.register("kv_cache_blocks", "KV-cache blocks in all", g.kv_blocks_total.clone());
+        registry.register("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up", g.prefix_hit_rate.clone());
+        registry.register("preemptions", "Sequences preempted since start (cumulative)", g.preemptions.clone());
+        registry.register("in_flight_requests", "Generation requests the server is answering", g.in_flight.clone());
         g
     }
 
@@ -218,12 +136,7 @@ pub struct RequestObserver {
 
 impl RequestObserver {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            metrics,
-            start: Instant::now(),
-            last_token: None,
-            finished: false,
-        }
+        Self { metrics, start: Instant::now(), last_token: None, finished: false }
     }
 
     pub fn on_tokens(&mut self, tokens: usize) {
@@ -244,9 +157,7 @@ impl RequestObserver {
         }
         self.metrics.e2e.observe(self.start.elapsed().as_secs_f64());
         self.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-        self.metrics
-            .generation_tokens
-            .inc_by(completion_tokens as u64);
+        self.metrics.generation_tokens.inc_by(completion_tokens as u64);
     }
 }
 
@@ -262,12 +173,7 @@ mod tests {
         observer.on_tokens(1);
         observer.on_tokens(1);
         observer.on_finish(5, 2);
-        let stats = EngineStats {
-            kv_blocks_total: 10,
-            kv_blocks_used: 5,
-            waiting_requests: 3,
-            ..Default::default()
-        };
+        let stats = EngineStats { kv_blocks_total: 10, kv_blocks_used: 5, waiting_requests: 3, ..Default::default() };
         let text = metrics.render(Some(stats), 1);
         for line in [
             "dlengine_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1",
@@ -281,10 +187,7 @@ mod tests {
             "dlengine_kv_cache_blocks_used 5",
             "dlengine_in_flight_requests 1",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
     }
 }

@@ -43,9 +43,7 @@ use state::{AppState, Ready};
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     let state = AppState::new(&args);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -105,18 +103,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(registration) = registration {
         registration.shutdown().await; // routers stop sending before the drain starts
     }
-    shutdown::drain(
-        &state,
-        std::time::Duration::from_secs(args.drain_timeout_secs),
-    )
-    .await;
+    shutdown::drain(&state, std::time::Duration::from_secs(args.drain_timeout_secs)).await;
     let _ = stop_http.send(());
     // The engine goes first: streams still running after the drain timeout then end with
     // an error event and [DONE], which the HTTP server gets to deliver before it stops.
     if let Some(engine) = state.loaded_engine().cloned() {
-        tokio::task::spawn_blocking(move || engine.shutdown())
-            .await
-            .context("engine shutdown panicked")?;
+        tokio::task::spawn_blocking(move || engine.shutdown()).await.context("engine shutdown panicked")?;
     }
     shutdown::stop_server(server).await;
     tracing::info!("stopped");
@@ -131,17 +123,6 @@ fn register_in_etcd(
     engine: &dlengine_engine::engine::Engine,
     transfer: dlengine_registry::TransferEndpoints,
 ) -> anyhow::Result<Option<dlengine_registry::RegistrarHandle>> {
-    let model = args
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(dlengine_registry::register_engine(
-        &args.registry,
-        identity,
-        &model,
-        served_model_name,
-        engine,
-        transfer,
-    )?)
+    let model = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(dlengine_registry::register_engine(&args.registry, identity, &model, served_model_name, engine, transfer)?)
 }

@@ -39,10 +39,7 @@ pub async fn drain(state: &AppState, timeout: Duration) {
     let in_flight = state.in_flight().count();
     tracing::info!(in_flight, timeout_secs = timeout.as_secs(), "draining");
     if !state.in_flight().wait_idle(timeout).await {
-        tracing::warn!(
-            still_running = state.in_flight().count(),
-            "drain timeout reached; aborting the rest"
-        );
+        tracing::warn!(still_running = state.in_flight().count(), "drain timeout reached; aborting the rest");
     }
 }
 
@@ -53,8 +50,6 @@ pub async fn stop_server(server: JoinHandle<std::io::Result<()>>) {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!("HTTP server error while stopping: {e}"),
         Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),
-        Err(_) => {
-            tracing::warn!("connections still open after {CLOSE_CONNECTIONS:?}; closing them")
-        }
+        Err(_) => tracing::warn!("connections still open after {CLOSE_CONNECTIONS:?}; closing them"),
     }
 }

@@ -24,12 +24,7 @@ pub fn push_event<T: Serialize>(out: &mut Vec<u8>, value: &T) {
 
 /// Turns engine deltas into SSE events for one endpoint's chunk shape.
 pub trait ChunkWriter: Send + 'static {
-    fn delta(
-        &mut self,
-        source: usize,
-        delta: dlengine_engine::request::ChoiceDelta,
-        out: &mut Vec<u8>,
-    );
+    fn delta(&mut self, source: usize, delta: dlengine_engine::request::ChoiceDelta, out: &mut Vec<u8>);
     /// After the last delta (the usage chunk, when asked for).
     fn finish(&mut self, usage: Usage, out: &mut Vec<u8>);
 }
@@ -42,11 +37,7 @@ struct StreamState<W> {
 
 /// The streaming response: one body chunk per engine delta.
 pub fn sse_response<W: ChunkWriter>(generation: Generation, writer: W) -> Response {
-    let state = StreamState {
-        generation,
-        writer,
-        done: false,
-    };
+    let state = StreamState { generation, writer, done: false };
     let frames = futures::stream::unfold(state, |mut state| async move {
         if state.done {
             return None;
@@ -74,10 +65,7 @@ pub fn sse_response<W: ChunkWriter>(generation: Generation, writer: W) -> Respon
     });
     let mut response = Body::from_stream(frames).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }

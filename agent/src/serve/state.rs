@@ -8,9 +8,9 @@ use dlengine_cli::ServeArgs;
 use dlengine_engine::engine::Engine;
 
 use super::chat_setup::ChatSetup;
+use super::pd::Pd;
 use super::in_flight::{InFlight, InFlightGuard};
 use super::metrics::{Metrics, RequestObserver};
-use super::pd::Pd;
 use crate::openai::{ids, ApiError};
 
 /// The loaded engine and what was derived from its tokenizer.
@@ -47,10 +47,7 @@ pub enum Phase {
 
 impl AppState {
     pub fn new(args: &ServeArgs) -> Self {
-        let served_model = args
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| default_model_name(&args.model));
+        let served_model = args.served_model_name.clone().unwrap_or_else(|| default_model_name(&args.model));
         Self {
             inner: Arc::new(Inner {
                 served_model,
@@ -86,12 +83,8 @@ impl AppState {
     pub fn ready(&self) -> Result<&Ready, ApiError> {
         match (self.phase(), self.inner.ready.get()) {
             (Phase::Ready, Some(ready)) => Ok(ready),
-            (Phase::Draining, _) => Err(ApiError::unavailable(
-                "the server is shutting down and accepts no new requests",
-            )),
-            _ => Err(ApiError::unavailable(
-                "the model is still loading; retry shortly",
-            )),
+            (Phase::Draining, _) => Err(ApiError::unavailable("the server is shutting down and accepts no new requests")),
+            _ => Err(ApiError::unavailable("the model is still loading; retry shortly")),
         }
     }
 
@@ -146,17 +139,11 @@ impl AppState {
 
     /// Bookkeeping one generation request carries until it is answered.
     pub fn track_request(&self) -> (InFlightGuard, RequestObserver) {
-        (
-            self.inner.in_flight.enter(),
-            RequestObserver::new(self.inner.metrics.clone()),
-        )
+        (self.inner.in_flight.enter(), RequestObserver::new(self.inner.metrics.clone()))
     }
 }
 
 fn default_model_name(dir: &std::path::Path) -> String {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
-    canonical
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| canonical.display().to_string())
+    canonical.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| canonical.display().to_string())
 }

@@ -32,16 +32,7 @@ impl Server {
     /// Starts the server without waiting for the model to load.
     pub fn spawn(model: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dlengine"))
-            .args([
-                "serve",
-                &fixture_model(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--device",
-                "cpu",
-            ])
+            .args(["serve", &fixture_model(model), "--host", "127.0.0.1", "--port", "0", "--device", "cpu"])
             .args(["--cpu-kv-cache-mib", "64"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -57,12 +48,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(
-                        rest.split_whitespace()
-                            .next()
-                            .unwrap_or_default()
-                            .to_owned(),
-                    );
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
                 }
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
@@ -71,17 +57,9 @@ impl Server {
         });
         let base = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(base) => base,
-            Err(_) => panic!(
-                "the server did not say where it listens; log:\n{}",
-                log.lock().unwrap()
-            ),
+            Err(_) => panic!("the server did not say where it listens; log:\n{}", log.lock().unwrap()),
         };
-        Server {
-            child,
-            base,
-            client: reqwest::Client::new(),
-            log,
-        }
+        Server { child, base, client: reqwest::Client::new(), log }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -106,31 +84,15 @@ impl Server {
     }
 
     pub async fn health(&self) -> u16 {
-        self.client
-            .get(self.url("/health"))
-            .send()
-            .await
-            .expect("health")
-            .status()
-            .as_u16()
+        self.client.get(self.url("/health")).send().await.expect("health").status().as_u16()
     }
 
     pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request")
+        self.client.post(self.url(path)).json(&body).send().await.expect("request")
     }
 
     /// POST and parse the JSON answer, asserting the status.
-    pub async fn post_json(
-        &self,
-        path: &str,
-        body: serde_json::Value,
-        status: u16,
-    ) -> serde_json::Value {
+    pub async fn post_json(&self, path: &str, body: serde_json::Value, status: u16) -> serde_json::Value {
         let response = self.post(path, body.clone()).await;
         let got = response.status().as_u16();
         let text = response.text().await.expect("body");
@@ -142,28 +104,14 @@ impl Server {
     pub async fn post_sse(&self, path: &str, body: serde_json::Value) -> Vec<serde_json::Value> {
         let response = self.post(path, body.clone()).await;
         assert_eq!(response.status(), 200, "POST {path} {body}");
-        let content_type = response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        assert!(
-            content_type.starts_with("text/event-stream"),
-            "{content_type}"
-        );
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
         parse_sse(&response.text().await.expect("body"))
     }
 
     /// One metric's value from `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("body");
+        let text = self.client.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("body");
         metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
     }
 
@@ -175,19 +123,13 @@ impl Server {
             if got == want {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{name} stayed at {got}, wanted {want}"
-            );
+            assert!(Instant::now() < deadline, "{name} stayed at {got}, wanted {want}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         assert!(status.success());
     }
 
@@ -199,10 +141,7 @@ impl Server {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "the server did not exit within {timeout:?}; log:\n{}",
-                    self.log()
-                );
+                panic!("the server did not exit within {timeout:?}; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -220,16 +159,12 @@ pub fn parse_sse(text: &str) -> Vec<serde_json::Value> {
     text.split("\n\n")
         .filter(|e| !e.trim().is_empty())
         .map(|e| {
-            let data = e
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data event: {e:?}"));
-            serde_json::from_str(data)
-                .unwrap_or_else(|_| serde_json::Value::String(data.to_owned()))
+            let data = e.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data event: {e:?}"));
+            serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::String(data.to_owned()))
         })
         .collect()
 }
 
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

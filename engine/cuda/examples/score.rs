@@ -18,12 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (model, tokens_path, out) = (PathBuf::from(&args[1]), &args[2], &args[3]);
     let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(tokens_path)?)?;
-    let chunk = args
-        .iter()
-        .position(|a| a == "--chunk")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(tokens.len());
+    let chunk = args.iter().position(|a| a == "--chunk").and_then(|i| args.get(i + 1)).and_then(|c| c.parse().ok()).unwrap_or(tokens.len());
     let config = EngineConfig {
         num_kv_blocks: Some(tokens.len() / 16 + 64),
         max_model_len: Some(tokens.len() + 16),
@@ -35,28 +30,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut core = if args.iter().any(|a| a == "--cpu") {
         EngineCore::load(&model, &config, CpuBackend::new(1 << 30))?
     } else {
-        let cuda = CudaConfig {
-            ordinal: 0,
-            gpu_memory_utilization: 0.9,
-            enforce_eager: true,
-            max_graph_batch_size: 0,
-            kernel_cache_dir: Some(std::env::temp_dir().join("dlengine-kernels")),
-        };
+        let cuda = CudaConfig { ordinal: 0, gpu_memory_utilization: 0.9, enforce_eager: true, max_graph_batch_size: 0, kernel_cache_dir: Some(std::env::temp_dir().join("dlengine-kernels")) };
         EngineCore::load(&model, &config, CudaBackend::new(cuda)?)?
     };
-    eprintln!(
-        "loaded {} in {:.1}s on {}",
-        model.display(),
-        started.elapsed().as_secs_f64(),
-        core.info().device
-    );
+    eprintln!("loaded {} in {:.1}s on {}", model.display(), started.elapsed().as_secs_f64(), core.info().device);
     let started = Instant::now();
     let logits = core.score(&tokens, chunk)?;
-    eprintln!(
-        "scored {} tokens (chunk {chunk}) in {:.1} ms",
-        tokens.len(),
-        started.elapsed().as_secs_f64() * 1e3
-    );
+    eprintln!("scored {} tokens (chunk {chunk}) in {:.1} ms", tokens.len(), started.elapsed().as_secs_f64() * 1e3);
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(out, bytes)?;
     Ok(())

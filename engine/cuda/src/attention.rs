@@ -52,32 +52,18 @@ unsafe impl Send for Attention {}
 fn splits(batch: &CudaBatch, kv_heads: usize, multiprocessors: usize) -> usize {
     let capacity = batch.table_stride * batch.block_size;
     let for_occupancy = (2 * multiprocessors).div_ceil(batch.num_seqs.max(1) * kv_heads);
-    for_occupancy
-        .clamp(1, MAX_SPLITS)
-        .min(capacity.div_ceil(PARTITION).max(1))
+    for_occupancy.clamp(1, MAX_SPLITS).min(capacity.div_ceil(PARTITION).max(1))
 }
 
 impl Attention {
     pub fn new(max_seqs: usize, multiprocessors: usize) -> Self {
-        Self {
-            kernels: HashMap::new(),
-            partial_acc: None,
-            partial_ml: None,
-            max_seqs,
-            multiprocessors,
-        }
+        Self { kernels: HashMap::new(), partial_acc: None, partial_ml: None, max_seqs, multiprocessors }
     }
 
     fn kernels(&mut self, compiler: &Compiler, spec: Spec, q_heads: usize) -> Result<&Kernels> {
         if !self.kernels.contains_key(&spec) {
             if spec.head_dim % 16 != 0 || spec.head_dim > 256 {
-                return Err(op_error(
-                    "attention",
-                    format!(
-                        "head_dim {} is not supported (a multiple of 16 up to 256)",
-                        spec.head_dim
-                    ),
-                ));
+                return Err(op_error("attention", format!("head_dim {} is not supported (a multiple of 16 up to 256)", spec.head_dim)));
             }
             let module = compiler.load(
                 ATTENTION,
@@ -89,8 +75,7 @@ impl Attention {
                 ],
             )?;
             let prefill = module.function("prefill_attention")?;
-            let smem = ((PREFILL_KEYS * (spec.head_dim + 8) + spec.head_dim * (PREFILL_KEYS + 8))
-                * 2) as u32;
+            let smem = ((PREFILL_KEYS * (spec.head_dim + 8) + spec.head_dim * (PREFILL_KEYS + 8)) * 2) as u32;
             // SAFETY: valid function handle; raising the dynamic shared memory limit.
             unsafe {
                 result::function::set_function_attribute(
@@ -100,18 +85,11 @@ impl Attention {
                 )
             }
             .op("prefill shared memory limit")?;
-            let k = Kernels {
-                decode: module.function("decode_attention")?,
-                reduce: module.function("decode_reduce")?,
-                prefill,
-                prefill_smem: smem,
-            };
+            let k = Kernels { decode: module.function("decode_attention")?, reduce: module.function("decode_reduce")?, prefill, prefill_smem: smem };
             self.kernels.insert(spec, k);
             let floats = self.max_seqs * q_heads * MAX_SPLITS * spec.head_dim;
             self.partial_acc = Some(DeviceBuffer::new(floats * 4)?);
-            self.partial_ml = Some(DeviceBuffer::new(
-                self.max_seqs * q_heads * MAX_SPLITS * 2 * 4,
-            )?);
+            self.partial_ml = Some(DeviceBuffer::new(self.max_seqs * q_heads * MAX_SPLITS * 2 * 4)?);
         }
         Ok(&self.kernels[&spec])
     }
@@ -168,13 +146,7 @@ impl Attention {
                 reduce,
                 stream,
                 &Launch::new(grid, layout.head_dim as u32),
-                vec![
-                    Arg::Ptr(acc),
-                    Arg::Ptr(ml),
-                    Arg::Ptr(batch.query_start),
-                    Arg::I32(splits as i32),
-                    Arg::Ptr(out),
-                ],
+                vec![Arg::Ptr(acc), Arg::Ptr(ml), Arg::Ptr(batch.query_start), Arg::I32(splits as i32), Arg::Ptr(out)],
             );
         }
         let mut cfg = Launch::new((batch.num_items as u32, layout.q_heads as u32, 1), 128);

@@ -18,8 +18,8 @@ use crate::device::Device;
 use crate::error::{op_error, OpContext, Result};
 use crate::gemm::Gemm;
 use crate::graphs::{ladder, Graphs};
-use crate::kernels::{Compiler, Module, ELEMENTWISE, GEMV, KV_CACHE, KV_TRANSFER, SAMPLING};
 use crate::kv_io::KvIo;
+use crate::kernels::{Compiler, Module, ELEMENTWISE, GEMV, KV_CACHE, KV_TRANSFER, SAMPLING};
 use crate::launch::{launch, Arg, Launch};
 use crate::memory::{DeviceBuffer, Pool};
 use crate::sampling::Sampler;
@@ -110,9 +110,7 @@ impl CudaBackend {
         if self.graphs.is_capturing() {
             return Ok(());
         }
-        self.kv_io
-            .progress
-            .layers_written(self.device.stream, layer, 1)
+        self.kv_io.progress.layers_written(self.device.stream, layer, 1)
     }
 
     /// Opens the GPU and compiles (or loads cached) kernels. Fails with
@@ -127,11 +125,8 @@ impl CudaBackend {
         let kv_io = KvIo::new(&compiler.load(KV_TRANSFER, &[])?)?;
         let k = ElementwiseKernels::new(&elementwise, &kv)?;
         let gemm = Gemm::new(device.stream, &gemv, device.info.multiprocessors)?;
-        let sampler = Sampler::new(
-            sampling.function("sample")?,
-            sampling.function("logprobs")?,
-            sampling.function("adjust_logits")?,
-        )?;
+        let sampler =
+            Sampler::new(sampling.function("sample")?, sampling.function("logprobs")?, sampling.function("adjust_logits")?)?;
         Ok(Self {
             config,
             compiler,
@@ -153,32 +148,16 @@ impl CudaBackend {
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         let lease = self.pool.alloc(rows * cols * 2)?;
-        Ok(CudaTensor::new(
-            Storage::Pooled(lease),
-            rows,
-            cols,
-            DType::BF16,
-        ))
+        Ok(CudaTensor::new(Storage::Pooled(lease), rows, cols, DType::BF16))
     }
 
-    fn upload_owned(
-        &mut self,
-        bytes: &[u8],
-        rows: usize,
-        cols: usize,
-        dtype: DType,
-    ) -> Result<CudaTensor> {
+    fn upload_owned(&mut self, bytes: &[u8], rows: usize, cols: usize, dtype: DType) -> Result<CudaTensor> {
         self.device.bind()?;
         let buf = DeviceBuffer::new(bytes.len())?;
         // SAFETY: the buffer holds bytes.len() bytes.
         unsafe { result::memcpy_htod_sync(buf.ptr(), bytes) }.op("uploading a weight")?;
         self.weight_bytes += bytes.len();
-        Ok(CudaTensor::new(
-            Storage::Owned(Arc::new(buf)),
-            rows,
-            cols,
-            dtype,
-        ))
+        Ok(CudaTensor::new(Storage::Owned(Arc::new(buf)), rows, cols, dtype))
     }
 
     fn stream(&self) -> cudarc::driver::sys::CUstream {
@@ -186,29 +165,18 @@ impl CudaBackend {
     }
 
     pub(crate) fn kv_cache(&self, op: &'static str) -> Result<&KvCache> {
-        self.kv
-            .as_ref()
-            .ok_or_else(|| op_error(op, "the KV cache is not allocated"))
+        self.kv.as_ref().ok_or_else(|| op_error(op, "the KV cache is not allocated"))
     }
 
     fn kv_layer(&self, layer: usize, op: &'static str) -> Result<(u64, u64)> {
         let kv = self.kv_cache(op)?;
-        let (k, v) = kv
-            .layers
-            .get(layer)
-            .ok_or_else(|| op_error(op, format!("no KV cache for layer {layer}")))?;
+        let (k, v) = kv.layers.get(layer).ok_or_else(|| op_error(op, format!("no KV cache for layer {layer}")))?;
         Ok((k.ptr(), v.ptr()))
     }
 
     fn expect_bf16(op: &'static str, t: &CudaTensor, cols: usize) -> Result<()> {
         if t.dtype != DType::BF16 || t.cols != cols {
-            return Err(op_error(
-                op,
-                format!(
-                    "expected a bf16 tensor with {cols} columns, got {:?} with {}",
-                    t.dtype, t.cols
-                ),
-            ));
+            return Err(op_error(op, format!("expected a bf16 tensor with {cols} columns, got {:?} with {}", t.dtype, t.cols)));
         }
         Ok(())
     }
@@ -239,25 +207,20 @@ impl Backend for CudaBackend {
         let (rows, cols) = host.rows_cols();
         let data = host.to_bf16();
         // SAFETY: bf16 is two plain bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 2) };
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 2) };
         self.upload_owned(bytes, rows, cols, DType::BF16)
     }
 
     fn f32_table(&mut self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         // SAFETY: f32 is four plain bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
         self.upload_owned(bytes, rows, cols, DType::F32)
     }
 
     fn set_step_limits(&mut self, limits: StepLimits) -> Result<()> {
         self.device.bind()?;
         self.steps = Some(StepBuffers::new(&limits)?);
-        self.attention = Some(Attention::new(
-            limits.max_seqs,
-            self.device.info.multiprocessors,
-        ));
+        self.attention = Some(Attention::new(limits.max_seqs, self.device.info.multiprocessors));
         self.limits = Some(limits);
         Ok(())
     }
@@ -297,22 +260,15 @@ impl Backend for CudaBackend {
 
     fn copy_kv_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()> {
         self.device.bind()?;
-        let kv = self
-            .kv
-            .as_ref()
-            .ok_or_else(|| op_error("copy_kv_blocks", "the KV cache is not allocated"))?;
+        let kv = self.kv.as_ref().ok_or_else(|| op_error("copy_kv_blocks", "the KV cache is not allocated"))?;
         let l = kv.layout;
         let block_bytes = l.block_size * l.kv_heads * l.head_dim * 2;
         for (k, v) in &kv.layers {
             for &(src, dst) in pairs {
                 for base in [k.ptr(), v.ptr()] {
-                    let (s, d) = (
-                        base + src as u64 * block_bytes as u64,
-                        base + dst as u64 * block_bytes as u64,
-                    );
+                    let (s, d) = (base + src as u64 * block_bytes as u64, base + dst as u64 * block_bytes as u64);
                     // SAFETY: both blocks lie inside the layer's buffer.
-                    unsafe { result::memcpy_dtod_async(d, s, block_bytes, self.device.stream) }
-                        .op("copying KV blocks")?;
+                    unsafe { result::memcpy_dtod_async(d, s, block_bytes, self.device.stream) }.op("copying KV blocks")?;
                 }
             }
         }
@@ -322,10 +278,7 @@ impl Backend for CudaBackend {
     fn prepare(&mut self, input: &StepInput) -> Result<CudaBatch> {
         self.device.bind()?;
         let stream = self.device.stream;
-        let steps = self
-            .steps
-            .as_mut()
-            .ok_or_else(|| op_error("prepare", "step limits were not set"))?;
+        let steps = self.steps.as_mut().ok_or_else(|| op_error("prepare", "step limits were not set"))?;
         let batch = steps.upload(stream, input)?;
         if !self.graphs.is_capturing() {
             self.timer.step_started(stream)?;
@@ -337,18 +290,7 @@ impl Backend for CudaBackend {
     fn embedding(&mut self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
         let out = self.alloc(batch.num_tokens, table.cols)?;
         let cfg = Launch::new((batch.num_tokens as u32, 1, 1), row_threads(table.cols));
-        launch(
-            "embedding",
-            self.k.embedding,
-            self.stream(),
-            &cfg,
-            vec![
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(batch.token_ids),
-                Arg::Ptr(out.ptr),
-                Arg::I32(table.cols as i32),
-            ],
-        )?;
+        launch("embedding", self.k.embedding, self.stream(), &cfg, vec![Arg::Ptr(table.ptr), Arg::Ptr(batch.token_ids), Arg::Ptr(out.ptr), Arg::I32(table.cols as i32)])?;
         Ok(out)
     }
 
@@ -356,47 +298,16 @@ impl Backend for CudaBackend {
         Self::expect_bf16("rms_norm", x, weight.cols)?;
         let out = self.alloc(x.rows, x.cols)?;
         let cfg = Launch::new((x.rows as u32, 1, 1), row_threads(x.cols));
-        launch(
-            "rms_norm",
-            self.k.rms_norm,
-            self.stream(),
-            &cfg,
-            vec![
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(weight.ptr),
-                Arg::Ptr(out.ptr),
-                Arg::I32(x.cols as i32),
-                Arg::F32(eps),
-            ],
-        )?;
+        launch("rms_norm", self.k.rms_norm, self.stream(), &cfg, vec![Arg::Ptr(x.ptr), Arg::Ptr(weight.ptr), Arg::Ptr(out.ptr), Arg::I32(x.cols as i32), Arg::F32(eps)])?;
         Ok(out)
     }
 
-    fn add_rms_norm(
-        &mut self,
-        x: &CudaTensor,
-        residual: &mut CudaTensor,
-        weight: &CudaTensor,
-        eps: f32,
-    ) -> Result<CudaTensor> {
+    fn add_rms_norm(&mut self, x: &CudaTensor, residual: &mut CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
         Self::expect_bf16("add_rms_norm", x, residual.cols)?;
         let out = self.alloc(x.rows, x.cols)?;
         let cfg = Launch::new((x.rows as u32, 1, 1), row_threads(x.cols));
-        let args = vec![
-            Arg::Ptr(x.ptr),
-            Arg::Ptr(residual.ptr),
-            Arg::Ptr(weight.ptr),
-            Arg::Ptr(out.ptr),
-            Arg::I32(x.cols as i32),
-            Arg::F32(eps),
-        ];
-        launch(
-            "add_rms_norm",
-            self.k.add_rms_norm,
-            self.stream(),
-            &cfg,
-            args,
-        )?;
+        let args = vec![Arg::Ptr(x.ptr), Arg::Ptr(residual.ptr), Arg::Ptr(weight.ptr), Arg::Ptr(out.ptr), Arg::I32(x.cols as i32), Arg::F32(eps)];
+        launch("add_rms_norm", self.k.add_rms_norm, self.stream(), &cfg, args)?;
         Ok(out)
     }
 
@@ -417,17 +328,7 @@ impl Backend for CudaBackend {
         let new_residual = self.alloc(x.rows, x.cols)?;
         let out = self.alloc(x.rows, weight.rows)?;
         let dims = (x.rows, x.cols, weight.rows);
-        self.gemm.add_rms_linear(
-            self.stream(),
-            x.ptr,
-            residual.ptr,
-            new_residual.ptr,
-            norm.ptr,
-            eps,
-            weight.ptr,
-            out.ptr,
-            dims,
-        )?;
+        self.gemm.add_rms_linear(self.stream(), x.ptr, residual.ptr, new_residual.ptr, norm.ptr, eps, weight.ptr, out.ptr, dims)?;
         *residual = new_residual;
         Ok(out)
     }
@@ -435,35 +336,13 @@ impl Backend for CudaBackend {
     fn linear(&mut self, x: &CudaTensor, weight: &CudaTensor) -> Result<CudaTensor> {
         Self::expect_bf16("linear", x, weight.cols)?;
         let out = self.alloc(x.rows, weight.rows)?;
-        self.gemm.linear(
-            self.stream(),
-            x.ptr,
-            weight.ptr,
-            out.ptr,
-            x.rows,
-            x.cols,
-            weight.rows,
-        )?;
+        self.gemm.linear(self.stream(), x.ptr, weight.ptr, out.ptr, x.rows, x.cols, weight.rows)?;
         Ok(out)
     }
 
-    fn qk_norm(
-        &mut self,
-        qkv: &mut CudaTensor,
-        layout: QkvLayout,
-        q_weight: &CudaTensor,
-        k_weight: &CudaTensor,
-        eps: f32,
-    ) -> Result<()> {
+    fn qk_norm(&mut self, qkv: &mut CudaTensor, layout: QkvLayout, q_weight: &CudaTensor, k_weight: &CudaTensor, eps: f32) -> Result<()> {
         Self::expect_bf16("qk_norm", qkv, layout.width())?;
-        let cfg = Launch::new(
-            (
-                qkv.rows as u32,
-                (layout.q_heads + layout.kv_heads) as u32,
-                1,
-            ),
-            32,
-        );
+        let cfg = Launch::new((qkv.rows as u32, (layout.q_heads + layout.kv_heads) as u32, 1), 32);
         let args = vec![
             Arg::Ptr(qkv.ptr),
             Arg::Ptr(q_weight.ptr),
@@ -476,22 +355,9 @@ impl Backend for CudaBackend {
         launch("qk_norm", self.k.qk_norm, self.stream(), &cfg, args)
     }
 
-    fn rope(
-        &mut self,
-        qkv: &mut CudaTensor,
-        layout: QkvLayout,
-        cos_sin: &CudaTensor,
-        batch: &CudaBatch,
-    ) -> Result<()> {
+    fn rope(&mut self, qkv: &mut CudaTensor, layout: QkvLayout, cos_sin: &CudaTensor, batch: &CudaBatch) -> Result<()> {
         Self::expect_bf16("rope", qkv, layout.width())?;
-        let cfg = Launch::new(
-            (
-                qkv.rows as u32,
-                (layout.q_heads + layout.kv_heads) as u32,
-                1,
-            ),
-            (layout.head_dim / 2) as u32,
-        );
+        let cfg = Launch::new((qkv.rows as u32, (layout.q_heads + layout.kv_heads) as u32, 1), (layout.head_dim / 2) as u32);
         let args = vec![
             Arg::Ptr(qkv.ptr),
             Arg::Ptr(batch.positions),
@@ -503,19 +369,10 @@ impl Backend for CudaBackend {
         launch("rope", self.k.rope, self.stream(), &cfg, args)
     }
 
-    fn write_kv(
-        &mut self,
-        qkv: &CudaTensor,
-        layout: QkvLayout,
-        layer: usize,
-        batch: &CudaBatch,
-    ) -> Result<()> {
+    fn write_kv(&mut self, qkv: &CudaTensor, layout: QkvLayout, layer: usize, batch: &CudaBatch) -> Result<()> {
         Self::expect_bf16("write_kv", qkv, layout.width())?;
         let (k, v) = self.kv_layer(layer, "write_kv")?;
-        let cfg = Launch::new(
-            (qkv.rows as u32, layout.kv_heads as u32, 1),
-            layout.head_dim.min(128) as u32,
-        );
+        let cfg = Launch::new((qkv.rows as u32, layout.kv_heads as u32, 1), layout.head_dim.min(128) as u32);
         let args = vec![
             Arg::Ptr(qkv.ptr),
             Arg::Ptr(batch.slot_mapping),
@@ -530,33 +387,13 @@ impl Backend for CudaBackend {
         self.layer_written(layer)
     }
 
-    fn attention(
-        &mut self,
-        qkv: &CudaTensor,
-        layout: QkvLayout,
-        layer: usize,
-        scale: f32,
-        batch: &CudaBatch,
-    ) -> Result<CudaTensor> {
+    fn attention(&mut self, qkv: &CudaTensor, layout: QkvLayout, layer: usize, scale: f32, batch: &CudaBatch) -> Result<CudaTensor> {
         Self::expect_bf16("attention", qkv, layout.width())?;
         let (k, v) = self.kv_layer(layer, "attention")?;
         let out = self.alloc(qkv.rows, layout.q_width())?;
         let stream = self.device.stream;
-        let attention = self
-            .attention
-            .as_mut()
-            .ok_or_else(|| op_error("attention", "step limits were not set"))?;
-        attention.run(
-            &self.compiler,
-            stream,
-            layout,
-            qkv.ptr,
-            k,
-            v,
-            scale,
-            batch,
-            out.ptr,
-        )?;
+        let attention = self.attention.as_mut().ok_or_else(|| op_error("attention", "step limits were not set"))?;
+        attention.run(&self.compiler, stream, layout, qkv.ptr, k, v, scale, batch, out.ptr)?;
         Ok(out)
     }
 
@@ -590,13 +427,7 @@ impl Backend for CudaBackend {
             Arg::I32(layout.head_dim as i32),
             Arg::I32(batch.block_size as i32),
         ];
-        launch(
-            "attention_prep",
-            self.k.attention_prep,
-            self.stream(),
-            &cfg,
-            args,
-        )?;
+        launch("attention_prep", self.k.attention_prep, self.stream(), &cfg, args)?;
         self.layer_written(layer)
     }
 
@@ -604,43 +435,18 @@ impl Backend for CudaBackend {
         let inter = gate_up.cols / 2;
         let out = self.alloc(gate_up.rows, inter)?;
         let cfg = Launch::new((gate_up.rows as u32, inter.div_ceil(256) as u32, 1), 256);
-        launch(
-            "silu_mul",
-            self.k.silu_mul,
-            self.stream(),
-            &cfg,
-            vec![
-                Arg::Ptr(gate_up.ptr),
-                Arg::Ptr(out.ptr),
-                Arg::I32(inter as i32),
-            ],
-        )?;
+        launch("silu_mul", self.k.silu_mul, self.stream(), &cfg, vec![Arg::Ptr(gate_up.ptr), Arg::Ptr(out.ptr), Arg::I32(inter as i32)])?;
         Ok(out)
     }
 
     fn gather_logit_rows(&mut self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
         let out = self.alloc(batch.num_logit_rows, x.cols)?;
         let cfg = Launch::new((batch.num_logit_rows as u32, 1, 1), row_threads(x.cols));
-        launch(
-            "gather_rows",
-            self.k.gather_rows,
-            self.stream(),
-            &cfg,
-            vec![
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(batch.logit_rows),
-                Arg::Ptr(out.ptr),
-                Arg::I32(x.cols as i32),
-            ],
-        )?;
+        launch("gather_rows", self.k.gather_rows, self.stream(), &cfg, vec![Arg::Ptr(x.ptr), Arg::Ptr(batch.logit_rows), Arg::Ptr(out.ptr), Arg::I32(x.cols as i32)])?;
         Ok(out)
     }
 
-    fn sample(
-        &mut self,
-        logits: &CudaTensor,
-        rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>> {
+    fn sample(&mut self, logits: &CudaTensor, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
         let stream = self.device.stream;
         let out = self.sampler.sample(&self.pool, stream, logits, rows)?;
         self.timer.step_finished(stream)?;
@@ -654,18 +460,9 @@ impl Backend for CudaBackend {
         unsafe { result::memcpy_dtoh_sync(&mut bytes, x.ptr) }.op("copying to the host")?;
         self.timer.step_finished(self.device.stream)?;
         Ok(match x.dtype {
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         })
     }
 
@@ -686,11 +483,7 @@ impl Backend for CudaBackend {
         self.graphs.end(self.device.stream, batch_size, output)
     }
 
-    fn replay_and_sample(
-        &mut self,
-        batch_size: usize,
-        rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>> {
+    fn replay_and_sample(&mut self, batch_size: usize, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
         let stream = self.device.stream;
         let logits = self.graphs.replay(stream, batch_size)?;
         let num_layers = self.kv.as_ref().map_or(0, |kv| kv.layout.num_layers);

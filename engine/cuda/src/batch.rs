@@ -51,21 +51,14 @@ fn as_bytes(v: &[u32]) -> &[u8] {
 
 /// Bytes the packed arrays of the largest step can take.
 fn capacity(l: &StepLimits) -> usize {
-    let ints = 5 * l.max_tokens
-        + 2 * l.max_seqs
-        + 1
-        + l.max_seqs * l.max_blocks_per_seq
-        + 2 * l.max_tokens;
+    let ints = 5 * l.max_tokens + 2 * l.max_seqs + 1 + l.max_seqs * l.max_blocks_per_seq + 2 * l.max_tokens;
     ints * 4 + 8 * 16
 }
 
 impl StepBuffers {
     pub fn new(limits: &StepLimits) -> Result<Self> {
         let bytes = capacity(limits);
-        Ok(Self {
-            device: DeviceBuffer::new(bytes)?,
-            staging: PinnedBuffer::new(bytes)?,
-        })
+        Ok(Self { device: DeviceBuffer::new(bytes)?, staging: PinnedBuffer::new(bytes)? })
     }
 
     /// Packs `input` into staging and copies it to the device (after any previous copy has
@@ -90,10 +83,7 @@ impl StepBuffers {
         for (i, a) in arrays.iter().enumerate() {
             let bytes = as_bytes(a);
             if at + bytes.len() > staging.len() {
-                return Err(op_error(
-                    "prepare",
-                    "the step exceeds the step limits given at start",
-                ));
+                return Err(op_error("prepare", "the step exceeds the step limits given at start"));
             }
             staging[at..at + bytes.len()].copy_from_slice(bytes);
             offsets[i] = at;
@@ -101,10 +91,7 @@ impl StepBuffers {
         }
         // SAFETY: `at` bytes fit both buffers; staging is pinned and untouched until the
         // next upload, which synchronises first.
-        unsafe {
-            result::memcpy_htod_async(self.device.ptr(), &self.staging.as_slice()[..at], stream)
-        }
-        .op("uploading step inputs")?;
+        unsafe { result::memcpy_htod_async(self.device.ptr(), &self.staging.as_slice()[..at], stream) }.op("uploading step inputs")?;
         let ptr = |i: usize| self.device.ptr() + offsets[i] as u64;
         Ok(CudaBatch {
             num_tokens: input.num_tokens(),

@@ -31,10 +31,7 @@ pub struct Device {
 unsafe impl Send for Device {}
 
 /// Runs `f`, turning a panic (cudarc's reaction to a missing shared library) into an error.
-fn fenced<T>(
-    what: &str,
-    f: impl FnOnce() -> T + std::panic::UnwindSafe,
-) -> std::result::Result<T, String> {
+fn fenced<T>(what: &str, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::result::Result<T, String> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let out = std::panic::catch_unwind(f);
@@ -51,8 +48,7 @@ fn fenced<T>(
 
 /// Checks that the driver, NVRTC and cuBLAS load and a GPU is present.
 pub fn probe() -> std::result::Result<DeviceInfo, String> {
-    fenced("the CUDA driver (libcuda)", result::init)?
-        .map_err(|e| format!("cuInit failed: {e:?}"))?;
+    fenced("the CUDA driver (libcuda)", result::init)?.map_err(|e| format!("cuInit failed: {e:?}"))?;
     let count = result::device::get_count().map_err(|e| format!("no CUDA device: {e:?}"))?;
     if count < 1 {
         return Err("no CUDA device found".into());
@@ -62,9 +58,7 @@ pub fn probe() -> std::result::Result<DeviceInfo, String> {
         // SAFETY: plain out-parameters.
         unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
     })?;
-    fenced("cuBLAS (libcublas)", || unsafe {
-        cudarc::cublas::sys::cublasGetVersion_v2(std::ptr::null_mut(), std::ptr::null_mut())
-    })?;
+    fenced("cuBLAS (libcublas)", || unsafe { cudarc::cublas::sys::cublasGetVersion_v2(std::ptr::null_mut(), std::ptr::null_mut()) })?;
     let ctx = CudaContext::new(0).map_err(|e| format!("creating a CUDA context: {e:?}"))?;
     info(&ctx).map_err(|e| e.to_string())
 }
@@ -74,9 +68,7 @@ fn info(ctx: &CudaContext) -> Result<DeviceInfo> {
         name: ctx.name().op("device name")?,
         compute_capability: ctx.compute_capability().op("compute capability")?,
         total_memory: ctx.total_mem().op("total memory")?,
-        multiprocessors: ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .op("SM count")? as usize,
+        multiprocessors: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).op("SM count")? as usize,
     })
 }
 
@@ -86,8 +78,7 @@ impl Device {
         let ctx = CudaContext::new(ordinal).op("creating a CUDA context")?;
         let info = info(&ctx)?;
         ctx.bind_to_thread().op("binding the context")?;
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .op("creating a stream")?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).op("creating a stream")?;
         Ok(Self { ctx, stream, info })
     }
 

@@ -5,14 +5,12 @@
 use std::ffi::c_void;
 
 use cudarc::cublas::result as cublas;
-use cudarc::cublas::sys::{
-    cublasComputeType_t, cublasGemmAlgo_t, cublasHandle_t, cublasOperation_t, cudaDataType,
-};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasHandle_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::sys::{CUfunction, CUstream};
 
 use crate::error::{OpContext, Result};
-use crate::kernels::Module;
 use crate::launch::{launch, Arg, Launch};
+use crate::kernels::Module;
 use crate::memory::DeviceBuffer;
 
 /// Rows up to which the GEMV kernels beat cuBLAS. Variants for 2, 4 and 8 rows lost to it:
@@ -58,21 +56,11 @@ impl Gemm {
         // during CUDA-graph capture.
         unsafe {
             cublas::set_stream(handle, stream as _).op("cublasSetStream")?;
-            cudarc::cublas::sys::cublasSetWorkspace_v2(
-                handle,
-                workspace.ptr() as *mut c_void,
-                WORKSPACE_BYTES,
-            )
-            .result()
-            .op("cublasSetWorkspace")?;
+            cudarc::cublas::sys::cublasSetWorkspace_v2(handle, workspace.ptr() as *mut c_void, WORKSPACE_BYTES)
+                .result()
+                .op("cublasSetWorkspace")?;
         }
-        Ok(Self {
-            handle,
-            _workspace: workspace,
-            gemv,
-            gemv_add_rms,
-            max_blocks: multiprocessors * GEMV_BLOCKS_PER_SM,
-        })
+        Ok(Self { handle, _workspace: workspace, gemv, gemv_add_rms, max_blocks: multiprocessors * GEMV_BLOCKS_PER_SM })
     }
 
     /// Whether the GEMV kernels take `n` input rows of `k` columns (staged in shared memory).
@@ -114,36 +102,14 @@ impl Gemm {
             Arg::I32(k as i32),
             Arg::I32(m as i32),
         ];
-        launch(
-            "gemv_add_rms",
-            self.gemv_add_rms,
-            stream,
-            &self.gemv_launch(n, k, m),
-            args,
-        )
+        launch("gemv_add_rms", self.gemv_add_rms, stream, &self.gemv_launch(n, k, m), args)
     }
 
     /// y[n, m] = x[n, k] · w[m, k]ᵀ, all bf16 row-major.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear(
-        &self,
-        stream: CUstream,
-        x: u64,
-        w: u64,
-        y: u64,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
+    pub fn linear(&self, stream: CUstream, x: u64, w: u64, y: u64, n: usize, k: usize, m: usize) -> Result<()> {
         if Self::gemv_fits(n, k) {
-            let args = vec![
-                Arg::Ptr(x),
-                Arg::Ptr(w),
-                Arg::Ptr(y),
-                Arg::I32(n as i32),
-                Arg::I32(k as i32),
-                Arg::I32(m as i32),
-            ];
+            let args = vec![Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(m as i32)];
             return launch("gemv", self.gemv, stream, &self.gemv_launch(n, k, m), args);
         }
         let (alpha, beta) = (1.0f32, 0.0f32);

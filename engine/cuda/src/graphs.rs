@@ -5,9 +5,7 @@
 use std::collections::HashMap;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::{
-    CUgraph, CUgraphExec, CUgraphInstantiate_flags, CUstream, CUstreamCaptureMode,
-};
+use cudarc::driver::sys::{CUgraph, CUgraphExec, CUgraphInstantiate_flags, CUstream, CUstreamCaptureMode};
 
 use crate::error::{op_error, OpContext, Result};
 use crate::tensor::CudaTensor;
@@ -35,49 +33,30 @@ impl Graphs {
 
     pub fn begin(&mut self, stream: CUstream, batch_size: usize) -> Result<()> {
         // SAFETY: our stream, not capturing already.
-        unsafe {
-            result::stream::begin_capture(
-                stream,
-                CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
-            )
-        }
-        .op("begin graph capture")?;
+        unsafe { result::stream::begin_capture(stream, CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .op("begin graph capture")?;
         self.capturing = Some(batch_size);
         Ok(())
     }
 
     pub fn end(&mut self, stream: CUstream, batch_size: usize, output: CudaTensor) -> Result<()> {
         if self.capturing.take() != Some(batch_size) {
-            return Err(op_error(
-                "end graph capture",
-                format!("not capturing batch size {batch_size}"),
-            ));
+            return Err(op_error("end graph capture", format!("not capturing batch size {batch_size}")));
         }
         // SAFETY: ends the capture begun on this stream; the graph is instantiated once
         // and destroyed in Drop.
         unsafe {
             let graph = result::stream::end_capture(stream).op("end graph capture")?;
-            let exec = result::graph::instantiate(graph, CUgraphInstantiate_flags(0))
-                .op("instantiate graph")?;
+            let exec = result::graph::instantiate(graph, CUgraphInstantiate_flags(0)).op("instantiate graph")?;
             result::graph::upload(exec, stream).op("upload graph")?;
-            self.graphs.insert(
-                batch_size,
-                Graph {
-                    exec,
-                    graph,
-                    output,
-                },
-            );
+            self.graphs.insert(batch_size, Graph { exec, graph, output });
         }
         Ok(())
     }
 
     /// Launches the graph of `batch_size`; returns its logits.
     pub fn replay(&self, stream: CUstream, batch_size: usize) -> Result<&CudaTensor> {
-        let g = self
-            .graphs
-            .get(&batch_size)
-            .ok_or_else(|| op_error("graph replay", format!("no graph for batch {batch_size}")))?;
+        let g = self.graphs.get(&batch_size).ok_or_else(|| op_error("graph replay", format!("no graph for batch {batch_size}")))?;
         // SAFETY: instantiated graph, our stream.
         unsafe { result::graph::launch(g.exec, stream) }.op("graph launch")?;
         Ok(&g.output)

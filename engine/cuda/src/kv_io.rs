@@ -10,9 +10,7 @@ use std::ffi::c_char;
 use std::ops::Range;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::{
-    self, CUdeviceptr, CUfunction, CUipcMemHandle, CUipcMem_flags_enum, CUstream,
-};
+use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
 use dlengine_engine::backend::KvBlockIo;
 use dlengine_engine::kv_transfer::CudaIpcKv;
 
@@ -34,12 +32,7 @@ pub(crate) struct PeerCache {
 
 impl Drop for PeerCache {
     fn drop(&mut self) {
-        let opened = self
-            .layers
-            .iter()
-            .flat_map(|&(k, v)| [k, v])
-            .chain(self.progress)
-            .filter(|&p| p != 0);
+        let opened = self.layers.iter().flat_map(|&(k, v)| [k, v]).chain(self.progress).filter(|&p| p != 0);
         // SAFETY: each was opened once by cuIpcOpenMemHandle_v2; the stream is ours (its
         // pending work completes before its resources go).
         unsafe {
@@ -69,7 +62,7 @@ pub(crate) struct KvIo {
 const CHUNK_BYTES: u64 = 64 << 10;
 /// Threads per CTA and CTAs per SM of the copy kernel: 2048 threads per SM, each with four
 /// 16-byte loads in flight, hide NVLink's and PCIe's latency.
-const COPY_THREADS: u32 = 512;
+pub(crate) const COPY_THREADS: u32 = 512;
 const COPY_CTAS_PER_SM: u32 = 4;
 /// Host staging is filled this many bytes at a time (at least one layer): a long prompt's
 /// KV is gigabytes, more than is worth pinning.
@@ -138,20 +131,20 @@ fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
     chunks
 }
 
+/// The copy kernel moves 16-byte words: every address and size must be a multiple of 16.
+pub(crate) fn check_aligned(op: &'static str, chunks: &[[u64; 3]]) -> Result<()> {
+    if chunks.iter().any(|c| c.iter().any(|x| x % 16 != 0)) {
+        return Err(op_error(op, "KV blocks are not 16-byte aligned"));
+    }
+    Ok(())
+}
+
 /// Segments copying each run of blocks of each (source, destination) buffer pair.
-fn block_segments(
-    buffers: &[(CUdeviceptr, CUdeviceptr)],
-    runs: &[(u32, u32, u32)],
-    block_bytes: u64,
-) -> Vec<[u64; 3]> {
+fn block_segments(buffers: &[(CUdeviceptr, CUdeviceptr)], runs: &[(u32, u32, u32)], block_bytes: u64) -> Vec<[u64; 3]> {
     let mut out = Vec::with_capacity(buffers.len() * runs.len());
     for &(src_base, dst_base) in buffers {
         for &(src, dst, n) in runs {
-            out.push([
-                src_base + src as u64 * block_bytes,
-                dst_base + dst as u64 * block_bytes,
-                n as u64 * block_bytes,
-            ]);
+            out.push([src_base + src as u64 * block_bytes, dst_base + dst as u64 * block_bytes, n as u64 * block_bytes]);
         }
     }
     out
@@ -159,24 +152,14 @@ fn block_segments(
 
 /// Segments between the blocks of `buffers` (in order) and a packed staging area at
 /// `staging`; `to_staging` says which way.
-fn staging_segments(
-    buffers: &[CUdeviceptr],
-    blocks: &[u32],
-    block_bytes: u64,
-    staging: u64,
-    to_staging: bool,
-) -> Vec<[u64; 3]> {
+fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], block_bytes: u64, staging: u64, to_staging: bool) -> Vec<[u64; 3]> {
     let runs = block_runs(blocks);
     let mut at = staging;
     let mut out = Vec::with_capacity(buffers.len() * runs.len());
     for &base in buffers {
         for &(block, _, n) in &runs {
             let (cache, len) = (base + block as u64 * block_bytes, n as u64 * block_bytes);
-            out.push(if to_staging {
-                [cache, at, len]
-            } else {
-                [at, cache, len]
-            });
+            out.push(if to_staging { [cache, at, len] } else { [at, cache, len] });
             at += len;
         }
     }
@@ -194,11 +177,7 @@ fn layers_per_round(blocks: usize, block_bytes: usize) -> usize {
 }
 
 fn handle_to_hex(handle: &CUipcMemHandle) -> String {
-    handle
-        .reserved
-        .iter()
-        .map(|&b| format!("{:02x}", b as u8))
-        .collect()
+    handle.reserved.iter().map(|&b| format!("{:02x}", b as u8)).collect()
 }
 
 fn handle_from_hex(hex: &str) -> Result<CUipcMemHandle> {
@@ -218,9 +197,7 @@ fn open_handle(hex: &str) -> Result<CUdeviceptr> {
     let mut ptr: CUdeviceptr = 0;
     let flags = CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
     // SAFETY: `ptr` is written by the driver; the mapping is closed in PeerCache::drop.
-    unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, flags) }
-        .result()
-        .op("opening a peer's KV cache (CUDA IPC)")?;
+    unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, flags) }.result().op("opening a peer's KV cache (CUDA IPC)")?;
     Ok(ptr)
 }
 
@@ -234,31 +211,16 @@ impl CudaBackend {
     fn pci_bus_id(&self) -> Result<String> {
         let mut buf = [0 as c_char; 32];
         // SAFETY: the driver writes a NUL-terminated string of at most `len` bytes.
-        unsafe {
-            sys::cuDeviceGetPCIBusId(
-                buf.as_mut_ptr(),
-                buf.len() as i32,
-                self.device.ctx.cu_device(),
-            )
-        }
-        .result()
-        .op("reading the PCI bus id")?;
-        let bytes: Vec<u8> = buf
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
+        unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, self.device.ctx.cu_device()) }
+            .result()
+            .op("reading the PCI bus id")?;
+        let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// The (K, V) base of every layer of this engine's KV cache.
     fn kv_buffers(&self, op: &'static str) -> Result<Vec<(CUdeviceptr, CUdeviceptr)>> {
-        Ok(self
-            .kv_cache(op)?
-            .layers
-            .iter()
-            .map(|(k, v)| (k.ptr(), v.ptr()))
-            .collect())
+        Ok(self.kv_cache(op)?.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect())
     }
 
     /// Copies `segments` with one launch of the chunk-copy kernel on the engine's stream
@@ -268,50 +230,26 @@ impl CudaBackend {
         if chunks.is_empty() {
             return Ok(());
         }
-        if chunks.iter().any(|c| c.iter().any(|x| x % 16 != 0)) {
-            return Err(op_error(op, "KV blocks are not 16-byte aligned"));
-        }
+        check_aligned(op, &chunks)?;
         let table = self.kv_io.chunk_table(chunks.len() * 24)?;
         let stream = self.device.stream;
         // SAFETY: the table holds `chunks`; the host slice outlives the synchronisation below.
         unsafe { result::memcpy_htod_async(table, chunks.as_flattened(), stream) }.op(op)?;
-        let ctas =
-            (self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM).min(chunks.len() as u32);
-        launch(
-            op,
-            self.kv_io.copy_chunks,
-            stream,
-            &Launch::new((ctas, 1, 1), COPY_THREADS),
-            vec![Arg::Ptr(table), Arg::I32(chunks.len() as i32)],
-        )?;
+        let ctas = (self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM).min(chunks.len() as u32);
+        launch(op, self.kv_io.copy_chunks, stream, &Launch::new((ctas, 1, 1), COPY_THREADS), vec![Arg::Ptr(table), Arg::I32(chunks.len() as i32)])?;
         // SAFETY: plain stream synchronisation: callers free or reuse the memory next.
         unsafe { result::stream::synchronize(stream) }.op(op)
     }
 
     fn map_peer(&mut self, peer: &CudaIpcKv) -> Result<&PeerCache> {
-        let key = (
-            peer.device.clone(),
-            peer.pid,
-            peer.k_handles.first().cloned().unwrap_or_default(),
-        );
+        let key = (peer.device.clone(), peer.pid, peer.k_handles.first().cloned().unwrap_or_default());
         if !self.kv_io.peers.contains_key(&key) {
             let layers = self.kv_cache("CUDA IPC")?.layers.len();
             if peer.k_handles.len() != layers || peer.v_handles.len() != layers {
-                return Err(op_error(
-                    "CUDA IPC",
-                    format!(
-                        "the peer exports {} layers, this engine has {layers}",
-                        peer.k_handles.len()
-                    ),
-                ));
+                return Err(op_error("CUDA IPC", format!("the peer exports {} layers, this engine has {layers}", peer.k_handles.len())));
             }
-            let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-                .op("creating a peer copy stream")?;
-            let mut cache = PeerCache {
-                layers: Vec::with_capacity(layers),
-                progress: None,
-                stream,
-            };
+            let stream = result::stream::create(result::stream::StreamKind::NonBlocking).op("creating a peer copy stream")?;
+            let mut cache = PeerCache { layers: Vec::with_capacity(layers), progress: None, stream };
             if let Some(progress) = &peer.progress {
                 cache.progress = Some(open_handle(progress)?);
             }
@@ -331,9 +269,7 @@ impl CudaBackend {
 /// `layers` in rounds that fit the staging buffer.
 fn rounds(layers: Range<usize>, per_round: usize) -> impl Iterator<Item = Range<usize>> {
     let end = layers.end;
-    layers
-        .step_by(per_round)
-        .map(move |l| l..(l + per_round).min(end))
+    layers.step_by(per_round).map(move |l| l..(l + per_round).min(end))
 }
 
 impl KvBlockIo for CudaBackend {
@@ -345,33 +281,19 @@ impl KvBlockIo for CudaBackend {
         for round in rounds(layers, layers_per_round(blocks.len(), block_bytes)) {
             let len = round.len() * 2 * blocks.len() * block_bytes;
             let (_, staging) = self.kv_io.staging(len)?;
-            let segments = staging_segments(
-                &layer_buffers(&buffers, round),
-                blocks,
-                block_bytes as u64,
-                staging,
-                true,
-            );
+            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, block_bytes as u64, staging, true);
             self.copy_segments("copying KV blocks to the host", segments)?;
             out.extend_from_slice(&self.kv_io.staging(len)?.0.as_slice()[..len]);
         }
         Ok(out)
     }
 
-    fn write_kv_blocks(
-        &mut self,
-        blocks: &[u32],
-        layers: Range<usize>,
-        bytes: &[u8],
-    ) -> Result<()> {
+    fn write_kv_blocks(&mut self, blocks: &[u32], layers: Range<usize>, bytes: &[u8]) -> Result<()> {
         self.device.bind()?;
         let block_bytes = self.block_bytes()?;
         let expected = layers.len() * 2 * blocks.len() * block_bytes;
         if bytes.len() != expected {
-            return Err(op_error(
-                "write_kv_blocks",
-                format!("expected {expected} bytes, got {}", bytes.len()),
-            ));
+            return Err(op_error("write_kv_blocks", format!("expected {expected} bytes, got {}", bytes.len())));
         }
         let buffers = self.kv_buffers("write_kv_blocks")?;
         let mut at = 0;
@@ -380,13 +302,7 @@ impl KvBlockIo for CudaBackend {
             let (host, staging) = self.kv_io.staging(len)?;
             host.as_mut_slice()[..len].copy_from_slice(&bytes[at..at + len]);
             at += len;
-            let segments = staging_segments(
-                &layer_buffers(&buffers, round),
-                blocks,
-                block_bytes as u64,
-                staging,
-                false,
-            );
+            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, block_bytes as u64, staging, false);
             self.copy_segments("copying KV blocks from the host", segments)?;
         }
         Ok(())
@@ -399,82 +315,44 @@ impl KvBlockIo for CudaBackend {
         let handle = |ptr: CUdeviceptr| -> Result<String> {
             let mut h = CUipcMemHandle { reserved: [0; 64] };
             // SAFETY: `ptr` is the base of a cuMemAlloc allocation that lives as long as the cache.
-            unsafe { sys::cuIpcGetMemHandle(&mut h, ptr) }
-                .result()
-                .op("exporting the KV cache (CUDA IPC)")?;
+            unsafe { sys::cuIpcGetMemHandle(&mut h, ptr) }.result().op("exporting the KV cache (CUDA IPC)")?;
             Ok(handle_to_hex(&h))
         };
-        let k_handles = kv
-            .layers
-            .iter()
-            .map(|(k, _)| handle(k.ptr()))
-            .collect::<Result<Vec<_>>>()?;
-        let v_handles = kv
-            .layers
-            .iter()
-            .map(|(_, v)| handle(v.ptr()))
-            .collect::<Result<Vec<_>>>()?;
+        let k_handles = kv.layers.iter().map(|(k, _)| handle(k.ptr())).collect::<Result<Vec<_>>>()?;
+        let v_handles = kv.layers.iter().map(|(_, v)| handle(v.ptr())).collect::<Result<Vec<_>>>()?;
         let num_layers = kv.layers.len();
         let progress = Some(handle(self.kv_io.progress.marks(num_layers)?)?);
-        Ok(Some(CudaIpcKv {
-            device,
-            pid: std::process::id(),
-            k_handles,
-            v_handles,
-            progress,
-        }))
+        Ok(Some(CudaIpcKv { device, pid: std::process::id(), k_handles, v_handles, progress }))
     }
 
-    fn start_copy_from_peer(
-        &mut self,
-        peer: &CudaIpcKv,
-        pairs: &[(u32, u32)],
-        ready_mark: Option<u32>,
-    ) -> Result<u64> {
+    fn start_copy_from_peer(&mut self, peer: &CudaIpcKv, pairs: &[(u32, u32)], ready_mark: Option<u32>) -> Result<u64> {
         self.device.bind()?;
         if peer.device == self.pci_bus_id()? {
-            return Err(op_error(
-                "CUDA IPC",
-                "the peer runs on this same GPU; CUDA IPC needs two devices",
-            ));
+            return Err(op_error("CUDA IPC", "the peer runs on this same GPU; CUDA IPC needs two devices"));
         }
         let block_bytes = self.block_bytes()? as u64;
         let local = self.kv_buffers("copy_kv_from_peer")?;
         let ctas = self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM;
         let mapped = self.map_peer(peer)?;
         let (stream, remote, progress) = (mapped.stream, mapped.layers.clone(), mapped.progress);
-        let layers: Vec<[(CUdeviceptr, CUdeviceptr); 2]> = remote
-            .into_iter()
-            .zip(local)
-            .map(|((rk, rv), (lk, lv))| [(rk, lk), (rv, lv)])
-            .collect();
+        let layers: Vec<[(CUdeviceptr, CUdeviceptr); 2]> =
+            remote.into_iter().zip(local).map(|((rk, rv), (lk, lv))| [(rk, lk), (rv, lv)]).collect();
         let runs = runs(pairs);
         let stages: Vec<CopyStage> = match (ready_mark, progress) {
             // Layer by layer, each once prefill has written it.
             (Some(_), Some(_)) => layers
                 .iter()
                 .enumerate()
-                .map(|(l, buffers)| CopyStage {
-                    wait_for_layer: Some(l),
-                    chunks: chunked(block_segments(buffers, &runs, block_bytes)),
-                })
+                .map(|(l, buffers)| CopyStage { wait_for_layer: Some(l), chunks: chunked(block_segments(buffers, &runs, block_bytes)) })
                 .collect(),
-            (Some(_), None) => {
-                return Err(op_error(
-                    "CUDA IPC",
-                    "an early descriptor from a peer that exports no progress marks",
-                ))
-            }
+            (Some(_), None) => return Err(op_error("CUDA IPC", "an early descriptor from a peer that exports no progress marks")),
             // Prefill's forward is over: one launch for everything.
-            (None, _) => vec![CopyStage {
-                wait_for_layer: None,
-                chunks: chunked(block_segments(layers.as_flattened(), &runs, block_bytes)),
-            }],
+            (None, _) => {
+                vec![CopyStage { wait_for_layer: None, chunks: chunked(block_segments(layers.as_flattened(), &runs, block_bytes)) }]
+            }
         };
         let progress = progress.zip(ready_mark);
-        self.kv_io
-            .peer_copies
-            .start(stream, &stages, ctas, progress)
+        self.kv_io.peer_copies.start(stream, &stages, ctas, progress)
     }
 
     fn copy_finished(&mut self, ticket: u64) -> Result<bool> {
@@ -493,10 +371,7 @@ mod tests {
 
     #[test]
     fn consecutive_pairs_coalesce_into_runs() {
-        assert_eq!(
-            runs(&[(4, 10), (5, 11), (6, 12), (9, 13), (10, 20)]),
-            vec![(4, 10, 3), (9, 13, 1), (10, 20, 1)]
-        );
+        assert_eq!(runs(&[(4, 10), (5, 11), (6, 12), (9, 13), (10, 20)]), vec![(4, 10, 3), (9, 13, 1), (10, 20, 1)]);
         assert!(runs(&[]).is_empty());
     }
 
@@ -506,10 +381,7 @@ mod tests {
         let block = 48 << 10; // a run of 3 blocks is 144 KiB: chunks of 64 + 64 + 16 KiB
         let chunks = chunked(block_segments(&buffers, &[(2, 5, 3), (9, 0, 1)], block));
         assert_eq!(chunks.len(), 2 * (3 + 1));
-        assert_eq!(
-            chunks[0],
-            [(1 << 40) + 2 * block, (2 << 40) + 5 * block, CHUNK_BYTES]
-        );
+        assert_eq!(chunks[0], [(1 << 40) + 2 * block, (2 << 40) + 5 * block, CHUNK_BYTES]);
         assert_eq!(chunks[2][2], 3 * block - 2 * CHUNK_BYTES);
         assert_eq!(chunks[3], [(1 << 40) + 9 * block, 2 << 40, block]);
         let total: u64 = chunks.iter().map(|c| c[2]).sum();
@@ -521,35 +393,19 @@ mod tests {
     fn staging_packs_layers_then_runs_back_to_back_both_ways() {
         let block = 1024;
         let out = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], block, 7 << 40, true);
-        let expected = [
-            [(1 << 30) + 3 * block, 7 << 40, 2 * block],
-            [(1 << 30) + 8 * block, (7 << 40) + 2 * block, block],
-        ];
+        let expected = [[(1 << 30) + 3 * block, 7 << 40, 2 * block], [(1 << 30) + 8 * block, (7 << 40) + 2 * block, block]];
         assert_eq!(out[..2], expected);
-        assert_eq!(
-            out[2],
-            [(2 << 30) + 3 * block, (7 << 40) + 3 * block, 2 * block]
-        );
+        assert_eq!(out[2], [(2 << 30) + 3 * block, (7 << 40) + 3 * block, 2 * block]);
         let back = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], block, 7 << 40, false);
-        assert!(out
-            .iter()
-            .zip(&back)
-            .all(|(a, b)| a[0] == b[1] && a[1] == b[0] && a[2] == b[2]));
+        assert!(out.iter().zip(&back).all(|(a, b)| a[0] == b[1] && a[1] == b[0] && a[2] == b[2]));
     }
 
     #[test]
     fn staging_rounds_cover_the_layers_and_fit_the_buffer() {
         let per = layers_per_round(256, 32 << 10); // 16 MiB a layer: 4 per round
         assert_eq!(per, 4);
-        assert_eq!(
-            rounds(0..10, per).collect::<Vec<_>>(),
-            vec![0..4, 4..8, 8..10]
-        );
-        assert_eq!(
-            layers_per_round(1 << 20, 32 << 10),
-            1,
-            "a layer larger than the buffer still goes, alone"
-        );
+        assert_eq!(rounds(0..10, per).collect::<Vec<_>>(), vec![0..4, 4..8, 8..10]);
+        assert_eq!(layers_per_round(1 << 20, 32 << 10), 1, "a layer larger than the buffer still goes, alone");
     }
 
     #[test]

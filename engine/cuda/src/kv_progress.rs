@@ -27,12 +27,7 @@ pub(crate) struct KvProgress {
 
 impl KvProgress {
     pub(crate) fn new(kv_transfer: &Module) -> Result<Self> {
-        Ok(Self {
-            publish: kv_transfer.function("publish_progress")?,
-            marks: None,
-            pending: None,
-            active: None,
-        })
+        Ok(Self { publish: kv_transfer.function("publish_progress")?, marks: None, pending: None, active: None })
     }
 
     /// The marks buffer (allocated and zeroed on first use), for export.
@@ -40,8 +35,7 @@ impl KvProgress {
         if self.marks.is_none() {
             let buffer = DeviceBuffer::new(num_layers.max(1) * 4)?;
             // SAFETY: the buffer holds at least `num_layers` u32s.
-            unsafe { result::memset_d8_sync(buffer.ptr(), 0, num_layers * 4) }
-                .op("zeroing KV progress marks")?;
+            unsafe { result::memset_d8_sync(buffer.ptr(), 0, num_layers * 4) }.op("zeroing KV progress marks")?;
             self.marks = Some(buffer);
         }
         Ok(self.marks.as_ref().expect("just set").ptr())
@@ -59,27 +53,11 @@ impl KvProgress {
     }
 
     /// After layers `first..first + count` of the current forward wrote their KV.
-    pub(crate) fn layers_written(
-        &self,
-        stream: CUstream,
-        first: usize,
-        count: usize,
-    ) -> Result<()> {
+    pub(crate) fn layers_written(&self, stream: CUstream, first: usize, count: usize) -> Result<()> {
         let (Some(mark), Some(marks)) = (self.active, &self.marks) else {
             return Ok(());
         };
-        let args = vec![
-            Arg::Ptr(marks.ptr()),
-            Arg::I32(first as i32),
-            Arg::I32(count as i32),
-            Arg::U32(mark),
-        ];
-        launch(
-            "publishing KV progress",
-            self.publish,
-            stream,
-            &Launch::new((1, 1, 1), 32),
-            args,
-        )
+        let args = vec![Arg::Ptr(marks.ptr()), Arg::I32(first as i32), Arg::I32(count as i32), Arg::U32(mark)];
+        launch("publishing KV progress", self.publish, stream, &Launch::new((1, 1, 1), 32), args)
     }
 }

@@ -36,29 +36,18 @@ pub struct Launch {
 
 impl Launch {
     pub fn new(grid: (u32, u32, u32), block: u32) -> Self {
-        Self {
-            grid,
-            block: (block, 1, 1),
-            shared_bytes: 0,
-        }
+        Self { grid, block: (block, 1, 1), shared_bytes: 0 }
     }
 }
 
 /// Launches `f` on `stream`. Every device pointer among `args` must stay valid until the
 /// kernel has run (stream order guarantees it for our pool and buffers).
-pub fn launch(
-    op: &'static str,
-    f: CUfunction,
-    stream: CUstream,
-    cfg: &Launch,
-    mut args: Vec<Arg>,
-) -> Result<()> {
+pub fn launch(op: &'static str, f: CUfunction, stream: CUstream, cfg: &Launch, mut args: Vec<Arg>) -> Result<()> {
     if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
         return Ok(());
     }
     let mut ptrs: Vec<*mut c_void> = args.iter_mut().map(Arg::as_void).collect();
     // SAFETY: `ptrs` point at `args`, alive for the call; the kernel's parameter list
     // matches the argument types at every call site (checked by the GPU tests).
-    unsafe { result::launch_kernel(f, cfg.grid, cfg.block, cfg.shared_bytes, stream, &mut ptrs) }
-        .op(op)
+    unsafe { result::launch_kernel(f, cfg.grid, cfg.block, cfg.shared_bytes, stream, &mut ptrs) }.op(op)
 }

@@ -62,21 +62,14 @@ impl PinnedBuffer {
         let buffer = Self::alloc(bytes, DEVICEMAP)?;
         let mut device: CUdeviceptr = 0;
         // SAFETY: the buffer was allocated with DEVICEMAP; the driver writes `device`.
-        unsafe {
-            cudarc::driver::sys::cuMemHostGetDevicePointer_v2(
-                &mut device,
-                buffer.ptr as *mut std::ffi::c_void,
-                0,
-            )
-        }
-        .result()
-        .op("mapping pinned host memory for the device")?;
+        unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut device, buffer.ptr as *mut std::ffi::c_void, 0) }
+            .result()
+            .op("mapping pinned host memory for the device")?;
         Ok((buffer, device))
     }
     fn alloc(bytes: usize, flags: u32) -> Result<Self> {
         // SAFETY: freed exactly once in Drop.
-        let ptr = unsafe { result::malloc_host(bytes.max(64), flags) }
-            .op("pinned host allocation")? as *mut u8;
+        let ptr = unsafe { result::malloc_host(bytes.max(64), flags) }.op("pinned host allocation")? as *mut u8;
         Ok(Self { ptr, bytes })
     }
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -126,10 +119,7 @@ struct PoolInner {
 
 impl PoolInner {
     fn carve(&mut self, class: usize) -> Result<CUdeviceptr> {
-        let fits = self
-            .chunks
-            .last()
-            .is_some_and(|c| self.cursor + class <= c.bytes());
+        let fits = self.chunks.last().is_some_and(|c| self.cursor + class <= c.bytes());
         if !fits {
             self.chunks.push(DeviceBuffer::new(class.max(CHUNK_BYTES))?);
             self.cursor = 0;
@@ -167,13 +157,7 @@ impl Drop for Lease {
 
 impl Pool {
     pub fn new() -> Self {
-        Self {
-            inner: Arc::new(Mutex::new(PoolInner {
-                chunks: Vec::new(),
-                cursor: 0,
-                free: BTreeMap::new(),
-            })),
-        }
+        Self { inner: Arc::new(Mutex::new(PoolInner { chunks: Vec::new(), cursor: 0, free: BTreeMap::new() })) }
     }
 
     /// A block of at least `bytes` bytes (256-byte aligned). Reuses a free block of the
@@ -181,31 +165,17 @@ impl Pool {
     pub fn alloc(&self, bytes: usize) -> Result<Lease> {
         let class = size_class(bytes);
         let mut p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let reuse = p
-            .free
-            .range_mut(class..)
-            .find(|(_, list)| !list.is_empty())
-            .map(|(c, list)| (*c, list.pop()));
+        let reuse = p.free.range_mut(class..).find(|(_, list)| !list.is_empty()).map(|(c, list)| (*c, list.pop()));
         let (class, ptr) = match reuse {
             Some((c, Some(ptr))) => (c, ptr),
             _ => (class, p.carve(class)?),
         };
-        Ok(Lease {
-            pool: self.inner.clone(),
-            ptr,
-            class,
-        })
+        Ok(Lease { pool: self.inner.clone(), ptr, class })
     }
 
     /// Bytes the pool holds from the driver.
     pub fn reserved_bytes(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .chunks
-            .iter()
-            .map(DeviceBuffer::bytes)
-            .sum()
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).chunks.iter().map(DeviceBuffer::bytes).sum()
     }
 }
 
@@ -215,16 +185,7 @@ mod tests {
 
     #[test]
     fn size_classes_are_coarse_and_never_too_small() {
-        for bytes in [
-            1usize,
-            255,
-            257,
-            4096,
-            1 << 20,
-            (1 << 20) + 1,
-            3 << 24,
-            123_456_789,
-        ] {
+        for bytes in [1usize, 255, 257, 4096, 1 << 20, (1 << 20) + 1, 3 << 24, 123_456_789] {
             let c = size_class(bytes);
             assert!(c >= bytes, "{bytes} -> {c}");
             assert!(c as f64 <= (bytes.max(256) as f64) * 2.0, "{bytes} -> {c}");

@@ -16,6 +16,7 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUfunction, CUstream};
 
 use crate::error::{op_error, OpContext, Result};
 use crate::kernels::Module;
+use crate::kv_io::{check_aligned, COPY_THREADS};
 use crate::launch::{launch, Arg, Launch};
 use crate::memory::PinnedBuffer;
 
@@ -60,28 +61,16 @@ impl PeerCopies {
 
     /// Queues `stages` on `stream` (a peer's copy stream), `ctas` CTAs per copy launch;
     /// `progress` is the peer's marks and `mark` what each waiting stage waits for.
-    pub(crate) fn start(
-        &mut self,
-        stream: CUstream,
-        stages: &[CopyStage],
-        ctas: u32,
-        progress: Option<(CUdeviceptr, u32)>,
-    ) -> Result<u64> {
+    pub(crate) fn start(&mut self, stream: CUstream, stages: &[CopyStage], ctas: u32, progress: Option<(CUdeviceptr, u32)>) -> Result<u64> {
         let total: usize = stages.iter().map(|s| s.chunks.len()).sum();
-        if stages
-            .iter()
-            .any(|s| s.chunks.iter().any(|c| c.iter().any(|x| x % 16 != 0)))
-        {
-            return Err(op_error(OP, "KV blocks are not 16-byte aligned"));
+        for stage in stages {
+            check_aligned(OP, &stage.chunks)?;
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let slot = ticket as usize % FAILURE_SLOTS;
         let failed = self.failure_flag(slot)?;
-        let flat: Vec<u64> = stages
-            .iter()
-            .flat_map(|s| s.chunks.iter().flatten().copied())
-            .collect();
+        let flat: Vec<u64> = stages.iter().flat_map(|s| s.chunks.iter().flatten().copied()).collect();
         // SAFETY: stream-ordered allocation, upload, use and free, all on `stream`. The
         // upload is from pageable memory, so the driver stages it before returning.
         let table = unsafe { result::malloc_async(stream, (total * 24).max(24)) }.op(OP)?;
@@ -96,23 +85,11 @@ impl PeerCopies {
                     Arg::U64(MARK_TIMEOUT.as_nanos() as u64),
                     Arg::Ptr(failed),
                 ];
-                launch(
-                    OP,
-                    self.wait_progress,
-                    stream,
-                    &Launch::new((1, 1, 1), 1),
-                    args,
-                )?;
+                launch(OP, self.wait_progress, stream, &Launch::new((1, 1, 1), 1), args)?;
             }
             let count = stage.chunks.len() as u32;
             let grid = ctas.min(count);
-            launch(
-                OP,
-                self.copy_chunks,
-                stream,
-                &Launch::new((grid, 1, 1), 512),
-                vec![Arg::Ptr(table + at * 24), Arg::I32(count as i32)],
-            )?;
+            launch(OP, self.copy_chunks, stream, &Launch::new((grid, 1, 1), COPY_THREADS), vec![Arg::Ptr(table + at * 24), Arg::I32(count as i32)])?;
             at += count as u64;
         }
         unsafe { result::free_async(table, stream) }.op(OP)?;
@@ -136,22 +113,9 @@ impl PeerCopies {
         let copy = self.in_flight.remove(&ticket).expect("checked");
         // SAFETY: complete, so nothing waits on it any more.
         unsafe { result::event::destroy(copy.done) }.op(OP)?;
-        let flags = self
-            .failures
-            .as_ref()
-            .expect("allocated by start")
-            .0
-            .as_slice();
-        if u32::from_ne_bytes(
-            flags[copy.slot * 4..copy.slot * 4 + 4]
-                .try_into()
-                .expect("4 bytes"),
-        ) != 0
-        {
-            return Err(op_error(
-                OP,
-                format!("prefill published no progress for {MARK_TIMEOUT:?} (it died or stalled)"),
-            ));
+        let flags = self.failures.as_ref().expect("allocated by start").0.as_slice();
+        if u32::from_ne_bytes(flags[copy.slot * 4..copy.slot * 4 + 4].try_into().expect("4 bytes")) != 0 {
+            return Err(op_error(OP, format!("prefill published no progress for {MARK_TIMEOUT:?} (it died or stalled)")));
         }
         Ok(true)
     }

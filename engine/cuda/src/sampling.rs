@@ -52,9 +52,7 @@ fn adjustments(rows: &[SamplingRow<'_>]) -> (Vec<i32>, Vec<i32>, Vec<f32>, Vec<f
     let mut seen_rows = std::collections::HashSet::new();
     for row in rows {
         // Rows sharing logits (the n samples of one request) share their adjustments.
-        if !seen_rows.insert(row.logit_row)
-            || (row.banned_tokens.is_empty() && !row.has_penalties())
-        {
+        if !seen_rows.insert(row.logit_row) || (row.banned_tokens.is_empty() && !row.has_penalties()) {
             continue;
         }
         let mut per_token: HashMap<u32, (f32, f32)> = HashMap::new();
@@ -69,8 +67,7 @@ fn adjustments(rows: &[SamplingRow<'_>]) -> (Vec<i32>, Vec<i32>, Vec<f32>, Vec<f
                 *counts.entry(t).or_default() += 1;
             }
             for (t, c) in counts {
-                per_token.entry(t).or_insert((1.0, 0.0)).1 -=
-                    row.presence_penalty + row.frequency_penalty * c as f32;
+                per_token.entry(t).or_insert((1.0, 0.0)).1 -= row.presence_penalty + row.frequency_penalty * c as f32;
             }
         }
         for &t in row.banned_tokens {
@@ -88,22 +85,11 @@ fn adjustments(rows: &[SamplingRow<'_>]) -> (Vec<i32>, Vec<i32>, Vec<f32>, Vec<f
 
 impl Sampler {
     pub fn new(sample: CUfunction, logprobs: CUfunction, adjust: CUfunction) -> Result<Self> {
-        Ok(Self {
-            sample,
-            logprobs,
-            adjust,
-            staging: PinnedBuffer::new(1 << 20)?,
-        })
+        Ok(Self { sample, logprobs, adjust, staging: PinnedBuffer::new(1 << 20)? })
     }
 
     /// Copies `data` to a fresh pool block via the pinned staging area at `offset`.
-    fn upload<T: Copy>(
-        &mut self,
-        pool: &Pool,
-        stream: CUstream,
-        offset: &mut usize,
-        data: &[T],
-    ) -> Result<Lease> {
+    fn upload<T: Copy>(&mut self, pool: &Pool, stream: CUstream, offset: &mut usize, data: &[T]) -> Result<Lease> {
         let bytes = bytes_of(data);
         let lease = pool.alloc(bytes.len())?;
         if bytes.is_empty() {
@@ -111,42 +97,27 @@ impl Sampler {
         }
         let at = *offset;
         if at + bytes.len() > self.staging.bytes() {
-            return Err(op_error(
-                "sample",
-                "sampling inputs exceed the staging buffer",
-            ));
+            return Err(op_error("sample", "sampling inputs exceed the staging buffer"));
         }
         self.staging.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
         *offset = (at + bytes.len()).next_multiple_of(64);
         let src = &self.staging.as_slice()[at..at + bytes.len()];
         // SAFETY: the block holds `bytes.len()` bytes; staging is pinned and untouched until
         // the stream is synchronised at the end of `sample`.
-        unsafe { result::memcpy_htod_async(lease.ptr(), src, stream) }
-            .op("uploading sampling inputs")?;
+        unsafe { result::memcpy_htod_async(lease.ptr(), src, stream) }.op("uploading sampling inputs")?;
         Ok(lease)
     }
 
     fn grow_staging(&mut self, rows: &[SamplingRow<'_>]) -> Result<()> {
-        let adjust: usize = rows
-            .iter()
-            .map(|r| r.prompt_tokens.len() + r.output_tokens.len() + r.banned_tokens.len())
-            .sum();
-        let need = rows.len() * (std::mem::size_of::<RowParams>() * 2 + 4 + 4 + TOP * 8)
-            + adjust * 16
-            + 4096;
+        let adjust: usize = rows.iter().map(|r| r.prompt_tokens.len() + r.output_tokens.len() + r.banned_tokens.len()).sum();
+        let need = rows.len() * (std::mem::size_of::<RowParams>() * 2 + 4 + 4 + TOP * 8) + adjust * 16 + 4096;
         if need > self.staging.bytes() {
             self.staging = PinnedBuffer::new(need.next_power_of_two())?;
         }
         Ok(())
     }
 
-    pub fn sample(
-        &mut self,
-        pool: &Pool,
-        stream: CUstream,
-        logits: &CudaTensor,
-        rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>> {
+    pub fn sample(&mut self, pool: &Pool, stream: CUstream, logits: &CudaTensor, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -181,24 +152,10 @@ impl Sampler {
             self.sample,
             stream,
             &cfg,
-            vec![
-                Arg::Ptr(logits.ptr),
-                Arg::I32(vocab as i32),
-                Arg::Ptr(params_dev.ptr()),
-                Arg::Ptr(tokens.ptr()),
-            ],
+            vec![Arg::Ptr(logits.ptr), Arg::I32(vocab as i32), Arg::Ptr(params_dev.ptr()), Arg::Ptr(tokens.ptr())],
         )?;
         let lp = match &raw {
-            Some(raw) => Some(self.logprobs(
-                pool,
-                stream,
-                raw,
-                vocab,
-                &params,
-                &lp_rows,
-                &tokens,
-                &mut offset,
-            )?),
+            Some(raw) => Some(self.logprobs(pool, stream, raw, vocab, &params, &lp_rows, &tokens, &mut offset)?),
             None => None,
         };
         self.read_back(stream, n, &tokens, lp, &lp_rows, rows, offset)
@@ -220,27 +177,12 @@ impl Sampler {
         for (j, &i) in lp_rows.iter().enumerate() {
             let src = logits.ptr + (rows[i].logit_row * row_bytes) as u64;
             // SAFETY: both ranges lie inside their allocations.
-            unsafe {
-                result::memcpy_dtod_async(
-                    raw.ptr() + (j * row_bytes) as u64,
-                    src,
-                    row_bytes,
-                    stream,
-                )
-            }
-            .op("copying logits")?;
+            unsafe { result::memcpy_dtod_async(raw.ptr() + (j * row_bytes) as u64, src, row_bytes, stream) }.op("copying logits")?;
         }
         Ok(Some(raw))
     }
 
-    fn adjust(
-        &mut self,
-        pool: &Pool,
-        stream: CUstream,
-        logits: &CudaTensor,
-        rows: &[SamplingRow<'_>],
-        offset: &mut usize,
-    ) -> Result<()> {
+    fn adjust(&mut self, pool: &Pool, stream: CUstream, logits: &CudaTensor, rows: &[SamplingRow<'_>], offset: &mut usize) -> Result<()> {
         let (r, ids, rep, add) = adjustments(rows);
         if r.is_empty() {
             return Ok(());
@@ -285,35 +227,16 @@ impl Sampler {
         offset: &mut usize,
     ) -> Result<(Lease, Lease, Lease)> {
         // Rows of the raw copy, in lp_rows order; tokens are read at the same index.
-        let lp_params: Vec<RowParams> = lp_rows
-            .iter()
-            .enumerate()
-            .map(|(j, &i)| RowParams {
-                logit_row: j as i32,
-                ..params[i]
-            })
-            .collect();
+        let lp_params: Vec<RowParams> = lp_rows.iter().enumerate().map(|(j, &i)| RowParams { logit_row: j as i32, ..params[i] }).collect();
         let p = self.upload(pool, stream, offset, &lp_params)?;
         let m = lp_rows.len();
         // The kernel reads tokens[blockIdx.x]: gather this subset's tokens first.
         let sub_tokens = pool.alloc(m * 4)?;
         for (j, &i) in lp_rows.iter().enumerate() {
             // SAFETY: 4-byte copies inside the token buffers.
-            unsafe {
-                result::memcpy_dtod_async(
-                    sub_tokens.ptr() + 4 * j as u64,
-                    tokens.ptr() + 4 * i as u64,
-                    4,
-                    stream,
-                )
-            }
-            .op("gathering tokens")?;
+            unsafe { result::memcpy_dtod_async(sub_tokens.ptr() + 4 * j as u64, tokens.ptr() + 4 * i as u64, 4, stream) }.op("gathering tokens")?;
         }
-        let (lp, top_ids, top_lp) = (
-            pool.alloc(m * 4)?,
-            pool.alloc(m * TOP * 4)?,
-            pool.alloc(m * TOP * 4)?,
-        );
+        let (lp, top_ids, top_lp) = (pool.alloc(m * 4)?, pool.alloc(m * TOP * 4)?, pool.alloc(m * TOP * 4)?);
         launch(
             "logprobs",
             self.logprobs,
@@ -352,13 +275,7 @@ impl Sampler {
             return Err(op_error("sample", "results exceed the staging buffer"));
         }
         let copies: Vec<(usize, u64, usize)> = std::iter::once((at_tokens, tokens.ptr(), n * 4))
-            .chain(lp.iter().flat_map(|(a, b, c)| {
-                [
-                    (at_lp, a.ptr(), m * 4),
-                    (at_ids, b.ptr(), m * TOP * 4),
-                    (at_top, c.ptr(), m * TOP * 4),
-                ]
-            }))
+            .chain(lp.iter().flat_map(|(a, b, c)| [(at_lp, a.ptr(), m * 4), (at_ids, b.ptr(), m * TOP * 4), (at_top, c.ptr(), m * TOP * 4)]))
             .collect();
         for (at, src, bytes) in copies {
             let dst = &mut self.staging.as_mut_slice()[at..at + bytes];
@@ -370,24 +287,12 @@ impl Sampler {
         let s = self.staging.as_slice();
         let int = |at: usize| i32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
         let float = |at: usize| f32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
-        let mut out: Vec<SampledToken> = (0..n)
-            .map(|i| SampledToken {
-                token: int(at_tokens + 4 * i) as u32,
-                logprob: 0.0,
-                top: Vec::new(),
-            })
-            .collect();
+        let mut out: Vec<SampledToken> =
+            (0..n).map(|i| SampledToken { token: int(at_tokens + 4 * i) as u32, logprob: 0.0, top: Vec::new() }).collect();
         for (j, &i) in lp_rows.iter().enumerate() {
             let k = rows[i].num_logprobs.unwrap_or(0).min(TOP);
             out[i].logprob = float(at_lp + 4 * j);
-            out[i].top = (0..k)
-                .map(|t| {
-                    (
-                        int(at_ids + 4 * (j * TOP + t)) as u32,
-                        float(at_top + 4 * (j * TOP + t)),
-                    )
-                })
-                .collect();
+            out[i].top = (0..k).map(|t| (int(at_ids + 4 * (j * TOP + t)) as u32, float(at_top + 4 * (j * TOP + t)))).collect();
         }
         Ok(out)
     }

@@ -25,13 +25,7 @@ impl CudaTensor {
             Storage::Pooled(l) => l.ptr(),
             Storage::Owned(b) => b.ptr(),
         };
-        Self {
-            ptr,
-            rows,
-            cols,
-            dtype,
-            _storage: storage,
-        }
+        Self { ptr, rows, cols, dtype, _storage: storage }
     }
 
     pub fn numel(&self) -> usize {

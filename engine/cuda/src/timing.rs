@@ -22,14 +22,7 @@ unsafe impl Send for StepTimer {}
 impl StepTimer {
     pub fn new() -> Result<Self> {
         let ev = || result::event::create(CUevent_flags::CU_EVENT_DEFAULT).op("creating an event");
-        Ok(Self {
-            start: ev()?,
-            end: ev()?,
-            prev_end: ev()?,
-            in_step: false,
-            have_prev: false,
-            report: DeviceTimeReport::default(),
-        })
+        Ok(Self { start: ev()?, end: ev()?, prev_end: ev()?, in_step: false, have_prev: false, report: DeviceTimeReport::default() })
     }
 
     pub fn step_started(&mut self, stream: CUstream) -> Result<()> {
@@ -49,11 +42,9 @@ impl StepTimer {
         unsafe {
             result::event::record(self.end, stream).op("recording an event")?;
             result::event::synchronize(self.end).op("event synchronize")?;
-            self.report.busy_ms +=
-                result::event::elapsed(self.start, self.end).op("event time")? as f64;
+            self.report.busy_ms += result::event::elapsed(self.start, self.end).op("event time")? as f64;
             if self.have_prev {
-                self.report.idle_between_steps_ms +=
-                    result::event::elapsed(self.prev_end, self.start).op("event time")? as f64;
+                self.report.idle_between_steps_ms += result::event::elapsed(self.prev_end, self.start).op("event time")? as f64;
             }
             std::mem::swap(&mut self.end, &mut self.prev_end);
         }

@@ -21,12 +21,7 @@ use dlengine_engine::kv_transfer::{ImportedKv, KvPayload, KvSource, KvTransfer};
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
 
-const MODELS: [&str; 4] = [
-    "qwen3-tiny",
-    "qwen3-tiny-mha",
-    "llama-tiny",
-    "llama-tiny-tied",
-];
+const MODELS: [&str; 4] = ["qwen3-tiny", "qwen3-tiny-mha", "llama-tiny", "llama-tiny-tied"];
 /// Our bf16 error may be this many times transformers' bf16 error.
 const NOISE_FACTOR: f64 = 2.0;
 const MARGIN_NOISE: f32 = 0.15;
@@ -34,13 +29,7 @@ const STEPS: usize = 64;
 
 fn fixtures() -> PathBuf {
     let in_repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
-    std::env::var_os("DLENGINE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or(if in_repo.exists() {
-            in_repo
-        } else {
-            "fixtures".into()
-        })
+    std::env::var_os("DLENGINE_FIXTURES").map(PathBuf::from).unwrap_or(if in_repo.exists() { in_repo } else { "fixtures".into() })
 }
 
 fn gpu_available() -> bool {
@@ -62,42 +51,25 @@ fn cuda_core(name: &str, config: EngineConfig, eager: bool) -> EngineCore {
         kernel_cache_dir: std::env::temp_dir().join("dlengine-kernel-cache").into(),
     })
     .expect("opening the GPU");
-    EngineCore::load(&fixtures().join("models").join(name), &config, backend)
-        .expect("loading on CUDA")
+    EngineCore::load(&fixtures().join("models").join(name), &config, backend).expect("loading on CUDA")
 }
 
 fn cpu_core(name: &str, config: EngineConfig) -> EngineCore {
-    EngineCore::load(
-        &fixtures().join("models").join(name),
-        &config,
-        CpuBackend::new(64 << 20),
-    )
-    .expect("loading on CPU")
+    EngineCore::load(&fixtures().join("models").join(name), &config, CpuBackend::new(64 << 20)).expect("loading on CPU")
 }
 
 fn fixed_pool() -> EngineConfig {
-    EngineConfig {
-        num_kv_blocks: Some(2048),
-        ..EngineConfig::default()
-    }
+    EngineConfig { num_kv_blocks: Some(2048), ..EngineConfig::default() }
 }
 
 fn prompts(name: &str) -> Vec<Vec<u32>> {
     let path = fixtures().join("reference").join(name).join("greedy.json");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     json["prompts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| {
-            p["prompt_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
+        .map(|p| p["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
         .collect()
 }
 
@@ -110,23 +82,9 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 /// Greedy tokens of every prompt and the top-2 margin of each step.
 fn greedy_with_margins(core: &mut EngineCore, prompts: &[Vec<u32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
-    let params = SamplingParams {
-        temperature: 0.0,
-        max_tokens: STEPS,
-        ignore_eos: true,
-        logprobs: Some(2),
-        ..Default::default()
-    };
+    let params = SamplingParams { temperature: 0.0, max_tokens: STEPS, ignore_eos: true, logprobs: Some(2), ..Default::default() };
     for (i, p) in prompts.iter().enumerate() {
-        core.add_request(
-            i as u64,
-            GenerateRequest {
-                request_id: i.to_string(),
-                prompt_token_ids: p.clone(),
-                params: params.clone(),
-                kv_transfer: Default::default(),
-            },
-        );
+        core.add_request(i as u64, GenerateRequest { request_id: i.to_string(), prompt_token_ids: p.clone(), params: params.clone(), kv_transfer: Default::default() });
     }
     let mut out = vec![(Vec::new(), Vec::new()); prompts.len()];
     while core.has_work() {
@@ -134,9 +92,7 @@ fn greedy_with_margins(core: &mut EngineCore, prompts: &[Vec<u32>]) -> Vec<(Vec<
             match e {
                 StepEvent::Token { key, event, .. } => {
                     out[key as usize].0.extend(&event.tokens);
-                    out[key as usize]
-                        .1
-                        .extend(event.logprobs.iter().map(|l| l.top[0].1 - l.top[1].1));
+                    out[key as usize].1.extend(event.logprobs.iter().map(|l| l.top[0].1 - l.top[1].1));
                 }
                 StepEvent::Failed { message, .. } => panic!("{message}"),
                 StepEvent::Started { .. } | StepEvent::KvReady { .. } => {}
@@ -147,36 +103,22 @@ fn greedy_with_margins(core: &mut EngineCore, prompts: &[Vec<u32>]) -> Vec<(Vec<
 }
 
 /// Ok if `got` equals `want` up to the first step where `want`'s margin is noise-level.
-fn agree_where_margins_allow(
-    label: &str,
-    want: &(Vec<u32>, Vec<f32>),
-    got: &[u32],
-) -> Result<(), String> {
+fn agree_where_margins_allow(label: &str, want: &(Vec<u32>, Vec<f32>), got: &[u32]) -> Result<(), String> {
     match want.0.iter().zip(got).position(|(a, b)| a != b) {
         None => Ok(()),
         Some(i) if want.1[i] < MARGIN_NOISE => {
-            eprintln!(
-                "{label}: diverged at step {i} where the margin is {:.4} (allowed)",
-                want.1[i]
-            );
+            eprintln!("{label}: diverged at step {i} where the margin is {:.4} (allowed)", want.1[i]);
             Ok(())
         }
-        Some(i) => Err(format!(
-            "{label}: token {i} differs ({} vs {}) with margin {:.4}",
-            want.0[i], got[i], want.1[i]
-        )),
+        Some(i) => Err(format!("{label}: token {i} differs ({} vs {}) with margin {:.4}", want.0[i], got[i], want.1[i])),
     }
 }
 
 /// (min cosine, max |diff|) transformers' bf16 run reaches against float32.
 fn bf16_noise(name: &str) -> (f64, f64) {
     let path = fixtures().join("reference").join("bf16_noise.json");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    (
-        json[name]["min_cosine"].as_f64().unwrap(),
-        json[name]["max_abs_diff"].as_f64().unwrap(),
-    )
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    (json[name]["min_cosine"].as_f64().unwrap(), json[name]["max_abs_diff"].as_f64().unwrap())
 }
 
 #[test]
@@ -186,24 +128,14 @@ fn logits_match_the_cpu_within_bf16_tolerance() {
     }
     let mut failures = Vec::new();
     for name in MODELS {
-        let (mut cpu, mut gpu) = (
-            cpu_core(name, EngineConfig::default()),
-            cuda_core(name, fixed_pool(), false),
-        );
+        let (mut cpu, mut gpu) = (cpu_core(name, EngineConfig::default()), cuda_core(name, fixed_pool(), false));
         let vocab = cpu.info().vocab_size;
         let (mut worst_cos, mut worst_abs) = (1.0f64, 0.0f32);
         for p in prompts(name) {
-            let (a, b) = (
-                cpu.score(&p, p.len()).unwrap(),
-                gpu.score(&p, p.len()).unwrap(),
-            );
+            let (a, b) = (cpu.score(&p, p.len()).unwrap(), gpu.score(&p, p.len()).unwrap());
             for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
                 worst_cos = worst_cos.min(cosine(ra, rb));
-                worst_abs = ra
-                    .iter()
-                    .zip(rb)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(worst_abs, f32::max);
+                worst_abs = ra.iter().zip(rb).map(|(x, y)| (x - y).abs()).fold(worst_abs, f32::max);
             }
         }
         let (hf_cos, hf_abs) = bf16_noise(name);
@@ -213,10 +145,7 @@ fn logits_match_the_cpu_within_bf16_tolerance() {
             failures.push(name);
         }
     }
-    assert!(
-        failures.is_empty(),
-        "beyond the bf16 tolerance: {failures:?}"
-    );
+    assert!(failures.is_empty(), "beyond the bf16 tolerance: {failures:?}");
 }
 
 #[test]
@@ -244,43 +173,19 @@ fn graphs_chunking_preemption_and_prefix_hits_keep_greedy_output() {
         let baseline = greedy_with_margins(&mut cuda_core(name, fixed_pool(), true), &p);
         let variants: Vec<(&str, EngineConfig, bool)> = vec![
             ("cuda graphs", fixed_pool(), false),
-            (
-                "chunked prefill",
-                EngineConfig {
-                    max_num_batched_tokens: 7,
-                    block_size: 4,
-                    ..fixed_pool()
-                },
-                false,
-            ),
-            (
-                "preemption",
-                EngineConfig {
-                    num_kv_blocks: Some(40),
-                    block_size: 4,
-                    max_model_len: Some(160),
-                    ..EngineConfig::default()
-                },
-                true,
-            ),
+            ("chunked prefill", EngineConfig { max_num_batched_tokens: 7, block_size: 4, ..fixed_pool() }, false),
+            ("preemption", EngineConfig { num_kv_blocks: Some(40), block_size: 4, max_model_len: Some(160), ..EngineConfig::default() }, true),
         ];
         for (label, config, eager) in variants {
             let mut core = cuda_core(name, config, eager);
             let got = greedy_with_margins(&mut core, &p);
             if label == "preemption" {
-                assert!(
-                    core.stats().preemptions > 0,
-                    "{name}: no preemption happened"
-                );
+                assert!(core.stats().preemptions > 0, "{name}: no preemption happened");
             }
             for (i, (w, g)) in baseline.iter().zip(&got).enumerate() {
                 agree_where_margins_allow(&format!("{name} {label} prompt {i}"), w, &g.0).unwrap();
             }
-            assert_eq!(
-                core.stats().kv_blocks_used,
-                0,
-                "{name} {label}: blocks leaked"
-            );
+            assert_eq!(core.stats().kv_blocks_used, 0, "{name} {label}: blocks leaked");
         }
         // The same prompts again on a warm engine hit the prefix cache.
         let mut core = cuda_core(name, fixed_pool(), false);
@@ -302,63 +207,24 @@ fn seeded_sampling_on_the_gpu_reproduces_and_top_k_one_is_greedy() {
     let p = prompts(name);
     let run = |params: SamplingParams| {
         let mut core = cuda_core(name, fixed_pool(), false);
-        core.add_request(
-            1,
-            GenerateRequest {
-                request_id: "s".into(),
-                prompt_token_ids: p[4].clone(),
-                params,
-                kv_transfer: Default::default(),
-            },
-        );
+        core.add_request(1, GenerateRequest { request_id: "s".into(), prompt_token_ids: p[4].clone(), params, kv_transfer: Default::default() });
         let mut toks = Vec::new();
         while core.has_work() {
             for e in core.step() {
                 if let StepEvent::Token { event, .. } = e {
-                    assert!(event
-                        .logprobs
-                        .iter()
-                        .all(|l| l.logprob <= 0.0 && l.top.len() == 3));
+                    assert!(event.logprobs.iter().all(|l| l.logprob <= 0.0 && l.top.len() == 3));
                     toks.extend(event.tokens);
                 }
             }
         }
         toks
     };
-    let sampled = SamplingParams {
-        temperature: 0.9,
-        top_p: 0.9,
-        top_k: 50,
-        min_p: 0.01,
-        seed: Some(7),
-        max_tokens: 32,
-        ignore_eos: true,
-        logprobs: Some(3),
-        ..Default::default()
-    };
+    let sampled = SamplingParams { temperature: 0.9, top_p: 0.9, top_k: 50, min_p: 0.01, seed: Some(7), max_tokens: 32, ignore_eos: true, logprobs: Some(3), ..Default::default() };
     let a = run(sampled.clone());
     assert_eq!(a, run(sampled.clone()), "same seed, same tokens");
-    assert_ne!(
-        a,
-        run(SamplingParams {
-            seed: Some(8),
-            ..sampled.clone()
-        }),
-        "another seed, other tokens"
-    );
-    let greedy = run(SamplingParams {
-        temperature: 0.0,
-        seed: None,
-        ..sampled.clone()
-    });
-    assert_eq!(
-        greedy,
-        run(SamplingParams {
-            top_k: 1,
-            ..sampled
-        }),
-        "top_k = 1 is greedy"
-    );
+    assert_ne!(a, run(SamplingParams { seed: Some(8), ..sampled.clone() }), "another seed, other tokens");
+    let greedy = run(SamplingParams { temperature: 0.0, seed: None, ..sampled.clone() });
+    assert_eq!(greedy, run(SamplingParams { top_k: 1, ..sampled }), "top_k = 1 is greedy");
 }
 
 #[test]
@@ -369,42 +235,20 @@ fn kv_handed_off_through_host_memory_continues_as_one_engine_would() {
     let name = "qwen3-tiny";
     // Small blocks and a small step budget: the prompts prefill together, so each one's
     // blocks interleave with the others' and the copies cover scattered runs.
-    let config = EngineConfig {
-        block_size: 4,
-        max_num_batched_tokens: 7,
-        ..fixed_pool()
-    };
+    let config = EngineConfig { block_size: 4, max_num_batched_tokens: 7, ..fixed_pool() };
     let p = prompts(name);
     let baseline = greedy_with_margins(&mut cuda_core(name, config.clone(), true), &p);
-    let (mut prefill, mut decode) = (
-        cuda_core(name, config.clone(), true),
-        cuda_core(name, config, true),
-    );
-    let params = SamplingParams {
-        temperature: 0.0,
-        max_tokens: STEPS,
-        ignore_eos: true,
-        logprobs: Some(2),
-        ..Default::default()
-    };
-    let request = |i: usize, kv_transfer| GenerateRequest {
-        request_id: i.to_string(),
-        prompt_token_ids: p[i].clone(),
-        params: params.clone(),
-        kv_transfer,
-    };
+    let (mut prefill, mut decode) = (cuda_core(name, config.clone(), true), cuda_core(name, config, true));
+    let params = SamplingParams { temperature: 0.0, max_tokens: STEPS, ignore_eos: true, logprobs: Some(2), ..Default::default() };
+    let request = |i: usize, kv_transfer| GenerateRequest { request_id: i.to_string(), prompt_token_ids: p[i].clone(), params: params.clone(), kv_transfer };
     for i in 0..p.len() {
         prefill.add_request(i as u64, request(i, KvTransfer::Export));
     }
-    let mut firsts: Vec<Option<(TokenLogprob, dlengine_engine::kv_transfer::KvHandoff)>> =
-        vec![None; p.len()];
+    let mut firsts: Vec<Option<(TokenLogprob, dlengine_engine::kv_transfer::KvHandoff)>> = vec![None; p.len()];
     while prefill.has_work() {
         for e in prefill.step() {
             if let StepEvent::Token { key, event, .. } = e {
-                firsts[key as usize] = Some((
-                    event.logprobs[0].clone(),
-                    event.handoff.expect("handed off after the first token"),
-                ));
+                firsts[key as usize] = Some((event.logprobs[0].clone(), event.handoff.expect("handed off after the first token")));
             }
         }
     }
@@ -413,19 +257,10 @@ fn kv_handed_off_through_host_memory_continues_as_one_engine_would() {
         let (first_token, handoff) = first.expect("every prompt prefilled");
         let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
         assert!(prefill.free_lease(handoff.lease_id));
-        let payload = Arc::new(KvPayload {
-            num_blocks: handoff.blocks.len(),
-            bytes,
-        });
+        let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
         decode.add_request(
             i as u64,
-            request(
-                i,
-                KvTransfer::Import(ImportedKv {
-                    first_token: Some(first_token),
-                    source: KvSource::Host(payload),
-                }),
-            ),
+            request(i, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source: KvSource::Host(payload) })),
         );
     }
     let mut got = vec![Vec::new(); p.len()];
@@ -442,9 +277,5 @@ fn kv_handed_off_through_host_memory_continues_as_one_engine_would() {
         assert_eq!(g.len(), STEPS, "prompt {i}");
         agree_where_margins_allow(&format!("{name} handed-off prompt {i}"), w, g).unwrap();
     }
-    assert_eq!(
-        prefill.stats().kv_blocks_used + decode.stats().kv_blocks_used,
-        0,
-        "blocks leaked"
-    );
+    assert_eq!(prefill.stats().kv_blocks_used + decode.stats().kv_blocks_used, 0, "blocks leaked");
 }

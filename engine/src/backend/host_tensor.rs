@@ -38,11 +38,7 @@ pub struct HostTensor<'a> {
 
 impl<'a> HostTensor<'a> {
     pub fn from_f32(shape: Vec<usize>, data: &[f32]) -> HostTensor<'static> {
-        HostTensor {
-            dtype: DType::F32,
-            shape,
-            bytes: Cow::Owned(bytemuck::cast_slice(data).to_vec()),
-        }
+        HostTensor { dtype: DType::F32, shape, bytes: Cow::Owned(bytemuck::cast_slice(data).to_vec()) }
     }
 
     pub fn numel(&self) -> usize {
@@ -54,10 +50,7 @@ impl<'a> HostTensor<'a> {
         match self.shape.as_slice() {
             [n] => (1, *n),
             [r, c] => (*r, *c),
-            _ => (
-                self.shape[..self.shape.len() - 1].iter().product(),
-                *self.shape.last().unwrap_or(&1),
-            ),
+            _ => (self.shape[..self.shape.len() - 1].iter().product(), *self.shape.last().unwrap_or(&1)),
         }
     }
 
@@ -65,29 +58,16 @@ impl<'a> HostTensor<'a> {
     pub fn to_f32(&self) -> Vec<f32> {
         let b = &self.bytes[..];
         match self.dtype {
-            DType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         }
     }
 
     /// Values converted to bf16 (for backends that store bf16).
     pub fn to_bf16(&self) -> Vec<bf16> {
         match self.dtype {
-            DType::BF16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                .collect(),
+            DType::BF16 => self.bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect(),
             _ => self.to_f32().into_iter().map(bf16::from_f32).collect(),
         }
     }
@@ -100,11 +80,7 @@ impl<'a> HostTensor<'a> {
         let dtype = parts[0].dtype;
         if parts.iter().all(|p| p.dtype == dtype) {
             let bytes: Vec<u8> = parts.iter().flat_map(|p| p.bytes.iter().copied()).collect();
-            HostTensor {
-                dtype,
-                shape: vec![rows, cols],
-                bytes: Cow::Owned(bytes),
-            }
+            HostTensor { dtype, shape: vec![rows, cols], bytes: Cow::Owned(bytes) }
         } else {
             let data: Vec<f32> = parts.iter().flat_map(|p| p.to_f32()).collect();
             HostTensor::from_f32(vec![rows, cols], &data)
@@ -119,20 +95,10 @@ mod tests {
     #[test]
     fn converts_each_dtype_to_f32() {
         let vals = [1.5f32, -2.25, 0.0];
-        let bf: Vec<u8> = vals
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect();
-        let hf: Vec<u8> = vals
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect();
+        let bf: Vec<u8> = vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let hf: Vec<u8> = vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
         for (dtype, bytes) in [(DType::BF16, bf), (DType::F16, hf)] {
-            let t = HostTensor {
-                dtype,
-                shape: vec![3],
-                bytes: Cow::Owned(bytes),
-            };
+            let t = HostTensor { dtype, shape: vec![3], bytes: Cow::Owned(bytes) };
             assert_eq!(t.to_f32(), vals);
         }
         assert_eq!(HostTensor::from_f32(vec![3], &vals).to_f32(), vals);
@@ -141,15 +107,8 @@ mod tests {
     #[test]
     fn concat_rows_stacks_and_widens_mixed_dtypes() {
         let a = HostTensor::from_f32(vec![1, 2], &[1.0, 2.0]);
-        let b_bytes: Vec<u8> = [3.0f32, 4.0]
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect();
-        let b = HostTensor {
-            dtype: DType::BF16,
-            shape: vec![1, 2],
-            bytes: Cow::Owned(b_bytes),
-        };
+        let b_bytes: Vec<u8> = [3.0f32, 4.0].iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let b = HostTensor { dtype: DType::BF16, shape: vec![1, 2], bytes: Cow::Owned(b_bytes) };
         let c = HostTensor::concat_rows(&[a, b]);
         assert_eq!(c.shape, vec![2, 2]);
         assert_eq!(c.to_f32(), vec![1.0, 2.0, 3.0, 4.0]);

@@ -13,21 +13,12 @@ pub trait KvBlockIo {
     /// Copies whole blocks of `layers` to the host: per layer the K of each block in
     /// order, then the V of each block; raw bytes in the KV dtype.
     fn read_kv_blocks(&mut self, _blocks: &[u32], _layers: Range<usize>) -> Result<Vec<u8>> {
-        Err(BackendError::Unsupported(
-            "reading KV blocks to the host".into(),
-        ))
+        Err(BackendError::Unsupported("reading KV blocks to the host".into()))
     }
 
     /// The inverse of [`read_kv_blocks`](Self::read_kv_blocks).
-    fn write_kv_blocks(
-        &mut self,
-        _blocks: &[u32],
-        _layers: Range<usize>,
-        _bytes: &[u8],
-    ) -> Result<()> {
-        Err(BackendError::Unsupported(
-            "writing KV blocks from the host".into(),
-        ))
+    fn write_kv_blocks(&mut self, _blocks: &[u32], _layers: Range<usize>, _bytes: &[u8]) -> Result<()> {
+        Err(BackendError::Unsupported("writing KV blocks from the host".into()))
     }
 
     /// Handles another process on this node can map the KV cache with (CUDA IPC); None
@@ -41,23 +32,14 @@ pub trait KvBlockIo {
     /// layer is copied once the peer published that mark for it
     /// ([`publish_progress`](Self::publish_progress)). Returns a ticket for
     /// [`copy_finished`](Self::copy_finished).
-    fn start_copy_from_peer(
-        &mut self,
-        _peer: &CudaIpcKv,
-        _pairs: &[(u32, u32)],
-        _ready_mark: Option<u32>,
-    ) -> Result<u64> {
-        Err(BackendError::Unsupported(
-            "copying KV from a peer device (CUDA IPC)".into(),
-        ))
+    fn start_copy_from_peer(&mut self, _peer: &CudaIpcKv, _pairs: &[(u32, u32)], _ready_mark: Option<u32>) -> Result<u64> {
+        Err(BackendError::Unsupported("copying KV from a peer device (CUDA IPC)".into()))
     }
 
     /// Whether the copy of `ticket` is complete (the ticket is spent once it is). An error
     /// ends it too: the peer never reached the mark, or the copy failed.
     fn copy_finished(&mut self, _ticket: u64) -> Result<bool> {
-        Err(BackendError::Unsupported(
-            "copying KV from a peer device (CUDA IPC)".into(),
-        ))
+        Err(BackendError::Unsupported("copying KV from a peer device (CUDA IPC)".into()))
     }
 
     /// Asks the next forward to publish `mark` as each layer's progress once that layer's

@@ -58,11 +58,7 @@ pub struct KvCacheLayout {
 impl KvCacheLayout {
     /// Bytes one block takes over all layers, K and V.
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.num_layers
-            * self.block_size
-            * self.kv_heads
-            * self.head_dim
-            * self.dtype.size_in_bytes()
+        2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
 }
 
@@ -135,12 +131,7 @@ pub trait Backend: KvBlockIo + Send + 'static {
     fn embedding(&mut self, table: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
 
     /// RMSNorm of each row: x / sqrt(mean(x^2) + eps) * weight.
-    fn rms_norm(
-        &mut self,
-        x: &Self::Tensor,
-        weight: &Self::Tensor,
-        eps: f32,
-    ) -> Result<Self::Tensor>;
+    fn rms_norm(&mut self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
 
     /// `residual += x`, then returns RMSNorm(residual) (the fused pre-norm of the next block).
     fn add_rms_norm(
@@ -177,13 +168,7 @@ pub trait Backend: KvBlockIo + Send + 'static {
     ) -> Result<()>;
 
     /// Writes the step's k and v heads into the paged cache of `layer` at the step's slots.
-    fn write_kv(
-        &mut self,
-        qkv: &Self::Tensor,
-        layout: QkvLayout,
-        layer: usize,
-        batch: &Self::Batch,
-    ) -> Result<()>;
+    fn write_kv(&mut self, qkv: &Self::Tensor, layout: QkvLayout, layer: usize, batch: &Self::Batch) -> Result<()>;
 
     /// Causal attention of the step's queries over the cached keys/values of their
     /// sequences (cached prefix plus the step's own tokens, already written): [n, q_width].
@@ -235,11 +220,7 @@ pub trait Backend: KvBlockIo + Send + 'static {
     fn gather_logit_rows(&mut self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
 
     /// Samples one token per row description from `logits` [rows, vocab].
-    fn sample(
-        &mut self,
-        logits: &Self::Tensor,
-        rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>>;
+    fn sample(&mut self, logits: &Self::Tensor, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>>;
 
     /// Copies a tensor to the host as f32 (tests, teacher-forced logits).
     fn to_host(&mut self, x: &Self::Tensor) -> Result<Vec<f32>>;
@@ -260,11 +241,7 @@ pub trait Backend: KvBlockIo + Send + 'static {
     }
 
     /// Replays the graph of `batch_size` (its inputs just prepared) and samples from it.
-    fn replay_and_sample(
-        &mut self,
-        _batch_size: usize,
-        _rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>> {
+    fn replay_and_sample(&mut self, _batch_size: usize, _rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
         Err(BackendError::Unsupported("graph replay".into()))
     }
 

@@ -29,13 +29,17 @@ pub(super) struct PendingImport {
 
 impl PendingImport {
     pub(super) fn new(key: RequestKey, seq: Sequence, kv: ImportedKv) -> Self {
-        Self {
-            key,
-            seq,
-            source: kv.source,
-            first_token: kv.first_token.map(Ok),
-        }
+        Self { key, seq, source: kv.source, first_token: kv.first_token.map(Ok) }
     }
+
+    /// Prefill said its first token will not come.
+    fn lost_first_token(&self) -> bool {
+        matches!(self.first_token, Some(Err(_)))
+    }
+}
+
+fn first_token_missing(why: &str) -> String {
+    format!("prefill's first token did not arrive: {why}")
 }
 
 /// A decode request whose blocks are allocated and whose copy has started.
@@ -65,17 +69,9 @@ impl EngineCore {
     /// or one is ready to run. (Waiting only for a first token is not work: that arrives
     /// as a command.)
     pub(super) fn imports_have_work(&self) -> bool {
-        self.pending_imports
-            .front()
-            .is_some_and(|p| self.can_admit(p))
-            || self
-                .pending_imports
-                .iter()
-                .any(|p| matches!(p.first_token, Some(Err(_))))
-            || self
-                .importing
-                .iter()
-                .any(|i| i.copy.is_some() || i.first_token.is_some())
+        self.pending_imports.front().is_some_and(|p| self.can_admit(p))
+            || self.pending_imports.iter().any(PendingImport::lost_first_token)
+            || self.importing.iter().any(|i| i.copy.is_some() || i.first_token.is_some())
             || !self.orphaned_copies.is_empty()
     }
 
@@ -85,26 +81,8 @@ impl EngineCore {
     /// step to the time to first token.
     pub(super) fn advance_imports(&mut self, events: &mut Vec<StepEvent>) -> bool {
         self.reap_orphaned_copies();
-        while let Some(i) = self
-            .pending_imports
-            .iter()
-            .position(|p| matches!(p.first_token, Some(Err(_))))
-        {
-            let pending = self.pending_imports.remove(i).expect("found");
-            let Some(Err(why)) = pending.first_token else {
-                unreachable!()
-            };
-            self.fail_import(
-                pending.key,
-                format!("prefill's first token did not arrive: {why}"),
-                events,
-            );
-        }
-        while self
-            .pending_imports
-            .front()
-            .is_some_and(|p| self.can_admit(p))
-        {
+        self.fail_lost_pending_imports(events);
+        while self.pending_imports.front().is_some_and(|p| self.can_admit(p)) {
             let import = self.pending_imports.pop_front().expect("checked front");
             self.begin_import(import, events);
         }
@@ -119,49 +97,40 @@ impl EngineCore {
         emitted
     }
 
+    /// Fails the queued imports whose first token will not come, before they take blocks.
+    fn fail_lost_pending_imports(&mut self, events: &mut Vec<StepEvent>) {
+        if !self.pending_imports.iter().any(PendingImport::lost_first_token) {
+            return;
+        }
+        let (lost, kept) = std::mem::take(&mut self.pending_imports).into_iter().partition(PendingImport::lost_first_token);
+        self.pending_imports = kept;
+        for pending in lost {
+            if let Some(Err(why)) = pending.first_token {
+                self.fail_import(pending.key, first_token_missing(&why), events);
+            }
+        }
+    }
+
     fn begin_import(&mut self, import: PendingImport, events: &mut Vec<StepEvent>) {
-        let PendingImport {
-            key,
-            mut seq,
-            source,
-            first_token,
-        } = import;
+        let PendingImport { key, mut seq, source, first_token } = import;
         if let Some(req) = self.requests.get_mut(&key) {
             req.started = true;
         }
-        events.push(StepEvent::Started {
-            key,
-            cached_tokens: 0,
-        });
+        events.push(StepEvent::Started { key, cached_tokens: 0 });
         let num_blocks = seq.len().div_ceil(self.info.kv_layout.block_size);
         let Some(blocks) = self.scheduler.allocate_detached(num_blocks) else {
             return self.fail_import(key, "no free KV blocks".into(), events);
         };
         let started = Instant::now();
-        let via = if matches!(source, KvSource::Host(_)) {
-            "host"
-        } else {
-            "cuda-ipc"
-        };
+        let via = if matches!(source, KvSource::Host(_)) { "host" } else { "cuda-ipc" };
         match self.start_copy(&source, &blocks) {
             Ok(copy) => {
                 seq.block_table = blocks;
-                self.importing.push(Importing {
-                    key,
-                    seq,
-                    copy,
-                    first_token,
-                    started,
-                    via,
-                });
+                self.importing.push(Importing { key, seq, copy, first_token, started, via });
             }
             Err(e) => {
                 self.scheduler.release_detached(&blocks);
-                self.fail_import(
-                    key,
-                    format!("importing the prompt's KV cache failed: {e}"),
-                    events,
-                );
+                self.fail_import(key, format!("importing the prompt's KV cache failed: {e}"), events);
             }
         }
     }
@@ -170,40 +139,19 @@ impl EngineCore {
     fn start_copy(&mut self, source: &KvSource, blocks: &[BlockId]) -> Result<Option<u64>, String> {
         let num_layers = self.info.kv_layout.num_layers;
         match source {
-            KvSource::Host(payload) if payload.num_blocks != blocks.len() => Err(format!(
-                "the KV payload holds {} blocks, the prompt needs {}",
-                payload.num_blocks,
-                blocks.len()
-            )),
+            KvSource::Host(payload) if payload.num_blocks != blocks.len() => {
+                Err(format!("the KV payload holds {} blocks, the prompt needs {}", payload.num_blocks, blocks.len()))
+            }
             KvSource::Host(payload) => {
-                self.executor
-                    .kv_io()
-                    .write_kv_blocks(blocks, 0..num_layers, &payload.bytes)
-                    .map_err(|e| e.to_string())?;
+                self.executor.kv_io().write_kv_blocks(blocks, 0..num_layers, &payload.bytes).map_err(|e| e.to_string())?;
                 Ok(None)
             }
             KvSource::CudaIpc { remote_blocks, .. } if remote_blocks.len() != blocks.len() => {
-                Err(format!(
-                    "the peer lease holds {} blocks, the prompt needs {}",
-                    remote_blocks.len(),
-                    blocks.len()
-                ))
+                Err(format!("the peer lease holds {} blocks, the prompt needs {}", remote_blocks.len(), blocks.len()))
             }
-            KvSource::CudaIpc {
-                peer,
-                remote_blocks,
-                ready_mark,
-            } => {
-                let pairs: Vec<(u32, u32)> = remote_blocks
-                    .iter()
-                    .copied()
-                    .zip(blocks.iter().copied())
-                    .collect();
-                let ticket = self
-                    .executor
-                    .kv_io()
-                    .start_copy_from_peer(peer, &pairs, *ready_mark)
-                    .map_err(|e| e.to_string())?;
+            KvSource::CudaIpc { peer, remote_blocks, ready_mark } => {
+                let pairs: Vec<(u32, u32)> = remote_blocks.iter().copied().zip(blocks.iter().copied()).collect();
+                let ticket = self.executor.kv_io().start_copy_from_peer(peer, &pairs, *ready_mark).map_err(|e| e.to_string())?;
                 Ok(Some(ticket))
             }
         }
@@ -214,9 +162,7 @@ impl EngineCore {
         // No token is coming: fail now rather than after the copy (which may wait for a
         // prefill that is gone); its blocks wait for the copy in `finish_import`.
         if let Some(Err(why)) = &self.importing[i].first_token {
-            return Some(Outcome::Fail(format!(
-                "prefill's first token did not arrive: {why}"
-            )));
+            return Some(Outcome::Fail(first_token_missing(why)));
         }
         if let Some(ticket) = self.importing[i].copy {
             match self.executor.kv_io().copy_finished(ticket) {
@@ -224,36 +170,22 @@ impl EngineCore {
                 Ok(true) => self.importing[i].copy = None,
                 Err(e) => {
                     self.importing[i].copy = None; // over, failed
-                    return Some(Outcome::Fail(format!(
-                        "copying the prompt's KV cache from prefill failed: {e}"
-                    )));
+                    return Some(Outcome::Fail(format!("copying the prompt's KV cache from prefill failed: {e}")));
                 }
             }
         }
-        match self.importing[i].first_token.take()? {
-            Ok(token) => Some(Outcome::Run(token)),
-            Err(why) => Some(Outcome::Fail(format!(
-                "prefill's first token did not arrive: {why}"
-            ))),
-        }
+        // An error was handled above: only a token can be here.
+        let Some(Ok(token)) = self.importing[i].first_token.take() else { return None };
+        Some(Outcome::Run(token))
     }
 
     fn finish_import(&mut self, import: Importing, outcome: Outcome, events: &mut Vec<StepEvent>) {
-        let Importing {
-            key,
-            mut seq,
-            started,
-            via,
-            copy,
-            ..
-        } = import;
+        let Importing { key, mut seq, started, via, copy, .. } = import;
         let first = match outcome {
             Outcome::Run(token) => token,
             Outcome::Fail(message) => {
                 match copy {
-                    Some(ticket) => self
-                        .orphaned_copies
-                        .push((ticket, std::mem::take(&mut seq.block_table))),
+                    Some(ticket) => self.orphaned_copies.push((ticket, std::mem::take(&mut seq.block_table))),
                     None => self.scheduler.release_detached(&seq.block_table),
                 }
                 return self.fail_import(key, message, events);
@@ -270,21 +202,13 @@ impl EngineCore {
         seq.num_computed_tokens = prompt_len;
         self.scheduler.add_running(seq);
         self.scheduler.append_token(seq_id, first.token_id);
-        let token = SampledToken {
-            token: first.token_id,
-            logprob: first.logprob,
-            top: first.top,
-        };
+        let token = SampledToken { token: first.token_id, logprob: first.logprob, top: first.top };
         self.emit_token(seq_id, 0, token, events);
     }
 
     fn fail_import(&mut self, key: RequestKey, message: String, events: &mut Vec<StepEvent>) {
         self.abort(key);
-        events.push(StepEvent::Failed {
-            key,
-            message,
-            was_queued: false,
-        });
+        events.push(StepEvent::Failed { key, message, was_queued: false });
     }
 
     /// Decode side: prefill's first token for an import started from an early descriptor
@@ -301,9 +225,7 @@ impl EngineCore {
     /// until the copy is over: given to another request now, they could be overwritten.
     pub(super) fn drop_import(&mut self, key: RequestKey) {
         self.pending_imports.retain(|p| p.key != key);
-        let Some(i) = self.importing.iter().position(|i| i.key == key) else {
-            return;
-        };
+        let Some(i) = self.importing.iter().position(|i| i.key == key) else { return };
         let import = self.importing.swap_remove(i);
         match import.copy {
             Some(ticket) => self.orphaned_copies.push((ticket, import.seq.block_table)),
@@ -327,68 +249,36 @@ impl EngineCore {
 
     /// Prefill side: reserves the lease of every early-handoff request whose last prompt
     /// chunk this step computes, and announces it before the forward runs.
-    pub(super) fn announce_early_handoffs(
-        &mut self,
-        out: &SchedulerOutput,
-        announce: &mut dyn FnMut(StepEvent),
-    ) {
+    pub(super) fn announce_early_handoffs(&mut self, out: &SchedulerOutput, announce: &mut dyn FnMut(StepEvent)) {
         let mut ready_mark = None;
         for s in out.scheduled.iter().filter(|s| s.sample) {
-            let Some(&(key, _)) = self.owner.get(&s.seq_id) else {
-                continue;
-            };
-            let Some(req) = self.requests.get(&key) else {
-                continue;
-            };
+            let Some(&(key, _)) = self.owner.get(&s.seq_id) else { continue };
+            let Some(req) = self.requests.get(&key) else { continue };
             if req.export != Export::Early || req.early_lease.is_some() {
                 continue;
             }
             let seq = self.scheduler.seq(s.seq_id).expect("scheduled sequence");
             let num_tokens = seq.prompt_len;
-            let blocks =
-                seq.block_table[..num_tokens.div_ceil(self.info.kv_layout.block_size)].to_vec();
+            let blocks = seq.block_table[..num_tokens.div_ceil(self.info.kv_layout.block_size)].to_vec();
             let mark = *ready_mark.get_or_insert_with(|| {
                 let mark = self.steps as u32;
                 self.executor.kv_io().publish_progress(mark).then_some(mark)
             });
             let (lease_id, expires_at) = self.leases.reserve(Instant::now());
-            self.requests
-                .get_mut(&key)
-                .expect("active request")
-                .early_lease = Some(lease_id);
-            announce(StepEvent::KvReady {
-                key,
-                kv: EarlyKv {
-                    lease_id,
-                    blocks,
-                    num_tokens,
-                    expires_at,
-                    ready_mark: mark,
-                },
-            });
+            self.requests.get_mut(&key).expect("active request").early_lease = Some(lease_id);
+            announce(StepEvent::KvReady { key, kv: EarlyKv { lease_id, blocks, num_tokens, expires_at, ready_mark: mark } });
         }
     }
 
-    /// Prefill side, at the first token: hands `seq_id`'s blocks to its lease instead of
-    /// freeing them. An early handoff always does (decode may be reading already) unless
-    /// its lease was released meanwhile; otherwise only a request that goes on.
-    pub(super) fn hand_off(
-        &mut self,
-        seq_id: SeqId,
-        key: RequestKey,
-        token: &SampledToken,
-        finished: bool,
-    ) -> Option<KvHandoff> {
-        let req = &self.requests[&key];
-        let (export, early_lease) = (req.export, req.early_lease);
-        if export == Export::No || (export == Export::Late && finished) {
+    /// Prefill side, at an exporting request's first token: hands `seq_id`'s blocks to a
+    /// lease instead of freeing them. An early handoff (its reserved `early_lease`) always
+    /// does, decode may be reading already, unless the lease was released meanwhile; a
+    /// late one only if the request goes on.
+    pub(super) fn hand_off(&mut self, seq_id: SeqId, early_lease: Option<u64>, token: &SampledToken, finished: bool) -> Option<KvHandoff> {
+        if early_lease.is_none() && finished {
             return None;
         }
-        let first_token = TokenLogprob {
-            token_id: token.token,
-            logprob: token.logprob,
-            top: token.top.clone(),
-        };
+        let first_token = TokenLogprob { token_id: token.token, logprob: token.logprob, top: token.top.clone() };
         let num_tokens = self.scheduler.seq(seq_id)?.prompt_len;
         let blocks = self.scheduler.detach(seq_id)?;
         let now = Instant::now();
@@ -402,12 +292,7 @@ impl EngineCore {
                 }
             },
         };
-        Some(KvHandoff {
-            lease_id,
-            blocks,
-            num_tokens,
-            expires_at,
-        })
+        Some(KvHandoff { lease_id, blocks, num_tokens, expires_at })
     }
 
     /// Answers `reply` with a lease's first token, now or once sampled.
@@ -416,24 +301,13 @@ impl EngineCore {
     }
 
     /// Reads a lease's blocks of `layers` to the host (for the TCP transfer).
-    pub fn read_lease(
-        &mut self,
-        lease_id: u64,
-        layers: std::ops::Range<usize>,
-    ) -> Result<Vec<u8>, EngineError> {
+    pub fn read_lease(&mut self, lease_id: u64, layers: std::ops::Range<usize>) -> Result<Vec<u8>, EngineError> {
         if layers.end > self.info.kv_layout.num_layers || layers.is_empty() {
-            return Err(EngineError::Request(format!(
-                "layers {layers:?} out of range (the model has {})",
-                self.info.kv_layout.num_layers
-            )));
+            return Err(EngineError::Request(format!("layers {layers:?} out of range (the model has {})", self.info.kv_layout.num_layers)));
         }
-        let blocks = self.leases.blocks(lease_id).ok_or_else(|| {
-            EngineError::Request(format!("unknown or expired KV lease {lease_id}"))
-        })?;
+        let blocks = self.leases.blocks(lease_id).ok_or_else(|| EngineError::Request(format!("unknown or expired KV lease {lease_id}")))?;
         if blocks.is_empty() {
-            return Err(EngineError::Request(format!(
-                "KV lease {lease_id} is not ready: prefill has not sampled its first token yet"
-            )));
+            return Err(EngineError::Request(format!("KV lease {lease_id} is not ready: prefill has not sampled its first token yet")));
         }
         let blocks = blocks.to_vec();
         Ok(self.executor.kv_io().read_kv_blocks(&blocks, layers)?)
@@ -454,10 +328,7 @@ impl EngineCore {
     pub(super) fn expire_leases(&mut self) {
         let blocks = self.leases.take_expired(Instant::now());
         if !blocks.is_empty() {
-            tracing::warn!(
-                blocks = blocks.len(),
-                "KV leases expired before a decode engine released them"
-            );
+            tracing::warn!(blocks = blocks.len(), "KV leases expired before a decode engine released them");
             self.scheduler.release_detached(&blocks);
         }
     }

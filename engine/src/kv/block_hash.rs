@@ -25,10 +25,7 @@ pub fn hash_full_blocks(tokens: &[u32], block_size: usize, hashes: &mut Vec<u64>
     while hashes.len() < full {
         let i = hashes.len();
         let parent = i.checked_sub(1).map(|p| hashes[p]);
-        hashes.push(hash_block(
-            parent,
-            &tokens[i * block_size..(i + 1) * block_size],
-        ));
+        hashes.push(hash_block(parent, &tokens[i * block_size..(i + 1) * block_size]));
     }
 }
 
@@ -44,10 +41,7 @@ mod tests {
         hash_full_blocks(&a, 4, &mut ha);
         hash_full_blocks(&b, 4, &mut hb);
         assert_eq!(ha.len(), 2);
-        assert_ne!(
-            ha[1], hb[1],
-            "same tokens after a different prefix must not share a key"
-        );
+        assert_ne!(ha[1], hb[1], "same tokens after a different prefix must not share a key");
         let mut again = Vec::new();
         hash_full_blocks(&a[..7], 4, &mut again);
         assert_eq!(again, vec![ha[0]], "a partial block has no key");

@@ -68,17 +68,12 @@ impl BlockManager {
         if !self.prefix_caching {
             return Vec::new();
         }
-        keys.iter()
-            .map_while(|k| self.cached.get(k).copied())
-            .collect()
+        keys.iter().map_while(|k| self.cached.get(k).copied()).collect()
     }
 
     /// How many of `blocks` are free now (taking them costs free capacity).
     pub fn count_free(&self, blocks: &[BlockId]) -> usize {
-        blocks
-            .iter()
-            .filter(|&&b| self.ref_counts[b as usize] == 0)
-            .count()
+        blocks.iter().filter(|&&b| self.ref_counts[b as usize] == 0).count()
     }
 
     /// Takes a reference on each block (prefix hits and forks).

@@ -109,10 +109,7 @@ mod tests {
         q.push_back(1);
         q.remove(0);
         q.push_front(0);
-        assert_eq!(
-            std::iter::from_fn(|| q.pop_front()).collect::<Vec<_>>(),
-            vec![0, 2, 3, 1]
-        );
+        assert_eq!(std::iter::from_fn(|| q.pop_front()).collect::<Vec<_>>(), vec![0, 2, 3, 1]);
         assert_eq!(q.len(), 0);
     }
 }

@@ -49,11 +49,7 @@ impl LeaseTable {
     /// previous process misses instead of freeing someone else's blocks. Ids are not
     /// secrets: whoever reaches the engine's port can free a lease.
     pub fn new(ttl: Duration, salt: u64) -> Self {
-        Self {
-            leases: HashMap::new(),
-            ttl,
-            next_id: salt | 1,
-        }
+        Self { leases: HashMap::new(), ttl, next_id: salt | 1 }
     }
 
     pub fn len(&self) -> usize {
@@ -76,27 +72,14 @@ impl LeaseTable {
         // An odd-constant step walks all of u64 before repeating.
         self.next_id = self.next_id.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let expires_at = now + self.ttl;
-        self.leases.insert(
-            id,
-            Lease {
-                blocks: Vec::new(),
-                expires_at,
-                first_token: None,
-                waiters: Vec::new(),
-            },
-        );
+        self.leases.insert(id, Lease { blocks: Vec::new(), expires_at, first_token: None, waiters: Vec::new() });
         (id, expires_at)
     }
 
     /// Pins `blocks` (the caller hands over its references) under a reserved lease and
     /// answers the first token's waiters. A lease released or expired meanwhile gives the
     /// blocks back (Err): they are the caller's to free.
-    pub fn fill(
-        &mut self,
-        id: u64,
-        blocks: Vec<BlockId>,
-        first_token: TokenLogprob,
-    ) -> Result<Instant, Vec<BlockId>> {
+    pub fn fill(&mut self, id: u64, blocks: Vec<BlockId>, first_token: TokenLogprob) -> Result<Instant, Vec<BlockId>> {
         let Some(lease) = self.leases.get_mut(&id) else {
             return Err(blocks);
         };
@@ -109,16 +92,9 @@ impl LeaseTable {
     }
 
     /// Pins `blocks` under a new lease at once; returns its id and expiry.
-    pub fn pin(
-        &mut self,
-        blocks: Vec<BlockId>,
-        first_token: TokenLogprob,
-        now: Instant,
-    ) -> (u64, Instant) {
+    pub fn pin(&mut self, blocks: Vec<BlockId>, first_token: TokenLogprob, now: Instant) -> (u64, Instant) {
         let (id, _) = self.reserve(now);
-        let expires_at = self
-            .fill(id, blocks, first_token)
-            .expect("the lease was just reserved");
+        let expires_at = self.fill(id, blocks, first_token).expect("the lease was just reserved");
         (id, expires_at)
     }
 
@@ -133,10 +109,7 @@ impl LeaseTable {
             None => {
                 let _ = reply.send(Err(format!("unknown or expired KV lease {id}")));
             }
-            Some(Lease {
-                first_token: Some(token),
-                ..
-            }) => {
+            Some(Lease { first_token: Some(token), .. }) => {
                 let _ = reply.send(Ok(token.clone()));
             }
             Some(lease) => lease.waiters.push(reply),
@@ -145,32 +118,18 @@ impl LeaseTable {
 
     /// Ends a lease (reserved or not); its blocks are the caller's to release.
     pub fn take(&mut self, id: u64) -> Option<Vec<BlockId>> {
-        self.leases
-            .remove(&id)
-            .map(|l| l.end("the KV lease was released before prefill sampled its first token"))
+        self.leases.remove(&id).map(|l| l.end("the KV lease was released before prefill sampled its first token"))
     }
 
     /// Ends every lease that expired by `now`; returns their blocks.
     pub fn take_expired(&mut self, now: Instant) -> Vec<BlockId> {
-        let expired: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.expires_at <= now)
-            .map(|(&id, _)| id)
-            .collect();
-        expired
-            .into_iter()
-            .filter_map(|id| self.leases.remove(&id))
-            .flat_map(|l| l.end("the KV lease expired"))
-            .collect()
+        let expired: Vec<u64> = self.leases.iter().filter(|(_, l)| l.expires_at <= now).map(|(&id, _)| id).collect();
+        expired.into_iter().filter_map(|id| self.leases.remove(&id)).flat_map(|l| l.end("the KV lease expired")).collect()
     }
 
     /// Ends every lease (shutdown).
     pub fn take_all(&mut self) -> Vec<BlockId> {
-        self.leases
-            .drain()
-            .flat_map(|(_, l)| l.end("the engine shut down"))
-            .collect()
+        self.leases.drain().flat_map(|(_, l)| l.end("the engine shut down")).collect()
     }
 
     /// The earliest expiry, so an idle engine knows when to wake up.
@@ -201,11 +160,7 @@ mod tests {
     }
 
     fn token(token_id: u32) -> TokenLogprob {
-        TokenLogprob {
-            token_id,
-            logprob: -0.5,
-            top: Vec::new(),
-        }
+        TokenLogprob { token_id, logprob: -0.5, top: Vec::new() }
     }
 
     fn waiter(table: &mut LeaseTable, id: u64) -> oneshot::Receiver<FirstTokenResult> {
@@ -235,19 +190,11 @@ mod tests {
         let mut w = waiter(&mut table, released);
         assert_eq!(table.take(released), Some(Vec::new()));
         assert!(w.try_recv().unwrap().unwrap_err().contains("released"));
-        assert_eq!(
-            table.fill(released, vec![1], token(3)),
-            Err(vec![1]),
-            "the caller frees the blocks"
-        );
+        assert_eq!(table.fill(released, vec![1], token(3)), Err(vec![1]), "the caller frees the blocks");
         let (expired, _) = table.reserve(t0);
         let mut w = waiter(&mut table, expired);
         assert!(table.take_expired(t0 + Duration::from_secs(10)).is_empty());
         assert!(w.try_recv().unwrap().unwrap_err().contains("expired"));
-        assert!(waiter(&mut table, expired)
-            .try_recv()
-            .unwrap()
-            .unwrap_err()
-            .contains("unknown or expired"));
+        assert!(waiter(&mut table, expired).try_recv().unwrap().unwrap_err().contains("unknown or expired"));
     }
 }

@@ -35,11 +35,7 @@ impl DecoderSpec {
             intermediate: c.intermediate_size,
             layers: c.num_hidden_layers,
             vocab: c.vocab_size,
-            qkv: QkvLayout {
-                q_heads: c.num_attention_heads,
-                kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-            },
+            qkv: QkvLayout { q_heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim },
             eps: c.rms_norm_eps,
             rope_theta: c.rope_theta,
             rope_scaling: c.rope_scaling,
@@ -111,10 +107,7 @@ impl<B: Backend> Loader<'_, B> {
             (None, None)
         };
         let gate_up = self.fused(
-            &[
-                (format!("{p}.mlp.gate_proj.weight"), s.intermediate),
-                (format!("{p}.mlp.up_proj.weight"), s.intermediate),
-            ],
+            &[(format!("{p}.mlp.gate_proj.weight"), s.intermediate), (format!("{p}.mlp.up_proj.weight"), s.intermediate)],
             h,
         )?;
         Ok(Layer {
@@ -122,12 +115,8 @@ impl<B: Backend> Loader<'_, B> {
             qkv,
             q_norm,
             k_norm,
-            o_proj: self.tensor(
-                &format!("{p}.self_attn.o_proj.weight"),
-                &[h, s.qkv.q_width()],
-            )?,
-            post_attention_norm: self
-                .tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            o_proj: self.tensor(&format!("{p}.self_attn.o_proj.weight"), &[h, s.qkv.q_width()])?,
+            post_attention_norm: self.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
             gate_up,
             down: self.tensor(&format!("{p}.mlp.down_proj.weight"), &[h, s.intermediate])?,
         })
@@ -135,33 +124,17 @@ impl<B: Backend> Loader<'_, B> {
 }
 
 impl<B: Backend> DenseDecoder<B> {
-    pub fn load(
-        spec: DecoderSpec,
-        weights: &Weights,
-        backend: &mut B,
-    ) -> Result<Self, EngineError> {
+    pub fn load(spec: DecoderSpec, weights: &Weights, backend: &mut B) -> Result<Self, EngineError> {
         let mut l = Loader { weights, backend };
         let embed = l.tensor("model.embed_tokens.weight", &[spec.vocab, spec.hidden])?;
-        let layers = (0..spec.layers)
-            .map(|i| l.layer(&spec, i))
-            .collect::<Result<Vec<_>, _>>()?;
+        let layers = (0..spec.layers).map(|i| l.layer(&spec, i)).collect::<Result<Vec<_>, _>>()?;
         let final_norm = l.tensor("model.norm.weight", &[spec.hidden])?;
-        let lm_head = if spec.tied_embeddings {
-            None
-        } else {
-            Some(l.tensor("lm_head.weight", &[spec.vocab, spec.hidden])?)
-        };
+        let lm_head =
+            if spec.tied_embeddings { None } else { Some(l.tensor("lm_head.weight", &[spec.vocab, spec.hidden])?) };
         let d = spec.qkv.head_dim;
         let table = rope_table(d, spec.rope_theta, spec.rope_scaling, spec.max_positions);
         let cos_sin = backend.f32_table(&table, spec.max_positions, d)?;
-        Ok(Self {
-            spec,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-            cos_sin,
-        })
+        Ok(Self { spec, embed, layers, final_norm, lm_head, cos_sin })
     }
 }
 
@@ -173,34 +146,16 @@ impl<B: Backend> CausalLm<B> for DenseDecoder<B> {
         let h = b.rms_norm(&residual, &self.layers[0].input_norm, s.eps)?;
         let mut qkv = b.linear(&h, &self.layers[0].qkv)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let qk_norm = layer
-                .q_norm
-                .as_ref()
-                .zip(layer.k_norm.as_ref())
-                .map(|(q, k)| (q, k, s.eps));
+            let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref()).map(|(q, k)| (q, k, s.eps));
             b.attention_prep(&mut qkv, s.qkv, qk_norm, &self.cos_sin, i, batch)?;
             let attn = b.attention(&qkv, s.qkv, i, scale, batch)?;
             let o = b.linear(&attn, &layer.o_proj)?;
-            let gate_up = b.add_rms_norm_linear(
-                &o,
-                &mut residual,
-                &layer.post_attention_norm,
-                s.eps,
-                &layer.gate_up,
-            )?;
+            let gate_up = b.add_rms_norm_linear(&o, &mut residual, &layer.post_attention_norm, s.eps, &layer.gate_up)?;
             let act = b.silu_mul(&gate_up)?;
             let down = b.linear(&act, &layer.down)?;
             // The residual add feeds the next layer's normed q/k/v projection, or the final norm.
             match self.layers.get(i + 1) {
-                Some(next) => {
-                    qkv = b.add_rms_norm_linear(
-                        &down,
-                        &mut residual,
-                        &next.input_norm,
-                        s.eps,
-                        &next.qkv,
-                    )?
-                }
+                Some(next) => qkv = b.add_rms_norm_linear(&down, &mut residual, &next.input_norm, s.eps, &next.qkv)?,
                 None => {
                     let h = b.add_rms_norm(&down, &mut residual, &self.final_norm, s.eps)?;
                     let rows = b.gather_logit_rows(&h, batch)?;

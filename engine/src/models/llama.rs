@@ -5,8 +5,5 @@ use super::DecoderSpec;
 use crate::config::ModelConfig;
 
 pub fn spec(config: &ModelConfig) -> DecoderSpec {
-    DecoderSpec {
-        qk_norm: false,
-        ..DecoderSpec::from_config(config)
-    }
+    DecoderSpec { qk_norm: false, ..DecoderSpec::from_config(config) }
 }

@@ -25,11 +25,7 @@ pub trait CausalLm<B: Backend>: Send {
 }
 
 /// Loads the model `config` describes from `weights` onto `backend`.
-pub fn load<B: Backend>(
-    config: &ModelConfig,
-    weights: &Weights,
-    backend: &mut B,
-) -> Result<Box<dyn CausalLm<B>>, EngineError> {
+pub fn load<B: Backend>(config: &ModelConfig, weights: &Weights, backend: &mut B) -> Result<Box<dyn CausalLm<B>>, EngineError> {
     let spec = match config.architecture {
         Architecture::Llama => llama::spec(config),
         Architecture::Qwen3 => qwen3::spec(config),

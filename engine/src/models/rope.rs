@@ -10,12 +10,7 @@ pub fn inv_freq(head_dim: usize, theta: f32, scaling: Option<RopeScaling>) -> Ve
         .collect();
     match scaling {
         None => base,
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) => {
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
             let old_len = original_max_position_embeddings as f32;
             let low_freq_wavelen = old_len / low_freq_factor;
             let high_freq_wavelen = old_len / high_freq_factor;
@@ -27,8 +22,7 @@ pub fn inv_freq(head_dim: usize, theta: f32, scaling: Option<RopeScaling>) -> Ve
                     } else if wavelen > low_freq_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old_len / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -38,12 +32,7 @@ pub fn inv_freq(head_dim: usize, theta: f32, scaling: Option<RopeScaling>) -> Ve
 }
 
 /// Table [max_positions, head_dim]: per position, cos of each pair's angle, then sin.
-pub fn rope_table(
-    head_dim: usize,
-    theta: f32,
-    scaling: Option<RopeScaling>,
-    max_positions: usize,
-) -> Vec<f32> {
+pub fn rope_table(head_dim: usize, theta: f32, scaling: Option<RopeScaling>, max_positions: usize) -> Vec<f32> {
     let freqs = inv_freq(head_dim, theta, scaling);
     let half = head_dim / 2;
     let mut table = vec![0.0f32; max_positions * head_dim];
@@ -67,18 +56,10 @@ mod tests {
         let scaled = inv_freq(
             64,
             500_000.0,
-            Some(RopeScaling::Llama3 {
-                factor: 8.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192,
-            }),
+            Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }),
         );
         assert_eq!(plain[0], scaled[0], "highest frequency untouched");
         let last = plain.len() - 1;
-        assert!(
-            (scaled[last] - plain[last] / 8.0).abs() < 1e-12,
-            "lowest frequency divided by the factor"
-        );
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12, "lowest frequency divided by the factor");
     }
 }

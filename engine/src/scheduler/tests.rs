@@ -4,31 +4,15 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn config(
-    num_blocks: usize,
-    block_size: usize,
-    max_num_seqs: usize,
-    budget: usize,
-) -> SchedulerConfig {
-    SchedulerConfig {
-        max_num_seqs,
-        max_num_batched_tokens: budget,
-        block_size,
-        num_blocks,
-        enable_prefix_caching: true,
-    }
+fn config(num_blocks: usize, block_size: usize, max_num_seqs: usize, budget: usize) -> SchedulerConfig {
+    SchedulerConfig { max_num_seqs, max_num_batched_tokens: budget, block_size, num_blocks, enable_prefix_caching: true }
 }
 
 /// Runs one step as the engine would: commit, then sample for sequences that reached
 /// their end. Returns the ids that sampled.
 fn run_step(s: &mut Scheduler, out: &SchedulerOutput, token: impl Fn(SeqId) -> u32) -> Vec<SeqId> {
     s.commit(out);
-    let sampled: Vec<SeqId> = out
-        .scheduled
-        .iter()
-        .filter(|x| x.sample)
-        .map(|x| x.seq_id)
-        .collect();
+    let sampled: Vec<SeqId> = out.scheduled.iter().filter(|x| x.sample).map(|x| x.seq_id).collect();
     for &id in &sampled {
         s.append_token(id, token(id));
     }
@@ -40,49 +24,17 @@ fn chunked_prefill_shares_a_step_with_decodes() {
     let mut s = Scheduler::new(config(64, 4, 8, 10));
     s.add(Sequence::new(1, vec![1, 2, 3], 0));
     let out = s.schedule();
-    assert_eq!(
-        out.scheduled,
-        vec![ScheduledSeq {
-            seq_id: 1,
-            start: 0,
-            num_tokens: 3,
-            sample: true
-        }]
-    );
+    assert_eq!(out.scheduled, vec![ScheduledSeq { seq_id: 1, start: 0, num_tokens: 3, sample: true }]);
     run_step(&mut s, &out, |_| 9);
     s.add(Sequence::new(2, (0..30).collect(), 1));
     let out = s.schedule();
     // The decode of 1 goes first, then 9 tokens of 2's prompt fill the budget of 10.
-    assert_eq!(
-        out.scheduled[0],
-        ScheduledSeq {
-            seq_id: 1,
-            start: 3,
-            num_tokens: 1,
-            sample: true
-        }
-    );
-    assert_eq!(
-        out.scheduled[1],
-        ScheduledSeq {
-            seq_id: 2,
-            start: 0,
-            num_tokens: 9,
-            sample: false
-        }
-    );
+    assert_eq!(out.scheduled[0], ScheduledSeq { seq_id: 1, start: 3, num_tokens: 1, sample: true });
+    assert_eq!(out.scheduled[1], ScheduledSeq { seq_id: 2, start: 0, num_tokens: 9, sample: false });
     assert_eq!(out.num_batched_tokens, 10);
     run_step(&mut s, &out, |_| 9);
     let out = s.schedule();
-    assert_eq!(
-        out.scheduled[1],
-        ScheduledSeq {
-            seq_id: 2,
-            start: 9,
-            num_tokens: 9,
-            sample: false
-        }
-    );
+    assert_eq!(out.scheduled[1], ScheduledSeq { seq_id: 2, start: 9, num_tokens: 9, sample: false });
 }
 
 #[test]
@@ -111,10 +63,7 @@ fn prefix_hits_skip_computation_but_never_the_last_token() {
 #[test]
 fn preemption_frees_blocks_and_the_victim_is_recomputed_later() {
     // 4 blocks of 2 tokens; two sequences of 3-token prompts grow until they collide.
-    let mut s = Scheduler::new(SchedulerConfig {
-        enable_prefix_caching: false,
-        ..config(4, 2, 4, 16)
-    });
+    let mut s = Scheduler::new(SchedulerConfig { enable_prefix_caching: false, ..config(4, 2, 4, 16) });
     s.add(Sequence::new(1, vec![1, 2, 3], 0));
     s.add(Sequence::new(2, vec![4, 5, 6], 1));
     let mut preempted = Vec::new();
@@ -123,11 +72,7 @@ fn preemption_frees_blocks_and_the_victim_is_recomputed_later() {
         preempted.extend(out.preempted.iter().copied());
         run_step(&mut s, &out, |_| 7);
     }
-    assert_eq!(
-        preempted.first(),
-        Some(&2),
-        "the newer sequence is preempted"
-    );
+    assert_eq!(preempted.first(), Some(&2), "the newer sequence is preempted");
     assert!(s.seq(1).unwrap().output().len() > s.seq(2).unwrap().output().len());
     s.remove(1);
     let out = s.schedule();
@@ -143,10 +88,7 @@ fn fork_shares_full_blocks_and_copies_the_partial_one() {
     let out = s.schedule();
     s.commit(&out);
     s.fork(1, 2);
-    let (p, c) = (
-        s.seq(1).unwrap().block_table.clone(),
-        s.seq(2).unwrap().block_table.clone(),
-    );
+    let (p, c) = (s.seq(1).unwrap().block_table.clone(), s.seq(2).unwrap().block_table.clone());
     assert_eq!(p[0], c[0], "full block shared");
     assert_ne!(p[1], c[1], "partial block copied");
     assert_eq!(s.block_manager().ref_count(p[0]), 2);
@@ -164,34 +106,13 @@ struct Arrival {
 }
 
 fn arrivals(max_len: usize) -> impl Strategy<Value = Vec<Arrival>> {
-    let one = (
-        0usize..40,
-        1usize..max_len,
-        1usize..12,
-        1usize..3,
-        proptest::option::weighted(0.2, 0usize..60),
-        0u32..3,
-    )
+    let one = (0usize..40, 1usize..max_len, 1usize..12, 1usize..3, proptest::option::weighted(0.2, 0usize..60), 0u32..3)
         .prop_map(move |(at_step, plen, max_tokens, n, abort_at, family)| {
             let max_tokens = max_tokens.min(max_len - plen).max(1);
             let plen = plen.min(max_len - max_tokens).max(1);
             // Prompts of one family share a prefix so prefix hits happen.
-            let prompt = (0..plen as u32)
-                .map(|i| {
-                    if i < 6 {
-                        family * 100 + i
-                    } else {
-                        i * 7 + family
-                    }
-                })
-                .collect();
-            Arrival {
-                at_step,
-                prompt,
-                max_tokens,
-                n,
-                abort_at: abort_at.map(|a| a + at_step),
-            }
+            let prompt = (0..plen as u32).map(|i| if i < 6 { family * 100 + i } else { i * 7 + family }).collect();
+            Arrival { at_step, prompt, max_tokens, n, abort_at: abort_at.map(|a| a + at_step) }
         });
     proptest::collection::vec(one, 1..24)
 }

@@ -17,11 +17,7 @@ pub struct History {
 impl History {
     pub fn record(&mut self, now: Seconds, recommendation: i32) {
         self.entries.push_back((now, recommendation));
-        while self
-            .entries
-            .front()
-            .is_some_and(|(t, _)| now - t > MAX_WINDOW_SECONDS)
-        {
+        while self.entries.front().is_some_and(|(t, _)| now - t > MAX_WINDOW_SECONDS) {
             self.entries.pop_front();
         }
     }
@@ -41,9 +37,6 @@ impl History {
     }
 
     fn within(&self, now: Seconds, window: f64) -> impl Iterator<Item = i32> + '_ {
-        self.entries
-            .iter()
-            .filter(move |(t, _)| now - t <= window)
-            .map(|(_, r)| *r)
+        self.entries.iter().filter(move |(t, _)| now - t <= window).map(|(_, r)| *r)
     }
 }

@@ -74,42 +74,21 @@ pub fn decide(input: &PolicyInput, history: &mut History, now: Seconds) -> Decis
     }
     history.record(now, raw);
     let from = input.current;
-    let decided = |to: i32, reason: Reason, message: String| Decision {
-        from,
-        to,
-        reason,
-        message,
-    };
+    let decided = |to: i32, reason: Reason, message: String| Decision { from, to, reason, message };
     if input.rollout_in_progress && raw != from {
-        return decided(
-            from,
-            Reason::HeldRollout,
-            format!("frozen during a rollout (wanted {raw})"),
-        );
+        return decided(from, Reason::HeldRollout, format!("frozen during a rollout (wanted {raw})"));
     }
     if raw > from && input.pending > 0 {
-        return decided(
-            from,
-            Reason::HeldPendingInstances,
-            format!("{} instances still starting (wanted {raw})", input.pending),
-        );
+        return decided(from, Reason::HeldPendingInstances, format!("{} instances still starting (wanted {raw})", input.pending));
     }
     let stabilized = stabilize(input, history, now, raw);
     if stabilized != raw {
-        return decided(
-            stabilized,
-            Reason::Stabilizing,
-            format!("recommendation {raw} smoothed to {stabilized} ({message})"),
-        );
+        return decided(stabilized, Reason::Stabilizing, format!("recommendation {raw} smoothed to {stabilized} ({message})"));
     }
     match input.gpu_limit {
         Some(limit) if raw > from && raw > limit => {
             let to = limit.max(from);
-            decided(
-                to,
-                Reason::CappedByGpuBudget,
-                format!("wanted {raw}, the GPU budget allows {to}"),
-            )
+            decided(to, Reason::CappedByGpuBudget, format!("wanted {raw}, the GPU budget allows {to}"))
         }
         _ => decided(raw, reason, message),
     }
@@ -119,16 +98,10 @@ fn stabilize(input: &PolicyInput, history: &History, now: Seconds, raw: i32) -> 
     let behavior = &input.spec.behavior;
     if raw > input.current {
         let window = f64::from(behavior.scale_up_stabilization_seconds);
-        history
-            .min_within(now, window)
-            .unwrap_or(raw)
-            .max(input.current)
+        history.min_within(now, window).unwrap_or(raw).max(input.current)
     } else if raw < input.current {
         let window = f64::from(behavior.scale_down_stabilization_seconds);
-        history
-            .max_within(now, window)
-            .unwrap_or(raw)
-            .min(input.current)
+        history.max_within(now, window).unwrap_or(raw).min(input.current)
     } else {
         raw
     }
@@ -143,26 +116,14 @@ fn recommend(input: &PolicyInput) -> (i32, Reason, String) {
         (Some(m), Some(f)) if f.0 >= m.0 => f,
         (Some(m), _) => m,
         (None, Some(f)) => f,
-        (None, None) => (
-            input.current,
-            Reason::MetricsUnavailable,
-            "no instance reported metrics; keeping the current count".into(),
-        ),
+        (None, None) => (input.current, Reason::MetricsUnavailable, "no instance reported metrics; keeping the current count".into()),
     };
     let stepped = wanted.min(input.current + spec.behavior.max_scale_up_step);
     if stepped < spec.min_replicas {
-        return (
-            spec.min_replicas,
-            Reason::RaisedToMinimum,
-            format!("{message}; raised to minReplicas {}", spec.min_replicas),
-        );
+        return (spec.min_replicas, Reason::RaisedToMinimum, format!("{message}; raised to minReplicas {}", spec.min_replicas));
     }
     if stepped > spec.max_replicas {
-        return (
-            spec.max_replicas,
-            Reason::CappedAtMaximum,
-            format!("{message}; capped at maxReplicas {}", spec.max_replicas),
-        );
+        return (spec.max_replicas, Reason::CappedAtMaximum, format!("{message}; capped at maxReplicas {}", spec.max_replicas));
     }
     (stepped, reason, message)
 }
@@ -178,20 +139,10 @@ fn metric_recommendation(input: &PolicyInput) -> Option<(i32, Reason, String)> {
     };
     let utilization = [
         ratio(Some(load.queue_depth), targets.queue_depth),
-        ratio(
-            Some(load.kv_cache_utilization),
-            targets.kv_cache_utilization,
-        ),
+        ratio(Some(load.kv_cache_utilization), targets.kv_cache_utilization),
     ];
-    let latency = [
-        ratio(load.ttft_p95_seconds, targets.ttft_p95_seconds),
-        ratio(load.itl_p95_seconds, targets.itl_p95_seconds),
-    ];
-    let up = utilization
-        .iter()
-        .chain(latency.iter())
-        .flatten()
-        .fold(0.0_f64, |a, &b| a.max(b));
+    let latency = [ratio(load.ttft_p95_seconds, targets.ttft_p95_seconds), ratio(load.itl_p95_seconds, targets.itl_p95_seconds)];
+    let up = utilization.iter().chain(latency.iter()).flatten().fold(0.0_f64, |a, &b| a.max(b));
     let down = utilization.iter().flatten().fold(0.0_f64, |a, &b| a.max(b));
     let tolerance = input.spec.behavior.tolerance;
     let current = input.current;
@@ -205,34 +156,18 @@ fn metric_recommendation(input: &PolicyInput) -> Option<(i32, Reason, String)> {
     );
     if current == 0 {
         let wanted = if load.queue_depth > 0.0 { 1 } else { 0 };
-        return Some((
-            wanted,
-            Reason::LoadHigh,
-            format!("scale from zero: {describe}"),
-        ));
+        return Some((wanted, Reason::LoadHigh, format!("scale from zero: {describe}")));
     }
     if up > 1.0 + tolerance {
         let wanted = (f64::from(current) * up).ceil() as i32;
-        return Some((
-            wanted,
-            Reason::LoadHigh,
-            format!("{describe}: {:.2}x target", up),
-        ));
+        return Some((wanted, Reason::LoadHigh, format!("{describe}: {:.2}x target", up)));
     }
     let latency_ok = latency.iter().flatten().all(|&r| r <= 1.0);
     if down < 1.0 - tolerance && latency_ok {
         let wanted = (f64::from(current) * down).ceil() as i32;
-        return Some((
-            wanted,
-            Reason::LoadLow,
-            format!("{describe}: {:.2}x target", down),
-        ));
+        return Some((wanted, Reason::LoadLow, format!("{describe}: {:.2}x target", down)));
     }
-    Some((
-        current,
-        Reason::WithinTolerance,
-        format!("{describe}: within {:.0}% of target", tolerance * 100.0),
-    ))
+    Some((current, Reason::WithinTolerance, format!("{describe}: within {:.0}% of target", tolerance * 100.0)))
 }
 
 fn follow_recommendation(input: &PolicyInput) -> Option<(i32, Reason, String)> {
@@ -240,23 +175,10 @@ fn follow_recommendation(input: &PolicyInput) -> Option<(i32, Reason, String)> {
     let followed = input.followed?;
     let ideal = (f64::from(followed) * follow.ratio).ceil() as i32;
     let off_by = f64::from((input.current - ideal).abs()) / f64::from(ideal.max(1));
-    let wanted = if off_by <= follow.tolerance {
-        input.current
-    } else {
-        ideal
-    };
-    Some((
-        wanted,
-        Reason::FollowingRole,
-        format!(
-            "{} x {followed} instances of {} = {ideal}",
-            follow.ratio, follow.role
-        ),
-    ))
+    let wanted = if off_by <= follow.tolerance { input.current } else { ideal };
+    Some((wanted, Reason::FollowingRole, format!("{} x {followed} instances of {} = {ideal}", follow.ratio, follow.role)))
 }
 
 fn seconds(value: Option<f64>) -> String {
-    value
-        .map(|v| format!("{:.3}s", v))
-        .unwrap_or_else(|| "n/a".into())
+    value.map(|v| format!("{:.3}s", v)).unwrap_or_else(|| "n/a".into())
 }

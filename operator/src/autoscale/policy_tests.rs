@@ -11,42 +11,19 @@ fn spec(min: i32, max: i32, up_window: i32, down_window: i32) -> AutoscalingSpec
         actuator: Default::default(),
         min_replicas: min,
         max_replicas: max,
-        targets: Some(MetricTargets {
-            queue_depth: Some(4.0),
-            kv_cache_utilization: Some(0.8),
-            itl_p95_seconds: Some(0.05),
-            ttft_p95_seconds: None,
-        }),
+        targets: Some(MetricTargets { queue_depth: Some(4.0), kv_cache_utilization: Some(0.8), itl_p95_seconds: Some(0.05), ttft_p95_seconds: None }),
         follow_role: None,
-        behavior: ScalingBehavior {
-            scale_up_stabilization_seconds: up_window,
-            scale_down_stabilization_seconds: down_window,
-            ..Default::default()
-        },
+        behavior: ScalingBehavior { scale_up_stabilization_seconds: up_window, scale_down_stabilization_seconds: down_window, ..Default::default() },
         hpa: None,
     }
 }
 
 fn load(queue: f64, kv: f64, itl: Option<f64>) -> Option<RoleLoad> {
-    Some(RoleLoad {
-        instances: 1,
-        queue_depth: queue,
-        kv_cache_utilization: kv,
-        ttft_p95_seconds: None,
-        itl_p95_seconds: itl,
-    })
+    Some(RoleLoad { instances: 1, queue_depth: queue, kv_cache_utilization: kv, ttft_p95_seconds: None, itl_p95_seconds: itl })
 }
 
 fn input(spec: &AutoscalingSpec, current: i32, load: Option<RoleLoad>) -> PolicyInput<'_> {
-    PolicyInput {
-        spec,
-        current,
-        pending: 0,
-        load,
-        followed: None,
-        rollout_in_progress: false,
-        gpu_limit: None,
-    }
+    PolicyInput { spec, current, pending: 0, load, followed: None, rollout_in_progress: false, gpu_limit: None }
 }
 
 /// Runs a trace of (seconds, load) and applies each decision, as the controller does.
@@ -66,9 +43,7 @@ fn run(spec: &AutoscalingSpec, start: i32, trace: &[(f64, Option<RoleLoad>)]) ->
 #[test]
 fn steady_load_at_target_changes_nothing() {
     let s = spec(1, 10, 0, 300);
-    let trace: Vec<_> = (0..20)
-        .map(|i| (f64::from(i) * 15.0, load(4.0, 0.8, Some(0.04))))
-        .collect();
+    let trace: Vec<_> = (0..20).map(|i| (f64::from(i) * 15.0, load(4.0, 0.8, Some(0.04)))).collect();
     for d in run(&s, 3, &trace) {
         assert_eq!((d.to, d.reason), (3, Reason::WithinTolerance));
     }
@@ -77,20 +52,9 @@ fn steady_load_at_target_changes_nothing() {
 #[test]
 fn burst_scales_up_at_once_bounded_by_step_and_max() {
     let s = spec(1, 8, 0, 300);
-    let decisions = run(
-        &s,
-        2,
-        &[(0.0, load(40.0, 0.9, None)), (15.0, load(40.0, 0.9, None))],
-    );
-    assert_eq!(
-        (decisions[0].to, decisions[0].reason),
-        (6, Reason::LoadHigh),
-        "10x queue wants 20, a step adds at most 4"
-    );
-    assert_eq!(
-        (decisions[1].to, decisions[1].reason),
-        (8, Reason::CappedAtMaximum)
-    );
+    let decisions = run(&s, 2, &[(0.0, load(40.0, 0.9, None)), (15.0, load(40.0, 0.9, None))]);
+    assert_eq!((decisions[0].to, decisions[0].reason), (6, Reason::LoadHigh), "10x queue wants 20, a step adds at most 4");
+    assert_eq!((decisions[1].to, decisions[1].reason), (8, Reason::CappedAtMaximum));
 }
 
 #[test]
@@ -115,37 +79,17 @@ fn scale_down_waits_for_its_window() {
     let decisions = run(&s, 4, &trace);
     assert_eq!(decisions[0].to, 8);
     let first_down = decisions.iter().position(|d| d.to < 8).unwrap();
-    assert!(
-        15.0 * first_down as f64 > 300.0,
-        "scaled down after {}s",
-        15 * first_down
-    );
+    assert!(15.0 * first_down as f64 > 300.0, "scaled down after {}s", 15 * first_down);
     assert_eq!(decisions.last().unwrap().to, 1);
 }
 
 #[test]
 fn flapping_metrics_do_not_flap_instances() {
     let s = spec(1, 10, 60, 300);
-    let trace: Vec<_> = (0..40)
-        .map(|i| {
-            (
-                f64::from(i) * 15.0,
-                if i % 2 == 0 {
-                    load(8.0, 0.5, None)
-                } else {
-                    load(1.0, 0.2, None)
-                },
-            )
-        })
-        .collect();
+    let trace: Vec<_> = (0..40).map(|i| (f64::from(i) * 15.0, if i % 2 == 0 { load(8.0, 0.5, None) } else { load(1.0, 0.2, None) })).collect();
     let decisions = run(&s, 4, &trace);
     let changes = decisions.windows(2).filter(|w| w[0].to != w[1].to).count();
-    assert_eq!(
-        changes,
-        0,
-        "{:?}",
-        decisions.iter().map(|d| d.to).collect::<Vec<_>>()
-    );
+    assert_eq!(changes, 0, "{:?}", decisions.iter().map(|d| d.to).collect::<Vec<_>>());
 }
 
 #[test]
@@ -193,22 +137,14 @@ fn missing_metrics_keep_the_count_within_bounds() {
 fn prefill_follows_decode_with_tolerance() {
     let mut s = spec(1, 10, 0, 0);
     s.targets = None;
-    s.follow_role = Some(FollowRole {
-        role: "decode".into(),
-        ratio: 0.5,
-        tolerance: 0.2,
-    });
+    s.follow_role = Some(FollowRole { role: "decode".into(), ratio: 0.5, tolerance: 0.2 });
     let mut i = input(&s, 2, None);
     i.followed = Some(8);
     let d = decide(&i, &mut History::default(), 0.0);
     assert_eq!((d.to, d.reason), (4, Reason::FollowingRole));
     i.current = 4;
     i.followed = Some(9);
-    assert_eq!(
-        decide(&i, &mut History::default(), 0.0).to,
-        4,
-        "4 is within 20% of the ideal 5"
-    );
+    assert_eq!(decide(&i, &mut History::default(), 0.0).to, 4, "4 is within 20% of the ideal 5");
     i.followed = Some(12);
     assert_eq!(decide(&i, &mut History::default(), 0.0).to, 6);
 }
@@ -216,11 +152,7 @@ fn prefill_follows_decode_with_tolerance() {
 #[test]
 fn metrics_outvote_the_ratio_when_higher() {
     let mut s = spec(1, 10, 0, 0);
-    s.follow_role = Some(FollowRole {
-        role: "decode".into(),
-        ratio: 0.5,
-        tolerance: 0.1,
-    });
+    s.follow_role = Some(FollowRole { role: "decode".into(), ratio: 0.5, tolerance: 0.1 });
     let mut i = input(&s, 2, load(12.0, 0.5, None));
     i.followed = Some(2);
     let d = decide(&i, &mut History::default(), 0.0);
@@ -230,10 +162,6 @@ fn metrics_outvote_the_ratio_when_higher() {
 #[test]
 fn scale_from_zero_on_queued_requests() {
     let s = spec(0, 4, 0, 0);
-    let d = decide(
-        &input(&s, 0, load(3.0, 0.0, None)),
-        &mut History::default(),
-        0.0,
-    );
+    let d = decide(&input(&s, 0, load(3.0, 0.0, None)), &mut History::default(), 0.0);
     assert_eq!(d.to, 1);
 }

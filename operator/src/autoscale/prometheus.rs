@@ -22,12 +22,7 @@ impl Histogram {
         if restarted || self.buckets.len() != earlier.buckets.len() {
             return self.clone();
         }
-        let buckets = self
-            .buckets
-            .iter()
-            .zip(&earlier.buckets)
-            .map(|((le, now), (_, then))| (*le, (now - then).max(0.0)))
-            .collect();
+        let buckets = self.buckets.iter().zip(&earlier.buckets).map(|((le, now), (_, then))| (*le, (now - then).max(0.0))).collect();
         Histogram { buckets }
     }
 
@@ -45,11 +40,7 @@ impl Histogram {
         let mut previous_bound = 0.0;
         for (le, count) in &self.buckets {
             if *count >= rank {
-                return Some(if le.is_infinite() {
-                    previous_bound
-                } else {
-                    *le
-                });
+                return Some(if le.is_infinite() { previous_bound } else { *le });
             }
             previous_bound = *le;
         }
@@ -70,14 +61,8 @@ pub fn parse(text: &str) -> EngineSample {
     let mut sample = EngineSample::default();
     let mut ttft = BTreeMap::new();
     let mut itl = BTreeMap::new();
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let Some((name, labels, value)) = split_line(line) else {
-            continue;
-        };
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let Some((name, labels, value)) = split_line(line) else { continue };
         match name {
             QUEUE_DEPTH => *sample.queue_depth.get_or_insert(0.0) += value,
             KV_CACHE_UTILIZATION => sample.kv_cache_utilization = Some(value),
@@ -103,12 +88,7 @@ fn split_line(line: &str) -> Option<(&str, &str, f64)> {
 /// Buckets keyed by their bound's bits so that `+Inf` sorts last; series that differ in
 /// other labels (model, finish reason) are summed.
 fn add_bucket(buckets: &mut BTreeMap<u64, (f64, f64)>, labels: &str, value: f64) {
-    let Some(le) = labels
-        .split(',')
-        .find_map(|kv| kv.trim().strip_prefix("le="))
-    else {
-        return;
-    };
+    let Some(le) = labels.split(',').find_map(|kv| kv.trim().strip_prefix("le=")) else { return };
     let bound = match le.trim_matches('"') {
         "+Inf" | "Inf" => f64::INFINITY,
         other => match other.parse::<f64>() {
@@ -126,9 +106,7 @@ fn order_key(bound: f64) -> u64 {
 }
 
 fn to_histogram(buckets: BTreeMap<u64, (f64, f64)>) -> Histogram {
-    Histogram {
-        buckets: buckets.into_values().collect(),
-    }
+    Histogram { buckets: buckets.into_values().collect() }
 }
 
 #[cfg(test)]
@@ -163,18 +141,10 @@ dlengine_time_to_first_token_seconds_count{model="m"} 100
         let mut now = before.clone();
         for (le, count) in now.buckets.iter_mut() {
             // 100 new observations, all slow.
-            *count += if le.is_infinite() || *le >= 1.0 {
-                100.0
-            } else {
-                0.0
-            };
+            *count += if le.is_infinite() || *le >= 1.0 { 100.0 } else { 0.0 };
         }
         assert_eq!(now.since(&before).quantile(0.25), Some(1.0));
-        assert_eq!(
-            now.quantile(0.25),
-            Some(0.1),
-            "the cumulative view would hide the slowdown"
-        );
+        assert_eq!(now.quantile(0.25), Some(0.1), "the cumulative view would hide the slowdown");
     }
 
     #[test]

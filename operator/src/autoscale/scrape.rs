@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
@@ -30,77 +30,45 @@ pub struct MetricsScraper {
 impl MetricsScraper {
     pub fn new(client: kube::Client) -> Self {
         let http = HttpClient::builder(TokioExecutor::new()).build_http();
-        MetricsScraper {
-            client,
-            http,
-            previous: Mutex::new(HashMap::new()),
-        }
+        MetricsScraper { client, http, previous: Mutex::new(HashMap::new()) }
     }
 
     async fn load(&self, role: &RoleRef) -> Result<RoleLoad, LoadError> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &role.namespace);
-        let selector = format!(
-            "{}={},{}={}",
-            labels::DEPLOYMENT,
-            role.deployment,
-            labels::ROLE,
-            role.role
-        );
+        let selector = format!("{}={},{}={}", labels::DEPLOYMENT, role.deployment, labels::ROLE, role.role);
         let list = pods
             .list(&ListParams::default().labels(&selector))
             .await
-            .map_err(|source| LoadError::ListPods {
-                role: role.role.clone(),
-                source,
-            })?;
+            .map_err(|source| LoadError::ListPods { role: role.role.clone(), source })?;
         let mut samples = Vec::new();
         for pod in list.items.iter().filter(|p| is_ready(p)) {
-            let (Some(ip), Some(uid)) = (
-                pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
-                pod.metadata.uid.clone(),
-            ) else {
+            let (Some(ip), Some(uid)) = (pod.status.as_ref().and_then(|s| s.pod_ip.clone()), pod.metadata.uid.clone()) else {
                 continue;
             };
             match self.scrape(&ip).await {
                 Ok(sample) => samples.push(self.windowed(&uid, sample)),
-                Err(error) => {
-                    tracing::debug!(pod = ?pod.metadata.name, %error, "metrics scrape failed")
-                }
+                Err(error) => tracing::debug!(pod = ?pod.metadata.name, %error, "metrics scrape failed"),
             }
         }
         if samples.is_empty() {
-            return Err(LoadError::NoInstance {
-                role: role.role.clone(),
-            });
+            return Err(LoadError::NoInstance { role: role.role.clone() });
         }
         Ok(average(&samples))
     }
 
     async fn scrape(&self, ip: &str) -> Result<EngineSample, String> {
-        let uri: hyper::Uri = format!("http://{ip}:{ENGINE_PORT}/metrics")
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let response = tokio::time::timeout(SCRAPE_TIMEOUT, self.http.get(uri))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+        let uri: hyper::Uri = format!("http://{ip}:{ENGINE_PORT}/metrics").parse().map_err(|e| format!("{e}"))?;
+        let response = tokio::time::timeout(SCRAPE_TIMEOUT, self.http.get(uri)).await.map_err(|_| "timed out".to_string())?.map_err(|e| e.to_string())?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }
-        let body = tokio::time::timeout(SCRAPE_TIMEOUT, response.into_body().collect())
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(prometheus::parse(&String::from_utf8_lossy(
-            &body.to_bytes(),
-        )))
+        let body = tokio::time::timeout(SCRAPE_TIMEOUT, response.into_body().collect()).await.map_err(|_| "timed out".to_string())?.map_err(|e| e.to_string())?;
+        Ok(prometheus::parse(&String::from_utf8_lossy(&body.to_bytes())))
     }
 
     /// Replaces cumulative histograms by the part observed since this pod's last scrape.
     fn windowed(&self, uid: &str, mut sample: EngineSample) -> EngineSample {
-        let Ok(mut previous) = self.previous.lock() else {
-            return sample;
-        };
+        let Ok(mut previous) = self.previous.lock() else { return sample };
         let cumulative = (sample.ttft.clone(), sample.itl.clone());
         if let Some((ttft, itl)) = previous.get(uid) {
             sample.ttft = sample.ttft.since(ttft);

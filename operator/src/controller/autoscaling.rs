@@ -26,28 +26,12 @@ pub async fn desired_instances(
     rolling_out: bool,
     ctx: &Context,
 ) -> DesiredInstances {
-    let mut result = DesiredInstances {
-        instances: BTreeMap::new(),
-        decisions: BTreeMap::new(),
-    };
+    let mut result = DesiredInstances { instances: BTreeMap::new(), decisions: BTreeMap::new() };
     // Followed roles first, so followers see their leader's new count.
     let (followers, leaders): (Vec<&RoleSpec>, Vec<&RoleSpec>) =
-        dep.spec.roles.iter().partition(|r| {
-            r.autoscaling
-                .as_ref()
-                .is_some_and(|a| a.follow_role.is_some())
-        });
+        dep.spec.roles.iter().partition(|r| r.autoscaling.as_ref().is_some_and(|a| a.follow_role.is_some()));
     for role in leaders.into_iter().chain(followers) {
-        let (count, decision) = role_instances(
-            dep,
-            role,
-            observed,
-            shapes,
-            rolling_out,
-            &result.instances,
-            ctx,
-        )
-        .await;
+        let (count, decision) = role_instances(dep, role, observed, shapes, rolling_out, &result.instances, ctx).await;
         result.instances.insert(role.name.clone(), count);
         if let Some(decision) = decision {
             result.decisions.insert(role.name.clone(), decision);
@@ -65,15 +49,10 @@ async fn role_instances(
     decided: &BTreeMap<String, i32>,
     ctx: &Context,
 ) -> (i32, Option<Decision>) {
-    let Some(autoscaling) = &role.autoscaling else {
-        return (role.replicas, None);
-    };
+    let Some(autoscaling) = &role.autoscaling else { return (role.replicas, None) };
     let clamp = |n: i32| n.clamp(autoscaling.min_replicas, autoscaling.max_replicas);
     match autoscaling.actuator {
-        Actuator::Hpa | Actuator::External => (
-            clamp(*observed.scalers.get(&role.name).unwrap_or(&role.replicas)),
-            None,
-        ),
+        Actuator::Hpa | Actuator::External => (clamp(*observed.scalers.get(&role.name).unwrap_or(&role.replicas)), None),
         Actuator::Operator => {
             let current = clamp(previous_desired(dep, role));
             let load = match ctx.load.role_load(&role_ref(dep, role)).await {
@@ -88,10 +67,7 @@ async fn role_instances(
                 current,
                 pending: pending(observed, &role.name),
                 load,
-                followed: autoscaling
-                    .follow_role
-                    .as_ref()
-                    .and_then(|f| decided.get(&f.role).copied()),
+                followed: autoscaling.follow_role.as_ref().and_then(|f| decided.get(&f.role).copied()),
                 rollout_in_progress: rolling_out,
                 gpu_limit: gpu_limit(dep, role, shapes, decided),
             };
@@ -101,18 +77,8 @@ async fn role_instances(
     }
 }
 
-fn record(
-    ctx: &Context,
-    dep: &InferenceDeployment,
-    role: &RoleSpec,
-    input: &PolicyInput,
-) -> Decision {
-    let key = format!(
-        "{}/{}/{}",
-        dep.metadata.namespace.clone().unwrap_or_default(),
-        dep.metadata.name.clone().unwrap_or_default(),
-        role.name
-    );
+fn record(ctx: &Context, dep: &InferenceDeployment, role: &RoleSpec, input: &PolicyInput) -> Decision {
+    let key = format!("{}/{}/{}", dep.metadata.namespace.clone().unwrap_or_default(), dep.metadata.name.clone().unwrap_or_default(), role.name);
     let now = seconds(ctx.clock.now());
     match ctx.histories.lock() {
         Ok(mut histories) => decide(input, histories.entry(key).or_default(), now),
@@ -131,28 +97,13 @@ fn previous_desired(dep: &InferenceDeployment, role: &RoleSpec) -> i32 {
 }
 
 fn pending(observed: &Observed, role: &str) -> i32 {
-    observed
-        .workloads
-        .iter()
-        .filter(|w| w.role == role)
-        .map(|w| w.pending())
-        .sum()
+    observed.workloads.iter().filter(|w| w.role == role).map(|w| w.pending()).sum()
 }
 
 /// Instances of `role` the GPU budget leaves room for, given the other roles' counts.
-fn gpu_limit(
-    dep: &InferenceDeployment,
-    role: &RoleSpec,
-    shapes: &BTreeMap<String, InstanceShape>,
-    decided: &BTreeMap<String, i32>,
-) -> Option<i32> {
+fn gpu_limit(dep: &InferenceDeployment, role: &RoleSpec, shapes: &BTreeMap<String, InstanceShape>, decided: &BTreeMap<String, i32>) -> Option<i32> {
     let budget = dep.spec.gpu_budget?;
-    let gpus = |r: &RoleSpec| {
-        shapes
-            .get(&r.name)
-            .map(|s| s.gpus_per_instance)
-            .unwrap_or(0)
-    };
+    let gpus = |r: &RoleSpec| shapes.get(&r.name).map(|s| s.gpus_per_instance).unwrap_or(0);
     let per_instance = gpus(role);
     if per_instance == 0 {
         return None;

@@ -34,11 +34,7 @@ pub async fn delete_stale(
     for child in &observed.children {
         let wanted = desired.contains(&(child.kind.to_string(), child.name.clone()));
         let role_exists = child.role.as_ref().is_none_or(|r| roles.contains(r));
-        let kept = role_exists
-            && child
-                .revision
-                .as_ref()
-                .is_some_and(|r| kept_revisions.contains(r));
+        let kept = role_exists && child.revision.as_ref().is_some_and(|r| kept_revisions.contains(r));
         if !wanted && !kept {
             tracing::info!(kind = child.kind, name = %child.name, "deleting child that is no longer desired");
             delete_child(client, namespace, child).await?;
@@ -47,53 +43,30 @@ pub async fn delete_stale(
     Ok(())
 }
 
-async fn delete_child(
-    client: &kube::Client,
-    namespace: &str,
-    child: &ObservedChild,
-) -> Result<(), Error> {
+async fn delete_child(client: &kube::Client, namespace: &str, child: &ObservedChild) -> Result<(), Error> {
     match child.kind {
         "Deployment" => delete_if_present::<Deployment>(client, namespace, &child.name).await,
         "StatefulSet" => delete_if_present::<StatefulSet>(client, namespace, &child.name).await,
         "Service" => delete_if_present::<Service>(client, namespace, &child.name).await,
         "ConfigMap" => delete_if_present::<ConfigMap>(client, namespace, &child.name).await,
-        "PodDisruptionBudget" => {
-            delete_if_present::<PodDisruptionBudget>(client, namespace, &child.name).await
-        }
-        "HorizontalPodAutoscaler" => {
-            delete_if_present::<HorizontalPodAutoscaler>(client, namespace, &child.name).await
-        }
-        "InferenceRoleScaler" => {
-            delete_if_present::<InferenceRoleScaler>(client, namespace, &child.name).await
-        }
+        "PodDisruptionBudget" => delete_if_present::<PodDisruptionBudget>(client, namespace, &child.name).await,
+        "HorizontalPodAutoscaler" => delete_if_present::<HorizontalPodAutoscaler>(client, namespace, &child.name).await,
+        "InferenceRoleScaler" => delete_if_present::<InferenceRoleScaler>(client, namespace, &child.name).await,
         _ => Ok(()),
     }
 }
 
 /// Sets the instance count of an old revision's workload without re-applying it (the spec
 /// that rendered it is gone); a separate field manager keeps the main one's fields intact.
-pub async fn scale_old_workload(
-    client: &kube::Client,
-    namespace: &str,
-    kind: WorkloadKind,
-    name: &str,
-    pods: i32,
-) -> Result<(), Error> {
+pub async fn scale_old_workload(client: &kube::Client, namespace: &str, kind: WorkloadKind, name: &str, pods: i32) -> Result<(), Error> {
     let patch = Patch::Merge(serde_json::json!({"spec": {"replicas": pods}}));
-    let params = PatchParams {
-        field_manager: Some(format!("{MANAGER}-rollout")),
-        ..Default::default()
-    };
+    let params = PatchParams { field_manager: Some(format!("{MANAGER}-rollout")), ..Default::default() };
     match kind {
         WorkloadKind::Deployment => {
-            Api::<Deployment>::namespaced(client.clone(), namespace)
-                .patch(name, &params, &patch)
-                .await?;
+            Api::<Deployment>::namespaced(client.clone(), namespace).patch(name, &params, &patch).await?;
         }
         WorkloadKind::StatefulSet => {
-            Api::<StatefulSet>::namespaced(client.clone(), namespace)
-                .patch(name, &params, &patch)
-                .await?;
+            Api::<StatefulSet>::namespaced(client.clone(), namespace).patch(name, &params, &patch).await?;
         }
     }
     Ok(())
@@ -101,11 +74,7 @@ pub async fn scale_old_workload(
 
 /// The finalizer's work: forget every registration of the deployment, all revisions.
 pub async fn delete_registrations(dep: &InferenceDeployment, ctx: &Context) -> Result<(), Error> {
-    if dep
-        .annotations()
-        .get(SKIP_REGISTRY_CLEANUP)
-        .is_some_and(|v| v == "true")
-    {
+    if dep.annotations().get(SKIP_REGISTRY_CLEANUP).is_some_and(|v| v == "true") {
         tracing::warn!(deployment = %dep.name_any(), "registry cleanup skipped by annotation");
         return Ok(());
     }
@@ -113,37 +82,21 @@ pub async fn delete_registrations(dep: &InferenceDeployment, ctx: &Context) -> R
     if endpoints.is_empty() {
         return Ok(());
     }
-    let namespace = dep
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let namespace = dep.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let tls = match ctx.render.etcd_tls_secret(&dep.spec) {
         Some(secret) => Some(read_tls(&ctx.client, &namespace, &secret).await?),
         None => None,
     };
-    let target = RegistryTarget {
-        endpoints,
-        tls,
-        namespace,
-        deployment: dep.name_any(),
-    };
+    let target = RegistryTarget { endpoints, tls, namespace, deployment: dep.name_any() };
     let deleted = ctx.registry.delete_deployment(&target).await?;
     tracing::info!(prefix = %target.prefix(), deleted, "registry prefix deleted");
     Ok(())
 }
 
 async fn read_tls(client: &kube::Client, namespace: &str, name: &str) -> Result<EtcdTls, Error> {
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
-        .get(name)
-        .await?;
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace).get(name).await?;
     let data = secret.data.unwrap_or_default();
     let get = |key: &str| data.get(key).map(|b| b.0.clone());
-    let ca = get("ca.crt").ok_or_else(|| RegistryError::Tls {
-        secret: name.into(),
-        message: "no ca.crt key".into(),
-    })?;
-    Ok(EtcdTls {
-        ca,
-        client_cert: get("tls.crt"),
-        client_key: get("tls.key"),
-    })
+    let ca = get("ca.crt").ok_or_else(|| RegistryError::Tls { secret: name.into(), message: "no ca.crt key".into() })?;
+    Ok(EtcdTls { ca, client_cert: get("tls.crt"), client_key: get("tls.key") })
 }

@@ -47,10 +47,7 @@ impl Context {
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
     ) -> Context {
-        let reporter = Reporter {
-            controller: crate::render::labels::MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let reporter = Reporter { controller: crate::render::labels::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,

@@ -12,10 +12,7 @@ pub enum Error {
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("serialising {what}: {source}")]
-    Serialise {
-        what: String,
-        source: serde_json::Error,
-    },
+    Serialise { what: String, source: serde_json::Error },
     #[error("object has no {0}")]
     MissingField(&'static str),
 }

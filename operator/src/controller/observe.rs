@@ -63,121 +63,45 @@ pub struct Observed {
     pub children: Vec<ObservedChild>,
 }
 
-pub async fn observe(
-    client: &kube::Client,
-    namespace: &str,
-    deployment: &str,
-    owner_uid: &str,
-) -> Result<Observed, Error> {
+pub async fn observe(client: &kube::Client, namespace: &str, deployment: &str, owner_uid: &str) -> Result<Observed, Error> {
     let selector = format!("{}={deployment}", labels::DEPLOYMENT);
     let mut observed = Observed::default();
     for d in owned::<Deployment>(client, namespace, &selector, owner_uid).await? {
         observed.workloads.push(from_deployment(&d));
     }
     for s in owned::<StatefulSet>(client, namespace, &selector, owner_uid).await? {
-        observed
-            .workloads
-            .push(from_stateful_set(client, namespace, &s).await?);
+        observed.workloads.push(from_stateful_set(client, namespace, &s).await?);
     }
     for scaler in owned::<InferenceRoleScaler>(client, namespace, &selector, owner_uid).await? {
-        observed
-            .scalers
-            .insert(scaler.spec.role.clone(), scaler.spec.replicas);
-        observed
-            .scaler_status
-            .insert(scaler.spec.role.clone(), scaler.status.clone());
-        observed
-            .children
-            .push(child("InferenceRoleScaler", &scaler.metadata));
+        observed.scalers.insert(scaler.spec.role.clone(), scaler.spec.replicas);
+        observed.scaler_status.insert(scaler.spec.role.clone(), scaler.status.clone());
+        observed.children.push(child("InferenceRoleScaler", &scaler.metadata));
     }
     for w in &observed.workloads {
-        let kind = if w.kind == WorkloadKind::Deployment {
-            "Deployment"
-        } else {
-            "StatefulSet"
-        };
-        observed.children.push(ObservedChild {
-            kind,
-            name: w.name.clone(),
-            revision: w.revision.clone(),
-            role: Some(w.role.clone()),
-        });
+        let kind = if w.kind == WorkloadKind::Deployment { "Deployment" } else { "StatefulSet" };
+        observed.children.push(ObservedChild { kind, name: w.name.clone(), revision: w.revision.clone(), role: Some(w.role.clone()) });
     }
-    collect::<Service>(
-        client,
-        namespace,
-        &selector,
-        owner_uid,
-        "Service",
-        &mut observed.children,
-    )
-    .await?;
-    collect::<ConfigMap>(
-        client,
-        namespace,
-        &selector,
-        owner_uid,
-        "ConfigMap",
-        &mut observed.children,
-    )
-    .await?;
-    collect::<PodDisruptionBudget>(
-        client,
-        namespace,
-        &selector,
-        owner_uid,
-        "PodDisruptionBudget",
-        &mut observed.children,
-    )
-    .await?;
-    collect::<HorizontalPodAutoscaler>(
-        client,
-        namespace,
-        &selector,
-        owner_uid,
-        "HorizontalPodAutoscaler",
-        &mut observed.children,
-    )
-    .await?;
+    collect::<Service>(client, namespace, &selector, owner_uid, "Service", &mut observed.children).await?;
+    collect::<ConfigMap>(client, namespace, &selector, owner_uid, "ConfigMap", &mut observed.children).await?;
+    collect::<PodDisruptionBudget>(client, namespace, &selector, owner_uid, "PodDisruptionBudget", &mut observed.children).await?;
+    collect::<HorizontalPodAutoscaler>(client, namespace, &selector, owner_uid, "HorizontalPodAutoscaler", &mut observed.children).await?;
     Ok(observed)
 }
 
 /// Objects with the deployment's label that it also owns: a user's object that merely
 /// carries the label is never touched.
-async fn owned<K>(
-    client: &kube::Client,
-    namespace: &str,
-    selector: &str,
-    owner_uid: &str,
-) -> Result<Vec<K>, Error>
+async fn owned<K>(client: &kube::Client, namespace: &str, selector: &str, owner_uid: &str) -> Result<Vec<K>, Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let list = api.list(&ListParams::default().labels(selector)).await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|o| is_owned_by(o.meta(), owner_uid))
-        .collect())
+    Ok(list.items.into_iter().filter(|o| is_owned_by(o.meta(), owner_uid)).collect())
 }
 
-async fn collect<K>(
-    client: &kube::Client,
-    namespace: &str,
-    selector: &str,
-    owner_uid: &str,
-    kind: &'static str,
-    into: &mut Vec<ObservedChild>,
-) -> Result<(), Error>
+async fn collect<K>(client: &kube::Client, namespace: &str, selector: &str, owner_uid: &str, kind: &'static str, into: &mut Vec<ObservedChild>) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
 {
     for object in owned::<K>(client, namespace, selector, owner_uid).await? {
         into.push(child(kind, object.meta()));
@@ -186,18 +110,11 @@ where
 }
 
 fn child(kind: &'static str, meta: &ObjectMeta) -> ObservedChild {
-    ObservedChild {
-        kind,
-        name: meta.name.clone().unwrap_or_default(),
-        revision: label(meta, labels::REVISION),
-        role: label(meta, labels::ROLE),
-    }
+    ObservedChild { kind, name: meta.name.clone().unwrap_or_default(), revision: label(meta, labels::REVISION), role: label(meta, labels::ROLE) }
 }
 
 fn is_owned_by(meta: &ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .as_ref()
-        .is_some_and(|refs| refs.iter().any(|r| r.uid == uid))
+    meta.owner_references.as_ref().is_some_and(|refs| refs.iter().any(|r| r.uid == uid))
 }
 
 fn label(meta: &ObjectMeta, key: &str) -> Option<String> {
@@ -208,18 +125,9 @@ fn from_deployment(d: &Deployment) -> ObservedWorkload {
     let status = d.status.clone().unwrap_or_default();
     let instances = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let ready = status.ready_replicas.unwrap_or(0).min(instances);
-    let stuck = status
-        .conditions
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.type_ == "Progressing" && c.status == "False")
-        .map(|c| {
-            format!(
-                "Deployment {}: {}",
-                d.metadata.name.clone().unwrap_or_default(),
-                c.message.unwrap_or(c.reason.unwrap_or_default())
-            )
-        });
+    let stuck = status.conditions.unwrap_or_default().into_iter().find(|c| c.type_ == "Progressing" && c.status == "False").map(|c| {
+        format!("Deployment {}: {}", d.metadata.name.clone().unwrap_or_default(), c.message.unwrap_or(c.reason.unwrap_or_default()))
+    });
     ObservedWorkload {
         name: d.metadata.name.clone().unwrap_or_default(),
         kind: WorkloadKind::Deployment,
@@ -232,11 +140,7 @@ fn from_deployment(d: &Deployment) -> ObservedWorkload {
     }
 }
 
-async fn from_stateful_set(
-    client: &kube::Client,
-    namespace: &str,
-    s: &StatefulSet,
-) -> Result<ObservedWorkload, Error> {
+async fn from_stateful_set(client: &kube::Client, namespace: &str, s: &StatefulSet) -> Result<ObservedWorkload, Error> {
     let nodes = s
         .spec
         .as_ref()
@@ -270,17 +174,10 @@ async fn from_stateful_set(
 pub fn ready_instances(pods: &[Pod], nodes: i32, instances: i32) -> i32 {
     let mut ready_ranks: BTreeMap<i32, i32> = BTreeMap::new();
     for pod in pods.iter().filter(|p| pod_ready(p)) {
-        let Some(index) =
-            label(&pod.metadata, labels::POD_INDEX).and_then(|i| i.parse::<i32>().ok())
-        else {
-            continue;
-        };
+        let Some(index) = label(&pod.metadata, labels::POD_INDEX).and_then(|i| i.parse::<i32>().ok()) else { continue };
         *ready_ranks.entry(index / nodes).or_default() += 1;
     }
-    ready_ranks
-        .iter()
-        .filter(|(instance, ranks)| **instance < instances && **ranks >= nodes)
-        .count() as i32
+    ready_ranks.iter().filter(|(instance, ranks)| **instance < instances && **ranks >= nodes).count() as i32
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -299,17 +196,10 @@ mod tests {
 
     fn pod(index: i32, ready: bool) -> Pod {
         Pod {
-            metadata: ObjectMeta {
-                labels: Some([(labels::POD_INDEX.to_string(), index.to_string())].into()),
-                ..Default::default()
-            },
+            metadata: ObjectMeta { labels: Some([(labels::POD_INDEX.to_string(), index.to_string())].into()), ..Default::default() },
             spec: None,
             status: Some(PodStatus {
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".into(),
-                    status: if ready { "True" } else { "False" }.into(),
-                    ..Default::default()
-                }]),
+                conditions: Some(vec![PodCondition { type_: "Ready".into(), status: if ready { "True" } else { "False" }.into(), ..Default::default() }]),
                 ..Default::default()
             }),
         }

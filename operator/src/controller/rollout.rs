@@ -49,20 +49,14 @@ pub fn plan(roles: &[RoleInstances], rollout: &RolloutSpec) -> RolloutPlan {
         let (surge, unavailable) = limits(rollout, role.desired);
         let old_current: i32 = role.old.iter().map(|o| o.current).sum();
         let served_by_update = (progress * f64::from(role.desired)).floor() as i32;
-        let old_budget = (role.desired - unavailable - served_by_update)
-            .max(0)
-            .min(old_current);
+        let old_budget = (role.desired - unavailable - served_by_update).max(0).min(old_current);
         // Total instances stay within desired + surge once the old ones being removed are gone.
         let room = role.desired + surge - old_budget;
         let update_target = role.update_current.max(room).clamp(0, role.desired);
-        result
-            .update_targets
-            .insert(role.role.clone(), update_target);
+        result.update_targets.insert(role.role.clone(), update_target);
         result.old_targets.extend(distribute(&role.old, old_budget));
     }
-    result.complete = roles
-        .iter()
-        .all(|r| r.update_ready >= r.desired && r.update_current == r.desired)
+    result.complete = roles.iter().all(|r| r.update_ready >= r.desired && r.update_current == r.desired)
         && result.old_targets.values().all(|&n| n == 0)
         && roles.iter().all(|r| r.old.iter().all(|o| o.current == 0));
     result
@@ -72,13 +66,7 @@ pub fn plan(roles: &[RoleInstances], rollout: &RolloutSpec) -> RolloutPlan {
 fn paired_progress(roles: &[RoleInstances]) -> f64 {
     roles
         .iter()
-        .map(|r| {
-            if r.desired == 0 {
-                1.0
-            } else {
-                (f64::from(r.update_ready) / f64::from(r.desired)).min(1.0)
-            }
-        })
+        .map(|r| if r.desired == 0 { 1.0 } else { (f64::from(r.update_ready) / f64::from(r.desired)).min(1.0) })
         .fold(1.0, f64::min)
 }
 
@@ -97,18 +85,11 @@ fn limits(rollout: &RolloutSpec, desired: i32) -> (i32, i32) {
 fn resolve(value: Option<&IntOrString>, desired: i32, default_percent: i32, round_up: bool) -> i32 {
     let percent = match value {
         Some(IntOrString::Int(n)) => return (*n).max(0),
-        Some(IntOrString::String(s)) => s
-            .trim_end_matches('%')
-            .parse::<i32>()
-            .unwrap_or(default_percent),
+        Some(IntOrString::String(s)) => s.trim_end_matches('%').parse::<i32>().unwrap_or(default_percent),
         None => default_percent,
     };
     let scaled = f64::from(desired) * f64::from(percent.max(0)) / 100.0;
-    (if round_up {
-        scaled.ceil()
-    } else {
-        scaled.floor()
-    }) as i32
+    (if round_up { scaled.ceil() } else { scaled.floor() }) as i32
 }
 
 /// Spread `budget` over old workloads, keeping the previously current revision longest.
@@ -134,43 +115,24 @@ mod tests {
             desired,
             update_current: update.0,
             update_ready: update.1,
-            old: vec![OldWorkload {
-                name: format!("{name}-old"),
-                revision: "old".into(),
-                current: old.0,
-                ready: old.1,
-                is_current_revision: true,
-            }],
+            old: vec![OldWorkload { name: format!("{name}-old"), revision: "old".into(), current: old.0, ready: old.1, is_current_revision: true }],
         }
     }
 
     fn spec(surge: i32, unavailable: i32) -> RolloutSpec {
-        RolloutSpec {
-            max_surge: Some(IntOrString::Int(surge)),
-            max_unavailable: Some(IntOrString::Int(unavailable)),
-        }
+        RolloutSpec { max_surge: Some(IntOrString::Int(surge)), max_unavailable: Some(IntOrString::Int(unavailable)) }
     }
 
     #[test]
     fn no_old_revision_means_straight_to_desired() {
-        let plan = plan(
-            &[RoleInstances {
-                role: "a".into(),
-                desired: 3,
-                ..Default::default()
-            }],
-            &RolloutSpec::default(),
-        );
+        let plan = plan(&[RoleInstances { role: "a".into(), desired: 3, ..Default::default() }], &RolloutSpec::default());
         assert_eq!(plan.update_targets["a"], 3);
         assert!(!plan.complete, "not complete until ready");
     }
 
     #[test]
     fn surge_bounds_new_instances_and_old_stay_until_new_are_ready() {
-        let roles = [
-            role("prefill", 4, (0, 0), (4, 4)),
-            role("decode", 4, (0, 0), (4, 4)),
-        ];
+        let roles = [role("prefill", 4, (0, 0), (4, 4)), role("decode", 4, (0, 0), (4, 4))];
         let plan = plan(&roles, &spec(1, 0));
         assert_eq!(plan.update_targets["prefill"], 1);
         assert_eq!(plan.old_targets["prefill-old"], 4);
@@ -180,25 +142,16 @@ mod tests {
     #[test]
     fn old_decode_is_not_drained_while_new_decode_lags_new_prefill() {
         // New prefill fully ready, new decode not ready at all: the new revision serves nothing.
-        let roles = [
-            role("prefill", 2, (2, 2), (2, 2)),
-            role("decode", 2, (1, 0), (2, 2)),
-        ];
+        let roles = [role("prefill", 2, (2, 2), (2, 2)), role("decode", 2, (1, 0), (2, 2))];
         let plan = plan(&roles, &spec(1, 0));
-        assert_eq!(
-            plan.old_targets["prefill-old"], 2,
-            "old prefill still pairs with old decode"
-        );
+        assert_eq!(plan.old_targets["prefill-old"], 2, "old prefill still pairs with old decode");
         assert_eq!(plan.old_targets["decode-old"], 2);
         assert_eq!(plan.update_targets["decode"], 1);
     }
 
     #[test]
     fn draining_follows_the_slowest_role() {
-        let roles = [
-            role("prefill", 2, (2, 2), (2, 2)),
-            role("decode", 2, (2, 1), (2, 2)),
-        ];
+        let roles = [role("prefill", 2, (2, 2), (2, 2)), role("decode", 2, (2, 1), (2, 2))];
         let plan = plan(&roles, &spec(1, 0));
         assert_eq!(plan.old_targets["prefill-old"], 1);
         assert_eq!(plan.old_targets["decode-old"], 1);
@@ -206,40 +159,19 @@ mod tests {
 
     #[test]
     fn complete_when_new_is_up_and_old_is_gone() {
-        let roles = [
-            role("prefill", 2, (2, 2), (0, 0)),
-            role("decode", 2, (2, 2), (0, 0)),
-        ];
+        let roles = [role("prefill", 2, (2, 2), (0, 0)), role("decode", 2, (2, 2), (0, 0))];
         assert!(plan(&roles, &spec(1, 0)).complete);
-        let roles = [
-            role("prefill", 2, (2, 2), (2, 2)),
-            role("decode", 2, (2, 2), (2, 2)),
-        ];
+        let roles = [role("prefill", 2, (2, 2), (2, 2)), role("decode", 2, (2, 2), (2, 2))];
         let p = plan(&roles, &spec(1, 0));
         assert!(!p.complete);
-        assert_eq!(
-            p.old_targets["prefill-old"], 0,
-            "fully ready new revision drains the old one"
-        );
+        assert_eq!(p.old_targets["prefill-old"], 0, "fully ready new revision drains the old one");
     }
 
     #[test]
     fn percentages_round_like_deployments() {
-        let rollout = RolloutSpec {
-            max_surge: Some(IntOrString::String("25%".into())),
-            max_unavailable: Some(IntOrString::String("25%".into())),
-        };
+        let rollout = RolloutSpec { max_surge: Some(IntOrString::String("25%".into())), max_unavailable: Some(IntOrString::String("25%".into())) };
         assert_eq!(limits(&rollout, 10), (3, 2));
-        assert_eq!(
-            limits(
-                &RolloutSpec {
-                    max_surge: Some(IntOrString::Int(0)),
-                    max_unavailable: Some(IntOrString::Int(0))
-                },
-                5
-            ),
-            (1, 0)
-        );
+        assert_eq!(limits(&RolloutSpec { max_surge: Some(IntOrString::Int(0)), max_unavailable: Some(IntOrString::Int(0)) }, 5), (1, 0));
     }
 
     #[test]
@@ -247,9 +179,6 @@ mod tests {
         let roles = [role("decode", 4, (0, 0), (4, 4))];
         let p = plan(&roles, &spec(0, 1));
         assert_eq!(p.old_targets["decode-old"], 3);
-        assert_eq!(
-            p.update_targets["decode"], 1,
-            "room freed by unavailability is used by the update"
-        );
+        assert_eq!(p.update_targets["decode"], 1, "room freed by unavailability is used by the update");
     }
 }

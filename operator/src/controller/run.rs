@@ -35,18 +35,12 @@ where
 }
 
 /// Runs until `shutdown` resolves; in-flight reconciliations finish first.
-pub async fn run_controller(
-    context: Arc<Context>,
-    config: ControllerConfig,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run_controller(context: Arc<Context>, config: ControllerConfig, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = context.client.clone();
     let ns = &config.namespace;
     // Only the operator's own children are cached, not every ConfigMap of the cluster.
-    let children =
-        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    let controller_config =
-        kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    let children = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
     context.metrics.set_ready(true);
     Controller::new(api::<InferenceDeployment>(&client, ns), watcher::Config::default().any_semantic())
         .with_config(controller_config)

@@ -53,35 +53,11 @@ impl Metrics {
         let scaling_decisions = Family::<ScalingLabels, Counter>::default();
         let is_leader = Gauge::default();
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
-        registry.register(
-            "reconcile_errors",
-            "Reconciliations that failed, by error kind",
-            reconcile_errors.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time one reconciliation took",
-            reconcile_seconds.clone(),
-        );
-        registry.register(
-            "scaling_decisions",
-            "Autoscaler decisions that changed a role's instances, by reason",
-            scaling_decisions.clone(),
-        );
-        registry.register(
-            "leader",
-            "1 while this replica holds the leader lease",
-            is_leader.clone(),
-        );
-        Metrics {
-            registry: Mutex::new(registry),
-            reconciles,
-            reconcile_errors,
-            reconcile_seconds,
-            scaling_decisions,
-            is_leader,
-            ready: AtomicBool::new(false),
-        }
+        registry.register("reconcile_errors", "Reconciliations that failed, by error kind", reconcile_errors.clone());
+        registry.register("reconcile_duration_seconds", "Time one reconciliation took", reconcile_seconds.clone());
+        registry.register("scaling_decisions", "Autoscaler decisions that changed a role's instances, by reason", scaling_decisions.clone());
+        registry.register("leader", "1 while this replica holds the leader lease", is_leader.clone());
+        Metrics { registry: Mutex::new(registry), reconciles, reconcile_errors, reconcile_seconds, scaling_decisions, is_leader, ready: AtomicBool::new(false) }
     }
 
     pub fn observe_reconcile(&self, took: Duration) {
@@ -114,13 +90,7 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.render())
 }
 
 async fn serve_ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

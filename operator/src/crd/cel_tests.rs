@@ -10,12 +10,7 @@ use crate::testing::samples;
 
 fn schema() -> Value {
     let crd = InferenceDeployment::crd();
-    let schema = crd.spec.versions[0]
-        .schema
-        .clone()
-        .unwrap()
-        .open_api_v3_schema
-        .unwrap();
+    let schema = crd.spec.versions[0].schema.clone().unwrap().open_api_v3_schema.unwrap();
     serde_json::to_value(schema).unwrap()
 }
 
@@ -32,20 +27,12 @@ fn example(yaml: &str) -> Value {
 
 fn assert_refused(object: &Value, message: &str) {
     let errors = errors(object);
-    assert!(
-        errors.iter().any(|e| e.contains(message)),
-        "expected {message:?} in {errors:#?}"
-    );
+    assert!(errors.iter().any(|e| e.contains(message)), "expected {message:?} in {errors:#?}");
 }
 
 #[test]
 fn examples_pass_every_rule() {
-    for yaml in [
-        samples::AGGREGATED,
-        samples::DISAGGREGATED,
-        samples::AUTOSCALED,
-        samples::MULTINODE,
-    ] {
+    for yaml in [samples::AGGREGATED, samples::DISAGGREGATED, samples::AUTOSCALED, samples::MULTINODE] {
         assert_eq!(errors(&example(yaml)), Vec::<String>::new());
     }
 }
@@ -61,20 +48,14 @@ fn duplicate_role_names_are_refused() {
 #[test]
 fn prefill_without_decode_is_refused() {
     let mut dep = example(samples::DISAGGREGATED);
-    dep["spec"]["roles"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|r| r["kind"] != "Decode");
+    dep["spec"]["roles"].as_array_mut().unwrap().retain(|r| r["kind"] != "Decode");
     assert_refused(&dep, "a Prefill role requires a Decode role");
 }
 
 #[test]
 fn disaggregation_without_router_is_refused() {
     let mut dep = example(samples::DISAGGREGATED);
-    dep["spec"]["roles"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|r| r["kind"] != "Router");
+    dep["spec"]["roles"].as_array_mut().unwrap().retain(|r| r["kind"] != "Router");
     assert_refused(&dep, "requires a Router role");
 }
 
@@ -95,10 +76,7 @@ fn require_rdma_over_tcp_is_refused() {
 #[test]
 fn rdma_without_a_device_is_refused() {
     let mut dep = example(samples::DISAGGREGATED);
-    dep["spec"]["network"]
-        .as_object_mut()
-        .unwrap()
-        .remove("rdma");
+    dep["spec"]["network"].as_object_mut().unwrap().remove("rdma");
     assert_refused(&dep, "RDMA needs network.rdma");
 }
 
@@ -112,8 +90,7 @@ fn cuda_ipc_needs_host_ipc() {
 #[test]
 fn an_etcd_tls_secret_needs_https_endpoints() {
     let mut dep = example(samples::AGGREGATED);
-    dep["spec"]["registry"] =
-        json!({"endpoints": ["http://etcd:2379"], "tlsSecret": "etcd-client"});
+    dep["spec"]["registry"] = json!({"endpoints": ["http://etcd:2379"], "tlsSecret": "etcd-client"});
     assert_refused(&dep, "registry.tlsSecret needs https:// endpoints");
     dep["spec"]["registry"]["endpoints"] = json!(["https://etcd:2379"]);
     assert!(errors(&dep).is_empty(), "{:?}", errors(&dep));
@@ -137,10 +114,7 @@ fn two_model_sources_are_refused() {
 fn inconsistent_expert_parallelism_is_refused() {
     let mut dep = example(samples::AGGREGATED);
     dep["spec"]["roles"][0]["parallelism"] = json!({"tensor": 4, "dataParallel": 1, "expert": 3});
-    assert_refused(
-        &dep,
-        "parallelism.expert must be 1 or tensor x dataParallel",
-    );
+    assert_refused(&dep, "parallelism.expert must be 1 or tensor x dataParallel");
 }
 
 #[test]
@@ -163,10 +137,7 @@ fn follow_role_must_exist() {
 fn every_rule_compiles_within_the_cost_budget() {
     use kube::core::cel::{compile_schema, estimate_rule_cost};
     fn walk(node: &Value, path: &str, problems: &mut Vec<String>) {
-        if let Some(rules) = node
-            .get("x-kubernetes-validations")
-            .and_then(|r| r.as_array())
-        {
+        if let Some(rules) = node.get("x-kubernetes-validations").and_then(|r| r.as_array()) {
             let compiled = compile_schema(node);
             for error in compiled.compilation_errors() {
                 problems.push(format!("{path}: {error:?}"));
@@ -177,12 +148,7 @@ fn every_rule_compiles_within_the_cost_budget() {
                 }
             }
         }
-        for (key, child) in node
-            .get("properties")
-            .and_then(|p| p.as_object())
-            .into_iter()
-            .flatten()
-        {
+        for (key, child) in node.get("properties").and_then(|p| p.as_object()).into_iter().flatten() {
             walk(child, &format!("{path}.{key}"), problems);
         }
         if let Some(items) = node.get("items") {
@@ -190,15 +156,7 @@ fn every_rule_compiles_within_the_cost_budget() {
         }
     }
     for crd in crate::crdgen::all_crds() {
-        let schema = serde_json::to_value(
-            crd.spec.versions[0]
-                .schema
-                .clone()
-                .unwrap()
-                .open_api_v3_schema
-                .unwrap(),
-        )
-        .unwrap();
+        let schema = serde_json::to_value(crd.spec.versions[0].schema.clone().unwrap().open_api_v3_schema.unwrap()).unwrap();
         let mut problems = Vec::new();
         walk(&schema, &crd.spec.names.kind, &mut problems);
         assert!(problems.is_empty(), "{problems:#?}");

@@ -2,8 +2,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    InferenceDeploymentStatus, ModelSpec, NetworkSpec, PodOverrides, RegistrySpec, RoleSpec,
-    RolloutSpec,
+    InferenceDeploymentStatus, ModelSpec, NetworkSpec, PodOverrides, RegistrySpec, RoleSpec, RolloutSpec,
 };
 
 /// One served model: its weights, the roles that serve it, and how they talk to each other.

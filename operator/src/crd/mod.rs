@@ -16,9 +16,7 @@ mod rollout;
 mod scaler;
 mod status;
 
-pub use autoscaling::{
-    Actuator, AutoscalingSpec, FollowRole, HpaSpec, MetricTargets, ScalingBehavior,
-};
+pub use autoscaling::{Actuator, AutoscalingSpec, FollowRole, HpaSpec, MetricTargets, ScalingBehavior};
 pub use deployment::{ApiKeySecret, InferenceDeployment, InferenceDeploymentSpec};
 pub use model::{HostPathSource, ImageSource, ModelSource, ModelSpec, PvcSource};
 pub use network::{KvTransport, NetworkSpec, RdmaAttachment};

@@ -34,11 +34,6 @@ fn one() -> i32 {
 
 impl Default for Parallelism {
     fn default() -> Self {
-        Parallelism {
-            tensor: 1,
-            data_parallel: 1,
-            expert: 1,
-            gpus_per_node: None,
-        }
+        Parallelism { tensor: 1, data_parallel: 1, expert: 1, gpus_per_node: None }
     }
 }

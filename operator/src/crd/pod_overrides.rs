@@ -1,8 +1,6 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{
-    Affinity, LocalObjectReference, Toleration, TopologySpreadConstraint,
-};
+use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, Toleration, TopologySpreadConstraint};
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
@@ -43,9 +41,7 @@ pub struct PodOverrides {
 impl PodOverrides {
     /// `self` with every field `role` sets replaced by the role's value; maps merge key by key.
     pub fn overlaid_with(&self, role: Option<&PodOverrides>) -> PodOverrides {
-        let Some(role) = role else {
-            return self.clone();
-        };
+        let Some(role) = role else { return self.clone() };
         let mut merged = self.clone();
         merged.labels.extend(role.labels.clone());
         merged.annotations.extend(role.annotations.clone());
@@ -64,10 +60,7 @@ impl PodOverrides {
         override_option(&mut merged.priority_class_name, &role.priority_class_name);
         override_option(&mut merged.scheduler_name, &role.scheduler_name);
         override_option(&mut merged.runtime_class_name, &role.runtime_class_name);
-        override_option(
-            &mut merged.termination_grace_period_seconds,
-            &role.termination_grace_period_seconds,
-        );
+        override_option(&mut merged.termination_grace_period_seconds, &role.termination_grace_period_seconds);
         merged
     }
 }

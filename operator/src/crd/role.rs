@@ -12,10 +12,7 @@ use super::{AutoscalingSpec, Parallelism, PodOverrides};
 #[x_kube(validation = Rule::new("self.kind != 'Router' || !has(self.autoscaling) || !has(self.autoscaling.followRole)").message("a Router role cannot follow another role"))]
 pub struct RoleSpec {
     /// DNS label, at most 15 characters (it is part of child object names).
-    #[schemars(
-        length(min = 1, max = 15),
-        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     pub kind: RoleKind,
     /// Instances (an instance spans `nodes per instance` pods). Ignored while an
@@ -43,9 +40,7 @@ pub struct RoleSpec {
     pub probes: Option<ProbeBudget>,
 }
 
-#[derive(
-    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
-)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RoleKind {
     Router,
     Prefill,

@@ -20,10 +20,7 @@ impl MemoryRegistry {
     }
 
     pub fn keys(&self) -> Vec<String> {
-        self.keys
-            .lock()
-            .map(|k| k.keys().cloned().collect())
-            .unwrap_or_default()
+        self.keys.lock().map(|k| k.keys().cloned().collect()).unwrap_or_default()
     }
 
     pub fn fail_with(&self, message: Option<&str>) {
@@ -35,15 +32,9 @@ impl MemoryRegistry {
     fn delete_prefix(&self, prefix: &str) -> Result<u64, RegistryError> {
         let failure = self.failure.lock().ok().and_then(|f| f.clone());
         if let Some(message) = failure {
-            return Err(RegistryError::Delete {
-                prefix: prefix.into(),
-                message,
-            });
+            return Err(RegistryError::Delete { prefix: prefix.into(), message });
         }
-        let mut keys = self.keys.lock().map_err(|_| RegistryError::Delete {
-            prefix: prefix.into(),
-            message: "lock poisoned".into(),
-        })?;
+        let mut keys = self.keys.lock().map_err(|_| RegistryError::Delete { prefix: prefix.into(), message: "lock poisoned".into() })?;
         let before = keys.len();
         keys.retain(|k, _| !k.starts_with(prefix));
         Ok((before - keys.len()) as u64)

@@ -10,17 +10,14 @@ mod memory;
 use std::future::Future;
 use std::pin::Pin;
 
-pub(crate) use etcd::options as etcd_connect_options;
 pub use etcd::{EtcdRegistry, EtcdTls};
+pub(crate) use etcd::options as etcd_connect_options;
 pub use memory::MemoryRegistry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("connecting to etcd at {endpoints:?}: {message}")]
-    Connect {
-        endpoints: Vec<String>,
-        message: String,
-    },
+    Connect { endpoints: Vec<String>, message: String },
     #[error("deleting etcd prefix {prefix}: {message}")]
     Delete { prefix: String, message: String },
     #[error("reading etcd TLS secret {secret}: {message}")]

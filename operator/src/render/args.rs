@@ -8,12 +8,7 @@ use crate::crd::{InferenceDeploymentSpec, KvTransport, RoleKind, RoleSpec};
 use super::{InstanceShape, ENGINE_PORT, MODEL_MOUNT};
 
 /// `dlengine` plus its arguments for `role`.
-pub fn command_line(
-    spec: &InferenceDeploymentSpec,
-    role: &RoleSpec,
-    shape: &InstanceShape,
-    etcd: &[String],
-) -> Vec<String> {
+pub fn command_line(spec: &InferenceDeploymentSpec, role: &RoleSpec, shape: &InstanceShape, etcd: &[String]) -> Vec<String> {
     let mut args = vec!["dlengine".to_string()];
     match engine_mode(role.kind) {
         None => args.extend(router_args(etcd)),
@@ -34,21 +29,10 @@ fn engine_mode(kind: RoleKind) -> Option<Mode> {
 }
 
 fn router_args(etcd: &[String]) -> Vec<String> {
-    vec![
-        "router".into(),
-        "--port".into(),
-        ENGINE_PORT.to_string(),
-        "--etcd-endpoints".into(),
-        etcd.join(","),
-    ]
+    vec!["router".into(), "--port".into(), ENGINE_PORT.to_string(), "--etcd-endpoints".into(), etcd.join(",")]
 }
 
-fn serve_args(
-    spec: &InferenceDeploymentSpec,
-    mode: Mode,
-    shape: &InstanceShape,
-    etcd: &[String],
-) -> Vec<String> {
+fn serve_args(spec: &InferenceDeploymentSpec, mode: Mode, shape: &InstanceShape, etcd: &[String]) -> Vec<String> {
     let mut args = vec![
         "serve".to_string(),
         model_dir(spec),

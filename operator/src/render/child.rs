@@ -61,9 +61,7 @@ impl ChildObject {
     }
 }
 
-fn with_type<K: Resource<DynamicType = ()> + Serialize>(
-    object: &K,
-) -> Result<serde_json::Value, serde_json::Error> {
+fn with_type<K: Resource<DynamicType = ()> + Serialize>(object: &K) -> Result<serde_json::Value, serde_json::Error> {
     let mut value = serde_json::to_value(object)?;
     if let Some(map) = value.as_object_mut() {
         map.insert("apiVersion".into(), K::api_version(&()).into_owned().into());

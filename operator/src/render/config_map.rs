@@ -9,18 +9,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub const COMMAND_KEY: &str = "command.json";
 pub const SHAPE_KEY: &str = "instance.json";
 
-pub fn engine_config(
-    metadata: ObjectMeta,
-    command: &[String],
-    shape_json: String,
-) -> Result<ConfigMap, serde_json::Error> {
+pub fn engine_config(metadata: ObjectMeta, command: &[String], shape_json: String) -> Result<ConfigMap, serde_json::Error> {
     Ok(ConfigMap {
         metadata,
         data: Some(BTreeMap::from([
-            (
-                COMMAND_KEY.to_string(),
-                serde_json::to_string_pretty(command)?,
-            ),
+            (COMMAND_KEY.to_string(), serde_json::to_string_pretty(command)?),
             (SHAPE_KEY.to_string(), shape_json),
         ])),
         ..Default::default()

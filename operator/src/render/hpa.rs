@@ -2,27 +2,18 @@
 //! HorizontalPodAutoscaler that drives it.
 
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler,
-    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec,
+    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
+    HorizontalPodAutoscalerSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
 use crate::crd::{AutoscalingSpec, InferenceRoleScaler, InferenceRoleScalerSpec};
 
-pub fn role_scaler(
-    metadata: ObjectMeta,
-    deployment: &str,
-    role: &str,
-    replicas: i32,
-) -> InferenceRoleScaler {
+pub fn role_scaler(metadata: ObjectMeta, deployment: &str, role: &str, replicas: i32) -> InferenceRoleScaler {
     let mut scaler = InferenceRoleScaler::new(
         metadata.name.as_deref().unwrap_or_default(),
-        InferenceRoleScalerSpec {
-            deployment: deployment.into(),
-            role: role.into(),
-            replicas,
-        },
+        InferenceRoleScalerSpec { deployment: deployment.into(), role: role.into(), replicas },
     );
     scaler.metadata = metadata;
     scaler
@@ -43,9 +34,7 @@ pub fn autoscaler(metadata: ObjectMeta, autoscaling: &AutoscalingSpec) -> Horizo
             metrics: autoscaling.hpa.as_ref().map(|h| h.metrics.clone()),
             behavior: Some(HorizontalPodAutoscalerBehavior {
                 scale_up: Some(window(autoscaling.behavior.scale_up_stabilization_seconds)),
-                scale_down: Some(window(
-                    autoscaling.behavior.scale_down_stabilization_seconds,
-                )),
+                scale_down: Some(window(autoscaling.behavior.scale_down_stabilization_seconds)),
             }),
         }),
         status: None,
@@ -53,8 +42,5 @@ pub fn autoscaler(metadata: ObjectMeta, autoscaling: &AutoscalingSpec) -> Horizo
 }
 
 fn window(seconds: i32) -> HPAScalingRules {
-    HPAScalingRules {
-        stabilization_window_seconds: Some(seconds),
-        ..Default::default()
-    }
+    HPAScalingRules { stabilization_window_seconds: Some(seconds), ..Default::default() }
 }

@@ -40,18 +40,11 @@ pub fn deployment_labels(deployment: &str) -> BTreeMap<String, String> {
 
 /// Selector of a role's pods across revisions.
 pub fn role_selector(deployment: &str, role: &RoleSpec) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (DEPLOYMENT.to_string(), deployment.to_string()),
-        (ROLE.to_string(), role.name.clone()),
-    ])
+    BTreeMap::from([(DEPLOYMENT.to_string(), deployment.to_string()), (ROLE.to_string(), role.name.clone())])
 }
 
 /// Selector of one workload's pods: the role's, narrowed to a revision for engines.
-pub fn workload_selector(
-    deployment: &str,
-    role: &RoleSpec,
-    revision: &str,
-) -> BTreeMap<String, String> {
+pub fn workload_selector(deployment: &str, role: &RoleSpec, revision: &str) -> BTreeMap<String, String> {
     let mut selector = role_selector(deployment, role);
     if role.kind.runs_engine() {
         selector.insert(REVISION.to_string(), revision.to_string());
@@ -60,11 +53,7 @@ pub fn workload_selector(
 }
 
 /// Labels of a workload and its pods.
-pub fn workload_labels(
-    deployment: &str,
-    role: &RoleSpec,
-    revision: &str,
-) -> BTreeMap<String, String> {
+pub fn workload_labels(deployment: &str, role: &RoleSpec, revision: &str) -> BTreeMap<String, String> {
     let mut labels = deployment_labels(deployment);
     labels.extend(workload_selector(deployment, role, revision));
     labels.insert(COMPONENT.to_string(), component(role.kind).to_string());
@@ -73,9 +62,5 @@ pub fn workload_labels(
 
 /// `key=value,...` form of a selector, for list calls and the scale subresource.
 pub fn selector_string(selector: &BTreeMap<String, String>) -> String {
-    selector
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }

@@ -74,10 +74,7 @@ impl RenderContext {
     /// The deployment's own TLS secret when it names its etcd, else the default one.
     pub fn etcd_tls_secret(&self, spec: &InferenceDeploymentSpec) -> Option<String> {
         if spec.registry.endpoints.is_empty() {
-            spec.registry
-                .tls_secret
-                .clone()
-                .or_else(|| self.default_etcd_tls_secret.clone())
+            spec.registry.tls_secret.clone().or_else(|| self.default_etcd_tls_secret.clone())
         } else {
             spec.registry.tls_secret.clone()
         }
@@ -93,38 +90,26 @@ pub struct Desired {
 }
 
 /// The revision the spec asks for.
-pub fn update_revision(
-    dep: &InferenceDeployment,
-    ctx: &RenderContext,
-) -> Result<String, RenderError> {
+pub fn update_revision(dep: &InferenceDeployment, ctx: &RenderContext) -> Result<String, RenderError> {
     let (namespace, name) = identity(dep)?;
     let _ = namespace;
     let mut templates = Vec::new();
     for role in dep.spec.roles.iter().filter(|r| r.kind.runs_engine()) {
         let shape = shape_of(role)?;
         let workload = names::workload(&name, role, revision::PLACEHOLDER);
-        templates.push((
-            role.name.clone(),
-            template(dep, ctx, role, revision::PLACEHOLDER, &shape, &workload),
-        ));
+        templates.push((role.name.clone(), template(dep, ctx, role, revision::PLACEHOLDER, &shape, &workload)));
     }
     revision::hash_templates(&templates).map_err(|e| serialise("revision", e))
 }
 
 /// Desired objects, with `instances(role)` instances of each role at the update revision.
-pub fn render(
-    dep: &InferenceDeployment,
-    ctx: &RenderContext,
-    instances: &dyn Fn(&RoleSpec) -> i32,
-) -> Result<Desired, RenderError> {
+pub fn render(dep: &InferenceDeployment, ctx: &RenderContext, instances: &dyn Fn(&RoleSpec) -> i32) -> Result<Desired, RenderError> {
     let (namespace, name) = identity(dep)?;
     if ctx.etcd_endpoints(&dep.spec).is_empty() {
         return Err(RenderError::NoRegistry);
     }
     let revision = update_revision(dep, ctx)?;
-    let meta = |object_name: String, labels: BTreeMap<String, String>| {
-        child_meta(dep, &namespace, object_name, labels)
-    };
+    let meta = |object_name: String, labels: BTreeMap<String, String>| child_meta(dep, &namespace, object_name, labels);
     let mut objects = Vec::new();
     let mut shapes = BTreeMap::new();
     for role in &dep.spec.roles {
@@ -134,12 +119,8 @@ pub fn render(
         let labels = labels::workload_labels(&name, role, &revision);
         let command = args::command_line(&dep.spec, role, &shape, &ctx.etcd_endpoints(&dep.spec));
         let shape_json = serde_json::json!({"nodes": shape.nodes, "gpusPerPod": shape.gpus_per_pod, "gpusPerInstance": shape.gpus_per_instance}).to_string();
-        let config = config_map::engine_config(
-            meta(workload_name.clone(), labels.clone()),
-            &command,
-            shape_json,
-        )
-        .map_err(|e| serialise("ConfigMap", e))?;
+        let config = config_map::engine_config(meta(workload_name.clone(), labels.clone()), &command, shape_json)
+            .map_err(|e| serialise("ConfigMap", e))?;
         objects.push(ChildObject::ConfigMap(config));
         objects.extend(workload::workload_objects(workload::WorkloadInputs {
             metadata: meta(workload_name.clone(), labels.clone()),
@@ -159,92 +140,38 @@ pub fn render(
             meta(role_wide.clone(), role_labels.clone()),
             labels::role_selector(&name, role),
         )));
-        objects.extend(scaling_objects(
-            &name,
-            role,
-            meta(role_wide, role_labels),
-            instances(role),
-        ));
+        objects.extend(scaling_objects(&name, role, meta(role_wide, role_labels), instances(role)));
     }
     if let Some(front) = front_role(&dep.spec) {
-        let service_meta = meta(
-            names::endpoint_service(&name),
-            labels::deployment_labels(&name),
-        );
-        objects.push(ChildObject::Service(service::endpoint_service(
-            service_meta,
-            &name,
-            front,
-        )));
+        let service_meta = meta(names::endpoint_service(&name), labels::deployment_labels(&name));
+        objects.push(ChildObject::Service(service::endpoint_service(service_meta, &name, front)));
     }
-    Ok(Desired {
-        revision,
-        objects,
-        shapes,
-    })
+    Ok(Desired { revision, objects, shapes })
 }
 
-fn scaling_objects(
-    deployment: &str,
-    role: &RoleSpec,
-    meta: ObjectMeta,
-    instances: i32,
-) -> Vec<ChildObject> {
-    let Some(autoscaling) = &role.autoscaling else {
-        return Vec::new();
-    };
+fn scaling_objects(deployment: &str, role: &RoleSpec, meta: ObjectMeta, instances: i32) -> Vec<ChildObject> {
+    let Some(autoscaling) = &role.autoscaling else { return Vec::new() };
     let mut objects = Vec::new();
     if matches!(autoscaling.actuator, Actuator::Hpa | Actuator::External) {
-        objects.push(ChildObject::RoleScaler(hpa::role_scaler(
-            meta.clone(),
-            deployment,
-            &role.name,
-            instances,
-        )));
+        objects.push(ChildObject::RoleScaler(hpa::role_scaler(meta.clone(), deployment, &role.name, instances)));
     }
     if autoscaling.actuator == Actuator::Hpa {
-        objects.push(ChildObject::HorizontalPodAutoscaler(hpa::autoscaler(
-            meta,
-            autoscaling,
-        )));
+        objects.push(ChildObject::HorizontalPodAutoscaler(hpa::autoscaler(meta, autoscaling)));
     }
     objects
 }
 
-fn template(
-    dep: &InferenceDeployment,
-    ctx: &RenderContext,
-    role: &RoleSpec,
-    revision: &str,
-    shape: &InstanceShape,
-    workload: &str,
-) -> PodTemplateSpec {
+fn template(dep: &InferenceDeployment, ctx: &RenderContext, role: &RoleSpec, revision: &str, shape: &InstanceShape, workload: &str) -> PodTemplateSpec {
     let deployment = dep.name_any();
-    pod::pod_template(
-        &dep.spec,
-        ctx,
-        &pod::PodInputs {
-            deployment: &deployment,
-            role,
-            revision,
-            shape,
-            workload_name: workload,
-        },
-    )
+    pod::pod_template(&dep.spec, ctx, &pod::PodInputs { deployment: &deployment, role, revision, shape, workload_name: workload })
 }
 
 fn startup_budget(role: &RoleSpec) -> i32 {
-    role.probes
-        .as_ref()
-        .map(|p| p.startup_seconds)
-        .unwrap_or(crate::crd::DEFAULT_STARTUP_SECONDS)
+    role.probes.as_ref().map(|p| p.startup_seconds).unwrap_or(crate::crd::DEFAULT_STARTUP_SECONDS)
 }
 
 pub fn shape_of(role: &RoleSpec) -> Result<InstanceShape, RenderError> {
-    InstanceShape::of(role).map_err(|message| RenderError::Parallelism {
-        role: role.name.clone(),
-        message,
-    })
+    InstanceShape::of(role).map_err(|message| RenderError::Parallelism { role: role.name.clone(), message })
 }
 
 fn identity(dep: &InferenceDeployment) -> Result<(String, String), RenderError> {
@@ -254,12 +181,7 @@ fn identity(dep: &InferenceDeployment) -> Result<(String, String), RenderError> 
     }
 }
 
-fn child_meta(
-    dep: &InferenceDeployment,
-    namespace: &str,
-    name: String,
-    labels: BTreeMap<String, String>,
-) -> ObjectMeta {
+fn child_meta(dep: &InferenceDeployment, namespace: &str, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(namespace.to_string()),
@@ -270,10 +192,7 @@ fn child_meta(
 }
 
 fn serialise(what: &str, e: serde_json::Error) -> RenderError {
-    RenderError::Serialise {
-        what: what.into(),
-        message: e.to_string(),
-    }
+    RenderError::Serialise { what: what.into(), message: e.to_string() }
 }
 
 #[cfg(test)]

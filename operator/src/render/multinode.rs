@@ -25,10 +25,7 @@ pub fn environment(shape: &InstanceShape, workload: &str) -> Vec<EnvVar> {
         EnvVar {
             name: POD_INDEX_ENV.into(),
             value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: format!("metadata.labels['{POD_INDEX}']"),
-                    api_version: None,
-                }),
+                field_ref: Some(ObjectFieldSelector { field_path: format!("metadata.labels['{POD_INDEX}']"), api_version: None }),
                 ..Default::default()
             }),
             ..Default::default()

@@ -24,25 +24,15 @@ pub struct PodNetwork {
 
 /// KV-moving roles and instances whose ranks talk across nodes use the fast network.
 pub fn pod_network(network: &NetworkSpec, role: &RoleSpec, shape: &InstanceShape) -> PodNetwork {
-    let mut out = PodNetwork {
-        capabilities: Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            add: None,
-        },
-        ..Default::default()
-    };
+    let mut out = PodNetwork { capabilities: Capabilities { drop: Some(vec!["ALL".into()]), add: None }, ..Default::default() };
     if !role.kind.moves_kv() && shape.nodes <= 1 {
         return out;
     }
     if let Some(rdma) = &network.rdma {
         if !rdma.networks.is_empty() {
-            out.annotations
-                .insert(MULTUS_NETWORKS.into(), rdma.networks.join(","));
+            out.annotations.insert(MULTUS_NETWORKS.into(), rdma.networks.join(","));
         }
-        out.extra_resources.insert(
-            rdma.resource_name.clone(),
-            Quantity(rdma.resource_count.to_string()),
-        );
+        out.extra_resources.insert(rdma.resource_name.clone(), Quantity(rdma.resource_count.to_string()));
         // Registering RDMA memory pins pages, which needs IPC_LOCK (or an unlimited memlock).
         out.capabilities.add = Some(vec!["IPC_LOCK".into()]);
     }

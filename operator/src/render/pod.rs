@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 
 use dlengine_cli::env as agent_env;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -15,9 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::crd::{InferenceDeploymentSpec, PodOverrides, RoleSpec, DEFAULT_STARTUP_SECONDS};
 
 use super::network::{pod_network, PodNetwork};
-use super::{
-    args, labels, multinode, volumes, InstanceShape, RenderContext, ENGINE_PORT, GPU_RESOURCE,
-};
+use super::{args, labels, multinode, volumes, InstanceShape, RenderContext, ENGINE_PORT, GPU_RESOURCE};
 
 const PROBE_PERIOD_SECONDS: i32 = 10;
 const ROUTER_STARTUP_SECONDS: i32 = 120;
@@ -32,48 +29,23 @@ pub struct PodInputs<'a> {
     pub workload_name: &'a str,
 }
 
-pub fn pod_template(
-    spec: &InferenceDeploymentSpec,
-    ctx: &RenderContext,
-    input: &PodInputs,
-) -> PodTemplateSpec {
-    let overrides = spec
-        .pod_template
-        .clone()
-        .unwrap_or_default()
-        .overlaid_with(input.role.pod_template.as_ref());
+pub fn pod_template(spec: &InferenceDeploymentSpec, ctx: &RenderContext, input: &PodInputs) -> PodTemplateSpec {
+    let overrides = spec.pod_template.clone().unwrap_or_default().overlaid_with(input.role.pod_template.as_ref());
     let network = pod_network(&spec.network, input.role, input.shape);
     let mut labels = overrides.labels.clone();
-    labels.extend(labels::workload_labels(
-        input.deployment,
-        input.role,
-        input.revision,
-    ));
+    labels.extend(labels::workload_labels(input.deployment, input.role, input.revision));
     if input.shape.nodes > 1 {
-        labels.insert(
-            labels::NODES_PER_INSTANCE.into(),
-            input.shape.nodes.to_string(),
-        );
+        labels.insert(labels::NODES_PER_INSTANCE.into(), input.shape.nodes.to_string());
     }
     let mut annotations = overrides.annotations.clone();
     annotations.extend(network.annotations.clone());
     PodTemplateSpec {
-        metadata: Some(ObjectMeta {
-            labels: Some(labels),
-            annotations: non_empty(annotations),
-            ..Default::default()
-        }),
+        metadata: Some(ObjectMeta { labels: Some(labels), annotations: non_empty(annotations), ..Default::default() }),
         spec: Some(pod_spec(spec, ctx, input, &overrides, &network)),
     }
 }
 
-fn pod_spec(
-    spec: &InferenceDeploymentSpec,
-    ctx: &RenderContext,
-    input: &PodInputs,
-    o: &PodOverrides,
-    net: &PodNetwork,
-) -> PodSpec {
+fn pod_spec(spec: &InferenceDeploymentSpec, ctx: &RenderContext, input: &PodInputs, o: &PodOverrides, net: &PodNetwork) -> PodSpec {
     let tls_secret = ctx.etcd_tls_secret(spec);
     let (volumes, mounts) = volumes::volumes(spec, input.role, tls_secret.as_deref());
     let mut container = container(spec, ctx, input, net);
@@ -82,9 +54,7 @@ fn pod_spec(
         containers: vec![container],
         volumes: Some(volumes),
         host_network: net.host_network.then_some(true),
-        dns_policy: net
-            .host_network
-            .then(|| "ClusterFirstWithHostNet".to_string()),
+        dns_policy: net.host_network.then(|| "ClusterFirstWithHostNet".to_string()),
         host_ipc: net.host_ipc.then_some(true),
         // Engines never call the Kubernetes API.
         automount_service_account_token: Some(false),
@@ -97,15 +67,9 @@ fn pod_spec(
         scheduler_name: o.scheduler_name.clone(),
         runtime_class_name: o.runtime_class_name.clone(),
         image_pull_secrets: non_empty_vec(o.image_pull_secrets.clone()),
-        termination_grace_period_seconds: Some(
-            o.termination_grace_period_seconds
-                .unwrap_or(DEFAULT_GRACE_SECONDS),
-        ),
+        termination_grace_period_seconds: Some(o.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS)),
         security_context: Some(PodSecurityContext {
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..Default::default()
-            }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
             ..Default::default()
         }),
         subdomain: (input.shape.nodes > 1).then(|| input.workload_name.to_string()),
@@ -113,12 +77,7 @@ fn pod_spec(
     }
 }
 
-fn container(
-    spec: &InferenceDeploymentSpec,
-    ctx: &RenderContext,
-    input: &PodInputs,
-    net: &PodNetwork,
-) -> Container {
+fn container(spec: &InferenceDeploymentSpec, ctx: &RenderContext, input: &PodInputs, net: &PodNetwork) -> Container {
     let mut command = args::command_line(spec, input.role, input.shape, &ctx.etcd_endpoints(spec));
     let program = command.remove(0);
     Container {
@@ -127,17 +86,8 @@ fn container(
         image_pull_policy: spec.image_pull_policy.clone(),
         command: Some(vec![program]),
         args: Some(command),
-        env: Some(environment(
-            spec,
-            input,
-            ctx.etcd_tls_secret(spec).as_deref(),
-        )),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: ENGINE_PORT,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        env: Some(environment(spec, input, ctx.etcd_tls_secret(spec).as_deref())),
+        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: ENGINE_PORT, protocol: Some("TCP".into()), ..Default::default() }]),
         resources: Some(resources(input, net)),
         startup_probe: Some(startup_probe(input.role)),
         readiness_probe: Some(http_probe("/v1/models", 3)),
@@ -153,21 +103,14 @@ fn container(
 }
 
 /// The downward-API identity the agent registers with, plus the user's env (which wins).
-fn environment(
-    spec: &InferenceDeploymentSpec,
-    input: &PodInputs,
-    etcd_tls_secret: Option<&str>,
-) -> Vec<EnvVar> {
+fn environment(spec: &InferenceDeploymentSpec, input: &PodInputs, etcd_tls_secret: Option<&str>) -> Vec<EnvVar> {
     let mut env = vec![
         field_env(agent_env::NAMESPACE, "metadata.namespace"),
         field_env(agent_env::POD_NAME, "metadata.name"),
         field_env(agent_env::POD_UID, "metadata.uid"),
         field_env(agent_env::POD_IP, "status.podIP"),
         value_env(agent_env::DEPLOYMENT, input.deployment),
-        value_env(
-            agent_env::ADVERTISE_URL,
-            &format!("http://$({}):{ENGINE_PORT}", agent_env::POD_IP),
-        ),
+        value_env(agent_env::ADVERTISE_URL, &format!("http://$({}):{ENGINE_PORT}", agent_env::POD_IP)),
     ];
     if input.role.kind.runs_engine() {
         env.push(value_env(agent_env::REVISION, input.revision));
@@ -176,11 +119,7 @@ fn environment(
         env.push(EnvVar {
             name: agent_env::API_KEY.into(),
             value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: secret.name.clone(),
-                    key: secret.key.clone(),
-                    optional: Some(false),
-                }),
+                secret_key_ref: Some(SecretKeySelector { name: secret.name.clone(), key: secret.key.clone(), optional: Some(false) }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -196,16 +135,9 @@ fn environment(
 }
 
 /// Clients reach the router when there is one, else the engines: only that tier checks keys.
-fn api_key_for<'a>(
-    spec: &'a InferenceDeploymentSpec,
-    role: &RoleSpec,
-) -> Option<&'a crate::crd::ApiKeySecret> {
+fn api_key_for<'a>(spec: &'a InferenceDeploymentSpec, role: &RoleSpec) -> Option<&'a crate::crd::ApiKeySecret> {
     let has_router = spec.roles.iter().any(|r| !r.kind.runs_engine());
-    let faces_clients = if has_router {
-        !role.kind.runs_engine()
-    } else {
-        true
-    };
+    let faces_clients = if has_router { !role.kind.runs_engine() } else { true };
     spec.api_key_secret.as_ref().filter(|_| faces_clients)
 }
 
@@ -213,10 +145,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                api_version: None,
-            }),
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
             ..Default::default()
         }),
         ..Default::default()
@@ -224,11 +153,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
 }
 
 pub(super) fn value_env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
 }
 
 /// The user's resources, plus one pod's share of GPUs and the RDMA devices where not set.
@@ -237,10 +162,7 @@ fn resources(input: &PodInputs, net: &PodNetwork) -> ResourceRequirements {
     let mut limits = res.limits.take().unwrap_or_default();
     let user_set_gpus = limits.keys().any(|k| k.ends_with("/gpu"));
     if input.shape.gpus_per_pod > 0 && !user_set_gpus {
-        limits.insert(
-            GPU_RESOURCE.into(),
-            Quantity(input.shape.gpus_per_pod.to_string()),
-        );
+        limits.insert(GPU_RESOURCE.into(), Quantity(input.shape.gpus_per_pod.to_string()));
     }
     for (name, qty) in &net.extra_resources {
         limits.entry(name.clone()).or_insert_with(|| qty.clone());
@@ -265,21 +187,14 @@ fn startup_probe(role: &RoleSpec) -> Probe {
         (None, true) => DEFAULT_STARTUP_SECONDS,
         (None, false) => ROUTER_STARTUP_SECONDS,
     };
-    let mut probe = http_probe(
-        "/health",
-        (budget + PROBE_PERIOD_SECONDS - 1) / PROBE_PERIOD_SECONDS,
-    );
+    let mut probe = http_probe("/health", (budget + PROBE_PERIOD_SECONDS - 1) / PROBE_PERIOD_SECONDS);
     probe.period_seconds = Some(PROBE_PERIOD_SECONDS);
     probe
 }
 
 fn http_probe(path: &str, failure_threshold: i32) -> Probe {
     Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String("http".into()),
-            ..Default::default()
-        }),
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
         period_seconds: Some(PROBE_PERIOD_SECONDS),
         timeout_seconds: Some(5),
         failure_threshold: Some(failure_threshold),

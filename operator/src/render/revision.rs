@@ -11,9 +11,7 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const PLACEHOLDER: &str = "0";
 
 /// An 8-hex-digit revision of the given engine pod templates (rendered with [`PLACEHOLDER`]).
-pub fn hash_templates(
-    templates: &[(String, PodTemplateSpec)],
-) -> Result<String, serde_json::Error> {
+pub fn hash_templates(templates: &[(String, PodTemplateSpec)]) -> Result<String, serde_json::Error> {
     let bytes = serde_json::to_vec(templates)?;
     Ok(format!("{:08x}", xxh3_64(&bytes) as u32))
 }

@@ -2,8 +2,7 @@
 //! StatefulSet (with a headless Service) when an instance spans nodes.
 
 use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
-    StatefulSetSpec,
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -25,10 +24,7 @@ pub struct WorkloadInputs {
 pub fn workload_objects(input: WorkloadInputs) -> Vec<ChildObject> {
     if input.nodes > 1 {
         let headless = headless_service(&input);
-        vec![
-            ChildObject::StatefulSet(stateful_set(input)),
-            ChildObject::Service(headless),
-        ]
+        vec![ChildObject::StatefulSet(stateful_set(input)), ChildObject::Service(headless)]
     } else {
         vec![ChildObject::Deployment(deployment(input))]
     }
@@ -39,10 +35,7 @@ fn deployment(input: WorkloadInputs) -> Deployment {
         metadata: input.metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(input.instances),
-            selector: LabelSelector {
-                match_labels: Some(input.selector),
-                ..Default::default()
-            },
+            selector: LabelSelector { match_labels: Some(input.selector), ..Default::default() },
             template: input.template,
             // Engine templates never change within a revision; this governs the router, which
             // must keep serving while it rolls.
@@ -67,10 +60,7 @@ fn stateful_set(input: WorkloadInputs) -> StatefulSet {
         metadata: input.metadata,
         spec: Some(StatefulSetSpec {
             replicas: Some(input.instances * input.nodes),
-            selector: LabelSelector {
-                match_labels: Some(input.selector),
-                ..Default::default()
-            },
+            selector: LabelSelector { match_labels: Some(input.selector), ..Default::default() },
             service_name,
             template: input.template,
             // All pods of an instance start together; ordered start would serialise model loads.
@@ -91,12 +81,7 @@ fn headless_service(input: &WorkloadInputs) -> Service {
             cluster_ip: Some("None".into()),
             selector: Some(input.selector.clone()),
             publish_not_ready_addresses: Some(true),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: ENGINE_PORT,
-                target_port: Some(IntOrString::String("http".into())),
-                ..Default::default()
-            }]),
+            ports: Some(vec![ServicePort { name: Some("http".into()), port: ENGINE_PORT, target_port: Some(IntOrString::String("http".into())), ..Default::default() }]),
             ..Default::default()
         }),
         status: None,

@@ -52,69 +52,31 @@ impl FakeApi {
 
     pub fn get(&self, prefix: &str, plural: &str, namespace: &str, name: &str) -> Option<Value> {
         let store = self.store.lock().unwrap();
-        store
-            .objects
-            .get(&(prefix.into(), plural.into(), namespace.into(), name.into()))
-            .cloned()
+        store.objects.get(&(prefix.into(), plural.into(), namespace.into(), name.into())).cloned()
     }
 
     pub fn list(&self, prefix: &str, plural: &str) -> Vec<Value> {
         let store = self.store.lock().unwrap();
-        store
-            .objects
-            .iter()
-            .filter(|((p, k, _, _), _)| p == prefix && k == plural)
-            .map(|(_, v)| v.clone())
-            .collect()
+        store.objects.iter().filter(|((p, k, _, _), _)| p == prefix && k == plural).map(|(_, v)| v.clone()).collect()
     }
 
     pub fn names(&self, prefix: &str, plural: &str) -> Vec<String> {
-        self.list(prefix, plural)
-            .iter()
-            .map(|o| {
-                o["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()
-            })
-            .collect()
+        self.list(prefix, plural).iter().map(|o| o["metadata"]["name"].as_str().unwrap_or_default().to_string()).collect()
     }
 
     /// Puts an object as-is (tests use it to play kubelet and controllers: set status).
     pub fn put(&self, prefix: &str, plural: &str, namespace: &str, object: Value) {
         let mut store = self.store.lock().unwrap();
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
         let stored = store.stamp(object, None);
-        store.objects.insert(
-            (prefix.into(), plural.into(), namespace.into(), name),
-            stored,
-        );
+        store.objects.insert((prefix.into(), plural.into(), namespace.into(), name), stored);
     }
 
     /// Mutates a stored object in place.
-    pub fn edit(
-        &self,
-        prefix: &str,
-        plural: &str,
-        namespace: &str,
-        name: &str,
-        edit: impl FnOnce(&mut Value),
-    ) {
+    pub fn edit(&self, prefix: &str, plural: &str, namespace: &str, name: &str, edit: impl FnOnce(&mut Value)) {
         let mut store = self.store.lock().unwrap();
-        let key = (
-            prefix.to_string(),
-            plural.to_string(),
-            namespace.to_string(),
-            name.to_string(),
-        );
-        let mut object = store
-            .objects
-            .get(&key)
-            .cloned()
-            .expect("object to edit exists");
+        let key = (prefix.to_string(), plural.to_string(), namespace.to_string(), name.to_string());
+        let mut object = store.objects.get(&key).cloned().expect("object to edit exists");
         edit(&mut object);
         let stamped = store.stamp(object, None);
         store.objects.insert(key, stamped);
@@ -122,20 +84,13 @@ impl FakeApi {
 
     pub fn remove(&self, prefix: &str, plural: &str, namespace: &str, name: &str) {
         let mut store = self.store.lock().unwrap();
-        store
-            .objects
-            .remove(&(prefix.into(), plural.into(), namespace.into(), name.into()));
+        store.objects.remove(&(prefix.into(), plural.into(), namespace.into(), name.into()));
     }
 
     /// Every object but Events (which record history, not state).
     pub fn snapshot(&self) -> BTreeMap<Key, Value> {
         let store = self.store.lock().unwrap();
-        store
-            .objects
-            .iter()
-            .filter(|((_, plural, _, _), _)| plural != "events")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        store.objects.iter().filter(|((_, plural, _, _), _)| plural != "events").map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     pub fn write_count(&self) -> usize {
@@ -144,34 +99,13 @@ impl FakeApi {
 
     async fn handle(&self, request: Request<kube::client::Body>) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let Some(target) = parse_path(parts.uri.path()) else {
-            return status(404, "NotFound", "unknown path");
-        };
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let Some(target) = parse_path(parts.uri.path()) else { return status(404, "NotFound", "unknown path") };
         let query = parts.uri.query().unwrap_or_default().to_string();
-        let content_type = parts
-            .headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let content_type = parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let mut store = self.store.lock().unwrap();
         if parts.method != Method::GET {
-            let what = format!(
-                "{} {}/{}{}",
-                parts.method,
-                target.plural,
-                target.name.clone().unwrap_or_default(),
-                target
-                    .subresource
-                    .as_ref()
-                    .map(|s| format!("/{s}"))
-                    .unwrap_or_default()
-            );
+            let what = format!("{} {}/{}{}", parts.method, target.plural, target.name.clone().unwrap_or_default(), target.subresource.as_ref().map(|s| format!("/{s}")).unwrap_or_default());
             store.writes.push(what);
         }
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -189,25 +123,14 @@ impl FakeApi {
 
 impl Store {
     fn key(target: &Target, name: &str) -> Key {
-        (
-            target.prefix.clone(),
-            target.plural.clone(),
-            target.namespace.clone(),
-            name.to_string(),
-        )
+        (target.prefix.clone(), target.plural.clone(), target.namespace.clone(), name.to_string())
     }
 
     /// Fills server-side metadata; bumps resourceVersion only if the object changed.
     fn stamp(&mut self, mut object: Value, previous: Option<&Value>) -> Value {
         let meta = &mut object["metadata"];
         if let Some(prev) = previous {
-            for field in [
-                "uid",
-                "creationTimestamp",
-                "resourceVersion",
-                "generation",
-                "deletionTimestamp",
-            ] {
+            for field in ["uid", "creationTimestamp", "resourceVersion", "generation", "deletionTimestamp"] {
                 if !prev["metadata"][field].is_null() {
                     meta[field] = prev["metadata"][field].clone();
                 }
@@ -248,25 +171,15 @@ impl Store {
         let items: Vec<Value> = self
             .objects
             .iter()
-            .filter(|((p, k, ns, _), _)| {
-                p == &target.prefix
-                    && k == &target.plural
-                    && (target.namespace.is_empty() || ns == &target.namespace)
-            })
+            .filter(|((p, k, ns, _), _)| p == &target.prefix && k == &target.plural && (target.namespace.is_empty() || ns == &target.namespace))
             .map(|(_, v)| v.clone())
             .filter(|v| matches_selector(v, selector.as_deref()))
             .collect();
-        ok(
-            200,
-            &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": self.next_version.to_string()}, "items": items}),
-        )
+        ok(200, &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": self.next_version.to_string()}, "items": items}))
     }
 
     fn create(&mut self, target: &Target, mut body: Value) -> Response<Full<Bytes>> {
-        let name = body["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
         let key = Self::key(target, &name);
         if self.objects.contains_key(&key) {
             return status(409, "AlreadyExists", "already exists");
@@ -279,15 +192,9 @@ impl Store {
 
     fn replace(&mut self, target: &Target, body: Value) -> Response<Full<Bytes>> {
         let key = Self::key(target, target.name.as_deref().unwrap_or_default());
-        let Some(existing) = self.objects.get(&key).cloned() else {
-            return status(404, "NotFound", "not found");
-        };
-        let sent_version = body["metadata"]["resourceVersion"]
-            .as_str()
-            .map(str::to_string);
-        if sent_version.is_some()
-            && sent_version.as_deref() != existing["metadata"]["resourceVersion"].as_str()
-        {
+        let Some(existing) = self.objects.get(&key).cloned() else { return status(404, "NotFound", "not found") };
+        let sent_version = body["metadata"]["resourceVersion"].as_str().map(str::to_string);
+        if sent_version.is_some() && sent_version.as_deref() != existing["metadata"]["resourceVersion"].as_str() {
             return status(409, "Conflict", "the object has been modified");
         }
         let stored = self.stamp(body, Some(&existing));
@@ -309,18 +216,14 @@ impl Store {
                 created
             }
             (_, None) => return status(404, "NotFound", "not found"),
-            (t, Some(current)) if t.contains("apply-patch") => {
-                server_side_apply(current, body, on_status)
-            }
+            (t, Some(current)) if t.contains("apply-patch") => server_side_apply(current, body, on_status),
             (t, Some(mut current)) if t.contains("merge-patch") => {
                 merge(&mut current, &body);
                 current
             }
             (t, Some(mut current)) if t.contains("json-patch") => {
                 null_missing_test_paths(&mut current, &body);
-                let Ok(patch) = serde_json::from_value::<json_patch::Patch>(body) else {
-                    return status(400, "BadRequest", "bad json patch");
-                };
+                let Ok(patch) = serde_json::from_value::<json_patch::Patch>(body) else { return status(400, "BadRequest", "bad json patch") };
                 if json_patch::patch(&mut current, &patch).is_err() {
                     return status(422, "Invalid", "json patch test failed");
                 }
@@ -339,12 +242,8 @@ impl Store {
 
     fn delete(&mut self, target: &Target) -> Response<Full<Bytes>> {
         let key = Self::key(target, target.name.as_deref().unwrap_or_default());
-        let Some(mut object) = self.objects.get(&key).cloned() else {
-            return status(404, "NotFound", "not found");
-        };
-        let has_finalizers = object["metadata"]["finalizers"]
-            .as_array()
-            .is_some_and(|f| !f.is_empty());
+        let Some(mut object) = self.objects.get(&key).cloned() else { return status(404, "NotFound", "not found") };
+        let has_finalizers = object["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
         if has_finalizers {
             if object["metadata"]["deletionTimestamp"].is_null() {
                 object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:01Z");
@@ -355,29 +254,17 @@ impl Store {
             return ok(200, &object);
         }
         self.remove_with_dependents(&key);
-        ok(
-            200,
-            &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
-        )
+        ok(200, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
     }
 
     /// Removes an object and, like the garbage collector, everything it owns.
     fn remove_with_dependents(&mut self, key: &Key) {
-        let Some(object) = self.objects.remove(key) else {
-            return;
-        };
-        let uid = object["metadata"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let Some(object) = self.objects.remove(key) else { return };
+        let uid = object["metadata"]["uid"].as_str().unwrap_or_default().to_string();
         let dependents: Vec<Key> = self
             .objects
             .iter()
-            .filter(|(_, v)| {
-                v["metadata"]["ownerReferences"]
-                    .as_array()
-                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == json!(uid)))
-            })
+            .filter(|(_, v)| v["metadata"]["ownerReferences"].as_array().is_some_and(|refs| refs.iter().any(|r| r["uid"] == json!(uid))))
             .map(|(k, _)| k.clone())
             .collect();
         for dependent in dependents {
@@ -408,21 +295,14 @@ fn server_side_apply(mut current: Value, applied: Value, on_status: bool) -> Val
 }
 
 fn is_deleted_and_unblocked(object: &Value) -> bool {
-    !object["metadata"]["deletionTimestamp"].is_null()
-        && object["metadata"]["finalizers"]
-            .as_array()
-            .is_none_or(|f| f.is_empty())
+    !object["metadata"]["deletionTimestamp"].is_null() && object["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty())
 }
 
 /// The apiserver reads an absent field as null when a JSON patch tests for null (kube's
 /// finalizer helper relies on it); json-patch would fail the test on a missing path.
 fn null_missing_test_paths(current: &mut Value, patch: &Value) {
     for op in patch.as_array().into_iter().flatten() {
-        let (Some("test"), Some(path), Some(Value::Null)) =
-            (op["op"].as_str(), op["path"].as_str(), op.get("value"))
-        else {
-            continue;
-        };
+        let (Some("test"), Some(path), Some(Value::Null)) = (op["op"].as_str(), op["path"].as_str(), op.get("value")) else { continue };
         if current.pointer(path).is_some() {
             continue;
         }
@@ -455,9 +335,7 @@ fn merge(target: &mut Value, patch: &Value) {
 }
 
 fn matches_selector(object: &Value, selector: Option<&str>) -> bool {
-    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
-        return true;
-    };
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return true };
     selector.split(',').all(|term| match term.split_once('=') {
         Some((k, v)) => object["metadata"]["labels"][k].as_str() == Some(v),
         None => true,
@@ -514,19 +392,12 @@ fn ok(code: u16, body: &Value) -> Response<Full<Bytes>> {
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Full<Bytes>> {
-    respond(
-        code,
-        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}),
-    )
+    respond(code, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}))
 }
 
 fn respond(code: u16, body: &Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() =
-        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    response.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
+    *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
     response
 }

@@ -8,13 +8,9 @@ pub const AUTOSCALED: &str = include_str!("../../../examples/autoscaled.yaml");
 pub const MULTINODE: &str = include_str!("../../../examples/multinode-tensor-parallel.yaml");
 
 pub fn parse(yaml: &str) -> InferenceDeployment {
-    let mut dep: InferenceDeployment =
-        serde_norway::from_str(yaml).expect("example parses as InferenceDeployment");
+    let mut dep: InferenceDeployment = serde_norway::from_str(yaml).expect("example parses as InferenceDeployment");
     dep.metadata.namespace = Some("default".into());
-    dep.metadata.uid = Some(format!(
-        "uid-{}",
-        dep.metadata.name.clone().unwrap_or_default()
-    ));
+    dep.metadata.uid = Some(format!("uid-{}", dep.metadata.name.clone().unwrap_or_default()));
     dep.metadata.generation = Some(1);
     dep
 }

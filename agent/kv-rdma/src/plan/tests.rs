@@ -10,24 +10,14 @@ const LOCAL_BASE: u64 = 0x5500_0000_0000;
 
 fn shape() -> KvShape {
     // 32-byte blocks, 2 layers.
-    KvShape {
-        layers: 2,
-        kv_heads: 2,
-        head_dim: 4,
-        block_size: 2,
-        elem_bytes: 2,
-    }
+    KvShape { layers: 2, kv_heads: 2, head_dim: 4, block_size: 2, elem_bytes: 2 }
 }
 
 fn remote_regions(layout: &KvMemoryLayout) -> Vec<RemoteRegion> {
     let lens = layout.required_region_lens().unwrap();
     lens.iter()
         .enumerate()
-        .map(|(i, &len)| RemoteRegion {
-            addr: REMOTE_BASE + ((i as u64) << 32),
-            rkey: 1000 + i as u32,
-            len,
-        })
+        .map(|(i, &len)| RemoteRegion { addr: REMOTE_BASE + ((i as u64) << 32), rkey: 1000 + i as u32, len })
         .collect()
 }
 
@@ -49,11 +39,7 @@ fn planner(remote: KvMemoryLayout, local: KvMemoryLayout, options: PlanOptions) 
 }
 
 fn one_qp_big_messages() -> PlanOptions {
-    PlanOptions {
-        num_qps: 1,
-        max_message_bytes: 1 << 20,
-        min_split_bytes: 0,
-    }
+    PlanOptions { num_qps: 1, max_message_bytes: 1 << 20, min_split_bytes: 0 }
 }
 
 /// (layer, remote region index, remote offset, local region index, local offset, len)
@@ -85,12 +71,7 @@ fn consecutive_blocks_on_both_sides_become_one_read_per_layer_and_part() {
     assert_eq!(plan.layers, 2);
     assert_eq!(
         describe(&plan),
-        vec![
-            (0, 0, 0, 0, 320, 96),
-            (0, 1, 0, 1, 320, 96),
-            (1, 2, 0, 2, 320, 96),
-            (1, 3, 0, 3, 320, 96)
-        ]
+        vec![(0, 0, 0, 0, 320, 96), (0, 1, 0, 1, 320, 96), (1, 2, 0, 2, 320, 96), (1, 3, 0, 3, 320, 96)]
     );
     assert_eq!(plan.total_bytes(), 2 * 2 * 3 * 32);
 }
@@ -104,18 +85,8 @@ fn a_gap_on_either_side_breaks_the_run() {
     );
     // Local side jumps between the first and second pair; remote side between the 2nd and 3rd.
     let plan = p.plan(&[(0, 10), (1, 12), (3, 13)]).unwrap();
-    let layer0_k: Vec<_> = describe(&plan)
-        .into_iter()
-        .filter(|d| d.0 == 0 && d.1 == 0)
-        .collect();
-    assert_eq!(
-        layer0_k,
-        vec![
-            (0, 0, 0, 0, 320, 32),
-            (0, 0, 32, 0, 384, 32),
-            (0, 0, 96, 0, 416, 32)
-        ]
-    );
+    let layer0_k: Vec<_> = describe(&plan).into_iter().filter(|d| d.0 == 0 && d.1 == 0).collect();
+    assert_eq!(layer0_k, vec![(0, 0, 0, 0, 320, 32), (0, 0, 32, 0, 384, 32), (0, 0, 96, 0, 416, 32)]);
 }
 
 #[test]
@@ -125,10 +96,7 @@ fn pair_order_does_not_matter() {
         KvMemoryLayout::separate_regions(shape(), 16),
         one_qp_big_messages(),
     );
-    assert_eq!(
-        p.plan(&[(2, 12), (0, 10), (1, 11)]).unwrap(),
-        p.plan(&[(0, 10), (1, 11), (2, 12)]).unwrap()
-    );
+    assert_eq!(p.plan(&[(2, 12), (0, 10), (1, 11)]).unwrap(), p.plan(&[(0, 10), (1, 11), (2, 12)]).unwrap());
 }
 
 #[test]
@@ -137,13 +105,7 @@ fn block_major_merges_k_and_v_of_a_block() {
     let p = planner(l.clone(), l, one_qp_big_messages());
     let plan = p.plan(&[(3, 5)]).unwrap();
     // Per layer one READ covering K then V (64 bytes); block stride is 2 layers * 2 * 32.
-    assert_eq!(
-        describe(&plan),
-        vec![
-            (0, 0, 3 * 128, 0, 5 * 128, 64),
-            (1, 0, 3 * 128 + 64, 0, 5 * 128 + 64, 64)
-        ]
-    );
+    assert_eq!(describe(&plan), vec![(0, 0, 3 * 128, 0, 5 * 128, 64), (1, 0, 3 * 128 + 64, 0, 5 * 128 + 64, 64)]);
 }
 
 #[test]
@@ -158,12 +120,7 @@ fn region_per_layer_to_separate_regions_keeps_k_and_v_apart() {
     // another region: K and V stay two reads.
     assert_eq!(
         describe(&plan),
-        vec![
-            (0, 0, 0, 0, 0, 128),
-            (0, 0, 128, 1, 0, 128),
-            (1, 1, 0, 2, 0, 128),
-            (1, 1, 128, 3, 0, 128)
-        ]
+        vec![(0, 0, 0, 0, 0, 128), (0, 0, 128, 1, 0, 128), (1, 1, 0, 2, 0, 128), (1, 1, 128, 3, 0, 128)]
     );
 }
 
@@ -172,11 +129,7 @@ fn long_runs_are_split_at_the_message_limit() {
     let p = planner(
         KvMemoryLayout::separate_regions(shape(), 64),
         KvMemoryLayout::separate_regions(shape(), 64),
-        PlanOptions {
-            num_qps: 1,
-            max_message_bytes: 100,
-            min_split_bytes: 0,
-        },
+        PlanOptions { num_qps: 1, max_message_bytes: 100, min_split_bytes: 0 },
     );
     let pairs: Vec<(u32, u32)> = (0..10).map(|b| (b, b + 20)).collect();
     let plan = p.plan(&pairs).unwrap();
@@ -189,34 +142,18 @@ fn long_runs_are_split_at_the_message_limit() {
 
 #[test]
 fn one_big_layer_is_spread_evenly_over_queue_pairs() {
-    let big = KvShape {
-        layers: 2,
-        kv_heads: 8,
-        head_dim: 128,
-        block_size: 16,
-        elem_bytes: 2,
-    }; // 32 KiB blocks
+    let big = KvShape { layers: 2, kv_heads: 8, head_dim: 128, block_size: 16, elem_bytes: 2 }; // 32 KiB blocks
     let p = planner(
         KvMemoryLayout::separate_regions(big, 64),
         KvMemoryLayout::separate_regions(big, 64),
-        PlanOptions {
-            num_qps: 4,
-            max_message_bytes: 1 << 20,
-            min_split_bytes: 64 << 10,
-        },
+        PlanOptions { num_qps: 4, max_message_bytes: 1 << 20, min_split_bytes: 64 << 10 },
     );
     let pairs: Vec<(u32, u32)> = (0..16).map(|b| (b, b)).collect(); // 512 KiB per (layer, part)
     let plan = p.plan(&pairs).unwrap();
     assert_eq!(plan.qp_bytes(), vec![512 << 10; 4]);
     for (q, reqs) in plan.qps.iter().enumerate() {
-        let per_layer: Vec<u64> = (0..2)
-            .map(|l| {
-                reqs.iter()
-                    .filter(|r| r.layer == l)
-                    .map(|r| r.len as u64)
-                    .sum()
-            })
-            .collect();
+        let per_layer: Vec<u64> =
+            (0..2).map(|l| reqs.iter().filter(|r| r.layer == l).map(|r| r.len as u64).sum()).collect();
         assert_eq!(per_layer, vec![256 << 10; 2], "qp {q}");
     }
 }
@@ -226,11 +163,7 @@ fn min_split_keeps_small_layers_whole() {
     let p = planner(
         KvMemoryLayout::separate_regions(shape(), 16),
         KvMemoryLayout::separate_regions(shape(), 16),
-        PlanOptions {
-            num_qps: 4,
-            max_message_bytes: 1 << 20,
-            min_split_bytes: 64 << 10,
-        },
+        PlanOptions { num_qps: 4, max_message_bytes: 1 << 20, min_split_bytes: 64 << 10 },
     );
     let plan = p.plan(&[(0, 0), (1, 1)]).unwrap();
     assert_eq!(plan.num_requests(), 4, "{plan:?}");
@@ -242,10 +175,7 @@ fn empty_request_gives_an_empty_plan() {
     let p = planner(
         KvMemoryLayout::separate_regions(shape(), 4),
         KvMemoryLayout::separate_regions(shape(), 4),
-        PlanOptions {
-            num_qps: 3,
-            ..Default::default()
-        },
+        PlanOptions { num_qps: 3, ..Default::default() },
     );
     let plan = p.plan(&[]).unwrap();
     assert_eq!(plan.layers, 2);
@@ -260,116 +190,56 @@ fn rejects_bad_blocks() {
         KvMemoryLayout::separate_regions(shape(), 8),
         PlanOptions::default(),
     );
-    assert_eq!(
-        p.plan(&[(4, 0)]),
-        Err(PlanError::BlockOutOfRange {
-            side: Side::Remote,
-            block: 4,
-            num_blocks: 4
-        })
-    );
-    assert_eq!(
-        p.plan(&[(0, 8)]),
-        Err(PlanError::BlockOutOfRange {
-            side: Side::Local,
-            block: 8,
-            num_blocks: 8
-        })
-    );
-    assert_eq!(
-        p.plan(&[(0, 1), (2, 1)]),
-        Err(PlanError::DuplicateLocalBlock { block: 1 })
-    );
+    assert_eq!(p.plan(&[(4, 0)]), Err(PlanError::BlockOutOfRange { side: Side::Remote, block: 4, num_blocks: 4 }));
+    assert_eq!(p.plan(&[(0, 8)]), Err(PlanError::BlockOutOfRange { side: Side::Local, block: 8, num_blocks: 8 }));
+    assert_eq!(p.plan(&[(0, 1), (2, 1)]), Err(PlanError::DuplicateLocalBlock { block: 1 }));
     // One remote block to two local blocks is a legitimate copy.
-    assert_eq!(
-        p.plan(&[(0, 1), (0, 2)]).unwrap().total_bytes(),
-        2 * 2 * 2 * 32
-    );
+    assert_eq!(p.plan(&[(0, 1), (0, 2)]).unwrap().total_bytes(), 2 * 2 * 2 * 32);
 }
 
 #[test]
 fn rejects_bad_construction() {
     let l = KvMemoryLayout::separate_regions(shape(), 4);
     let (rr, lr) = (remote_regions(&l), local_regions(&l));
-    let new =
-        |remote: KvMemoryLayout, rr: Vec<RemoteRegion>, lr: Vec<LocalRegion>, o: PlanOptions| {
-            ReadPlanner::new(remote, rr, l.clone(), lr, o).map(|_| ())
-        };
+    let new = |remote: KvMemoryLayout, rr: Vec<RemoteRegion>, lr: Vec<LocalRegion>, o: PlanOptions| {
+        ReadPlanner::new(remote, rr, l.clone(), lr, o).map(|_| ())
+    };
     assert!(matches!(
-        new(
-            l.clone(),
-            rr.clone(),
-            lr.clone(),
-            PlanOptions {
-                num_qps: 0,
-                ..Default::default()
-            }
-        ),
+        new(l.clone(), rr.clone(), lr.clone(), PlanOptions { num_qps: 0, ..Default::default() }),
         Err(PlanError::Options(_))
     ));
     assert!(matches!(
-        new(
-            l.clone(),
-            rr.clone(),
-            lr.clone(),
-            PlanOptions {
-                num_qps: 65,
-                ..Default::default()
-            }
-        ),
+        new(l.clone(), rr.clone(), lr.clone(), PlanOptions { num_qps: 65, ..Default::default() }),
         Err(PlanError::Options(_))
     ));
     assert!(matches!(
-        new(
-            l.clone(),
-            rr.clone(),
-            lr.clone(),
-            PlanOptions {
-                max_message_bytes: 1 << 32,
-                ..Default::default()
-            }
-        ),
+        new(l.clone(), rr.clone(), lr.clone(), PlanOptions { max_message_bytes: 1 << 32, ..Default::default() }),
         Err(PlanError::Options(_))
     ));
     let mut other = shape();
     other.head_dim = 8;
     let wide = KvMemoryLayout::separate_regions(other, 4);
     assert!(matches!(
-        new(
-            wide.clone(),
-            remote_regions(&wide),
-            lr.clone(),
-            PlanOptions::default()
-        ),
+        new(wide.clone(), remote_regions(&wide), lr.clone(), PlanOptions::default()),
         Err(PlanError::ShapeMismatch { .. })
     ));
     let mut short = rr.clone();
     short[1].len -= 1;
     assert!(matches!(
         new(l.clone(), short, lr.clone(), PlanOptions::default()),
-        Err(PlanError::Layout {
-            side: Side::Remote,
-            source: LayoutError::RegionTooSmall { region: 1, .. }
-        })
+        Err(PlanError::Layout { side: Side::Remote, source: LayoutError::RegionTooSmall { region: 1, .. } })
     ));
     let mut missing = lr.clone();
     missing.pop();
     assert!(matches!(
         new(l.clone(), rr.clone(), missing, PlanOptions::default()),
-        Err(PlanError::Layout {
-            side: Side::Local,
-            source: LayoutError::MissingRegion { .. }
-        })
+        Err(PlanError::Layout { side: Side::Local, source: LayoutError::MissingRegion { .. } })
     ));
     let mut wraps = rr.clone();
     wraps[0].addr = u64::MAX - 10;
     assert!(matches!(
         new(l.clone(), wraps, lr, PlanOptions::default()),
-        Err(PlanError::RegionWraps {
-            side: Side::Remote,
-            region: 0,
-            ..
-        })
+        Err(PlanError::RegionWraps { side: Side::Remote, region: 0, .. })
     ));
 }
 
@@ -418,30 +288,10 @@ fn case() -> impl Strategy<Value = Case> {
         0u64..=64,
     )
         .prop_flat_map(
-            |(
-                layers,
-                kv_heads,
-                head_dim,
-                block_size,
-                elem_bytes,
-                rk,
-                lk,
-                rn,
-                ln,
-                num_qps,
-                max_msg,
-                min_split,
-            )| {
-                let shape = KvShape {
-                    layers,
-                    kv_heads,
-                    head_dim,
-                    block_size,
-                    elem_bytes,
-                };
+            |(layers, kv_heads, head_dim, block_size, elem_bytes, rk, lk, rn, ln, num_qps, max_msg, min_split)| {
+                let shape = KvShape { layers, kv_heads, head_dim, block_size, elem_bytes };
                 let locals =
-                    proptest::sample::subsequence((0..ln).collect::<Vec<u32>>(), 0..=ln as usize)
-                        .prop_shuffle();
+                    proptest::sample::subsequence((0..ln).collect::<Vec<u32>>(), 0..=ln as usize).prop_shuffle();
                 let remotes = proptest::collection::vec(0..rn, ln as usize);
                 (locals, remotes).prop_map(move |(locals, remotes)| Case {
                     shape,
@@ -450,11 +300,7 @@ fn case() -> impl Strategy<Value = Case> {
                     remote_blocks: rn,
                     local_blocks: ln,
                     pairs: locals.iter().zip(&remotes).map(|(&l, &r)| (r, l)).collect(),
-                    options: PlanOptions {
-                        num_qps,
-                        max_message_bytes: max_msg,
-                        min_split_bytes: min_split,
-                    },
+                    options: PlanOptions { num_qps, max_message_bytes: max_msg, min_split_bytes: min_split },
                 })
             },
         )
@@ -465,21 +311,11 @@ type Writes = HashMap<(u32, u64), Vec<(u32, u64)>>;
 
 /// Executes a plan on simulated memory: every local byte records which remote bytes were
 /// copied into it.
-fn simulate(
-    plan: &ReadPlan,
-    remote: &[RemoteRegion],
-    local: &[LocalRegion],
-) -> Result<Writes, String> {
+fn simulate(plan: &ReadPlan, remote: &[RemoteRegion], local: &[LocalRegion]) -> Result<Writes, String> {
     let mut writes = Writes::new();
     for r in plan.requests() {
-        let rreg = remote
-            .iter()
-            .position(|x| x.rkey == r.rkey)
-            .ok_or("unknown rkey")?;
-        let lreg = local
-            .iter()
-            .position(|x| x.lkey == r.lkey)
-            .ok_or("unknown lkey")?;
+        let rreg = remote.iter().position(|x| x.rkey == r.rkey).ok_or("unknown rkey")?;
+        let lreg = local.iter().position(|x| x.lkey == r.lkey).ok_or("unknown lkey")?;
         let (rr, lr) = (&remote[rreg], &local[lreg]);
         if r.remote_addr < rr.addr || r.remote_addr + r.len as u64 > rr.addr + rr.len {
             return Err(format!("{r:?} reads outside remote region {rreg}"));

@@ -32,18 +32,8 @@ impl Drop for Context {
 }
 
 impl Context {
-    pub(crate) fn verbs_error(
-        &self,
-        op: &'static str,
-        source: io::Error,
-        hint: impl Into<String>,
-    ) -> RdmaError {
-        RdmaError::Verbs {
-            op,
-            device: self.name.clone(),
-            source,
-            hint: hint.into(),
-        }
+    pub(crate) fn verbs_error(&self, op: &'static str, source: io::Error, hint: impl Into<String>) -> RdmaError {
+        RdmaError::Verbs { op, device: self.name.clone(), source, hint: hint.into() }
     }
 
     pub(crate) fn query_port(&self, port: u8) -> Result<sys::ibv_port_attr> {
@@ -66,15 +56,8 @@ impl Context {
         let attr = self.query_port(port)?;
         if attr.state != sys::IBV_PORT_ACTIVE {
             // SAFETY: returns a static string for any value.
-            let state = c_str(
-                unsafe { sys::ibv_port_state_str(attr.state) },
-                "unknown state",
-            );
-            return Err(RdmaError::PortNotActive {
-                device: self.name.clone(),
-                port,
-                state,
-            });
+            let state = c_str(unsafe { sys::ibv_port_state_str(attr.state) }, "unknown state");
+            return Err(RdmaError::PortNotActive { device: self.name.clone(), port, state });
         }
         Ok(attr)
     }
@@ -122,10 +105,7 @@ impl DeviceList {
             };
             return Err(RdmaError::NoDevice { detail });
         }
-        Ok(Self {
-            list,
-            len: n.max(0) as usize,
-        })
+        Ok(Self { list, len: n.max(0) as usize })
     }
 
     fn devices(&self) -> &[*mut sys::ibv_device] {
@@ -135,10 +115,7 @@ impl DeviceList {
 
     fn names(&self) -> Vec<String> {
         // SAFETY: each entry is a valid device while the list is alive.
-        self.devices()
-            .iter()
-            .map(|&d| c_str(unsafe { sys::ibv_get_device_name(d) }, "?"))
-            .collect()
+        self.devices().iter().map(|&d| c_str(unsafe { sys::ibv_get_device_name(d) }, "?")).collect()
     }
 }
 
@@ -158,10 +135,7 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device")
-            .field("name", &self.ctx.name)
-            .field("limits", &self.ctx.limits)
-            .finish()
+        f.debug_struct("Device").field("name", &self.ctx.name).field("limits", &self.ctx.limits).finish()
     }
 }
 
@@ -182,20 +156,15 @@ impl Device {
         let list = DeviceList::get()?;
         let names = list.names();
         if names.is_empty() {
-            return Err(RdmaError::NoDevice {
-                detail: String::new(),
-            });
+            return Err(RdmaError::NoDevice { detail: String::new() });
         }
-        let index =
-            match name {
-                None => 0,
-                Some(want) => names.iter().position(|n| n == want).ok_or_else(|| {
-                    RdmaError::DeviceNotFound {
-                        name: want.to_string(),
-                        available: names.join(", "),
-                    }
-                })?,
-            };
+        let index = match name {
+            None => 0,
+            Some(want) => names
+                .iter()
+                .position(|n| n == want)
+                .ok_or_else(|| RdmaError::DeviceNotFound { name: want.to_string(), available: names.join(", ") })?,
+        };
         let name = names[index].clone();
         // SAFETY: the device pointer is valid while `list` lives; the context stays valid after.
         let raw = unsafe { sys::ibv_open_device(list.devices()[index]) };
@@ -207,11 +176,7 @@ impl Device {
                 hint: "the process needs read/write access to /dev/infiniband/uverbs*".into(),
             });
         }
-        let mut ctx = Context {
-            raw,
-            name,
-            limits: DeviceLimits::default(),
-        };
+        let mut ctx = Context { raw, name, limits: DeviceLimits::default() };
         // SAFETY: plain-data out-parameter.
         let mut attr: sys::ibv_device_attr = unsafe { std::mem::zeroed() };
         // SAFETY: raw is open; attr is live.
@@ -255,33 +220,17 @@ impl Device {
             )
         })?;
         let (gid_index, gid) = self.select_gid(port, &attr, link_layer, gid)?;
-        Ok(EndpointInfo {
-            device: self.ctx.name.clone(),
-            port,
-            gid,
-            gid_index,
-            lid: attr.lid,
-            mtu,
-            link_layer,
-        })
+        Ok(EndpointInfo { device: self.ctx.name.clone(), port, gid, gid_index, lid: attr.lid, mtu, link_layer })
     }
 
-    fn select_gid(
-        &self,
-        port: u8,
-        attr: &sys::ibv_port_attr,
-        link: LinkLayer,
-        sel: GidSelector,
-    ) -> Result<(u8, Gid)> {
+    fn select_gid(&self, port: u8, attr: &sys::ibv_port_attr, link: LinkLayer, sel: GidSelector) -> Result<(u8, Gid)> {
         let index = match sel {
             GidSelector::Index(i) => i,
             GidSelector::Auto if link != LinkLayer::Ethernet => 0,
             GidSelector::Auto => {
                 let mut best: Option<(u8, u8)> = None; // (rank, index)
                 for i in 0..attr.gid_tbl_len.clamp(0, 256) as u32 {
-                    let Some(entry) = self.ctx.query_gid(port, i)? else {
-                        continue;
-                    };
+                    let Some(entry) = self.ctx.query_gid(port, i)? else { continue };
                     let kind = match entry.gid_type {
                         sys::IBV_GID_TYPE_ROCE_V2 => GidKind::RoceV2,
                         sys::IBV_GID_TYPE_ROCE_V1 => GidKind::RoceV1,
@@ -299,9 +248,7 @@ impl Device {
                     self.ctx.verbs_error(
                         "selecting a GID",
                         io::Error::from(io::ErrorKind::NotFound),
-                        format!(
-                            "port {port} has no usable RoCE GID; give the netdev an IP address"
-                        ),
+                        format!("port {port} has no usable RoCE GID; give the netdev an IP address"),
                     )
                 })?
             }

@@ -40,9 +40,7 @@ pub struct ProtectionDomain {
 
 impl std::fmt::Debug for ProtectionDomain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProtectionDomain")
-            .field("device", &self.inner.ctx.name)
-            .finish()
+        f.debug_struct("ProtectionDomain").field("device", &self.inner.ctx.name).finish()
     }
 }
 
@@ -51,16 +49,9 @@ impl Device {
         // SAFETY: the context is open.
         let raw = unsafe { sys::ibv_alloc_pd(self.ctx.raw) };
         if raw.is_null() {
-            return Err(self
-                .ctx
-                .verbs_error("ibv_alloc_pd", io::Error::last_os_error(), ""));
+            return Err(self.ctx.verbs_error("ibv_alloc_pd", io::Error::last_os_error(), ""));
         }
-        Ok(ProtectionDomain {
-            inner: Arc::new(PdInner {
-                raw,
-                ctx: self.ctx.clone(),
-            }),
-        })
+        Ok(ProtectionDomain { inner: Arc::new(PdInner { raw, ctx: self.ctx.clone() }) })
     }
 }
 
@@ -78,37 +69,22 @@ impl ProtectionDomain {
     /// # Safety
     /// The range must be mapped memory that stays allocated until the region is dropped,
     /// and must not be accessed in ways that race with RDMA the caller starts on it.
-    pub unsafe fn register_host(
-        &self,
-        addr: *mut u8,
-        len: usize,
-        access: Access,
-    ) -> Result<MemoryRegion> {
+    pub unsafe fn register_host(&self, addr: *mut u8, len: usize, access: Access) -> Result<MemoryRegion> {
         if addr.is_null() || len == 0 {
-            return Err(RdmaError::InvalidArgument(format!(
-                "cannot register {len} bytes at {addr:p}"
-            )));
+            return Err(RdmaError::InvalidArgument(format!("cannot register {len} bytes at {addr:p}")));
         }
         // SAFETY: the PD is alive; the caller vouches for the range.
         let raw = unsafe { sys::dlk_reg_mr(self.inner.raw, addr.cast(), len, access.bits()) };
         if raw.is_null() {
             let e = io::Error::last_os_error();
             let hint = match e.raw_os_error() {
-                Some(12 /* ENOMEM */) | Some(1 /* EPERM */) | Some(11 /* EAGAIN */) => {
-                    PINNING_HINT.to_string()
-                }
+                Some(12 /* ENOMEM */) | Some(1 /* EPERM */) | Some(11 /* EAGAIN */) => PINNING_HINT.to_string(),
                 Some(14 /* EFAULT */) => format!("{addr:p} + {len} is not mapped memory"),
                 _ => String::new(),
             };
             return Err(self.inner.ctx.verbs_error("ibv_reg_mr", e, hint));
         }
-        Ok(MemoryRegion::new(
-            raw,
-            addr as u64,
-            len as u64,
-            RegionKind::Host,
-            self.inner.clone(),
-        ))
+        Ok(MemoryRegion::new(raw, addr as u64, len as u64, RegionKind::Host, self.inner.clone()))
     }
 
     /// Registers `len` bytes at `offset` of a dma-buf (`ibv_reg_dmabuf_mr`), e.g. GPU
@@ -129,9 +105,7 @@ impl ProtectionDomain {
     ) -> Result<MemoryRegion> {
         const PAGE: u64 = 4096;
         if len == 0 || iova.checked_add(len as u64).is_none() {
-            return Err(RdmaError::InvalidArgument(format!(
-                "cannot register {len} bytes at iova {iova:#x}"
-            )));
+            return Err(RdmaError::InvalidArgument(format!("cannot register {len} bytes at iova {iova:#x}")));
         }
         if offset % PAGE != iova % PAGE {
             return Err(RdmaError::InvalidArgument(format!(
@@ -140,14 +114,7 @@ impl ProtectionDomain {
         }
         let raw = unsafe {
             // SAFETY: the PD is alive; the kernel validates the fd and range.
-            sys::ibv_reg_dmabuf_mr(
-                self.inner.raw,
-                offset,
-                len,
-                iova,
-                fd.as_raw_fd(),
-                access.bits() as c_int,
-            )
+            sys::ibv_reg_dmabuf_mr(self.inner.raw, offset, len, iova, fd.as_raw_fd(), access.bits() as c_int)
         };
         if raw.is_null() {
             let e = io::Error::last_os_error();
@@ -162,13 +129,7 @@ impl ProtectionDomain {
             };
             return Err(self.inner.ctx.verbs_error("ibv_reg_dmabuf_mr", e, hint));
         }
-        Ok(MemoryRegion::new(
-            raw,
-            iova,
-            len as u64,
-            RegionKind::DmaBuf,
-            self.inner.clone(),
-        ))
+        Ok(MemoryRegion::new(raw, iova, len as u64, RegionKind::DmaBuf, self.inner.clone()))
     }
 }
 
@@ -197,15 +158,7 @@ impl MemoryRegion {
     fn new(raw: *mut sys::ibv_mr, addr: u64, len: u64, kind: RegionKind, pd: Arc<PdInner>) -> Self {
         // SAFETY: raw is a freshly registered, non-null MR.
         let (lkey, rkey) = unsafe { ((*raw).lkey, (*raw).rkey) };
-        Self {
-            raw,
-            addr,
-            len,
-            lkey,
-            rkey,
-            kind,
-            pd,
-        }
+        Self { raw, addr, len, lkey, rkey, kind, pd }
     }
 
     /// Address of the first byte as work requests name it (virtual address or IOVA).
@@ -232,20 +185,12 @@ impl MemoryRegion {
     /// What a peer needs to READ this region (advertise it only if registered with
     /// [`Access::REMOTE_READ`]).
     pub fn remote_region(&self) -> RemoteRegion {
-        RemoteRegion {
-            addr: self.addr,
-            rkey: self.rkey,
-            len: self.len,
-        }
+        RemoteRegion { addr: self.addr, rkey: self.rkey, len: self.len }
     }
 
     /// What the planner needs to READ into this region (needs [`Access::LOCAL_WRITE`]).
     pub fn local_region(&self) -> LocalRegion {
-        LocalRegion {
-            addr: self.addr,
-            len: self.len,
-            lkey: self.lkey,
-        }
+        LocalRegion { addr: self.addr, len: self.len, lkey: self.lkey }
     }
 }
 

@@ -87,11 +87,7 @@ impl std::fmt::Debug for QueuePair {
 
 fn random_psn() -> u32 {
     static CALLS: AtomicU64 = AtomicU64::new(0);
-    let seed = (
-        CALLS.fetch_add(1, Ordering::Relaxed),
-        std::time::SystemTime::now(),
-        std::process::id(),
-    );
+    let seed = (CALLS.fetch_add(1, Ordering::Relaxed), std::time::SystemTime::now(), std::process::id());
     RandomState::new().hash_one(seed) as u32 & 0x00ff_ffff
 }
 
@@ -112,39 +108,20 @@ impl ProtectionDomain {
             )));
         }
         if config.max_send_wr == 0 || config.retry_cnt > 7 || config.timeout > 31 {
-            return Err(RdmaError::InvalidArgument(format!(
-                "bad QP config {config:?}"
-            )));
+            return Err(RdmaError::InvalidArgument(format!("bad QP config {config:?}")));
         }
         let port = ctx.active_port(local.port)?;
         let limits = ctx.limits;
         // The CQ gets one entry per send WR: even when every WR completes in error (each
         // then produces a CQE, signalled or not), the CQ cannot overflow.
-        let depth = config
-            .max_send_wr
-            .min(limits.max_qp_wr.max(1))
-            .min(limits.max_cqe.max(1));
+        let depth = config.max_send_wr.min(limits.max_qp_wr.max(1)).min(limits.max_cqe.max(1));
         // SAFETY: the context is open; no channel, no CQ context.
-        let raw_cq = unsafe {
-            sys::ibv_create_cq(
-                ctx.raw,
-                depth as c_int,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
+        let raw_cq =
+            unsafe { sys::ibv_create_cq(ctx.raw, depth as c_int, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
         if raw_cq.is_null() {
-            return Err(ctx.verbs_error(
-                "ibv_create_cq",
-                io::Error::last_os_error(),
-                format!("{depth} entries"),
-            ));
+            return Err(ctx.verbs_error("ibv_create_cq", io::Error::last_os_error(), format!("{depth} entries")));
         }
-        let cq = CompletionQueue {
-            raw: raw_cq,
-            ctx: ctx.clone(),
-        };
+        let cq = CompletionQueue { raw: raw_cq, ctx: ctx.clone() };
 
         // SAFETY: zero is valid for every field (null pointers, zero counts).
         let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
@@ -177,11 +154,7 @@ impl ProtectionDomain {
             psn: random_psn(),
             max_send_wr: depth,
             // 0 would mean "not reported"; the IB spec's ceiling is 2^31.
-            max_msg_sz: if port.max_msg_sz == 0 {
-                1 << 31
-            } else {
-                port.max_msg_sz
-            },
+            max_msg_sz: if port.max_msg_sz == 0 { 1 << 31 } else { port.max_msg_sz },
             responder_resources: clamp_u8(config.responder_resources, limits.max_qp_rd_atom),
             initiator_depth: clamp_u8(config.initiator_depth, limits.max_qp_init_rd_atom),
             state: QpState::Init,
@@ -197,10 +170,7 @@ impl ProtectionDomain {
         attr.qp_access_flags = sys::IBV_ACCESS_REMOTE_READ;
         qp.modify(
             &mut attr,
-            sys::IBV_QP_STATE
-                | sys::IBV_QP_PKEY_INDEX
-                | sys::IBV_QP_PORT
-                | sys::IBV_QP_ACCESS_FLAGS,
+            sys::IBV_QP_STATE | sys::IBV_QP_PKEY_INDEX | sys::IBV_QP_PORT | sys::IBV_QP_ACCESS_FLAGS,
             "ibv_modify_qp(RESET->INIT)",
         )?;
         Ok(qp)
@@ -254,37 +224,24 @@ impl QueuePair {
         match &self.state {
             QpState::Init => {}
             QpState::Connected { peer } => {
-                return Err(RdmaError::InvalidArgument(format!(
-                    "QP {} is already connected to {peer}",
-                    self.qp_num
-                )))
+                return Err(RdmaError::InvalidArgument(format!("QP {} is already connected to {peer}", self.qp_num)))
             }
             QpState::Unusable { reason } => return Err(self.unusable(reason.clone())),
         }
         remote.validate()?;
         remote_qp.validate()?;
-        let peer = format!(
-            "{} port {} QP {}",
-            remote.device, remote.port, remote_qp.qp_num
-        );
-        let incompatible = |reason: String| RdmaError::Incompatible {
-            peer: peer.clone(),
-            reason,
-        };
+        let peer = format!("{} port {} QP {}", remote.device, remote.port, remote_qp.qp_num);
+        let incompatible = |reason: String| RdmaError::Incompatible { peer: peer.clone(), reason };
         let (l, r) = (self.local.link_layer, remote.link_layer);
         if l != LinkLayer::Unspecified && r != LinkLayer::Unspecified && l != r {
-            return Err(incompatible(format!(
-                "link layers differ (local {l:?}, remote {r:?})"
-            )));
+            return Err(incompatible(format!("link layers differ (local {l:?}, remote {r:?})")));
         }
         // RoCE has no LIDs: packets are routed by GID (a GRH is mandatory). On InfiniBand a
         // LID reaches the peer inside the subnet; the GRH is only needed without one.
         let ethernet = l == LinkLayer::Ethernet || r == LinkLayer::Ethernet;
         let use_grh = ethernet || remote.lid == 0;
         if use_grh && remote.gid.is_zero() {
-            return Err(incompatible(
-                "the peer advertises no GID to route to".into(),
-            ));
+            return Err(incompatible("the peer advertises no GID to route to".into()));
         }
 
         // SAFETY: plain data.
@@ -327,10 +284,7 @@ impl QueuePair {
         attr.rnr_retry = 7;
         attr.sq_psn = self.psn;
         // Never more READs in flight than the peer agreed to answer.
-        attr.max_rd_atomic = self
-            .initiator_depth
-            .min(remote_qp.responder_resources)
-            .max(1);
+        attr.max_rd_atomic = self.initiator_depth.min(remote_qp.responder_resources).max(1);
         if let Err(e) = self.modify(
             &mut attr,
             sys::IBV_QP_STATE
@@ -361,20 +315,13 @@ impl QueuePair {
             } else {
                 String::new()
             };
-            return Err(self
-                .cq
-                .ctx
-                .verbs_error(op, io::Error::from_raw_os_error(rc), hint));
+            return Err(self.cq.ctx.verbs_error(op, io::Error::from_raw_os_error(rc), hint));
         }
         Ok(())
     }
 
     pub(crate) fn unusable(&self, reason: String) -> RdmaError {
-        RdmaError::QpUnusable {
-            device: self.local.device.clone(),
-            qp_num: self.qp_num,
-            reason,
-        }
+        RdmaError::QpUnusable { device: self.local.device.clone(), qp_num: self.qp_num, reason }
     }
 
     /// Fails unless the QP is connected and healthy.
@@ -398,17 +345,12 @@ impl QueuePair {
         if let Err(e) = self.modify(&mut attr, sys::IBV_QP_STATE, "ibv_modify_qp(->ERR)") {
             tracing::warn!(qp = self.qp_num, error = %e, "could not move QP to the error state");
         }
-        self.state = QpState::Unusable {
-            reason: reason.to_string(),
-        };
+        self.state = QpState::Unusable { reason: reason.to_string() };
     }
 
     /// Posts a chain of send work requests. On failure returns the errno and the index of
     /// the first request that was not posted.
-    pub(crate) fn post_send(
-        &mut self,
-        wrs: &mut [sys::ibv_send_wr],
-    ) -> std::result::Result<(), (io::Error, usize)> {
+    pub(crate) fn post_send(&mut self, wrs: &mut [sys::ibv_send_wr]) -> std::result::Result<(), (io::Error, usize)> {
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the QP is alive; `wrs` is a linked chain whose SGEs the caller keeps alive
         // for the call (the provider copies them into the send queue before returning).
@@ -431,11 +373,7 @@ impl QueuePair {
         // SAFETY: the CQ is alive; wcs has room for n entries.
         let got = unsafe { sys::dlk_poll_cq(self.cq.raw, n, wcs.as_mut_ptr()) };
         if got < 0 {
-            return Err(self.cq.ctx.verbs_error(
-                "ibv_poll_cq",
-                io::Error::other(format!("returned {got}")),
-                "",
-            ));
+            return Err(self.cq.ctx.verbs_error("ibv_poll_cq", io::Error::other(format!("returned {got}")), ""));
         }
         Ok(got as usize)
     }

@@ -42,15 +42,9 @@ pub struct ReadTransfer<'a> {
 
 impl<'a> ReadTransfer<'a> {
     /// Checks the plan against the queue pairs; posts nothing yet.
-    pub fn start(
-        qps: &'a mut [QueuePair],
-        plan: &'a ReadPlan,
-        options: ReadOptions,
-    ) -> Result<Self> {
+    pub fn start(qps: &'a mut [QueuePair], plan: &'a ReadPlan, options: ReadOptions) -> Result<Self> {
         if options.max_batch == 0 {
-            return Err(RdmaError::InvalidArgument(
-                "ReadOptions::max_batch must be at least 1".into(),
-            ));
+            return Err(RdmaError::InvalidArgument("ReadOptions::max_batch must be at least 1".into()));
         }
         if plan.qps.len() > qps.len() {
             return Err(RdmaError::InvalidArgument(format!(
@@ -94,16 +88,10 @@ impl<'a> ReadTransfer<'a> {
     /// layers that completed since the last call (in order; often empty).
     pub fn progress(&mut self) -> Result<Range<u32>> {
         if self.failed {
-            return Err(RdmaError::InvalidArgument(
-                "the transfer already failed".into(),
-            ));
+            return Err(RdmaError::InvalidArgument("the transfer already failed".into()));
         }
         for q in 0..self.plan.qps.len() {
-            let batch = self.tracker.next_batch(
-                q,
-                self.qps[q].max_send_wr() as usize,
-                self.options.max_batch,
-            );
+            let batch = self.tracker.next_batch(q, self.qps[q].max_send_wr() as usize, self.options.max_batch);
             if !batch.is_empty() {
                 self.post(q, batch)?;
             }
@@ -169,11 +157,7 @@ impl<'a> ReadTransfer<'a> {
         self.sges.clear();
         self.wrs.clear();
         for r in requests {
-            self.sges.push(sys::ibv_sge {
-                addr: r.local_addr,
-                length: r.len,
-                lkey: r.lkey,
-            });
+            self.sges.push(sys::ibv_sge { addr: r.local_addr, length: r.len, lkey: r.lkey });
         }
         let last = requests.len() - 1;
         for (i, r) in requests.iter().enumerate() {
@@ -249,10 +233,7 @@ impl<'a> ReadTransfer<'a> {
 
     fn completion_error(&self, q: usize, wc: &sys::ibv_wc) -> RdmaError {
         // SAFETY: returns a static string for any value.
-        let status = c_str(
-            unsafe { sys::ibv_wc_status_str(wc.status) },
-            "unknown status",
-        );
+        let status = c_str(unsafe { sys::ibv_wc_status_str(wc.status) }, "unknown status");
         let (_, end) = CompletionTracker::decode_wr_id(wc.wr_id);
         let request = end
             .checked_sub(1)
@@ -282,9 +263,7 @@ impl<'a> ReadTransfer<'a> {
             return;
         }
         self.failed = true;
-        let used: Vec<usize> = (0..self.plan.qps.len())
-            .filter(|&q| self.tracker.outstanding(q) > 0)
-            .collect();
+        let used: Vec<usize> = (0..self.plan.qps.len()).filter(|&q| self.tracker.outstanding(q) > 0).collect();
         for &q in &used {
             self.qps[q].mark_unusable(reason);
         }
@@ -298,9 +277,7 @@ impl<'a> ReadTransfer<'a> {
                     );
                     break;
                 }
-                let Ok(got) = self.qps[q].poll(&mut self.wcs) else {
-                    break;
-                };
+                let Ok(got) = self.qps[q].poll(&mut self.wcs) else { break };
                 self.note_seen(q, got);
                 if got == 0 {
                     std::thread::yield_now();
@@ -329,10 +306,6 @@ impl Drop for ReadTransfer<'_> {
 }
 
 /// Runs `plan` to completion on `qps` (see [`ReadTransfer::wait`]).
-pub fn read_blocks(
-    qps: &mut [QueuePair],
-    plan: &ReadPlan,
-    options: ReadOptions,
-) -> Result<TransferStats> {
+pub fn read_blocks(qps: &mut [QueuePair], plan: &ReadPlan, options: ReadOptions) -> Result<TransferStats> {
     ReadTransfer::start(qps, plan, options)?.wait(|_| {})
 }

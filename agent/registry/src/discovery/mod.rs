@@ -40,11 +40,7 @@ impl Discovery {
         let (view_tx, view_rx) = watch::channel(Arc::new(WorkerView::default()));
         let (connected_tx, connected_rx) = watch::channel(false);
         let task = tokio::spawn(run(config, view_tx, connected_tx));
-        DiscoveryHandle {
-            view: view_rx,
-            connected: connected_rx,
-            task,
-        }
+        DiscoveryHandle { view: view_rx, connected: connected_rx, task }
     }
 }
 
@@ -66,11 +62,7 @@ impl Drop for DiscoveryHandle {
     }
 }
 
-async fn run(
-    config: DiscoveryConfig,
-    view: watch::Sender<Arc<WorkerView>>,
-    connected: watch::Sender<bool>,
-) {
+async fn run(config: DiscoveryConfig, view: watch::Sender<Arc<WorkerView>>, connected: watch::Sender<bool>) {
     let mut backoff = Backoff::default();
     loop {
         let error = sync_and_watch(&config, &view, &connected, &mut backoff).await;
@@ -98,19 +90,8 @@ async fn sync_and_watch(
     let start_revision = listed.revision() + 1;
     tracing::info!(prefix = %config.prefix, workers = listed.len(), revision = listed.revision(), "discovery: listed");
     view.send_replace(Arc::new(listed));
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(start_revision)
-        .with_progress_notify();
-    let mut stream = match config
-        .etcd
-        .call(
-            "watch",
-            &config.prefix,
-            client.watch(config.prefix.as_str(), Some(options)),
-        )
-        .await
-    {
+    let options = WatchOptions::new().with_prefix().with_start_revision(start_revision).with_progress_notify();
+    let mut stream = match config.etcd.call("watch", &config.prefix, client.watch(config.prefix.as_str(), Some(options))).await {
         Ok(stream) => stream,
         Err(error) => return error,
     };
@@ -123,11 +104,7 @@ async fn sync_and_watch(
             Err(e) => return watch_ended(config, &e.to_string()),
         };
         if response.canceled() || response.compact_revision() > 0 {
-            let reason = format!(
-                "watch cancelled ({}; compacted at {})",
-                response.cancel_reason(),
-                response.compact_revision()
-            );
+            let reason = format!("watch cancelled ({}; compacted at {})", response.cancel_reason(), response.compact_revision());
             return watch_ended(config, &reason);
         }
         apply(view, &response);
@@ -136,14 +113,7 @@ async fn sync_and_watch(
 
 async fn list(config: &DiscoveryConfig, client: &mut Client) -> Result<WorkerView, RegistryError> {
     let options = GetOptions::new().with_prefix();
-    let response = config
-        .etcd
-        .call(
-            "list",
-            &config.prefix,
-            client.get(config.prefix.as_str(), Some(options)),
-        )
-        .await?;
+    let response = config.etcd.call("list", &config.prefix, client.get(config.prefix.as_str(), Some(options))).await?;
     let mut listed = WorkerView::default();
     for kv in response.kvs() {
         listed.put(&String::from_utf8_lossy(kv.key()), kv.value());
@@ -170,8 +140,5 @@ fn apply(view: &watch::Sender<Arc<WorkerView>>, response: &WatchResponse) {
 }
 
 fn watch_ended(config: &DiscoveryConfig, reason: &str) -> RegistryError {
-    RegistryError::WatchEnded {
-        prefix: config.prefix.clone(),
-        reason: reason.to_string(),
-    }
+    RegistryError::WatchEnded { prefix: config.prefix.clone(), reason: reason.to_string() }
 }

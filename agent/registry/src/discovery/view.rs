@@ -59,26 +59,16 @@ impl WorkerView {
 /// A view built from records directly (tests, tools); keys are the records' own.
 impl FromIterator<WorkerRecord> for WorkerView {
     fn from_iter<I: IntoIterator<Item = WorkerRecord>>(records: I) -> Self {
-        let workers = records
-            .into_iter()
-            .map(|r| (RegistryKey::of_record(&r).render(), r))
-            .collect();
-        WorkerView {
-            workers,
-            revision: 0,
-        }
+        let workers = records.into_iter().map(|r| (RegistryKey::of_record(&r).render(), r)).collect();
+        WorkerView { workers, revision: 0 }
     }
 }
 
 fn parse_record(key: &str, value: &[u8]) -> Result<WorkerRecord, String> {
     let parsed_key = RegistryKey::parse(key).ok_or("key does not follow the registry layout")?;
-    let record: WorkerRecord =
-        serde_json::from_slice(value).map_err(|e| format!("value is not a worker record: {e}"))?;
+    let record: WorkerRecord = serde_json::from_slice(value).map_err(|e| format!("value is not a worker record: {e}"))?;
     if record.protocol_version != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {} (this router speaks {PROTOCOL_VERSION})",
-            record.protocol_version
-        ));
+        return Err(format!("protocol version {} (this router speaks {PROTOCOL_VERSION})", record.protocol_version));
     }
     if parsed_key != RegistryKey::of_record(&record) {
         return Err("the record's identity does not match its key".into());

@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 
 use crate::connection::EtcdConfig;
 use crate::error::RegistryError;
-use crate::record::{Load, WorkerRecord};
 use crate::tls::EtcdTls;
+use crate::record::{Load, WorkerRecord};
 
 /// Reads the engine's current load; called from the registrar task about once a second.
 pub type LoadFn = Arc<dyn Fn() -> Load + Send + Sync>;
@@ -38,12 +38,7 @@ impl RegistrarConfig {
     /// `None` when no etcd endpoints were given: registration is off. Fails on TLS
     /// settings that cannot work (see [`EtcdTls::from_args`]).
     pub fn from_args(args: &RegistryArgs) -> Result<Option<RegistrarConfig>, RegistryError> {
-        let endpoints: Vec<String> = args
-            .etcd_endpoints
-            .iter()
-            .filter(|e| !e.trim().is_empty())
-            .cloned()
-            .collect();
+        let endpoints: Vec<String> = args.etcd_endpoints.iter().filter(|e| !e.trim().is_empty()).cloned().collect();
         if endpoints.is_empty() {
             return Ok(None);
         }
@@ -102,12 +97,7 @@ impl Registrar {
         let (status_tx, status_rx) = watch::channel(RegistrationStatus::WaitingForReady);
         let revoke_timeout = config.revoke_timeout;
         let task = tokio::spawn(session::run(config, record, load, phase_rx, status_tx));
-        RegistrarHandle {
-            phase: phase_tx,
-            status: status_rx,
-            task: Some(task),
-            revoke_timeout,
-        }
+        RegistrarHandle { phase: phase_tx, status: status_rx, task: Some(task), revoke_timeout }
     }
 }
 
@@ -134,13 +124,8 @@ impl RegistrarHandle {
     /// (plus a second), after which the lease simply expires.
     pub async fn shutdown(mut self) {
         let _ = self.phase.send(Phase::ShuttingDown);
-        let Some(mut task) = self.task.take() else {
-            return;
-        };
-        if tokio::time::timeout(self.revoke_timeout + Duration::from_secs(1), &mut task)
-            .await
-            .is_err()
-        {
+        let Some(mut task) = self.task.take() else { return };
+        if tokio::time::timeout(self.revoke_timeout + Duration::from_secs(1), &mut task).await.is_err() {
             tracing::warn!("registry: lease revocation did not finish in time; the lease will expire by itself");
             task.abort();
         }

@@ -41,14 +41,7 @@ pub(super) async fn run(
         return;
     }
     let key = RegistryKey::of_record(&record).render();
-    let mut registration = Registration {
-        config,
-        key,
-        record,
-        load,
-        lease_id: None,
-        status,
-    };
+    let mut registration = Registration { config, key, record, load, lease_id: None, status };
     registration.run(&mut phase).await;
     let _ = registration.status.send(RegistrationStatus::Stopped);
 }
@@ -80,9 +73,7 @@ impl Registration {
                         self.lease_id = None;
                     }
                     tracing::warn!(key = %self.key, "registry: {error}; retrying");
-                    let _ = self.status.send(RegistrationStatus::Retrying {
-                        reason: error.to_string(),
-                    });
+                    let _ = self.status.send(RegistrationStatus::Retrying { reason: error.to_string() });
                 }
             }
             let delay = backoff.next_delay();
@@ -94,11 +85,7 @@ impl Registration {
     }
 
     /// One connection's worth of registration; returns only on shutdown or failure.
-    async fn session(
-        &mut self,
-        phase: &mut watch::Receiver<Phase>,
-        backoff: &mut Backoff,
-    ) -> Result<SessionEnd, RegistryError> {
+    async fn session(&mut self, phase: &mut watch::Receiver<Phase>, backoff: &mut Backoff) -> Result<SessionEnd, RegistryError> {
         let mut client = self.config.etcd.connect().await?;
         let lease_id = self.acquire_lease(&mut client).await?;
         let mut published = (self.load)();
@@ -106,16 +93,10 @@ impl Registration {
         let (mut keeper, mut responses) = self
             .config
             .etcd
-            .call(
-                "lease keep-alive",
-                &self.key,
-                client.lease_keep_alive(lease_id),
-            )
+            .call("lease keep-alive", &self.key, client.lease_keep_alive(lease_id))
             .await?;
         tracing::info!(key = %self.key, lease = format_args!("{lease_id:x}"), url = %self.record.url, "registry: registered");
-        let _ = self
-            .status
-            .send(RegistrationStatus::Registered { lease_id });
+        let _ = self.status.send(RegistrationStatus::Registered { lease_id });
         backoff.reset();
 
         let mut keep_alive_tick = interval(self.config.keep_alive_interval());
@@ -150,55 +131,27 @@ impl Registration {
     /// The previous lease if etcd still has it (an etcd restart keeps leases), else a new one.
     async fn acquire_lease(&mut self, client: &mut Client) -> Result<i64, RegistryError> {
         if let Some(lease_id) = self.lease_id {
-            let ttl = self
-                .config
-                .etcd
-                .call(
-                    "lease time-to-live",
-                    &self.key,
-                    client.lease_time_to_live(lease_id, None),
-                )
-                .await?;
+            let ttl = self.config.etcd.call("lease time-to-live", &self.key, client.lease_time_to_live(lease_id, None)).await?;
             if ttl.ttl() > 0 {
                 return Ok(lease_id);
             }
             tracing::info!(key = %self.key, lease = format_args!("{lease_id:x}"), "registry: lease is gone; taking a new one");
         }
         let ttl_secs = self.config.lease_ttl.as_secs() as i64;
-        let granted = self
-            .config
-            .etcd
-            .call("lease grant", &self.key, client.lease_grant(ttl_secs, None))
-            .await?;
+        let granted = self.config.etcd.call("lease grant", &self.key, client.lease_grant(ttl_secs, None)).await?;
         self.lease_id = Some(granted.id());
         Ok(granted.id())
     }
 
-    async fn put_record(
-        &mut self,
-        client: &mut Client,
-        lease_id: i64,
-        load: Load,
-    ) -> Result<(), RegistryError> {
+    async fn put_record(&mut self, client: &mut Client, lease_id: i64, load: Load) -> Result<(), RegistryError> {
         self.record.load = load;
         let value = self.record.to_json();
         let options = PutOptions::new().with_lease(lease_id);
-        self.config
-            .etcd
-            .call(
-                "put",
-                &self.key,
-                client.put(self.key.as_str(), value, Some(options)),
-            )
-            .await?;
+        self.config.etcd.call("put", &self.key, client.put(self.key.as_str(), value, Some(options))).await?;
         Ok(())
     }
 
-    async fn keep_alive(
-        &self,
-        keeper: &mut LeaseKeeper,
-        last_ack: Instant,
-    ) -> Result<(), RegistryError> {
+    async fn keep_alive(&self, keeper: &mut LeaseKeeper, last_ack: Instant) -> Result<(), RegistryError> {
         // A lease unanswered for a whole TTL may already be gone on the server: start over
         // rather than keep a key that routers may no longer see.
         if last_ack.elapsed() > self.config.lease_ttl {
@@ -210,24 +163,13 @@ impl Registration {
         keeper
             .keep_alive()
             .await
-            .map_err(|source| RegistryError::Etcd {
-                operation: "lease keep-alive",
-                key: self.key.clone(),
-                source,
-            })
+            .map_err(|source| RegistryError::Etcd { operation: "lease keep-alive", key: self.key.clone(), source })
     }
 
     async fn revoke(&mut self, client: &mut Client, lease_id: i64) {
-        match self
-            .config
-            .etcd
-            .call("lease revoke", &self.key, client.lease_revoke(lease_id))
-            .await
-        {
+        match self.config.etcd.call("lease revoke", &self.key, client.lease_revoke(lease_id)).await {
             Ok(_) => tracing::info!(key = %self.key, "registry: lease revoked"),
-            Err(error) => {
-                tracing::warn!(key = %self.key, "registry: {error}; the lease will expire by itself")
-            }
+            Err(error) => tracing::warn!(key = %self.key, "registry: {error}; the lease will expire by itself"),
         }
         self.lease_id = None;
     }
@@ -235,14 +177,10 @@ impl Registration {
     /// Shutdown while disconnected: one quick attempt, so a key from a previous session
     /// does not linger for a whole TTL.
     async fn revoke_without_session(&mut self) {
-        let Some(lease_id) = self.lease_id else {
-            return;
-        };
+        let Some(lease_id) = self.lease_id else { return };
         match self.config.etcd.connect().await {
             Ok(mut client) => self.revoke(&mut client, lease_id).await,
-            Err(error) => {
-                tracing::warn!(key = %self.key, "registry: {error}; the lease will expire by itself")
-            }
+            Err(error) => tracing::warn!(key = %self.key, "registry: {error}; the lease will expire by itself"),
         }
     }
 }
@@ -255,15 +193,8 @@ fn check_keep_alive_response(
     match response {
         Ok(Some(answer)) if answer.ttl() > 0 => Ok(()),
         Ok(Some(_)) => Err(RegistryError::LeaseLost { lease_id }),
-        Ok(None) => Err(RegistryError::KeepAlive {
-            key: key.to_string(),
-            reason: "stream closed by etcd".into(),
-        }),
-        Err(source) => Err(RegistryError::Etcd {
-            operation: "lease keep-alive",
-            key: key.to_string(),
-            source,
-        }),
+        Ok(None) => Err(RegistryError::KeepAlive { key: key.to_string(), reason: "stream closed by etcd".into() }),
+        Err(source) => Err(RegistryError::Etcd { operation: "lease keep-alive", key: key.to_string(), source }),
     }
 }
 
@@ -272,3 +203,4 @@ fn interval(period: Duration) -> tokio::time::Interval {
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     interval
 }
+

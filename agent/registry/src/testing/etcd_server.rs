@@ -58,15 +58,7 @@ impl EtcdServer {
 
     fn launch(binary: PathBuf, dir: PathBuf, tls: Option<TlsFiles>) -> EtcdServer {
         let (client_port, peer_port, metrics_port) = (free_port(), free_port(), free_port());
-        let mut server = EtcdServer {
-            binary,
-            dir,
-            client_port,
-            peer_port,
-            metrics_port,
-            tls,
-            child: None,
-        };
+        let mut server = EtcdServer { binary, dir, client_port, peer_port, metrics_port, tls, child: None };
         server.start();
         server
     }
@@ -90,34 +82,14 @@ impl EtcdServer {
         command
             .args(["--name", "test", "--data-dir"])
             .arg(self.dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &self.endpoint(),
-                "--advertise-client-urls",
-                &self.endpoint(),
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
+            .args(["--listen-client-urls", &self.endpoint(), "--advertise-client-urls", &self.endpoint()])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
-            .args([
-                "--listen-metrics-urls",
-                &format!("http://127.0.0.1:{}", self.metrics_port),
-            ])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", self.metrics_port)])
             .args(["--logger", "zap", "--log-level", "warn"]);
         if let Some(tls) = &self.tls {
-            command
-                .arg("--cert-file")
-                .arg(&tls.server_cert)
-                .arg("--key-file")
-                .arg(&tls.server_key);
-            command
-                .arg("--client-cert-auth")
-                .arg("--trusted-ca-file")
-                .arg(&tls.ca);
+            command.arg("--cert-file").arg(&tls.server_cert).arg("--key-file").arg(&tls.server_key);
+            command.arg("--client-cert-auth").arg("--trusted-ca-file").arg(&tls.ca);
         }
         let child = command
             .stdin(Stdio::null())
@@ -155,10 +127,7 @@ impl EtcdServer {
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "etcd exited with {status}; see {}",
-                        self.dir.join("etcd.log").display()
-                    );
+                    panic!("etcd exited with {status}; see {}", self.dir.join("etcd.log").display());
                 }
             }
             if health_ok(self.metrics_port) {
@@ -166,10 +135,7 @@ impl EtcdServer {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "etcd did not become healthy in {limit:?}; see {}",
-            self.dir.join("etcd.log").display()
-        );
+        panic!("etcd did not become healthy in {limit:?}; see {}", self.dir.join("etcd.log").display());
     }
 }
 
@@ -199,79 +165,21 @@ fn prepare() -> Option<(PathBuf, PathBuf)> {
 fn make_certificates(dir: &Path) -> Result<TlsFiles, String> {
     let file = |name: &str| dir.join(name);
     let openssl = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .map_err(|e| format!("running openssl: {e}"))?;
+        let out = Command::new("openssl").args(args).current_dir(dir).output().map_err(|e| format!("running openssl: {e}"))?;
         match out.status.success() {
             true => Ok(()),
-            false => Err(format!(
-                "openssl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            )),
+            false => Err(format!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))),
         }
     };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=dlengine test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ])?;
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dlengine test CA", "-keyout", "ca.key", "-out", "ca.crt"])?;
     for (name, cn, extensions) in [
-        (
-            "server",
-            "etcd",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        ),
+        ("server", "etcd", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
         ("client", "dlengine", "extendedKeyUsage=clientAuth\n"),
     ] {
-        let (key, csr, crt, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-            format!("{name}.ext"),
-        );
+        let (key, csr, crt, ext) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
         std::fs::write(file(&ext), extensions).map_err(|e| format!("writing {ext}: {e}"))?;
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ])?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &ext,
-            "-out",
-            &crt,
-        ])?;
+        openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr])?;
+        openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", &ext, "-out", &crt])?;
     }
     Ok(TlsFiles {
         ca: file("ca.crt"),
@@ -287,9 +195,7 @@ fn find_binary() -> Option<PathBuf> {
         return Some(PathBuf::from(path));
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("etcd"))
-        .find(|candidate| candidate.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join("etcd")).find(|candidate| candidate.is_file())
 }
 
 fn free_port() -> u16 {
@@ -299,12 +205,9 @@ fn free_port() -> u16 {
 
 /// A raw HTTP GET of etcd's `/health`, so the harness needs no HTTP client.
 fn health_ok(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let request =
-        format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).is_err() {
         return false;
     }

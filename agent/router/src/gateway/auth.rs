@@ -11,9 +11,7 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     pub fn new(keys: &[String]) -> ApiKeys {
-        ApiKeys {
-            keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
-        }
+        ApiKeys { keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect() }
     }
 
     pub fn enabled(&self) -> bool {
@@ -28,9 +26,7 @@ impl ApiKeys {
         }
         let presented = bearer_token(headers).ok_or_else(ApiError::unauthorized)?;
         // Compare against every key in constant time so timing reveals nothing of them.
-        let matched = self.keys.iter().fold(false, |found, key| {
-            found | constant_time_eq(key, presented.as_bytes())
-        });
+        let matched = self.keys.iter().fold(false, |found, key| found | constant_time_eq(key, presented.as_bytes()));
         if matched {
             Ok(Some(presented))
         } else {
@@ -42,10 +38,7 @@ impl ApiKeys {
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -72,18 +65,8 @@ mod tests {
         let keys = ApiKeys::new(&["k1".into(), "k2".into()]);
         assert_eq!(keys.check(&headers(Some("Bearer k2"))).unwrap(), Some("k2"));
         assert_eq!(keys.check(&headers(Some("bearer k1"))).unwrap(), Some("k1"));
-        for bad in [
-            None,
-            Some("Bearer nope"),
-            Some("Basic k1"),
-            Some("Bearer "),
-            Some("k1"),
-        ] {
-            assert_eq!(
-                keys.check(&headers(bad)).unwrap_err().status,
-                401,
-                "{bad:?}"
-            );
+        for bad in [None, Some("Bearer nope"), Some("Basic k1"), Some("Bearer "), Some("k1")] {
+            assert_eq!(keys.check(&headers(bad)).unwrap_err().status, 401, "{bad:?}");
         }
     }
 

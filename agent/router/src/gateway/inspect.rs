@@ -39,60 +39,30 @@ pub struct RequestFacts {
 }
 
 pub fn inspect(body: &[u8], endpoint: Endpoint) -> Result<RequestFacts, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_request(format!("The request body is not valid JSON: {e}"), None)
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_request(format!("The request body is not valid JSON: {e}"), None))?;
     let Value::Object(object) = value else {
-        return Err(ApiError::invalid_request(
-            "The request body must be a JSON object.",
-            None,
-        ));
+        return Err(ApiError::invalid_request("The request body must be a JSON object.", None));
     };
     let model = match object.get("model") {
         Some(Value::String(model)) if !model.is_empty() => model.clone(),
-        Some(_) => {
-            return Err(ApiError::invalid_request(
-                "`model` must be a non-empty string.",
-                Some("model"),
-            ))
-        }
-        None => {
-            return Err(ApiError::invalid_request(
-                "`model` is required.",
-                Some("model"),
-            ))
-        }
+        Some(_) => return Err(ApiError::invalid_request("`model` must be a non-empty string.", Some("model"))),
+        None => return Err(ApiError::invalid_request("`model` is required.", Some("model"))),
     };
     let stream = match object.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(stream)) => *stream,
-        Some(_) => {
-            return Err(ApiError::invalid_request(
-                "`stream` must be a boolean.",
-                Some("stream"),
-            ))
-        }
+        Some(_) => return Err(ApiError::invalid_request("`stream` must be a boolean.", Some("stream"))),
     };
-    let user = object
-        .get("user")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let user = object.get("user").and_then(Value::as_str).map(str::to_string);
     let text = match endpoint {
         Endpoint::Completions => prompt_text(&object)?,
         Endpoint::ChatCompletions => messages_text(&object)?,
     };
     let single_prompt = endpoint == Endpoint::ChatCompletions || is_single_prompt(&object);
-    let single_sequence =
-        single_prompt && at_most_one(object.get("n")) && at_most_one(object.get("best_of"));
+    let single_sequence = single_prompt && at_most_one(object.get("n")) && at_most_one(object.get("best_of"));
     let has_kv_transfer_params = object.contains_key("kv_transfer_params");
-    Ok(RequestFacts {
-        model,
-        stream,
-        text,
-        user,
-        single_sequence,
-        has_kv_transfer_params,
-    })
+    Ok(RequestFacts { model, stream, text, user, single_sequence, has_kv_transfer_params })
 }
 
 /// Absent, null or 1 (anything else, valid or not, is left to the engine).
@@ -121,10 +91,7 @@ fn prompt_text(object: &Map<String, Value>) -> Result<String, ApiError> {
         )
     };
     match object.get("prompt") {
-        None | Some(Value::Null) => Err(ApiError::invalid_request(
-            "`prompt` is required.",
-            Some("prompt"),
-        )),
+        None | Some(Value::Null) => Err(ApiError::invalid_request("`prompt` is required.", Some("prompt"))),
         Some(Value::String(text)) => Ok(text.clone()),
         Some(Value::Array(items)) if !items.is_empty() => {
             let mut text = String::new();
@@ -154,32 +121,14 @@ fn prompt_text(object: &Map<String, Value>) -> Result<String, ApiError> {
 fn messages_text(object: &Map<String, Value>) -> Result<String, ApiError> {
     let messages = match object.get("messages") {
         Some(Value::Array(messages)) if !messages.is_empty() => messages,
-        Some(_) => {
-            return Err(ApiError::invalid_request(
-                "`messages` must be a non-empty array.",
-                Some("messages"),
-            ))
-        }
-        None => {
-            return Err(ApiError::invalid_request(
-                "`messages` is required.",
-                Some("messages"),
-            ))
-        }
+        Some(_) => return Err(ApiError::invalid_request("`messages` must be a non-empty array.", Some("messages"))),
+        None => return Err(ApiError::invalid_request("`messages` is required.", Some("messages"))),
     };
     let mut text = String::new();
     for message in messages {
-        let invalid = || {
-            ApiError::invalid_request(
-                "Each message must be an object with a string `role`.",
-                Some("messages"),
-            )
-        };
+        let invalid = || ApiError::invalid_request("Each message must be an object with a string `role`.", Some("messages"));
         let message = message.as_object().ok_or_else(invalid)?;
-        let role = message
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(invalid)?;
+        let role = message.get("role").and_then(Value::as_str).ok_or_else(invalid)?;
         text.push_str(role);
         text.push_str(": ");
         append_content(&mut text, message.get("content"))?;
@@ -205,10 +154,7 @@ fn append_content(text: &mut String, content: Option<&Value>) -> Result<(), ApiE
             }
             Ok(())
         }
-        Some(_) => Err(ApiError::invalid_request(
-            "Message `content` must be a string or an array of parts.",
-            Some("messages"),
-        )),
+        Some(_) => Err(ApiError::invalid_request("Message `content` must be a string or an array of parts.", Some("messages"))),
     }
 }
 
@@ -222,90 +168,31 @@ mod tests {
 
     #[test]
     fn accepts_well_formed_requests() {
-        let facts = check(
-            r#"{"model":"m","prompt":"hi","stream":true,"user":"u1"}"#,
-            Endpoint::Completions,
-        )
-        .unwrap();
-        assert_eq!(
-            (
-                facts.model.as_str(),
-                facts.stream,
-                facts.text.as_str(),
-                facts.user.as_deref()
-            ),
-            ("m", true, "hi", Some("u1"))
-        );
-        let facts = check(
-            r#"{"model":"m","prompt":[[1,2],[3]]}"#,
-            Endpoint::Completions,
-        )
-        .unwrap();
+        let facts = check(r#"{"model":"m","prompt":"hi","stream":true,"user":"u1"}"#, Endpoint::Completions).unwrap();
+        assert_eq!((facts.model.as_str(), facts.stream, facts.text.as_str(), facts.user.as_deref()), ("m", true, "hi", Some("u1")));
+        let facts = check(r#"{"model":"m","prompt":[[1,2],[3]]}"#, Endpoint::Completions).unwrap();
         assert!(!facts.stream);
         assert_eq!(facts.text, "1 2 \n3 \n");
         let chat = r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
-        assert_eq!(
-            check(chat, Endpoint::ChatCompletions).unwrap().text,
-            "system: be brief\nuser: hi\n"
-        );
+        assert_eq!(check(chat, Endpoint::ChatCompletions).unwrap().text, "system: be brief\nuser: hi\n");
     }
 
     #[test]
     fn only_one_prompt_and_one_sample_is_a_single_sequence() {
         let single = |body: &str, endpoint| check(body, endpoint).unwrap().single_sequence;
-        assert!(single(
-            r#"{"model":"m","prompt":"hi"}"#,
-            Endpoint::Completions
-        ));
-        assert!(single(
-            r#"{"model":"m","prompt":"hi","n":1,"best_of":null}"#,
-            Endpoint::Completions
-        ));
-        assert!(single(
-            r#"{"model":"m","prompt":[1,2,3]}"#,
-            Endpoint::Completions
-        ));
-        assert!(single(
-            r#"{"model":"m","prompt":["a"]}"#,
-            Endpoint::Completions
-        ));
-        assert!(single(
-            r#"{"model":"m","prompt":[[1,2]]}"#,
-            Endpoint::Completions
-        ));
-        assert!(!single(
-            r#"{"model":"m","prompt":["a","b"]}"#,
-            Endpoint::Completions
-        ));
-        assert!(!single(
-            r#"{"model":"m","prompt":[[1],[2]]}"#,
-            Endpoint::Completions
-        ));
-        assert!(!single(
-            r#"{"model":"m","prompt":"hi","n":2}"#,
-            Endpoint::Completions
-        ));
-        assert!(!single(
-            r#"{"model":"m","prompt":"hi","best_of":3}"#,
-            Endpoint::Completions
-        ));
-        assert!(!single(
-            r#"{"model":"m","prompt":"hi","n":"2"}"#,
-            Endpoint::Completions
-        ));
-        assert!(single(
-            r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
-            Endpoint::ChatCompletions
-        ));
-        assert!(!single(
-            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":3}"#,
-            Endpoint::ChatCompletions
-        ));
-        let facts = check(
-            r#"{"model":"m","prompt":"x","kv_transfer_params":{"lease_id":"l"}}"#,
-            Endpoint::Completions,
-        )
-        .unwrap();
+        assert!(single(r#"{"model":"m","prompt":"hi"}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":"hi","n":1,"best_of":null}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":[1,2,3]}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":["a"]}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","prompt":[[1,2]]}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":["a","b"]}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":[[1],[2]]}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":"hi","n":2}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":"hi","best_of":3}"#, Endpoint::Completions));
+        assert!(!single(r#"{"model":"m","prompt":"hi","n":"2"}"#, Endpoint::Completions));
+        assert!(single(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#, Endpoint::ChatCompletions));
+        assert!(!single(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":3}"#, Endpoint::ChatCompletions));
+        let facts = check(r#"{"model":"m","prompt":"x","kv_transfer_params":{"lease_id":"l"}}"#, Endpoint::Completions).unwrap();
         assert!(facts.has_kv_transfer_params);
     }
 
@@ -315,37 +202,13 @@ mod tests {
             ("not json", Endpoint::Completions, None),
             ("[1,2]", Endpoint::Completions, None),
             (r#"{"prompt":"x"}"#, Endpoint::Completions, Some("model")),
-            (
-                r#"{"model":3,"prompt":"x"}"#,
-                Endpoint::Completions,
-                Some("model"),
-            ),
-            (
-                r#"{"model":"m","prompt":"x","stream":"yes"}"#,
-                Endpoint::Completions,
-                Some("stream"),
-            ),
+            (r#"{"model":3,"prompt":"x"}"#, Endpoint::Completions, Some("model")),
+            (r#"{"model":"m","prompt":"x","stream":"yes"}"#, Endpoint::Completions, Some("stream")),
             (r#"{"model":"m"}"#, Endpoint::Completions, Some("prompt")),
-            (
-                r#"{"model":"m","prompt":{"a":1}}"#,
-                Endpoint::Completions,
-                Some("prompt"),
-            ),
-            (
-                r#"{"model":"m","messages":[]}"#,
-                Endpoint::ChatCompletions,
-                Some("messages"),
-            ),
-            (
-                r#"{"model":"m","messages":[{"content":"x"}]}"#,
-                Endpoint::ChatCompletions,
-                Some("messages"),
-            ),
-            (
-                r#"{"model":"m","prompt":"x"}"#,
-                Endpoint::ChatCompletions,
-                Some("messages"),
-            ),
+            (r#"{"model":"m","prompt":{"a":1}}"#, Endpoint::Completions, Some("prompt")),
+            (r#"{"model":"m","messages":[]}"#, Endpoint::ChatCompletions, Some("messages")),
+            (r#"{"model":"m","messages":[{"content":"x"}]}"#, Endpoint::ChatCompletions, Some("messages")),
+            (r#"{"model":"m","prompt":"x"}"#, Endpoint::ChatCompletions, Some("messages")),
         ];
         for (body, endpoint, param) in cases {
             let error = check(body, endpoint).unwrap_err();
@@ -356,11 +219,7 @@ mod tests {
 
     #[test]
     fn chat_text_grows_by_appending() {
-        let one = check(
-            r#"{"model":"m","messages":[{"role":"user","content":"a"}]}"#,
-            Endpoint::ChatCompletions,
-        )
-        .unwrap();
+        let one = check(r#"{"model":"m","messages":[{"role":"user","content":"a"}]}"#, Endpoint::ChatCompletions).unwrap();
         let two = check(
             r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}"#,
             Endpoint::ChatCompletions,

@@ -43,13 +43,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(
-        config: &RouterConfig,
-        proxy: Proxy,
-        pool: Arc<WorkerPool>,
-        metrics: Arc<Metrics>,
-        etcd_connected: watch::Receiver<bool>,
-    ) -> Gateway {
+    pub fn new(config: &RouterConfig, proxy: Proxy, pool: Arc<WorkerPool>, metrics: Arc<Metrics>, etcd_connected: watch::Receiver<bool>) -> Gateway {
         Gateway {
             keys: ApiKeys::new(&config.api_keys),
             limiter: RateLimiter::new(config.rate_limit_rps),
@@ -77,92 +71,53 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 
 type Peer = ConnectInfo<SocketAddr>;
 
-async fn completions(
-    State(gateway): State<Arc<Gateway>>,
-    peer: Peer,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn completions(State(gateway): State<Arc<Gateway>>, peer: Peer, headers: HeaderMap, body: Body) -> Response {
     generate(&gateway, Endpoint::Completions, peer, headers, body).await
 }
 
-async fn chat_completions(
-    State(gateway): State<Arc<Gateway>>,
-    peer: Peer,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn chat_completions(State(gateway): State<Arc<Gateway>>, peer: Peer, headers: HeaderMap, body: Body) -> Response {
     generate(&gateway, Endpoint::ChatCompletions, peer, headers, body).await
 }
 
-async fn generate(
-    gateway: &Gateway,
-    endpoint: Endpoint,
-    ConnectInfo(peer): Peer,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn generate(gateway: &Gateway, endpoint: Endpoint, ConnectInfo(peer): Peer, headers: HeaderMap, body: Body) -> Response {
     let response = match admit(gateway, &headers, peer, body).await {
         Err(refusal) => refusal.into_response(),
         Ok(body) => match inspect(&body, endpoint) {
             Err(invalid) => invalid.into_response(),
             Ok(facts) => {
-                let session_key =
-                    header_value(&headers, &gateway.session_header).or(facts.user.as_deref());
-                gateway
-                    .proxy
-                    .forward(endpoint, &facts, body.clone(), session_key)
-                    .await
+                let session_key = header_value(&headers, &gateway.session_header).or(facts.user.as_deref());
+                gateway.proxy.forward(endpoint, &facts, body.clone(), session_key).await
             }
         },
     };
-    gateway
-        .metrics
-        .client_answer(endpoint.path(), response.status().as_u16());
+    gateway.metrics.client_answer(endpoint.path(), response.status().as_u16());
     response
 }
 
 /// Draining, API key, rate limit, body size: everything checked before the body is parsed.
-async fn admit(
-    gateway: &Gateway,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-    body: Body,
-) -> Result<Bytes, ApiError> {
+async fn admit(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr, body: Body) -> Result<Bytes, ApiError> {
     if gateway.draining.load(Ordering::Relaxed) {
         return Err(ApiError::draining());
     }
     authorize(gateway, headers, peer)?;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > gateway.max_body_bytes) {
         return Err(ApiError::body_too_large(gateway.max_body_bytes));
     }
-    to_bytes(body, gateway.max_body_bytes)
-        .await
-        .map_err(|_| ApiError::body_too_large(gateway.max_body_bytes))
+    to_bytes(body, gateway.max_body_bytes).await.map_err(|_| ApiError::body_too_large(gateway.max_body_bytes))
 }
 
 fn authorize(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr) -> Result<(), ApiError> {
     let key = gateway.keys.check(headers)?;
     if let Some(limiter) = &gateway.limiter {
-        let client = key
-            .map(str::to_string)
-            .unwrap_or_else(|| peer.ip().to_string());
-        limiter
-            .acquire(&client, Instant::now())
-            .map_err(ApiError::rate_limited)?;
+        let client = key.map(str::to_string).unwrap_or_else(|| peer.ip().to_string());
+        limiter.acquire(&client, Instant::now()).map_err(ApiError::rate_limited)?;
     }
     Ok(())
 }
 
 fn header_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
+    headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
 }
 
 /// The union of models served by registered workers.
@@ -195,21 +150,13 @@ async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
         "workers": gateway.pool.snapshot().len(),
         "etcd_connected": *gateway.etcd_connected.borrow(),
     });
-    let status = if draining {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
+    let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, Json(body)).into_response()
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    (
-        [(header::CONTENT_TYPE, content_type)],
-        gateway.metrics.encode(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, content_type)], gateway.metrics.encode()).into_response()
 }
 
 async fn not_found() -> Response {

@@ -25,11 +25,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// `None` when `rate` is 0 (unlimited).
     pub fn new(rate: f64) -> Option<RateLimiter> {
-        (rate > 0.0).then(|| RateLimiter {
-            rate,
-            burst: rate.max(1.0),
-            buckets: Mutex::new(HashMap::new()),
-        })
+        (rate > 0.0).then(|| RateLimiter { rate, burst: rate.max(1.0), buckets: Mutex::new(HashMap::new()) })
     }
 
     /// Takes a token, or says after how many whole seconds one will be there.
@@ -38,13 +34,8 @@ impl RateLimiter {
         if buckets.len() >= MAX_TRACKED_CLIENTS && !buckets.contains_key(client) {
             self.drop_full_buckets(&mut buckets, now);
         }
-        let bucket = buckets.entry(client.to_string()).or_insert(Bucket {
-            tokens: self.burst,
-            refilled_at: now,
-        });
-        let elapsed = now
-            .saturating_duration_since(bucket.refilled_at)
-            .as_secs_f64();
+        let bucket = buckets.entry(client.to_string()).or_insert(Bucket { tokens: self.burst, refilled_at: now });
+        let elapsed = now.saturating_duration_since(bucket.refilled_at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.refilled_at = now;
         if bucket.tokens >= 1.0 {
@@ -58,9 +49,7 @@ impl RateLimiter {
 
     fn drop_full_buckets(&self, buckets: &mut HashMap<String, Bucket>, now: Instant) {
         let (rate, burst) = (self.rate, self.burst);
-        buckets.retain(|_, b| {
-            b.tokens + now.saturating_duration_since(b.refilled_at).as_secs_f64() * rate < burst
-        });
+        buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.refilled_at).as_secs_f64() * rate < burst);
     }
 }
 

@@ -26,12 +26,7 @@ pub struct CacheAwareSettings {
 
 impl Default for CacheAwareSettings {
     fn default() -> Self {
-        CacheAwareSettings {
-            match_threshold: 0.3,
-            balance_abs: 8.0,
-            balance_rel: 1.5,
-            max_bytes_per_worker: 4 << 20,
-        }
+        CacheAwareSettings { match_threshold: 0.3, balance_abs: 8.0, balance_rel: 1.5, max_bytes_per_worker: 4 << 20 }
     }
 }
 
@@ -42,10 +37,7 @@ pub struct CacheAware {
 
 impl CacheAware {
     pub fn new(settings: CacheAwareSettings) -> Self {
-        CacheAware {
-            settings,
-            tree: Mutex::new(PrefixTree::default()),
-        }
+        CacheAware { settings, tree: Mutex::new(PrefixTree::default()) }
     }
 
     fn is_imbalanced(&self, candidates: &[Arc<Worker>]) -> bool {
@@ -54,47 +46,25 @@ impl CacheAware {
         max - min > self.settings.balance_abs && max > min * self.settings.balance_rel
     }
 
-    fn choose_by_cache(
-        &self,
-        tree: &PrefixTree,
-        candidates: &[Arc<Worker>],
-        text: &str,
-    ) -> Decision {
+    fn choose_by_cache(&self, tree: &PrefixTree, candidates: &[Arc<Worker>], text: &str) -> Decision {
         let found = tree.longest_match(text.as_bytes());
-        let share = !text.is_empty()
-            && found.matched as f64 >= self.settings.match_threshold * text.len() as f64;
+        let share = !text.is_empty() && found.matched as f64 >= self.settings.match_threshold * text.len() as f64;
         if share || found.continues_a_prompt {
-            let holder = candidates
-                .iter()
-                .filter(|w| found.tenants.contains(&w.id))
-                .min_by(|a, b| a.load_score().total_cmp(&b.load_score()));
+            let holder = candidates.iter().filter(|w| found.tenants.contains(&w.id)).min_by(|a, b| a.load_score().total_cmp(&b.load_score()));
             if let Some(worker) = holder {
-                return Decision {
-                    worker: worker.clone(),
-                    reason: "cache_hit",
-                };
+                return Decision { worker: worker.clone(), reason: "cache_hit" };
             }
         }
         let emptiest = candidates
             .iter()
-            .min_by(|a, b| {
-                tree.bytes_of(a.id)
-                    .cmp(&tree.bytes_of(b.id))
-                    .then(a.load_score().total_cmp(&b.load_score()))
-            })
+            .min_by(|a, b| tree.bytes_of(a.id).cmp(&tree.bytes_of(b.id)).then(a.load_score().total_cmp(&b.load_score())))
             .unwrap_or(&candidates[0]);
-        Decision {
-            worker: emptiest.clone(),
-            reason: "cache_miss",
-        }
+        Decision { worker: emptiest.clone(), reason: "cache_miss" }
     }
 }
 
 fn least_loaded(candidates: &[Arc<Worker>]) -> &Arc<Worker> {
-    candidates
-        .iter()
-        .min_by(|a, b| a.load_score().total_cmp(&b.load_score()))
-        .unwrap_or(&candidates[0])
+    candidates.iter().min_by(|a, b| a.load_score().total_cmp(&b.load_score())).unwrap_or(&candidates[0])
 }
 
 impl Policy for CacheAware {
@@ -105,10 +75,7 @@ impl Policy for CacheAware {
     fn choose(&self, candidates: &[Arc<Worker>], request: &RouteRequest<'_>) -> Decision {
         let mut tree = self.tree.lock().unwrap_or_else(|e| e.into_inner());
         let decision = if self.is_imbalanced(candidates) {
-            Decision {
-                worker: least_loaded(candidates).clone(),
-                reason: "load_imbalance",
-            }
+            Decision { worker: least_loaded(candidates).clone(), reason: "load_imbalance" }
         } else {
             self.choose_by_cache(&tree, candidates, request.text)
         };
@@ -119,10 +86,7 @@ impl Policy for CacheAware {
     }
 
     fn forget(&self, worker: &Worker) {
-        self.tree
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove_tenant(worker.id);
+        self.tree.lock().unwrap_or_else(|e| e.into_inner()).remove_tenant(worker.id);
     }
 }
 
@@ -132,13 +96,7 @@ mod tests {
     use crate::testing::workers;
 
     fn route(policy: &CacheAware, pool: &[Arc<Worker>], text: &str) -> Decision {
-        policy.choose(
-            pool,
-            &RouteRequest {
-                text,
-                session_key: None,
-            },
-        )
+        policy.choose(pool, &RouteRequest { text, session_key: None })
     }
 
     #[test]
@@ -166,16 +124,9 @@ mod tests {
         let mut conversation = String::from("user: hi\n");
         let first = route(&policy, &pool, &conversation).worker.id;
         for turn in 0..4 {
-            conversation.push_str(&format!(
-                "assistant: {}\nuser: next {turn}\n",
-                "long answer ".repeat(50)
-            ));
+            conversation.push_str(&format!("assistant: {}\nuser: next {turn}\n", "long answer ".repeat(50)));
             let decision = route(&policy, &pool, &conversation);
-            assert_eq!(
-                (decision.worker.id, decision.reason),
-                (first, "cache_hit"),
-                "turn {turn}"
-            );
+            assert_eq!((decision.worker.id, decision.reason), (first, "cache_hit"), "turn {turn}");
         }
     }
 
@@ -185,15 +136,7 @@ mod tests {
         let policy = CacheAware::new(CacheAwareSettings::default());
         let mut used = std::collections::HashSet::new();
         for i in 0..3 {
-            used.insert(
-                route(
-                    &policy,
-                    &pool,
-                    &format!("{i} completely different prompt {i}"),
-                )
-                .worker
-                .id,
-            );
+            used.insert(route(&policy, &pool, &format!("{i} completely different prompt {i}")).worker.id);
         }
         assert_eq!(used.len(), 3);
     }
@@ -218,12 +161,7 @@ mod tests {
         let holder = route(&policy, &pool, "remember me").worker.clone();
         policy.forget(&holder);
         let other = pool.iter().find(|w| w.id != holder.id).unwrap().clone();
-        assert_eq!(
-            route(&policy, std::slice::from_ref(&other), "remember me")
-                .worker
-                .id,
-            other.id
-        );
+        assert_eq!(route(&policy, std::slice::from_ref(&other), "remember me").worker.id, other.id);
         assert_eq!(route(&policy, &pool, "remember me").reason, "cache_hit");
     }
 }

@@ -37,10 +37,7 @@ impl Policy for LeastLoad {
     }
 
     fn choose(&self, candidates: &[Arc<Worker>], _request: &RouteRequest<'_>) -> Decision {
-        Decision {
-            worker: two_choices(candidates).clone(),
-            reason: "least_load",
-        }
+        Decision { worker: two_choices(candidates).clone(), reason: "least_load" }
     }
 }
 
@@ -56,25 +53,16 @@ mod tests {
             pool[0].begin_request();
         }
         for _ in 0..50 {
-            assert_eq!(
-                LeastLoad.choose(&pool, &RouteRequest::default()).worker.id,
-                pool[1].id
-            );
+            assert_eq!(LeastLoad.choose(&pool, &RouteRequest::default()).worker.id, pool[1].id);
         }
     }
 
     #[test]
     fn reported_queue_counts_as_load() {
         let pool = workers(2);
-        pool[1].set_load(dlengine_registry::Load {
-            waiting: 9,
-            ..Default::default()
-        });
+        pool[1].set_load(dlengine_registry::Load { waiting: 9, ..Default::default() });
         for _ in 0..50 {
-            assert_eq!(
-                LeastLoad.choose(&pool, &RouteRequest::default()).worker.id,
-                pool[0].id
-            );
+            assert_eq!(LeastLoad.choose(&pool, &RouteRequest::default()).worker.id, pool[0].id);
         }
     }
 

@@ -44,12 +44,7 @@ pub struct PrefixTree {
 
 impl Default for PrefixTree {
     fn default() -> Self {
-        PrefixTree {
-            nodes: vec![Node::default()],
-            free: Vec::new(),
-            bytes_per_tenant: HashMap::new(),
-            tick: 0,
-        }
+        PrefixTree { nodes: vec![Node::default()], free: Vec::new(), bytes_per_tenant: HashMap::new(), tick: 0 }
     }
 }
 
@@ -65,9 +60,7 @@ impl PrefixTree {
     pub fn longest_match(&self, text: &[u8]) -> PrefixMatch {
         let (mut node, mut pos, mut deepest) = (ROOT, 0, None);
         while pos < text.len() {
-            let Some(&child) = self.nodes[node].children.get(&text[pos]) else {
-                break;
-            };
+            let Some(&child) = self.nodes[node].children.get(&text[pos]) else { break };
             let edge = &self.nodes[child].edge;
             let common = common_prefix(edge, &text[pos..]);
             pos += common;
@@ -77,16 +70,10 @@ impl PrefixTree {
             }
             node = child;
         }
-        let tenants = deepest
-            .map(|n| self.nodes[n].tenants.keys().copied().collect())
-            .unwrap_or_default();
+        let tenants = deepest.map(|n| self.nodes[n].tenants.keys().copied().collect()).unwrap_or_default();
         // `node` is the deepest node matched to the end of its edge.
         let continues_a_prompt = node != ROOT && self.nodes[node].prompt_end;
-        PrefixMatch {
-            matched: pos,
-            tenants,
-            continues_a_prompt,
-        }
+        PrefixMatch { matched: pos, tenants, continues_a_prompt }
     }
 
     pub fn insert(&mut self, text: &[u8], tenant: WorkerId) {
@@ -173,10 +160,7 @@ impl PrefixTree {
 
     /// Removes nodes nobody holds, from `node` up.
     fn prune(&mut self, mut node: usize) {
-        while node != ROOT
-            && self.nodes[node].tenants.is_empty()
-            && self.nodes[node].children.is_empty()
-        {
+        while node != ROOT && self.nodes[node].tenants.is_empty() && self.nodes[node].children.is_empty() {
             let parent = self.nodes[node].parent;
             let first = self.nodes[node].edge[0];
             self.nodes[parent].children.remove(&first);
@@ -200,11 +184,7 @@ impl PrefixTree {
     }
 
     fn add_leaf(&mut self, parent: usize, edge: &[u8]) -> usize {
-        let leaf = self.alloc(Node {
-            edge: edge.to_vec(),
-            parent,
-            ..Node::default()
-        });
+        let leaf = self.alloc(Node { edge: edge.to_vec(), parent, ..Node::default() });
         self.nodes[parent].children.insert(edge[0], leaf);
         leaf
     }
@@ -216,13 +196,7 @@ impl PrefixTree {
         let lower_edge = self.nodes[child].edge.split_off(at);
         let upper_edge = std::mem::take(&mut self.nodes[child].edge);
         let tenants = self.nodes[child].tenants.clone();
-        let upper = self.alloc(Node {
-            edge: upper_edge,
-            parent,
-            children: HashMap::new(),
-            tenants,
-            prompt_end: false,
-        });
+        let upper = self.alloc(Node { edge: upper_edge, parent, children: HashMap::new(), tenants, prompt_end: false });
         self.nodes[upper].children.insert(lower_edge[0], child);
         self.nodes[child].edge = lower_edge;
         self.nodes[child].parent = upper;
@@ -257,17 +231,11 @@ mod tests {
     fn knows_when_a_text_continues_a_whole_earlier_prompt() {
         let mut tree = PrefixTree::default();
         tree.insert(b"user: hi\n", A);
-        assert!(
-            tree.longest_match(b"user: hi\nassistant: a very long answer")
-                .continues_a_prompt
-        );
+        assert!(tree.longest_match(b"user: hi\nassistant: a very long answer").continues_a_prompt);
         assert!(!tree.longest_match(b"user: h").continues_a_prompt);
         assert!(!tree.longest_match(b"user: hello").continues_a_prompt);
         tree.insert(b"user: hi\nassistant: more", A);
-        assert!(
-            tree.longest_match(b"user: hi\nassistant: more and more")
-                .continues_a_prompt
-        );
+        assert!(tree.longest_match(b"user: hi\nassistant: more and more").continues_a_prompt);
     }
 
     #[test]

@@ -18,10 +18,7 @@ impl Policy for RoundRobin {
 
     fn choose(&self, candidates: &[Arc<Worker>], _request: &RouteRequest<'_>) -> Decision {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        Decision {
-            worker: candidates[turn % candidates.len()].clone(),
-            reason: "round_robin",
-        }
+        Decision { worker: candidates[turn % candidates.len()].clone(), reason: "round_robin" }
     }
 }
 

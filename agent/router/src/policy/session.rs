@@ -20,19 +20,13 @@ impl Policy for Session {
 
     fn choose(&self, candidates: &[Arc<Worker>], request: &RouteRequest<'_>) -> Decision {
         let Some(key) = request.session_key.filter(|k| !k.is_empty()) else {
-            return Decision {
-                worker: two_choices(candidates).clone(),
-                reason: "no_session_key",
-            };
+            return Decision { worker: two_choices(candidates).clone(), reason: "no_session_key" };
         };
         let worker = candidates
             .iter()
             .max_by_key(|w| hash_pair(key, &w.record.instance_id))
             .unwrap_or(&candidates[0]);
-        Decision {
-            worker: worker.clone(),
-            reason: "session_hash",
-        }
+        Decision { worker: worker.clone(), reason: "session_hash" }
     }
 }
 
@@ -42,17 +36,7 @@ mod tests {
     use crate::testing::workers;
 
     fn pick(pool: &[Arc<Worker>], key: &str) -> u64 {
-        Session
-            .choose(
-                pool,
-                &RouteRequest {
-                    text: "",
-                    session_key: Some(key),
-                },
-            )
-            .worker
-            .id
-            .0
+        Session.choose(pool, &RouteRequest { text: "", session_key: Some(key) }).worker.id.0
     }
 
     #[test]

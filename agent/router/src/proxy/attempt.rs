@@ -19,20 +19,11 @@ pub struct Attempt {
 
 impl Attempt {
     pub fn begin(worker: Arc<Worker>, admission: Admission, metrics: Arc<Metrics>) -> Attempt {
-        let labels = WorkerLabels {
-            worker: worker.url().to_string(),
-        };
+        let labels = WorkerLabels { worker: worker.url().to_string() };
         worker.begin_request();
         metrics.worker_requests.get_or_create(&labels).inc();
         metrics.worker_in_flight.get_or_create(&labels).inc();
-        Attempt {
-            worker,
-            admission,
-            metrics,
-            labels,
-            started: Instant::now(),
-            settled: false,
-        }
+        Attempt { worker, admission, metrics, labels, started: Instant::now(), settled: false }
     }
 
     pub fn worker(&self) -> &Arc<Worker> {
@@ -61,14 +52,8 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         self.worker.end_request();
-        self.metrics
-            .worker_in_flight
-            .get_or_create(&self.labels)
-            .dec();
-        self.metrics
-            .worker_latency
-            .get_or_create(&self.labels)
-            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics.worker_in_flight.get_or_create(&self.labels).dec();
+        self.metrics.worker_latency.get_or_create(&self.labels).observe(self.started.elapsed().as_secs_f64());
         if !self.settled && self.admission == Admission::Probe {
             self.worker.breaker.release_probe();
         }

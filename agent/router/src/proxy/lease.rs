@@ -25,19 +25,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(
-        client: reqwest::Client,
-        prefill_url: &str,
-        id: String,
-        metrics: Arc<Metrics>,
-    ) -> Lease {
-        Lease {
-            client,
-            prefill_url: prefill_url.to_string(),
-            id,
-            metrics,
-            armed: true,
-        }
+    pub fn new(client: reqwest::Client, prefill_url: &str, id: String, metrics: Arc<Metrics>) -> Lease {
+        Lease { client, prefill_url: prefill_url.to_string(), id, metrics, armed: true }
     }
 
     /// The decode engine took the KV over (and releases it itself).

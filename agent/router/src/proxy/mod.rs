@@ -81,12 +81,7 @@ struct Routing<'a> {
 }
 
 impl Proxy {
-    pub fn new(
-        pool: Arc<WorkerPool>,
-        policy: Arc<dyn Policy>,
-        metrics: Arc<Metrics>,
-        settings: ProxySettings,
-    ) -> Proxy {
+    pub fn new(pool: Arc<WorkerPool>, policy: Arc<dyn Policy>, metrics: Arc<Metrics>, settings: ProxySettings) -> Proxy {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -94,52 +89,27 @@ impl Proxy {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        Proxy {
-            client,
-            pool,
-            policy,
-            metrics,
-            settings,
-            started: std::time::Instant::now(),
-            last_pairing_warning: AtomicU64::new(0),
-        }
+        Proxy { client, pool, policy, metrics, settings, started: std::time::Instant::now(), last_pairing_warning: AtomicU64::new(0) }
     }
 
-    pub async fn forward(
-        &self,
-        endpoint: Endpoint,
-        facts: &RequestFacts,
-        body: Bytes,
-        session_key: Option<&str>,
-    ) -> Response {
+    pub async fn forward(&self, endpoint: Endpoint, facts: &RequestFacts, body: Bytes, session_key: Option<&str>) -> Response {
         let plan = plan::plan(&self.pool.snapshot(), &facts.model, facts.single_sequence);
         if let Some(reason) = plan.pairing_failure {
             self.note_pairing_failure(&facts.model, reason);
         }
         let whole = match plan.route {
             Route::Refuse(error) => return error.into_response(),
-            Route::Split {
-                prefill,
-                decode,
-                whole,
-            } => {
+            Route::Split { prefill, decode, whole } => {
                 if whole.is_empty() || split::pair_available(&prefill, &decode) {
-                    return self
-                        .forward_split(endpoint, facts, &prefill, &decode, &body, session_key)
-                        .await;
+                    return self.forward_split(endpoint, facts, &prefill, &decode, &body, session_key).await;
                 }
                 self.note_pairing_failure(&facts.model, "no_available_pair");
                 whole
             }
             Route::Whole(workers) => workers,
         };
-        let body = if facts.has_kv_transfer_params {
-            without_kv_transfer_params(body)
-        } else {
-            body
-        };
-        self.forward_whole(endpoint, facts, &whole, body, session_key)
-            .await
+        let body = if facts.has_kv_transfer_params { without_kv_transfer_params(body) } else { body };
+        self.forward_whole(endpoint, facts, &whole, body, session_key).await
     }
 
     /// A model with prefill workers whose requests cannot be split: counted every time,
@@ -149,17 +119,8 @@ impl Proxy {
         let now = self.started.elapsed().as_secs() + 1;
         let last = self.last_pairing_warning.load(Ordering::Relaxed);
         let due = last == 0 || now >= last + PAIRING_WARNING_EVERY_SECS;
-        if due
-            && self
-                .last_pairing_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                model,
-                reason,
-                "model has prefill workers but requests cannot be split; serving them whole"
-            );
+        if due && self.last_pairing_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(model, reason, "model has prefill workers but requests cannot be split; serving them whole");
         } else {
             tracing::debug!(model, reason, "request not split");
         }
@@ -174,25 +135,16 @@ impl Proxy {
         session_key: Option<&str>,
     ) -> Response {
         let deadline = Instant::now() + self.settings.request_timeout;
-        let mut routing = Routing {
-            facts,
-            session_key,
-            tried: Vec::new(),
-        };
+        let mut routing = Routing { facts, session_key, tried: Vec::new() };
         let mut last_error = None;
         for attempt_number in 0..=self.settings.max_retries {
-            let Some((worker, admission)) = self.pick(workers, &routing) else {
-                break;
-            };
+            let Some((worker, admission)) = self.pick(workers, &routing) else { break };
             if attempt_number > 0 {
                 self.metrics.retries.inc();
             }
             routing.tried.push(worker.id);
             let attempt = Attempt::begin(worker, admission, self.metrics.clone());
-            match self
-                .try_worker(attempt, endpoint, &body, facts.stream, deadline)
-                .await
-            {
+            match self.try_worker(attempt, endpoint, &body, facts.stream, deadline).await {
                 Ok(response) => return response,
                 Err(error) => {
                     let deadline_passed = matches!(error, AttemptError::Deadline);
@@ -207,21 +159,14 @@ impl Proxy {
     }
 
     /// The policy's choice among workers not yet tried whose breakers let a request through.
-    fn pick(
-        &self,
-        workers: &[Arc<Worker>],
-        routing: &Routing<'_>,
-    ) -> Option<(Arc<Worker>, Admission)> {
+    fn pick(&self, workers: &[Arc<Worker>], routing: &Routing<'_>) -> Option<(Arc<Worker>, Admission)> {
         let now = std::time::Instant::now();
         let candidates: Vec<Arc<Worker>> = workers
             .iter()
             .filter(|w| !routing.tried.contains(&w.id) && w.breaker.is_available(now))
             .cloned()
             .collect();
-        let request = RouteRequest {
-            text: &routing.facts.text,
-            session_key: routing.session_key,
-        };
+        let request = RouteRequest { text: &routing.facts.text, session_key: routing.session_key };
         self.choose(&*self.policy, candidates, &request, true)
     }
 
@@ -239,10 +184,7 @@ impl Proxy {
             let decision = policy.choose(&candidates, request);
             if let Some(admission) = decision.worker.breaker.admit(now) {
                 if count {
-                    let labels = DecisionLabels {
-                        policy: policy.name(),
-                        reason: decision.reason,
-                    };
+                    let labels = DecisionLabels { policy: policy.name(), reason: decision.reason };
                     self.metrics.decisions.get_or_create(&labels).inc();
                 }
                 return Some((decision.worker, admission));
@@ -271,73 +213,40 @@ impl Proxy {
 
     /// Non-streaming answers are small: read all of it, so a worker dying halfway is a
     /// retryable failure instead of a truncated body.
-    async fn buffer_whole(
-        &self,
-        mut attempt: Attempt,
-        upstream: reqwest::Response,
-        deadline: Instant,
-    ) -> Result<Response, AttemptError> {
+    async fn buffer_whole(&self, mut attempt: Attempt, upstream: reqwest::Response, deadline: Instant) -> Result<Response, AttemptError> {
         let status = upstream.status();
         let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
         let body = match tokio::time::timeout_at(deadline, upstream.bytes()).await {
             Err(_) => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
-            Ok(Err(error)) => {
-                return Err(self.fail(attempt, "stream", retryable("stream", error.to_string())))
-            }
+            Ok(Err(error)) => return Err(self.fail(attempt, "stream", retryable("stream", error.to_string()))),
             Ok(Ok(body)) => body,
         };
         attempt.succeed();
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
         if let Some(content_type) = content_type {
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, content_type);
+            response.headers_mut().insert(header::CONTENT_TYPE, content_type);
         }
         name_worker(&mut response, attempt.worker());
         Ok(response)
     }
 
     /// Waits for the first chunk (still retryable), then commits to this worker.
-    async fn start_stream(
-        &self,
-        attempt: Attempt,
-        upstream: reqwest::Response,
-        deadline: Instant,
-    ) -> Result<Response, AttemptError> {
+    async fn start_stream(&self, attempt: Attempt, upstream: reqwest::Response, deadline: Instant) -> Result<Response, AttemptError> {
         let mut chunks = upstream.bytes_stream().boxed();
         let first_by = deadline.min(Instant::now() + self.settings.idle_timeout);
         let first = match tokio::time::timeout_at(first_by, chunks.next()).await {
             Ok(Some(Ok(first))) => first,
-            Ok(Some(Err(error))) => {
-                return Err(self.fail(attempt, "stream", retryable("stream", error.to_string())))
-            }
-            Ok(None) => {
-                return Err(self.fail(
-                    attempt,
-                    "stream",
-                    retryable("stream", "empty stream".into()),
-                ))
-            }
-            Err(_) if Instant::now() >= deadline => {
-                return Err(self.fail(attempt, "timeout", AttemptError::Deadline))
-            }
-            Err(_) => {
-                return Err(self.fail(
-                    attempt,
-                    "timeout",
-                    retryable("timeout", "no first byte within the idle timeout".into()),
-                ))
-            }
+            Ok(Some(Err(error))) => return Err(self.fail(attempt, "stream", retryable("stream", error.to_string()))),
+            Ok(None) => return Err(self.fail(attempt, "stream", retryable("stream", "empty stream".into()))),
+            Err(_) if Instant::now() >= deadline => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
+            Err(_) => return Err(self.fail(attempt, "timeout", retryable("timeout", "no first byte within the idle timeout".into()))),
         };
         let worker = attempt.worker().clone();
         let relay = Relay::new(first, chunks, attempt, self.settings.idle_timeout, deadline);
         let mut response = Response::new(Body::from_stream(relay.into_stream()));
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         name_worker(&mut response, &worker);
         Ok(response)
@@ -345,35 +254,18 @@ impl Proxy {
 
     /// POSTs `body` to the attempt's worker; a connection failure, the deadline or a 5xx
     /// answer fails the attempt (retryable), anything else is the caller's to read.
-    async fn send(
-        &self,
-        attempt: Attempt,
-        endpoint: Endpoint,
-        body: &Bytes,
-        deadline: Instant,
-    ) -> Result<(Attempt, reqwest::Response), AttemptError> {
+    async fn send(&self, attempt: Attempt, endpoint: Endpoint, body: &Bytes, deadline: Instant) -> Result<(Attempt, reqwest::Response), AttemptError> {
         let url = format!("{}{}", attempt.worker().url(), endpoint.path());
-        let send = self
-            .client
-            .post(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send();
+        let send = self.client.post(url).header(header::CONTENT_TYPE, "application/json").body(body.clone()).send();
         let upstream = match tokio::time::timeout_at(deadline, send).await {
             Err(_) => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
-            Ok(Err(error)) => {
-                return Err(self.fail(attempt, "connect", retryable("connect", error.to_string())))
-            }
+            Ok(Err(error)) => return Err(self.fail(attempt, "connect", retryable("connect", error.to_string()))),
             Ok(Ok(upstream)) => upstream,
         };
         let status = upstream.status();
         if status.is_server_error() {
             let body = read_bounded(upstream, deadline).await;
-            return Err(self.fail(
-                attempt,
-                "status_5xx",
-                AttemptError::ServerError { status, body },
-            ));
+            return Err(self.fail(attempt, "status_5xx", AttemptError::ServerError { status, body }));
         }
         Ok((attempt, upstream))
     }
@@ -386,15 +278,9 @@ impl Proxy {
 
     fn log_failure(&self, worker: &Worker, error: &AttemptError) {
         match error {
-            AttemptError::Retryable { kind, message } => {
-                tracing::warn!(worker = %worker.url(), kind, "attempt failed: {message}")
-            }
-            AttemptError::ServerError { status, .. } => {
-                tracing::warn!(worker = %worker.url(), %status, "attempt failed")
-            }
-            AttemptError::Deadline => {
-                tracing::warn!(worker = %worker.url(), "request deadline passed")
-            }
+            AttemptError::Retryable { kind, message } => tracing::warn!(worker = %worker.url(), kind, "attempt failed: {message}"),
+            AttemptError::ServerError { status, .. } => tracing::warn!(worker = %worker.url(), %status, "attempt failed"),
+            AttemptError::Deadline => tracing::warn!(worker = %worker.url(), "request deadline passed"),
         }
     }
 }
@@ -449,32 +335,17 @@ async fn read_bounded(upstream: reqwest::Response, deadline: Instant) -> Bytes {
 /// The answer when no attempt succeeded.
 fn give_up(model: &str, last_error: Option<AttemptError>) -> Response {
     match last_error {
-        None => ApiError::no_worker(format!(
-            "No worker for model `{model}` can take a request right now (all are failing)."
-        ))
-        .into_response(),
-        Some(AttemptError::Deadline) => {
-            ApiError::gateway_timeout("The request exceeded the router's request timeout.")
-                .into_response()
-        }
-        Some(AttemptError::Retryable { message, .. }) => {
-            ApiError::bad_gateway(format!("Every attempt failed; the last: {message}"))
-                .into_response()
-        }
-        Some(AttemptError::ServerError { status, body })
-            if serde_json::from_slice::<serde_json::Value>(&body).is_ok() =>
-        {
+        None => ApiError::no_worker(format!("No worker for model `{model}` can take a request right now (all are failing).")).into_response(),
+        Some(AttemptError::Deadline) => ApiError::gateway_timeout("The request exceeded the router's request timeout.").into_response(),
+        Some(AttemptError::Retryable { message, .. }) => ApiError::bad_gateway(format!("Every attempt failed; the last: {message}")).into_response(),
+        Some(AttemptError::ServerError { status, body }) if serde_json::from_slice::<serde_json::Value>(&body).is_ok() => {
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
-        Some(AttemptError::ServerError { status, .. }) => ApiError::bad_gateway(format!(
-            "Every attempt failed; the last worker answered {status}."
-        ))
-        .into_response(),
+        Some(AttemptError::ServerError { status, .. }) => {
+            ApiError::bad_gateway(format!("Every attempt failed; the last worker answered {status}.")).into_response()
+        }
     }
 }

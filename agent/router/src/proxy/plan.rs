@@ -22,11 +22,7 @@ pub enum Route {
     /// Only workers with at least one partner on the other side. `whole` serves the request
     /// when no pair can take it at the moment (circuit breakers): aggregated workers, else
     /// decode workers.
-    Split {
-        prefill: Vec<Arc<Worker>>,
-        decode: Vec<Arc<Worker>>,
-        whole: Arc<[Arc<Worker>]>,
-    },
+    Split { prefill: Vec<Arc<Worker>>, decode: Vec<Arc<Worker>>, whole: Arc<[Arc<Worker>]> },
     Refuse(ApiError),
 }
 
@@ -39,8 +35,7 @@ pub struct Plan {
 
 /// Whether a decode engine can continue from this prefill engine's KV.
 pub fn compatible(prefill: &Worker, decode: &Worker) -> bool {
-    prefill.record.model == decode.record.model
-        && prefill.record.pairing_key() == decode.record.pairing_key()
+    prefill.record.model == decode.record.model && prefill.record.pairing_key() == decode.record.pairing_key()
 }
 
 pub fn plan(snapshot: &PoolSnapshot, model: &str, single_sequence: bool) -> Plan {
@@ -57,16 +52,11 @@ pub fn plan(snapshot: &PoolSnapshot, model: &str, single_sequence: bool) -> Plan
                 "Model `{model}` has prefill workers but no decode or aggregated worker to finish requests; start a `--mode decode` (or aggregated) engine."
             )))
         } else if snapshot.knows_model(model) {
-            Route::Refuse(ApiError::no_worker(format!(
-                "Model `{model}` has no aggregated, prefill or decode worker."
-            )))
+            Route::Refuse(ApiError::no_worker(format!("Model `{model}` has no aggregated, prefill or decode worker.")))
         } else {
             Route::Refuse(ApiError::model_not_found(model))
         };
-        Plan {
-            route,
-            pairing_failure,
-        }
+        Plan { route, pairing_failure }
     };
     if prefill.is_empty() || !single_sequence {
         return whole(None);
@@ -74,32 +64,13 @@ pub fn plan(snapshot: &PoolSnapshot, model: &str, single_sequence: bool) -> Plan
     if decode.is_empty() {
         return whole(Some("no_decode"));
     }
-    let paired_prefill: Vec<Arc<Worker>> = prefill
-        .iter()
-        .filter(|p| decode.iter().any(|d| compatible(p, d)))
-        .cloned()
-        .collect();
+    let paired_prefill: Vec<Arc<Worker>> = prefill.iter().filter(|p| decode.iter().any(|d| compatible(p, d))).cloned().collect();
     if paired_prefill.is_empty() {
         return whole(Some("no_compatible_decode"));
     }
-    let paired_decode = decode
-        .iter()
-        .filter(|d| paired_prefill.iter().any(|p| compatible(p, d)))
-        .cloned()
-        .collect();
-    let whole = if aggregated.is_empty() {
-        decode.clone()
-    } else {
-        aggregated.clone()
-    };
-    Plan {
-        route: Route::Split {
-            prefill: paired_prefill,
-            decode: paired_decode,
-            whole,
-        },
-        pairing_failure: None,
-    }
+    let paired_decode = decode.iter().filter(|d| paired_prefill.iter().any(|p| compatible(p, d))).cloned().collect();
+    let whole = if aggregated.is_empty() { decode.clone() } else { aggregated.clone() };
+    Plan { route: Route::Split { prefill: paired_prefill, decode: paired_decode, whole }, pairing_failure: None }
 }
 
 #[cfg(test)]
@@ -116,10 +87,7 @@ mod tests {
     }
 
     fn ids(workers: &[Arc<Worker>]) -> Vec<&str> {
-        workers
-            .iter()
-            .map(|w| w.record.instance_id.as_str())
-            .collect()
+        workers.iter().map(|w| w.record.instance_id.as_str()).collect()
     }
 
     fn whole_ids(plan: &Plan) -> Vec<&str> {
@@ -140,21 +108,10 @@ mod tests {
         let mut d_model = record("d3", "m", Role::Decode);
         d_model.model = "other-weights".into();
         let plan = plan(&snapshot(&[p1, p2, d1, d_layout, d_model]), "m", true);
-        let Route::Split {
-            prefill,
-            decode,
-            whole,
-        } = &plan.route
-        else {
-            panic!("not split")
-        };
+        let Route::Split { prefill, decode, whole } = &plan.route else { panic!("not split") };
         assert_eq!(ids(prefill), vec!["p1"]);
         assert_eq!(ids(decode), vec!["d1"]);
-        assert_eq!(
-            ids(whole),
-            vec!["d1", "d2", "d3"],
-            "no aggregated worker: decode workers serve whole"
-        );
+        assert_eq!(ids(whole), vec!["d1", "d2", "d3"], "no aggregated worker: decode workers serve whole");
         assert!(plan.pairing_failure.is_none());
     }
 
@@ -166,10 +123,7 @@ mod tests {
         let a = record("a", "m", Role::Aggregated);
         let with_aggregated = plan(&snapshot(&[p.clone(), d.clone(), a]), "m", true);
         assert_eq!(whole_ids(&with_aggregated), vec!["a"]);
-        assert_eq!(
-            with_aggregated.pairing_failure,
-            Some("no_compatible_decode")
-        );
+        assert_eq!(with_aggregated.pairing_failure, Some("no_compatible_decode"));
         // Without aggregated workers, decode engines serve the request whole.
         let decode_only = plan(&snapshot(&[p, d]), "m", true);
         assert_eq!(whole_ids(&decode_only), vec!["d"]);
@@ -179,20 +133,11 @@ mod tests {
     fn without_prefill_requests_go_whole_as_before() {
         let a = record("a", "m", Role::Aggregated);
         let d = record("d", "m", Role::Decode);
-        assert_eq!(
-            whole_ids(&plan(&snapshot(&[a, d.clone()]), "m", true)),
-            vec!["a"]
-        );
+        assert_eq!(whole_ids(&plan(&snapshot(&[a, d.clone()]), "m", true)), vec!["a"]);
         assert_eq!(whole_ids(&plan(&snapshot(&[d]), "m", true)), vec!["d"]);
-        let Route::Refuse(error) = plan(&snapshot(&[]), "m", true).route else {
-            panic!()
-        };
+        let Route::Refuse(error) = plan(&snapshot(&[]), "m", true).route else { panic!() };
         assert_eq!(error.status, 404);
-        let Route::Refuse(error) =
-            plan(&snapshot(&[record("e", "m", Role::Encode)]), "m", true).route
-        else {
-            panic!()
-        };
+        let Route::Refuse(error) = plan(&snapshot(&[record("e", "m", Role::Encode)]), "m", true).route else { panic!() };
         assert_eq!(error.status, 503);
     }
 
@@ -203,20 +148,14 @@ mod tests {
         let plan_a = plan(&snapshot(&[p.clone(), a]), "m", true);
         assert_eq!(whole_ids(&plan_a), vec!["a"]);
         assert_eq!(plan_a.pairing_failure, Some("no_decode"));
-        let Route::Refuse(error) = plan(&snapshot(&[p]), "m", true).route else {
-            panic!("not refused")
-        };
+        let Route::Refuse(error) = plan(&snapshot(&[p]), "m", true).route else { panic!("not refused") };
         assert_eq!(error.status, 503);
         assert!(error.message.contains("no decode"), "{}", error.message);
     }
 
     #[test]
     fn several_sequences_are_not_split() {
-        let records = [
-            record("p", "m", Role::Prefill),
-            record("d", "m", Role::Decode),
-            record("a", "m", Role::Aggregated),
-        ];
+        let records = [record("p", "m", Role::Prefill), record("d", "m", Role::Decode), record("a", "m", Role::Aggregated)];
         let plan_n = plan(&snapshot(&records), "m", false);
         assert_eq!(whole_ids(&plan_n), vec!["a"]);
         assert!(plan_n.pairing_failure.is_none());

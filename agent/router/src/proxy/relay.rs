@@ -51,9 +51,7 @@ impl Relay {
     }
 
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-        futures::stream::unfold(self, |mut relay| async move {
-            relay.next_piece().await.map(|piece| (Ok(piece), relay))
-        })
+        futures::stream::unfold(self, |mut relay| async move { relay.next_piece().await.map(|piece| (Ok(piece), relay)) })
     }
 
     async fn next_piece(&mut self) -> Option<Bytes> {
@@ -72,16 +70,10 @@ impl Relay {
                     return self.fail("stream", format!("The worker failed mid-stream: {error}"));
                 }
                 Err(_) if Instant::now() >= self.deadline => {
-                    return self.fail(
-                        "timeout",
-                        "The request exceeded the router's request timeout.".into(),
-                    );
+                    return self.fail("timeout", "The request exceeded the router's request timeout.".into());
                 }
                 Err(_) => {
-                    let message = format!(
-                        "The worker sent nothing for {}s (idle timeout).",
-                        self.idle_timeout.as_secs()
-                    );
+                    let message = format!("The worker sent nothing for {}s (idle timeout).", self.idle_timeout.as_secs());
                     return self.fail("timeout", message);
                 }
             }
@@ -105,10 +97,7 @@ impl Relay {
             // Anything after [DONE] without a closing blank line is noise; drop it.
             return None;
         }
-        self.fail_after_finish(
-            "stream",
-            "The worker closed the stream before it finished.".into(),
-        )
+        self.fail_after_finish("stream", "The worker closed the stream before it finished.".into())
     }
 
     fn fail(&mut self, kind: &'static str, message: String) -> Option<Bytes> {
@@ -167,8 +156,7 @@ mod tests {
         let mut events = text.split("\n\n").filter(|e| !e.is_empty());
         let error = events.next().unwrap();
         assert!(error.starts_with("event: error\ndata: "));
-        let json: serde_json::Value =
-            serde_json::from_str(error.trim_start_matches("event: error\ndata: ")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(error.trim_start_matches("event: error\ndata: ")).unwrap();
         assert_eq!(json["error"]["message"], "boom");
         assert_eq!(events.next(), Some("data: [DONE]"));
     }

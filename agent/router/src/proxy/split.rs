@@ -73,11 +73,7 @@ pub fn pair_available(prefill: &[Arc<Worker>], decode: &[Arc<Worker>]) -> bool {
     prefill
         .iter()
         .filter(|p| p.breaker.is_available(now))
-        .any(|p| {
-            decode
-                .iter()
-                .any(|d| compatible(p, d) && d.breaker.is_available(now))
-        })
+        .any(|p| decode.iter().any(|d| compatible(p, d) && d.breaker.is_available(now)))
 }
 
 /// Keeps only workers not used yet, unless every candidate has been.
@@ -98,29 +94,17 @@ impl Proxy {
         session_key: Option<&str>,
     ) -> Response {
         let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(body) else {
-            return ApiError::invalid_request("The request body must be a JSON object.", None)
-                .into_response();
+            return ApiError::invalid_request("The request body must be a JSON object.", None).into_response();
         };
-        let include_usage = request
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            == Some(true);
+        let include_usage = request.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool) == Some(true);
         let prefill_body = prefill_request(&request);
         self.metrics.pd_requests.inc();
         let deadline = Instant::now() + self.settings.request_timeout;
-        let route_request = RouteRequest {
-            text: &facts.text,
-            session_key,
-        };
+        let route_request = RouteRequest { text: &facts.text, session_key };
         let mut used = Used::default();
         let mut last_error = None;
         for attempt_number in 0..=self.settings.max_retries {
-            let Some((prefill_worker, admission)) =
-                self.pick_prefill(prefill, decode, &used, &route_request)
-            else {
-                break;
-            };
+            let Some((prefill_worker, admission)) = self.pick_prefill(prefill, decode, &used, &route_request) else { break };
             if attempt_number > 0 {
                 self.metrics.retries.inc();
                 self.metrics.pd_retries.inc();
@@ -128,10 +112,7 @@ impl Proxy {
             used.prefill.push(prefill_worker.id);
             let attempt = Attempt::begin(prefill_worker.clone(), admission, self.metrics.clone());
             let mut prefill_rest = None;
-            let descriptor = match self
-                .prefill_hop(attempt, endpoint, &prefill_body, deadline)
-                .await
-            {
+            let descriptor = match self.prefill_hop(attempt, endpoint, &prefill_body, deadline).await {
                 Ok(PrefillOutcome::Handoff(descriptor)) => descriptor,
                 Ok(PrefillOutcome::Early(descriptor, rest)) => {
                     prefill_rest = Some(PrefillRest::drain(rest, deadline));
@@ -139,13 +120,7 @@ impl Proxy {
                 }
                 Ok(PrefillOutcome::Finished(answer)) => {
                     self.metrics.pd_prefill_finished.inc();
-                    return finished_answer(
-                        endpoint,
-                        &answer,
-                        facts.stream,
-                        include_usage,
-                        &prefill_worker,
-                    );
+                    return finished_answer(endpoint, &answer, facts.stream, include_usage, &prefill_worker);
                 }
                 Ok(PrefillOutcome::Refused(response)) => return response,
                 Err(error) => {
@@ -161,32 +136,20 @@ impl Proxy {
             // From here until decode takes over, dropping this (a failed hop, the deadline,
             // the client going away) releases the prefill engine's blocks.
             let lease = match descriptor.get("lease_id").and_then(Value::as_str) {
-                Some(id) => Some(Lease::new(
-                    self.client.clone(),
-                    prefill_worker.url(),
-                    id.to_string(),
-                    self.metrics.clone(),
-                )),
+                Some(id) => Some(Lease::new(self.client.clone(), prefill_worker.url(), id.to_string(), self.metrics.clone())),
                 None => {
                     tracing::warn!(worker = %prefill_worker.url(), "prefill descriptor has no lease_id; its blocks wait for lease expiry");
                     None
                 }
             };
-            let Some((decode_worker, admission)) = self.pick_decode(&prefill_worker, decode, &used)
-            else {
-                last_error = Some(retryable(
-                    "no_decode",
-                    "no decode worker paired with the prefill worker could take the request".into(),
-                ));
+            let Some((decode_worker, admission)) = self.pick_decode(&prefill_worker, decode, &used) else {
+                last_error = Some(retryable("no_decode", "no decode worker paired with the prefill worker could take the request".into()));
                 continue;
             };
             used.decode.push(decode_worker.id);
             let decode_body = decode_request(request.clone(), descriptor);
             let attempt = Attempt::begin(decode_worker, admission, self.metrics.clone());
-            match self
-                .try_worker(attempt, endpoint, &decode_body, facts.stream, deadline)
-                .await
-            {
+            match self.try_worker(attempt, endpoint, &decode_body, facts.stream, deadline).await {
                 Ok(response) => {
                     if let Some(rest) = prefill_rest.filter(|_| response.status().is_success()) {
                         rest.detach();
@@ -205,12 +168,8 @@ impl Proxy {
             }
         }
         let mut response = give_up(&facts.model, last_error);
-        if response.status() == StatusCode::SERVICE_UNAVAILABLE
-            && response.headers().get(header::RETRY_AFTER).is_none()
-        {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(1));
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE && response.headers().get(header::RETRY_AFTER).is_none() {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
         }
         response
     }
@@ -228,11 +187,7 @@ impl Proxy {
         let mut candidates: Vec<Arc<Worker>> = prefill
             .iter()
             .filter(|p| !used.failed_prefill.contains(&p.id) && p.breaker.is_available(now))
-            .filter(|p| {
-                decode
-                    .iter()
-                    .any(|d| compatible(p, d) && d.breaker.is_available(now))
-            })
+            .filter(|p| decode.iter().any(|d| compatible(p, d) && d.breaker.is_available(now)))
             .cloned()
             .collect();
         prefer_unused(&mut candidates, &used.prefill);
@@ -240,29 +195,15 @@ impl Proxy {
     }
 
     /// The less loaded of the prefill worker's partners, preferring those not used yet.
-    fn pick_decode(
-        &self,
-        prefill: &Worker,
-        decode: &[Arc<Worker>],
-        used: &Used,
-    ) -> Option<(Arc<Worker>, Admission)> {
+    fn pick_decode(&self, prefill: &Worker, decode: &[Arc<Worker>], used: &Used) -> Option<(Arc<Worker>, Admission)> {
         let now = std::time::Instant::now();
-        let mut candidates: Vec<Arc<Worker>> = decode
-            .iter()
-            .filter(|d| compatible(prefill, d) && d.breaker.is_available(now))
-            .cloned()
-            .collect();
+        let mut candidates: Vec<Arc<Worker>> =
+            decode.iter().filter(|d| compatible(prefill, d) && d.breaker.is_available(now)).cloned().collect();
         prefer_unused(&mut candidates, &used.decode);
         self.choose(&LeastLoad, candidates, &RouteRequest::default(), false)
     }
 
-    async fn prefill_hop(
-        &self,
-        attempt: Attempt,
-        endpoint: Endpoint,
-        body: &Bytes,
-        deadline: Instant,
-    ) -> Result<PrefillOutcome, AttemptError> {
+    async fn prefill_hop(&self, attempt: Attempt, endpoint: Endpoint, body: &Bytes, deadline: Instant) -> Result<PrefillOutcome, AttemptError> {
         let (mut attempt, mut upstream) = self.send(attempt, endpoint, body, deadline).await?;
         let status = upstream.status();
         if status.is_success() && is_json_lines(&upstream) {
@@ -274,20 +215,14 @@ impl Proxy {
                 }
                 Ok(None) => {
                     let message = "the prefill worker's first line is not {\"kv_transfer_params\": <descriptor>}".to_string();
-                    Err(self.fail(
-                        attempt,
-                        "invalid_response",
-                        retryable("invalid_response", message),
-                    ))
+                    Err(self.fail(attempt, "invalid_response", retryable("invalid_response", message)))
                 }
             };
         }
         let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
         let bytes = match tokio::time::timeout_at(deadline, upstream.bytes()).await {
             Err(_) => return Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
-            Ok(Err(error)) => {
-                return Err(self.fail(attempt, "stream", retryable("stream", error.to_string())))
-            }
+            Ok(Err(error)) => return Err(self.fail(attempt, "stream", retryable("stream", error.to_string()))),
             Ok(Ok(bytes)) => bytes,
         };
         if !status.is_success() {
@@ -295,9 +230,7 @@ impl Proxy {
             let mut response = Response::new(Body::from(bytes));
             *response.status_mut() = status;
             if let Some(content_type) = content_type {
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_TYPE, content_type);
+                response.headers_mut().insert(header::CONTENT_TYPE, content_type);
             }
             name_worker(&mut response, attempt.worker());
             name_prefill(&mut response, attempt.worker());
@@ -319,23 +252,14 @@ impl Proxy {
             }
             None => {
                 let message = "the prefill worker's answer is not a JSON object with a null or object `kv_transfer_params`".to_string();
-                Err(self.fail(
-                    attempt,
-                    "invalid_response",
-                    retryable("invalid_response", message),
-                ))
+                Err(self.fail(attempt, "invalid_response", retryable("invalid_response", message)))
             }
         }
     }
 
     /// Decode answered (a stream already under way, or a whole answer). On success decode
     /// owns the KV now; otherwise the lease is released as it drops here.
-    async fn decode_answered(
-        &self,
-        response: Response,
-        lease: Option<Lease>,
-        prefill: &Worker,
-    ) -> Response {
+    async fn decode_answered(&self, response: Response, lease: Option<Lease>, prefill: &Worker) -> Response {
         let mut response = if response.status().is_success() {
             if let Some(lease) = lease {
                 lease.handed_over();
@@ -358,21 +282,11 @@ impl Proxy {
         let (parts, body) = response.into_parts();
         // A whole answer already buffered in memory.
         let bytes = to_bytes(body, usize::MAX).await.unwrap_or_default();
-        let code = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+        let code = serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| v["error"]["code"].as_str().map(str::to_string));
         if code.as_deref() == Some("kv_layout_mismatch") {
             self.metrics.pairing_failure("kv_layout_mismatch");
-            let worker = parts
-                .headers
-                .get(super::WORKER_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?");
-            tracing::error!(
-                decode = worker,
-                "decode worker refused a pair as mismatched: {}",
-                String::from_utf8_lossy(&bytes)
-            );
+            let worker = parts.headers.get(super::WORKER_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("?");
+            tracing::error!(decode = worker, "decode worker refused a pair as mismatched: {}", String::from_utf8_lossy(&bytes));
         }
         Response::from_parts(parts, Body::from(bytes))
     }
@@ -385,22 +299,13 @@ fn prefill_request(request: &Map<String, Value>) -> Bytes {
     body.insert("stream".into(), Value::Bool(false));
     body.remove("stream_options");
     // One token is all prefill computes: answered by prefill alone, no decode hop to start early.
-    let one_token = ["max_tokens", "max_completion_tokens"]
-        .iter()
-        .any(|f| request.get(*f).and_then(Value::as_u64) == Some(1));
-    body.insert(
-        "kv_transfer_params".into(),
-        json!({"do_remote_decode": true, "early_descriptor": !one_token}),
-    );
+    let one_token = ["max_tokens", "max_completion_tokens"].iter().any(|f| request.get(*f).and_then(Value::as_u64) == Some(1));
+    body.insert("kv_transfer_params".into(), json!({"do_remote_decode": true, "early_descriptor": !one_token}));
     Bytes::from(Value::Object(body).to_string())
 }
 
 fn is_json_lines(response: &reqwest::Response) -> bool {
-    response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-ndjson"))
+    response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/x-ndjson"))
 }
 
 /// Reads an early answer's first line: `{"kv_transfer_params": <descriptor object>}`.
@@ -415,12 +320,7 @@ async fn first_line(upstream: &mut reqwest::Response) -> Option<Value> {
     // The second line comes only after the first token: nothing of it is here yet.
     let end = line.iter().position(|&b| b == b'\n')?;
     let mut first: Value = serde_json::from_slice(&line[..end]).ok()?;
-    Some(
-        first
-            .get_mut("kv_transfer_params")
-            .filter(|d| d.is_object())?
-            .take(),
-    )
+    Some(first.get_mut("kv_transfer_params").filter(|d| d.is_object())?.take())
 }
 
 /// Longest first line of an early answer accepted (a descriptor is a few KiB).
@@ -434,10 +334,7 @@ struct PrefillRest(Option<tokio::task::JoinHandle<()>>);
 impl PrefillRest {
     fn drain(mut upstream: reqwest::Response, deadline: Instant) -> Self {
         Self(Some(tokio::spawn(async move {
-            let _ = tokio::time::timeout_at(deadline, async {
-                while let Ok(Some(_)) = upstream.chunk().await {}
-            })
-            .await;
+            let _ = tokio::time::timeout_at(deadline, async { while let Ok(Some(_)) = upstream.chunk().await {} }).await;
         })))
     }
 
@@ -462,32 +359,16 @@ fn decode_request(mut request: Map<String, Value>, descriptor: Value) -> Bytes {
 }
 
 /// Prefill's own final answer, as JSON or as the stream the client asked for.
-fn finished_answer(
-    endpoint: Endpoint,
-    answer: &Value,
-    stream: bool,
-    include_usage: bool,
-    prefill: &Worker,
-) -> Response {
+fn finished_answer(endpoint: Endpoint, answer: &Value, stream: bool, include_usage: bool, prefill: &Worker) -> Response {
     let mut response = if stream {
-        let mut response = Response::new(Body::from(synth::stream_from_answer(
-            endpoint,
-            answer,
-            include_usage,
-        )));
+        let mut response = Response::new(Body::from(synth::stream_from_answer(endpoint, answer, include_usage)));
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         response
     } else {
         let mut response = Response::new(Body::from(answer.to_string()));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     };
     name_worker(&mut response, prefill);
@@ -509,33 +390,16 @@ mod tests {
     fn prefill_gets_a_non_streaming_request_for_remote_decode() {
         let request = json!({"model": "m", "prompt": "p", "stream": true, "stream_options": {"include_usage": true},
             "kv_transfer_params": {"lease_id": "forged"}});
-        let Value::Object(request) = request else {
-            unreachable!()
-        };
+        let Value::Object(request) = request else { unreachable!() };
         let body: Value = serde_json::from_slice(&prefill_request(&request)).unwrap();
         assert_eq!(body["stream"], false);
         assert!(body.get("stream_options").is_none());
-        assert_eq!(
-            body["kv_transfer_params"],
-            json!({"do_remote_decode": true, "early_descriptor": true})
-        );
-        let Value::Object(one) = json!({"model": "m", "prompt": "p", "max_tokens": 1}) else {
-            unreachable!()
-        };
+        assert_eq!(body["kv_transfer_params"], json!({"do_remote_decode": true, "early_descriptor": true}));
+        let Value::Object(one) = json!({"model": "m", "prompt": "p", "max_tokens": 1}) else { unreachable!() };
         let body: Value = serde_json::from_slice(&prefill_request(&one)).unwrap();
-        assert_eq!(
-            body["kv_transfer_params"]["early_descriptor"], false,
-            "a one-token answer is prefill's alone"
-        );
-        let body: Value =
-            serde_json::from_slice(&decode_request(request, json!({"lease_id": "l1"}))).unwrap();
-        assert_eq!(
-            (
-                body["stream"].as_bool(),
-                body["stream_options"]["include_usage"].as_bool()
-            ),
-            (Some(true), Some(true))
-        );
+        assert_eq!(body["kv_transfer_params"]["early_descriptor"], false, "a one-token answer is prefill's alone");
+        let body: Value = serde_json::from_slice(&decode_request(request, json!({"lease_id": "l1"}))).unwrap();
+        assert_eq!((body["stream"].as_bool(), body["stream_options"]["include_usage"].as_bool()), (Some(true), Some(true)));
         assert_eq!(body["kv_transfer_params"], json!({"lease_id": "l1"}));
     }
 }

@@ -30,11 +30,7 @@ pub fn stream_from_answer(endpoint: Endpoint, answer: &Value, include_usage: boo
         })
     };
     let mut out = Vec::new();
-    let choices = answer
-        .get("choices")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let choices = answer.get("choices").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     for choice in choices {
         let pieces = match endpoint {
             Endpoint::Completions => vec![completion_piece(choice)],
@@ -80,16 +76,8 @@ fn chat_pieces(choice: &Value) -> Vec<Value> {
     let index = field(choice, "index");
     let message = choice.get("message").cloned().unwrap_or_else(|| json!({}));
     let delta_piece = |delta: Value| json!({"index": index, "delta": delta, "finish_reason": null});
-    let mut pieces = vec![delta_piece(
-        json!({"role": field(&message, "role").as_str().unwrap_or("assistant")}),
-    )];
-    let non_empty = |name: &str| {
-        message
-            .get(name)
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
+    let mut pieces = vec![delta_piece(json!({"role": field(&message, "role").as_str().unwrap_or("assistant")}))];
+    let non_empty = |name: &str| message.get(name).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
     if let Some(reasoning) = non_empty("reasoning_content") {
         pieces.push(delta_piece(json!({"reasoning_content": reasoning})));
     }
@@ -103,17 +91,9 @@ fn chat_pieces(choice: &Value) -> Vec<Value> {
         }
         pieces.push(piece);
     }
-    let calls = message
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let calls = message.get("tool_calls").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     if !calls.is_empty() {
-        let deltas: Vec<Value> = calls
-            .iter()
-            .enumerate()
-            .map(|(i, call)| tool_call_delta(i, call))
-            .collect();
+        let deltas: Vec<Value> = calls.iter().enumerate().map(|(i, call)| tool_call_delta(i, call)).collect();
         pieces.push(delta_piece(json!({"tool_calls": deltas})));
     }
     let mut last = Map::new();
@@ -163,45 +143,19 @@ mod tests {
                 "logprobs": null, "finish_reason": "tool_calls", "stop_reason": null}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
         });
-        let chunks = events(&stream_from_answer(
-            Endpoint::ChatCompletions,
-            &answer,
-            true,
-        ));
+        let chunks = events(&stream_from_answer(Endpoint::ChatCompletions, &answer, true));
         assert_eq!(chunks.len(), 6, "{chunks:?}");
         for chunk in &chunks {
-            assert_eq!(
-                (
-                    chunk["id"].as_str(),
-                    chunk["object"].as_str(),
-                    chunk["created"].as_u64()
-                ),
-                (Some("chatcmpl-1"), Some("chat.completion.chunk"), Some(5))
-            );
+            assert_eq!((chunk["id"].as_str(), chunk["object"].as_str(), chunk["created"].as_u64()), (Some("chatcmpl-1"), Some("chat.completion.chunk"), Some(5)));
         }
-        assert_eq!(
-            chunks[0]["choices"][0]["delta"],
-            json!({"role": "assistant"})
-        );
-        assert_eq!(
-            chunks[1]["choices"][0]["delta"],
-            json!({"reasoning_content": "think"})
-        );
+        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant"}));
+        assert_eq!(chunks[1]["choices"][0]["delta"], json!({"reasoning_content": "think"}));
         assert_eq!(chunks[2]["choices"][0]["delta"], json!({"content": "Hi"}));
         let call = &chunks[3]["choices"][0]["delta"]["tool_calls"][0];
-        assert_eq!(
-            (
-                call["index"].as_u64(),
-                call["id"].as_str(),
-                call["function"]["name"].as_str()
-            ),
-            (Some(0), Some("call_1"), Some("f"))
-        );
+        assert_eq!((call["index"].as_u64(), call["id"].as_str(), call["function"]["name"].as_str()), (Some(0), Some("call_1"), Some("f")));
         assert_eq!(call["function"]["arguments"], "{\"a\":1}");
         assert_eq!(chunks[4]["choices"][0]["finish_reason"], "tool_calls");
-        assert!(chunks[..4]
-            .iter()
-            .all(|c| c["choices"][0]["finish_reason"].is_null()));
+        assert!(chunks[..4].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
         assert_eq!(chunks[5]["choices"], json!([]));
         assert_eq!(chunks[5]["usage"]["total_tokens"], 4);
     }
@@ -211,11 +165,7 @@ mod tests {
         let answer = json!({"id": "c", "created": 1, "model": "m",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
-        let chunks = events(&stream_from_answer(
-            Endpoint::ChatCompletions,
-            &answer,
-            false,
-        ));
+        let chunks = events(&stream_from_answer(Endpoint::ChatCompletions, &answer, false));
         assert_eq!(chunks.len(), 2, "role then finish: {chunks:?}");
         assert!(chunks.iter().all(|c| c.get("usage").is_none()));
         assert_eq!(chunks[1]["choices"][0]["finish_reason"], "stop");

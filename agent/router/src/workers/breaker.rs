@@ -12,13 +12,9 @@ use std::time::{Duration, Instant};
 pub enum BreakerState {
     Closed,
     /// Ejected until the instant.
-    Open {
-        until: Instant,
-    },
+    Open { until: Instant },
     /// One probe may run; `probing` while it does.
-    HalfOpen {
-        probing: bool,
-    },
+    HalfOpen { probing: bool },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -30,11 +26,7 @@ pub struct BreakerPolicy {
 
 impl Default for BreakerPolicy {
     fn default() -> Self {
-        BreakerPolicy {
-            failures_to_open: 3,
-            first_cooldown: Duration::from_secs(2),
-            max_cooldown: Duration::from_secs(30),
-        }
+        BreakerPolicy { failures_to_open: 3, first_cooldown: Duration::from_secs(2), max_cooldown: Duration::from_secs(30) }
     }
 }
 
@@ -62,11 +54,7 @@ impl CircuitBreaker {
     pub fn new(policy: BreakerPolicy) -> Self {
         CircuitBreaker {
             policy,
-            inner: Mutex::new(Inner {
-                state: BreakerState::Closed,
-                consecutive_failures: 0,
-                cooldown: policy.first_cooldown,
-            }),
+            inner: Mutex::new(Inner { state: BreakerState::Closed, consecutive_failures: 0, cooldown: policy.first_cooldown }),
         }
     }
 
@@ -118,9 +106,7 @@ impl CircuitBreaker {
                 inner.cooldown = (inner.cooldown * 2).min(self.policy.max_cooldown);
             }
             let was_open = matches!(inner.state, BreakerState::Open { .. });
-            inner.state = BreakerState::Open {
-                until: now + inner.cooldown,
-            };
+            inner.state = BreakerState::Open { until: now + inner.cooldown };
             return !was_open;
         }
         false

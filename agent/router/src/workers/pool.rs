@@ -23,10 +23,7 @@ pub struct PoolSnapshot {
 
 impl PoolSnapshot {
     pub fn workers_for(&self, model: &str, role: Role) -> Arc<[Arc<Worker>]> {
-        self.routes
-            .get(&(model.to_string(), role))
-            .cloned()
-            .unwrap_or_else(|| Arc::from(Vec::new()))
+        self.routes.get(&(model.to_string(), role)).cloned().unwrap_or_else(|| Arc::from(Vec::new()))
     }
 
     /// Whether any worker, of any role, serves the model.
@@ -74,18 +71,11 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     pub fn new(breaker: BreakerPolicy) -> WorkerPool {
-        WorkerPool {
-            snapshot: RwLock::new(Arc::default()),
-            next_id: AtomicU64::new(1),
-            breaker,
-        }
+        WorkerPool { snapshot: RwLock::new(Arc::default()), next_id: AtomicU64::new(1), breaker }
     }
 
     pub fn snapshot(&self) -> Arc<PoolSnapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Makes the pool match the view: new keys become workers, changed registrations
@@ -105,35 +95,21 @@ impl WorkerPool {
                         changes.removed.push(replaced.clone());
                     }
                     let id = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
-                    let worker = Arc::new(Worker::new(
-                        id,
-                        key.to_string(),
-                        record.clone(),
-                        self.breaker,
-                    ));
+                    let worker = Arc::new(Worker::new(id, key.to_string(), record.clone(), self.breaker));
                     changes.added.push(worker.clone());
                     worker
                 }
             };
             by_key.insert(key.to_string(), worker);
         }
-        changes.removed.extend(
-            previous
-                .by_key
-                .iter()
-                .filter(|(k, _)| !by_key.contains_key(*k))
-                .map(|(_, w)| w.clone()),
-        );
+        changes.removed.extend(previous.by_key.iter().filter(|(k, _)| !by_key.contains_key(*k)).map(|(_, w)| w.clone()));
         let routes = index_routes(&by_key);
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(PoolSnapshot { by_key, routes });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(PoolSnapshot { by_key, routes });
         changes
     }
 }
 
-fn index_routes(
-    by_key: &HashMap<String, Arc<Worker>>,
-) -> HashMap<(String, Role), Arc<[Arc<Worker>]>> {
+fn index_routes(by_key: &HashMap<String, Arc<Worker>>) -> HashMap<(String, Role), Arc<[Arc<Worker>]>> {
     let mut grouped: HashMap<(String, Role), Vec<Arc<Worker>>> = HashMap::new();
     for worker in by_key.values() {
         let route = (worker.record.served_model_name.clone(), worker.record.role);
@@ -190,11 +166,7 @@ mod tests {
     #[test]
     fn models_are_indexed_by_role() {
         let pool = WorkerPool::new(BreakerPolicy::default());
-        pool.sync(&view_of(&[
-            &record("p", "m", Role::Prefill),
-            &record("d", "m", Role::Decode),
-            &record("x", "n", Role::Aggregated),
-        ]));
+        pool.sync(&view_of(&[&record("p", "m", Role::Prefill), &record("d", "m", Role::Decode), &record("x", "n", Role::Aggregated)]));
         let snapshot = pool.snapshot();
         assert!(snapshot.knows_model("m"));
         assert!(snapshot.workers_for("m", Role::Aggregated).is_empty());

@@ -27,14 +27,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(id: WorkerId, key: String, record: WorkerRecord, breaker: BreakerPolicy) -> Worker {
         let load = record.load;
-        Worker {
-            id,
-            key,
-            record,
-            load: Mutex::new(load),
-            in_flight: AtomicUsize::new(0),
-            breaker: CircuitBreaker::new(breaker),
-        }
+        Worker { id, key, record, load: Mutex::new(load), in_flight: AtomicUsize::new(0), breaker: CircuitBreaker::new(breaker) }
     }
 
     pub fn url(&self) -> &str {

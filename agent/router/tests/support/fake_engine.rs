@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use dlengine_registry::{
-    Capacity, EtcdConfig, KvLayout, Load, Registrar, RegistrarConfig, RegistrarHandle, Role,
-    TransferEndpoints, WorkerRecord, PROTOCOL_VERSION,
+    Capacity, EtcdConfig, KvLayout, Load, Registrar, RegistrarConfig, RegistrarHandle, Role, TransferEndpoints,
+    WorkerRecord, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -47,11 +47,7 @@ impl FakeEngine {
     pub async fn start(etcd: &str, name: &str, model: &str) -> FakeEngine {
         let counters = Arc::new(Counters::default());
         let gate = Arc::new(Notify::new());
-        let shared = Arc::new(Shared {
-            name: name.into(),
-            counters: counters.clone(),
-            gate: gate.clone(),
-        });
+        let shared = Arc::new(Shared { name: name.into(), counters: counters.clone(), gate: gate.clone() });
         let app = Router::new()
             .route("/v1/completions", post(generate))
             .route("/v1/chat/completions", post(generate))
@@ -62,14 +58,7 @@ impl FakeEngine {
             let _ = axum::serve(listener, app).await;
         });
         let registrar = register(etcd, name, model, &url);
-        FakeEngine {
-            name: name.into(),
-            url,
-            counters,
-            gate,
-            registrar: Some(registrar),
-            server,
-        }
+        FakeEngine { name: name.into(), url, counters, gate, registrar: Some(registrar), server }
     }
 
     pub fn hits(&self) -> usize {
@@ -103,18 +92,9 @@ fn register(etcd: &str, name: &str, model: &str, url: &str) -> RegistrarHandle {
         model: model.into(),
         served_model_name: model.into(),
         url: url.into(),
-        kv_layout: KvLayout {
-            layers: 2,
-            kv_heads: 2,
-            head_dim: 16,
-            block_size: 16,
-            dtype: "f32".into(),
-        },
+        kv_layout: KvLayout { layers: 2, kv_heads: 2, head_dim: 16, block_size: 16, dtype: "f32".into() },
         transfer: TransferEndpoints::default(),
-        capacity: Capacity {
-            max_seqs: 8,
-            kv_blocks: 64,
-        },
+        capacity: Capacity { max_seqs: 8, kv_blocks: 64 },
         load: Load::default(),
         started_at: 1,
     };
@@ -133,9 +113,7 @@ fn prompt_of(body: &Value) -> String {
     if let Some(prompt) = body.get("prompt").and_then(Value::as_str) {
         return prompt.to_string();
     }
-    body.get("messages")
-        .map(|m| m.to_string())
-        .unwrap_or_default()
+    body.get("messages").map(|m| m.to_string()).unwrap_or_default()
 }
 
 async fn generate(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
@@ -174,10 +152,7 @@ fn event(name: &str, i: usize) -> Bytes {
 }
 
 fn stream(shared: Arc<Shared>, prompt: String) -> Response {
-    let mut guard = CancelGuard {
-        counters: shared.counters.clone(),
-        finished: false,
-    };
+    let mut guard = CancelGuard { counters: shared.counters.clone(), finished: false };
     let body = async_stream(move |tx| async move {
         let name = shared.name.clone();
         for i in 0..3 {
@@ -200,18 +175,12 @@ fn stream(shared: Arc<Shared>, prompt: String) -> Response {
         guard.finished = true;
         drop(guard);
     });
-    (
-        [(header::CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(body),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(body)).into_response()
 }
 
 /// A body stream fed by a task; the task (and the state it holds) is dropped as soon as
 /// the body is, like a real server noticing its client left.
-fn async_stream<F, Fut>(
-    produce: F,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send
+fn async_stream<F, Fut>(produce: F) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -225,7 +194,5 @@ where
             _ = watcher.closed() => {}
         }
     });
-    futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }

@@ -43,18 +43,10 @@ impl RunningRouter {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(dlengine_router::run_with_config(
-            config,
-            listener,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        RunningRouter {
-            url,
-            stop: Some(stop),
-            task,
-        }
+        let task = tokio::spawn(dlengine_router::run_with_config(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        RunningRouter { url, stop: Some(stop), task }
     }
 
     pub async fn stop(mut self) {
@@ -70,31 +62,19 @@ impl RunningRouter {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             let seen = match client.get(format!("{}/health", self.url)).send().await {
-                Ok(r) => r
-                    .json::<Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["workers"].as_u64()),
+                Ok(r) => r.json::<Value>().await.ok().and_then(|v| v["workers"].as_u64()),
                 Err(_) => None,
             };
             if seen == Some(n) {
                 return;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "router never saw {n} workers (last: {seen:?})"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "router never saw {n} workers (last: {seen:?})");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        reqwest::get(format!("{}/metrics", self.url)).await.unwrap().text().await.unwrap()
     }
 }
 

@@ -23,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use dlengine_registry::{
-    Capacity, EtcdConfig, KvLayout, Load, Registrar, RegistrarConfig, RegistrarHandle, Role,
-    TransferEndpoints, WorkerRecord, PROTOCOL_VERSION,
+    Capacity, EtcdConfig, KvLayout, Load, Registrar, RegistrarConfig, RegistrarHandle, Role, TransferEndpoints,
+    WorkerRecord, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 
@@ -42,14 +42,7 @@ pub struct Spec {
 
 impl Spec {
     pub fn new(name: &str, role: Role) -> Spec {
-        Spec {
-            name: name.into(),
-            role,
-            model: "tiny".into(),
-            weights: "llama-tiny".into(),
-            revision: "r1".into(),
-            block_size: 16,
-        }
+        Spec { name: name.into(), role, model: "tiny".into(), weights: "llama-tiny".into(), revision: "r1".into(), block_size: 16 }
     }
 }
 
@@ -95,20 +88,9 @@ impl PdEngine {
         Self::start_with(etcd, spec, script, false).await
     }
 
-    pub async fn start_with(
-        etcd: &str,
-        spec: Spec,
-        script: Arc<Script>,
-        always_fail_kv: bool,
-    ) -> PdEngine {
+    pub async fn start_with(etcd: &str, spec: Spec, script: Arc<Script>, always_fail_kv: bool) -> PdEngine {
         let seen = Arc::new(Seen::default());
-        let shared = Arc::new(Shared {
-            spec: spec.clone(),
-            script,
-            seen: seen.clone(),
-            always_fail_kv,
-            leases: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared { spec: spec.clone(), script, seen: seen.clone(), always_fail_kv, leases: AtomicUsize::new(0) });
         let app = Router::new()
             .route("/v1/completions", post(generate))
             .route("/v1/chat/completions", post(generate))
@@ -120,13 +102,7 @@ impl PdEngine {
             let _ = axum::serve(listener, app).await;
         });
         let registrar = register(etcd, &spec, &url);
-        PdEngine {
-            name: spec.name,
-            url,
-            seen,
-            _registrar: registrar,
-            server,
-        }
+        PdEngine { name: spec.name, url, seen, _registrar: registrar, server }
     }
 
     pub fn bodies(&self) -> Vec<Value> {
@@ -165,18 +141,9 @@ fn register(etcd: &str, spec: &Spec, url: &str) -> RegistrarHandle {
         model: spec.weights.clone(),
         served_model_name: spec.model.clone(),
         url: url.into(),
-        kv_layout: KvLayout {
-            layers: 2,
-            kv_heads: 2,
-            head_dim: 16,
-            block_size: spec.block_size,
-            dtype: "f32".into(),
-        },
+        kv_layout: KvLayout { layers: 2, kv_heads: 2, head_dim: 16, block_size: spec.block_size, dtype: "f32".into() },
         transfer: TransferEndpoints::default(),
-        capacity: Capacity {
-            max_seqs: 8,
-            kv_blocks: 64,
-        },
+        capacity: Capacity { max_seqs: 8, kv_blocks: 64 },
         load: Load::default(),
         started_at: 1,
     };
@@ -194,16 +161,12 @@ fn register(etcd: &str, spec: &Spec, url: &str) -> RegistrarHandle {
 fn prompt_of(body: &Value) -> String {
     match body.get("prompt").and_then(Value::as_str) {
         Some(prompt) => prompt.to_string(),
-        None => body
-            .get("messages")
-            .map(|m| m.to_string())
-            .unwrap_or_default(),
+        None => body.get("messages").map(|m| m.to_string()).unwrap_or_default(),
     }
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body =
-        json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
+    let body = json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
     (status, Json(body)).into_response()
 }
 
@@ -227,11 +190,7 @@ impl Drop for Pending {
     }
 }
 
-async fn generate(
-    State(shared): State<Arc<Shared>>,
-    uri: Uri,
-    Json(body): Json<Value>,
-) -> Response {
+async fn generate(State(shared): State<Arc<Shared>>, uri: Uri, Json(body): Json<Value>) -> Response {
     shared.seen.bodies.lock().unwrap().push(body.clone());
     let chat = uri.path().ends_with("/chat/completions");
     let prompt = prompt_of(&body);
@@ -241,30 +200,15 @@ async fn generate(
         (Role::Prefill, _) => prefill(&shared, &body, &prompt, chat),
         (Role::Decode, Some(_)) => {
             if prompt.contains("decode-stall") {
-                let _pending = Pending {
-                    seen: shared.seen.clone(),
-                    answered: false,
-                };
+                let _pending = Pending { seen: shared.seen.clone(), answered: false };
                 std::future::pending::<()>().await;
             }
             if prompt.contains("layout-400") {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "kv_layout_mismatch",
-                    "KV layout differs",
-                );
+                return error(StatusCode::BAD_REQUEST, "kv_layout_mismatch", "KV layout differs");
             }
-            let budget = shared
-                .script
-                .kv_failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
+            let budget = shared.script.kv_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
             if shared.always_fail_kv || budget {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "kv_transfer_failed",
-                    &format!("{name} could not pull the KV"),
-                );
+                return error(StatusCode::SERVICE_UNAVAILABLE, "kv_transfer_failed", &format!("{name} could not pull the KV"));
             }
             answer(&body, chat, &["P", " decoded", &format!(" by {name}")])
         }
@@ -274,11 +218,7 @@ async fn generate(
 
 fn prefill(shared: &Shared, body: &Value, prompt: &str, chat: bool) -> Response {
     if prompt.contains("prefill-500") {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "prefill broke",
-        );
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "prefill broke");
     }
     let finished = body["max_tokens"].as_u64() == Some(1) || prompt.contains("finish-in-prefill");
     let descriptor = if finished {
@@ -287,11 +227,7 @@ fn prefill(shared: &Shared, body: &Value, prompt: &str, chat: bool) -> Response 
         let n = shared.leases.fetch_add(1, Ordering::SeqCst);
         json!({"lease_id": format!("{}-{n}", shared.spec.name), "engine": shared.spec.name, "first_token": 7})
     };
-    let finish = if finished {
-        json!("length")
-    } else {
-        Value::Null
-    };
+    let finish = if finished { json!("length") } else { Value::Null };
     let usage = json!({"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4});
     let mut answer = if chat {
         let message = if prompt.contains("tool-call") {
@@ -300,11 +236,7 @@ fn prefill(shared: &Shared, body: &Value, prompt: &str, chat: bool) -> Response 
         } else {
             json!({"role": "assistant", "content": "P"})
         };
-        let finish = if prompt.contains("tool-call") {
-            json!("tool_calls")
-        } else {
-            finish
-        };
+        let finish = if prompt.contains("tool-call") { json!("tool_calls") } else { finish };
         json!({"id": "chatcmpl-p", "object": "chat.completion", "created": 1, "model": body["model"],
             "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish, "stop_reason": null}], "usage": usage})
     } else {
@@ -332,17 +264,9 @@ fn answer(body: &Value, chat: bool, pieces: &[&str]) -> Response {
     }
     let mut events = String::new();
     for (i, piece) in pieces.iter().enumerate() {
-        let finish = if i + 1 == pieces.len() {
-            json!("stop")
-        } else {
-            Value::Null
-        };
+        let finish = if i + 1 == pieces.len() { json!("stop") } else { Value::Null };
         let chunk = if chat {
-            let delta = if i == 0 {
-                json!({"role": "assistant", "content": piece})
-            } else {
-                json!({"content": piece})
-            };
+            let delta = if i == 0 { json!({"role": "assistant", "content": piece}) } else { json!({"content": piece}) };
             json!({"id": "chatcmpl-d", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         } else {
@@ -352,18 +276,10 @@ fn answer(body: &Value, chat: bool, pieces: &[&str]) -> Response {
         events.push_str(&format!("data: {chunk}\n\n"));
     }
     if body["stream_options"]["include_usage"].as_bool() == Some(true) {
-        let object = if chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
+        let object = if chat { "chat.completion.chunk" } else { "text_completion" };
         let chunk = json!({"id": "d", "object": object, "created": 1, "model": body["model"], "choices": [], "usage": usage});
         events.push_str(&format!("data: {chunk}\n\n"));
     }
     events.push_str("data: [DONE]\n\n");
-    (
-        [(header::CONTENT_TYPE, "text/event-stream")],
-        Body::from(Bytes::from(events)),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/event-stream")], Body::from(Bytes::from(events))).into_response()
 }

@@ -13,13 +13,13 @@ use super::logprobs::chat_logprobs;
 use super::output_parser::{OutputParser, ParsedMessage, Piece, ToolParserKind};
 use super::sse::{push_event, ChunkWriter};
 use crate::openai::chat::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
-    ResponseMessage, Role, CHAT_COMPLETION_CHUNK_OBJECT, CHAT_COMPLETION_OBJECT,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ResponseMessage, Role,
+    CHAT_COMPLETION_CHUNK_OBJECT, CHAT_COMPLETION_OBJECT,
 };
-use crate::openai::ids;
 use crate::openai::logprobs::ChatLogprobs;
 use crate::openai::tools::ToolCall;
 use crate::openai::usage::Usage;
+use crate::openai::ids;
 
 /// Everything about a chat request the answer depends on.
 pub struct ChatAnswer {
@@ -74,20 +74,13 @@ impl Choices {
         if delta.finish_reason.is_some() {
             pieces.extend(state.parser.finish());
         }
-        state.tool_calls += pieces
-            .iter()
-            .filter(|p| matches!(p, Piece::ToolCall { .. }))
-            .count();
-        let logprobs = self
-            .answer
-            .logprobs
-            .then(|| chat_logprobs(&self.answer.tokenizer, &delta.logprobs));
+        state.tool_calls += pieces.iter().filter(|p| matches!(p, Piece::ToolCall { .. })).count();
+        let logprobs =
+            self.answer.logprobs.then(|| chat_logprobs(&self.answer.tokenizer, &delta.logprobs));
         Some(Absorbed {
             index,
             pieces,
-            finish_reason: delta
-                .finish_reason
-                .map(|r| finish_reason(r, state.tool_calls > 0)),
+            finish_reason: delta.finish_reason.map(|r| finish_reason(r, state.tool_calls > 0)),
             stop_reason: stop_reason(delta.stop_reason),
             logprobs,
         })
@@ -101,9 +94,7 @@ pub struct ChatChunks {
 
 impl ChatChunks {
     pub fn new(answer: ChatAnswer) -> Self {
-        Self {
-            choices: Choices::new(answer),
-        }
+        Self { choices: Choices::new(answer) }
     }
 
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
@@ -121,9 +112,7 @@ impl ChatChunks {
 
 impl ChunkWriter for ChatChunks {
     fn delta(&mut self, _source: usize, delta: ChoiceDelta, out: &mut Vec<u8>) {
-        let Some(absorbed) = self.choices.absorb(delta) else {
-            return;
-        };
+        let Some(absorbed) = self.choices.absorb(delta) else { return };
         let state = &mut self.choices.states[absorbed.index];
         let mut chat_delta = ChatDelta::default();
         if !std::mem::replace(&mut state.started, true) {
@@ -132,24 +121,15 @@ impl ChunkWriter for ChatChunks {
         let first_call = state.tool_calls - count_calls(&absorbed.pieces);
         for piece in absorbed.pieces {
             match piece {
-                Piece::Content(t) => chat_delta
-                    .content
-                    .get_or_insert_with(String::new)
-                    .push_str(&t),
-                Piece::Reasoning(t) => chat_delta
-                    .reasoning_content
-                    .get_or_insert_with(String::new)
-                    .push_str(&t),
+                Piece::Content(t) => chat_delta.content.get_or_insert_with(String::new).push_str(&t),
+                Piece::Reasoning(t) => chat_delta.reasoning_content.get_or_insert_with(String::new).push_str(&t),
                 Piece::ToolCall { name, arguments } => {
                     let index = first_call + chat_delta.tool_calls.len();
-                    chat_delta.tool_calls.push(
-                        ToolCall::function(ids::tool_call_id(), name, arguments).into_delta(index),
-                    );
+                    chat_delta.tool_calls.push(ToolCall::function(ids::tool_call_id(), name, arguments).into_delta(index));
                 }
             }
         }
-        if chat_delta.is_empty() && absorbed.finish_reason.is_none() && absorbed.logprobs.is_none()
-        {
+        if chat_delta.is_empty() && absorbed.finish_reason.is_none() && absorbed.logprobs.is_none() {
             return;
         }
         let choice = ChatChunkChoice {
@@ -170,10 +150,7 @@ impl ChunkWriter for ChatChunks {
 }
 
 fn count_calls(pieces: &[Piece]) -> usize {
-    pieces
-        .iter()
-        .filter(|p| matches!(p, Piece::ToolCall { .. }))
-        .count()
+    pieces.iter().filter(|p| matches!(p, Piece::ToolCall { .. })).count()
 }
 
 /// Non-streamed chat: one `chat.completion` once every choice finished.
@@ -200,16 +177,11 @@ impl Collector for ChatMessageCollector {
     type Output = ChatCompletionResponse;
 
     fn add(&mut self, _source: usize, delta: ChoiceDelta) {
-        let Some(absorbed) = self.choices.absorb(delta) else {
-            return;
-        };
+        let Some(absorbed) = self.choices.absorb(delta) else { return };
         let i = absorbed.index;
         self.messages[i].add(absorbed.pieces);
         if let Some(lp) = absorbed.logprobs {
-            self.logprobs[i]
-                .get_or_insert_with(ChatLogprobs::default)
-                .content
-                .extend(lp.content);
+            self.logprobs[i].get_or_insert_with(ChatLogprobs::default).content.extend(lp.content);
         }
         if absorbed.finish_reason.is_some() {
             self.endings[i] = (absorbed.finish_reason, absorbed.stop_reason);
@@ -223,15 +195,13 @@ impl Collector for ChatMessageCollector {
             .zip(self.logprobs)
             .zip(self.endings)
             .enumerate()
-            .map(
-                |(index, ((message, logprobs), (finish_reason, stop_reason)))| ChatChoice {
-                    index,
-                    message: response_message(message),
-                    logprobs,
-                    finish_reason,
-                    stop_reason,
-                },
-            )
+            .map(|(index, ((message, logprobs), (finish_reason, stop_reason)))| ChatChoice {
+                index,
+                message: response_message(message),
+                logprobs,
+                finish_reason,
+                stop_reason,
+            })
             .collect();
         let a = &self.choices.answer;
         ChatCompletionResponse {
@@ -251,11 +221,7 @@ fn response_message(parsed: ParsedMessage) -> ResponseMessage {
     ResponseMessage {
         role: Role::Assistant,
         // OpenAI sends null content for a reply made only of tool calls.
-        content: if parsed.content.is_empty() && has_calls {
-            None
-        } else {
-            Some(parsed.content)
-        },
+        content: if parsed.content.is_empty() && has_calls { None } else { Some(parsed.content) },
         reasoning_content: (!parsed.reasoning.is_empty()).then_some(parsed.reasoning),
         tool_calls: parsed
             .tool_calls

@@ -35,21 +35,13 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", python_json::tojson);
         env.add_template_owned(TEMPLATE_NAME, source)?;
-        Ok(Self {
-            env,
-            special_tokens,
-        })
+        Ok(Self { env, special_tokens })
     }
 
     pub fn render(&self, input: &TemplateInput) -> Result<String, RenderError> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| RenderError(describe(&e)))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| RenderError(describe(&e)))?;
         let context = input.context(&self.special_tokens);
-        template
-            .render(context)
-            .map_err(|e| RenderError(describe(&e)))
+        template.render(context).map_err(|e| RenderError(describe(&e)))
     }
 }
 

@@ -15,27 +15,11 @@ struct PythonCompact {
 }
 
 impl Formatter for PythonCompact {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(self.item.as_bytes())
-        }
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(self.item.as_bytes()) }
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(self.item.as_bytes())
-        }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(self.item.as_bytes()) }
     }
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         w.write_all(self.key.as_bytes())
@@ -59,10 +43,7 @@ fn separators(kwargs: &Kwargs, indented: bool) -> Result<(String, String), Error
     match given.as_deref() {
         None => Ok((default.0.to_owned(), default.1.to_owned())),
         Some([item, key]) => Ok((item.clone(), key.clone())),
-        Some(_) => Err(Error::new(
-            ErrorKind::InvalidOperation,
-            "tojson: separators must be a pair",
-        )),
+        Some(_) => Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
     }
 }
 
@@ -82,18 +63,10 @@ pub fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     Ok(Value::from_safe_string(text))
 }
 
-fn dump<T: Serialize>(
-    value: &T,
-    indent: Option<usize>,
-    item: String,
-    key: String,
-) -> Result<String, Error> {
+fn dump<T: Serialize>(value: &T, indent: Option<usize>, item: String, key: String) -> Result<String, Error> {
     match indent {
         // PrettyFormatter writes "," + newline and ": ", Python's choice with an indent.
-        Some(n) => write_json(
-            value,
-            PrettyFormatter::with_indent(" ".repeat(n).as_bytes()),
-        ),
+        Some(n) => write_json(value, PrettyFormatter::with_indent(" ".repeat(n).as_bytes())),
         None => write_json(value, PythonCompact { item, key }),
     }
 }
@@ -101,16 +74,11 @@ fn dump<T: Serialize>(
 fn sort_recursively(value: serde_json::Value) -> serde_json::Value {
     match value {
         serde_json::Value::Object(map) => {
-            let mut entries: Vec<_> = map
-                .into_iter()
-                .map(|(k, v)| (k, sort_recursively(v)))
-                .collect();
+            let mut entries: Vec<_> = map.into_iter().map(|(k, v)| (k, sort_recursively(v))).collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
             serde_json::Value::Object(entries.into_iter().collect())
         }
-        serde_json::Value::Array(items) => {
-            serde_json::Value::Array(items.into_iter().map(sort_recursively).collect())
-        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(sort_recursively).collect()),
         other => other,
     }
 }
@@ -131,21 +99,12 @@ mod tests {
     fn matches_python_json_dumps() {
         let ctx = r#"{"x": {"b": [1, "<a&b>", null, true], "a": {"k": "é\n"}}}"#;
         // json.dumps({"b": [1, "<a&b>", None, True], "a": {"k": "é\n"}}, ensure_ascii=False)
-        assert_eq!(
-            render("{{ x | tojson }}", ctx),
-            r#"{"b": [1, "<a&b>", null, true], "a": {"k": "é\n"}}"#
-        );
-        assert_eq!(
-            render("{{ x | tojson(sort_keys=true) }}", ctx),
-            r#"{"a": {"k": "é\n"}, "b": [1, "<a&b>", null, true]}"#
-        );
+        assert_eq!(render("{{ x | tojson }}", ctx), r#"{"b": [1, "<a&b>", null, true], "a": {"k": "é\n"}}"#);
+        assert_eq!(render("{{ x | tojson(sort_keys=true) }}", ctx), r#"{"a": {"k": "é\n"}, "b": [1, "<a&b>", null, true]}"#);
         assert_eq!(
             render("{{ x.a | tojson(indent=2) }}", ctx),
             "{\n  \"k\": \"é\\n\"\n}"
         );
-        assert_eq!(
-            render("{{ x.b | tojson(separators=(',', ':')) }}", ctx),
-            r#"[1,"<a&b>",null,true]"#
-        );
+        assert_eq!(render("{{ x.b | tojson(separators=(',', ':')) }}", ctx), r#"[1,"<a&b>",null,true]"#);
     }
 }

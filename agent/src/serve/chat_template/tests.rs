@@ -6,17 +6,13 @@ fn json_value(text: &str) -> minijinja::Value {
 }
 
 fn render(source: &str, input: &TemplateInput) -> Result<String, RenderError> {
-    ChatTemplate::new(source.to_owned(), vec![("bos_token", "<s>".to_owned())])
-        .unwrap()
-        .render(input)
+    ChatTemplate::new(source.to_owned(), vec![("bos_token", "<s>".to_owned())]).unwrap().render(input)
 }
 
 #[test]
 fn python_string_methods_and_special_tokens_work() {
     let input = TemplateInput {
-        messages: message_values(&json_value(
-            r#"[{"role": "user", "content": "  Hi  ", "name": null}]"#,
-        )),
+        messages: message_values(&json_value(r#"[{"role": "user", "content": "  Hi  ", "name": null}]"#)),
         add_generation_prompt: true,
         ..Default::default()
     };
@@ -27,11 +23,7 @@ fn python_string_methods_and_special_tokens_work() {
 
 #[test]
 fn raise_exception_gives_the_templates_message() {
-    let err = render(
-        "{{ raise_exception('No system messages, please.') }}",
-        &TemplateInput::default(),
-    )
-    .unwrap_err();
+    let err = render("{{ raise_exception('No system messages, please.') }}", &TemplateInput::default()).unwrap_err();
     assert_eq!(err.0, "No system messages, please.");
 }
 
@@ -55,19 +47,9 @@ fn tool_call_arguments_become_objects_for_the_template() {
         r#"[{"role": "assistant", "content": null,
              "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"b\": 1, \"a\": 2}"}}]}]"#,
     ));
-    assert!(
-        messages[0].get_attr("content").unwrap().is_undefined(),
-        "null keys are dropped"
-    );
-    let input = TemplateInput {
-        messages,
-        ..Default::default()
-    };
-    let out = render(
-        "{{ messages[0].tool_calls[0].function.arguments | tojson }}",
-        &input,
-    )
-    .unwrap();
+    assert!(messages[0].get_attr("content").unwrap().is_undefined(), "null keys are dropped");
+    let input = TemplateInput { messages, ..Default::default() };
+    let out = render("{{ messages[0].tool_calls[0].function.arguments | tojson }}", &input).unwrap();
     assert_eq!(out, r#"{"b": 1, "a": 2}"#, "key order is the client's");
 }
 
@@ -75,21 +57,15 @@ fn tool_call_arguments_become_objects_for_the_template() {
 /// reproduced to the byte, errors included.
 fn check_against_transformers(flavour: &str) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    let text =
-        std::fs::read_to_string(root.join(format!("reference/chat-{flavour}.json"))).unwrap();
+    let text = std::fs::read_to_string(root.join(format!("reference/chat-{flavour}.json"))).unwrap();
     let reference: Reference = serde_json::from_str(&text).unwrap();
     let config_path = root.join(&reference.tokenizer_config);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(config_path).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(config_path).unwrap()).unwrap();
     let special_tokens = ["bos_token", "eos_token", "pad_token", "unk_token"]
         .into_iter()
         .filter_map(|name| config[name].as_str().map(|t| (name, t.to_owned())))
         .collect();
-    let template = ChatTemplate::new(
-        config["chat_template"].as_str().unwrap().to_owned(),
-        special_tokens,
-    )
-    .unwrap();
+    let template = ChatTemplate::new(config["chat_template"].as_str().unwrap().to_owned(), special_tokens).unwrap();
     assert!(reference.cases.len() >= 5, "too few reference cases");
     for case in reference.cases {
         let name = &case.name;
@@ -102,9 +78,7 @@ fn check_against_transformers(flavour: &str) {
         match (template.render(&input), case.rendered) {
             (Ok(ours), Some(theirs)) => assert_eq!(ours, theirs, "{flavour}/{name}"),
             (Err(ours), None) => assert_eq!(Some(ours.0), case.error, "{flavour}/{name}"),
-            (ours, _) => {
-                panic!("{flavour}/{name}: transformers and we disagree on success: {ours:?}")
-            }
+            (ours, _) => panic!("{flavour}/{name}: transformers and we disagree on success: {ours:?}"),
         }
     }
 }

@@ -17,24 +17,15 @@ pub struct TemplateInput {
 impl TemplateInput {
     pub(super) fn context(&self, special_tokens: &[(&'static str, String)]) -> Value {
         // Request kwargs first, so they cannot replace the conversation itself.
-        let mut vars: std::collections::BTreeMap<String, Value> = self
-            .kwargs
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::from_serialize(v)))
-            .collect();
+        let mut vars: std::collections::BTreeMap<String, Value> =
+            self.kwargs.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
         for (name, token) in special_tokens {
             vars.insert((*name).to_owned(), Value::from(token.as_str()));
         }
         vars.insert("messages".into(), Value::from(self.messages.clone()));
-        vars.insert(
-            "tools".into(),
-            self.tools.clone().unwrap_or(Value::from(())),
-        );
+        vars.insert("tools".into(), self.tools.clone().unwrap_or(Value::from(())));
         vars.insert("documents".into(), Value::from(()));
-        vars.insert(
-            "add_generation_prompt".into(),
-            Value::from(self.add_generation_prompt),
-        );
+        vars.insert("add_generation_prompt".into(), Value::from(self.add_generation_prompt));
         Value::from_iter(vars)
     }
 }
@@ -52,12 +43,7 @@ pub fn message_values(messages: &Value) -> Vec<Value> {
 fn message_value(message: &Value) -> Value {
     map_entries(message, |key, value| match key {
         _ if value.is_none() => None,
-        "tool_calls" => Some(Value::from(
-            value
-                .try_iter()
-                .map(|calls| calls.map(|c| call_value(&c)).collect::<Vec<_>>())
-                .unwrap_or_default(),
-        )),
+        "tool_calls" => Some(Value::from(value.try_iter().map(|calls| calls.map(|c| call_value(&c)).collect::<Vec<_>>()).unwrap_or_default())),
         _ => Some(value),
     })
 }
@@ -73,9 +59,7 @@ fn call_value(call: &Value) -> Value {
 }
 
 fn parse_object(text: &str) -> Option<Value> {
-    serde_json::from_str::<Value>(text)
-        .ok()
-        .filter(|v| v.kind() == ValueKind::Map)
+    serde_json::from_str::<Value>(text).ok().filter(|v| v.kind() == ValueKind::Map)
 }
 
 /// A map rebuilt entry by entry in its order (`edit` returns None to drop an entry);
@@ -84,9 +68,7 @@ fn map_entries(map: &Value, edit: impl Fn(&str, Value) -> Option<Value>) -> Valu
     if map.kind() != ValueKind::Map {
         return map.clone();
     }
-    let Ok(keys) = map.try_iter() else {
-        return map.clone();
-    };
+    let Ok(keys) = map.try_iter() else { return map.clone() };
     Value::from_iter(keys.filter_map(|key| {
         let value = map.get_item(&key).ok()?;
         let name = key.as_str()?.to_owned();

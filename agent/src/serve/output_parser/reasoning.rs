@@ -28,10 +28,7 @@ pub struct ReasoningParser {
 
 impl ReasoningParser {
     pub fn new(starts_inside: bool) -> Self {
-        Self {
-            splitter: TagSplitter::new(OPEN, CLOSE, starts_inside),
-            segments: Vec::new(),
-        }
+        Self { splitter: TagSplitter::new(OPEN, CLOSE, starts_inside), segments: Vec::new() }
     }
 
     pub fn push(&mut self, text: &str, out: &mut Vec<Piece>) {
@@ -62,9 +59,7 @@ mod tests {
     #[test]
     fn detects_an_open_think_in_the_prompt() {
         assert!(prompt_opens_reasoning("<|im_start|>assistant\n<think>\n"));
-        assert!(!prompt_opens_reasoning(
-            "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-        ));
+        assert!(!prompt_opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
         assert!(!prompt_opens_reasoning("<|im_start|>assistant\n"));
     }
 }

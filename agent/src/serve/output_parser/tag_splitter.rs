@@ -22,12 +22,7 @@ pub struct TagSplitter {
 
 impl TagSplitter {
     pub fn new(open: &'static str, close: &'static str, start_inside: bool) -> Self {
-        Self {
-            open,
-            close,
-            inside: start_inside,
-            held: String::new(),
-        }
+        Self { open, close, inside: start_inside, held: String::new() }
     }
 
     pub fn is_inside(&self) -> bool {
@@ -43,11 +38,7 @@ impl TagSplitter {
             match rest.find(tag) {
                 Some(pos) => {
                     self.emit(&rest[..pos], out);
-                    out.push(if self.inside {
-                        Segment::Closed
-                    } else {
-                        Segment::Opened
-                    });
+                    out.push(if self.inside { Segment::Closed } else { Segment::Opened });
                     self.inside = !self.inside;
                     rest = &rest[pos + tag.len()..];
                 }
@@ -71,11 +62,7 @@ impl TagSplitter {
         if text.is_empty() {
             return;
         }
-        out.push(if self.inside {
-            Segment::Inside(text.to_owned())
-        } else {
-            Segment::Outside(text.to_owned())
-        });
+        out.push(if self.inside { Segment::Inside(text.to_owned()) } else { Segment::Outside(text.to_owned()) });
     }
 }
 
@@ -83,12 +70,7 @@ impl TagSplitter {
 fn partial_tag_suffix(text: &str, tag: &str) -> usize {
     (1..tag.len().min(text.len() + 1))
         .rev()
-        .find(|&n| {
-            text.is_char_boundary(text.len() - n)
-                && tag
-                    .as_bytes()
-                    .starts_with(&text.as_bytes()[text.len() - n..])
-        })
+        .find(|&n| text.is_char_boundary(text.len() - n) && tag.as_bytes().starts_with(&text.as_bytes()[text.len() - n..]))
         .unwrap_or(0)
 }
 
@@ -123,26 +105,13 @@ mod tests {
 
     #[test]
     fn a_false_start_is_released() {
-        assert_eq!(
-            split_all(&["a<", "b"], false),
-            vec![Segment::Outside("a".into()), Segment::Outside("<b".into())]
-        );
-        assert_eq!(
-            split_all(&["a<"], false),
-            vec![Segment::Outside("a".into()), Segment::Outside("<".into())]
-        );
+        assert_eq!(split_all(&["a<", "b"], false), vec![Segment::Outside("a".into()), Segment::Outside("<b".into())]);
+        assert_eq!(split_all(&["a<"], false), vec![Segment::Outside("a".into()), Segment::Outside("<".into())]);
     }
 
     #[test]
     fn can_start_inside() {
-        assert_eq!(
-            split_all(&["r</t>c"], true),
-            vec![
-                Segment::Inside("r".into()),
-                Segment::Closed,
-                Segment::Outside("c".into())
-            ]
-        );
+        assert_eq!(split_all(&["r</t>c"], true), vec![Segment::Inside("r".into()), Segment::Closed, Segment::Outside("c".into())]);
     }
 
     #[test]

@@ -4,19 +4,11 @@ fn hermes() -> Option<&'static ToolParserKind> {
     tool_parser_by_name("hermes")
 }
 
-fn parse_whole(
-    text: &str,
-    reasoning: Option<bool>,
-    tools: Option<&ToolParserKind>,
-) -> ParsedMessage {
+fn parse_whole(text: &str, reasoning: Option<bool>, tools: Option<&ToolParserKind>) -> ParsedMessage {
     parse_chunks(&[text], reasoning, tools)
 }
 
-fn parse_chunks(
-    chunks: &[&str],
-    reasoning: Option<bool>,
-    tools: Option<&ToolParserKind>,
-) -> ParsedMessage {
+fn parse_chunks(chunks: &[&str], reasoning: Option<bool>, tools: Option<&ToolParserKind>) -> ParsedMessage {
     let mut parser = OutputParser::new(reasoning, tools);
     let mut message = ParsedMessage::default();
     for chunk in chunks {
@@ -37,15 +29,11 @@ const TRICKY: &[&str] = &[
 ];
 
 fn char_boundaries(text: &str) -> Vec<usize> {
-    (0..=text.len())
-        .filter(|&i| text.is_char_boundary(i))
-        .collect()
+    (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect()
 }
 
 /// Every parser set-up with every tricky text, and the text's whole-message parse.
-fn each_case(
-    mut check: impl FnMut(&str, Option<bool>, Option<&'static ToolParserKind>, &ParsedMessage),
-) {
+fn each_case(mut check: impl FnMut(&str, Option<bool>, Option<&'static ToolParserKind>, &ParsedMessage)) {
     for reasoning in [None, Some(false), Some(true)] {
         for tools in [None, hermes()] {
             for text in TRICKY {
@@ -60,10 +48,7 @@ fn any_two_way_split_matches_the_whole_text() {
     each_case(|text, reasoning, tools, whole| {
         for cut in char_boundaries(text) {
             let split = parse_chunks(&[&text[..cut], &text[cut..]], reasoning, tools);
-            assert_eq!(
-                &split, whole,
-                "text {text:?} cut at {cut} (reasoning {reasoning:?}, tools {tools:?})"
-            );
+            assert_eq!(&split, whole, "text {text:?} cut at {cut} (reasoning {reasoning:?}, tools {tools:?})");
         }
     });
 }
@@ -85,10 +70,7 @@ fn reasoning_and_tool_calls_are_separated() {
     assert_eq!(
         parsed.tool_calls,
         vec![
-            (
-                "get_weather".to_owned(),
-                r#"{"city":"Zürich","unit":"°C"}"#.to_owned()
-            ),
+            ("get_weather".to_owned(), r#"{"city":"Zürich","unit":"°C"}"#.to_owned()),
             ("now".to_owned(), "{}".to_owned())
         ]
     );
@@ -104,10 +86,7 @@ fn without_a_tool_parser_tags_stay_content() {
 #[test]
 fn invalid_json_in_tags_is_returned_as_content() {
     let parsed = parse_whole(TRICKY[2], None, hermes());
-    assert_eq!(
-        parsed.content,
-        "<tool_call>{not json}</tool_call> then text"
-    );
+    assert_eq!(parsed.content, "<tool_call>{not json}</tool_call> then text");
     assert!(parsed.tool_calls.is_empty());
 }
 
@@ -115,10 +94,7 @@ fn invalid_json_in_tags_is_returned_as_content() {
 fn an_unclosed_call_is_kept_when_its_json_is_complete() {
     let parsed = parse_whole(TRICKY[3], None, hermes());
     assert_eq!(parsed.content, "text");
-    assert_eq!(
-        parsed.tool_calls,
-        vec![("cut".to_owned(), r#"{"a":1}"#.to_owned())]
-    );
+    assert_eq!(parsed.tool_calls, vec![("cut".to_owned(), r#"{"a":1}"#.to_owned())]);
     let parsed = parse_whole(TRICKY[4], None, hermes());
     assert_eq!(parsed.content, "<tool_call>{\"name\": \"cut\", \"argu");
     assert!(parsed.tool_calls.is_empty());
@@ -129,10 +105,7 @@ fn generation_that_starts_inside_reasoning() {
     let parsed = parse_whole(TRICKY[5], Some(true), hermes());
     assert_eq!(parsed.reasoning, "reasoning without open");
     assert_eq!(parsed.content, "answer 日本語");
-    assert_eq!(
-        parsed.tool_calls,
-        vec![("f".to_owned(), r#"{"x":[1,2]}"#.to_owned())]
-    );
+    assert_eq!(parsed.tool_calls, vec![("f".to_owned(), r#"{"x":[1,2]}"#.to_owned())]);
 }
 
 #[test]
@@ -142,9 +115,6 @@ fn plain_whitespace_answers_survive() {
 
 #[test]
 fn the_hermes_format_is_detected_from_a_template() {
-    assert_eq!(
-        detect_tool_parser("... <tool_call>\n{{ tool_call }} ...").map(|k| k.name),
-        Some("hermes")
-    );
+    assert_eq!(detect_tool_parser("... <tool_call>\n{{ tool_call }} ...").map(|k| k.name), Some("hermes"));
     assert!(detect_tool_parser("{{ messages }}").is_none());
 }

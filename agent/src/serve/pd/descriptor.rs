@@ -67,51 +67,24 @@ struct Lease {
 }
 
 pub fn prompt_hash(tokens: &[u32]) -> String {
-    format!(
-        "{:016x}",
-        xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(tokens))
-    )
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(tokens)))
 }
 
 impl MigrationDescriptor {
     /// The descriptor of a lease whose first token is known.
-    pub fn new(
-        from: &PrefillEndpoint,
-        info: &ModelInfo,
-        prompt: &[u32],
-        first_token: TokenLogprob,
-        handoff: KvHandoff,
-    ) -> Self {
-        let lease = Lease {
-            id: handoff.lease_id,
-            blocks: handoff.blocks,
-            expires_at: handoff.expires_at,
-            ready_mark: None,
-        };
+    pub fn new(from: &PrefillEndpoint, info: &ModelInfo, prompt: &[u32], first_token: TokenLogprob, handoff: KvHandoff) -> Self {
+        let lease = Lease { id: handoff.lease_id, blocks: handoff.blocks, expires_at: handoff.expires_at, ready_mark: None };
         Self::build(from, info, prompt, Some(first_token), lease)
     }
 
     /// The descriptor of an early handoff, sent before the first token exists.
     pub fn early(from: &PrefillEndpoint, info: &ModelInfo, prompt: &[u32], kv: EarlyKv) -> Self {
-        let lease = Lease {
-            id: kv.lease_id,
-            blocks: kv.blocks,
-            expires_at: kv.expires_at,
-            ready_mark: kv.ready_mark,
-        };
+        let lease = Lease { id: kv.lease_id, blocks: kv.blocks, expires_at: kv.expires_at, ready_mark: kv.ready_mark };
         Self::build(from, info, prompt, None, lease)
     }
 
-    fn build(
-        from: &PrefillEndpoint,
-        info: &ModelInfo,
-        prompt: &[u32],
-        first_token: Option<TokenLogprob>,
-        lease: Lease,
-    ) -> Self {
-        let remaining = lease
-            .expires_at
-            .saturating_duration_since(std::time::Instant::now());
+    fn build(from: &PrefillEndpoint, info: &ModelInfo, prompt: &[u32], first_token: Option<TokenLogprob>, lease: Lease) -> Self {
+        let remaining = lease.expires_at.saturating_duration_since(std::time::Instant::now());
         Self {
             version: DESCRIPTOR_VERSION,
             engine_id: from.engine_id.clone(),
@@ -134,30 +107,16 @@ impl MigrationDescriptor {
 
     /// Refuses a descriptor this engine cannot continue: another version, model or KV
     /// layout, or a prompt that tokenized differently here.
-    pub fn check_compatible(
-        &self,
-        served_model: &str,
-        info: &ModelInfo,
-        prompt: &[u32],
-    ) -> Result<(), ApiError> {
+    pub fn check_compatible(&self, served_model: &str, info: &ModelInfo, prompt: &[u32]) -> Result<(), ApiError> {
         if self.version != DESCRIPTOR_VERSION {
-            return Err(mismatch(format!(
-                "descriptor version {} (this engine speaks {DESCRIPTOR_VERSION})",
-                self.version
-            )));
+            return Err(mismatch(format!("descriptor version {} (this engine speaks {DESCRIPTOR_VERSION})", self.version)));
         }
         if self.model != served_model {
-            return Err(mismatch(format!(
-                "the KV was computed for model {:?}, this engine serves {served_model:?}",
-                self.model
-            )));
+            return Err(mismatch(format!("the KV was computed for model {:?}, this engine serves {served_model:?}", self.model)));
         }
         let local = KvLayout::from(&info.kv_layout);
         if self.kv_layout != local {
-            return Err(mismatch(format!(
-                "prefill's KV layout {:?} differs from this engine's {local:?}",
-                self.kv_layout
-            )));
+            return Err(mismatch(format!("prefill's KV layout {:?} differs from this engine's {local:?}", self.kv_layout)));
         }
         if self.prompt_tokens != prompt.len() || self.prompt_hash != prompt_hash(prompt) {
             return Err(mismatch(format!(
@@ -167,11 +126,7 @@ impl MigrationDescriptor {
             )));
         }
         if self.blocks.len() != prompt.len().div_ceil(local.block_size) {
-            return Err(mismatch(format!(
-                "{} blocks for a prompt of {} tokens",
-                self.blocks.len(),
-                prompt.len()
-            )));
+            return Err(mismatch(format!("{} blocks for a prompt of {} tokens", self.blocks.len(), prompt.len())));
         }
         Ok(())
     }

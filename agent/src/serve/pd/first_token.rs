@@ -31,51 +31,26 @@ struct FirstTokenAnswer {
 }
 
 /// Prefill side: `POST /pd/first_token`.
-pub async fn first_token(
-    State(state): State<AppState>,
-    RawBody(body): RawBody,
-) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn first_token(State(state): State<AppState>, RawBody(body): RawBody) -> Result<Json<serde_json::Value>, ApiError> {
     // Served while draining too: decode may be mid-import of one of our requests.
-    let engine = state
-        .loaded_engine()
-        .ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))?;
+    let engine = state.loaded_engine().ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))?;
     let request = parse_request::<FirstTokenRequest>(&body)?;
-    let lease_id = request
-        .lease_id
-        .parse::<u64>()
-        .map_err(|_| ApiError::invalid_param("lease_id", "not a lease id"))?;
+    let lease_id = request.lease_id.parse::<u64>().map_err(|_| ApiError::invalid_param("lease_id", "not a lease id"))?;
     match tokio::time::timeout(FIRST_TOKEN_TIMEOUT, engine.first_token_of_lease(lease_id)).await {
         Ok(Ok(token)) => Ok(Json(json!(FirstTokenAnswer { first_token: token }))),
-        Ok(Err(why)) => Err(ApiError::not_found(why)
-            .with_param("lease_id")
-            .with_code("kv_transfer_failed")),
-        Err(_) => Err(
-            ApiError::unavailable("prefill sampled no first token in time")
-                .with_code("kv_transfer_failed"),
-        ),
+        Ok(Err(why)) => Err(ApiError::not_found(why).with_param("lease_id").with_code("kv_transfer_failed")),
+        Err(_) => Err(ApiError::unavailable("prefill sampled no first token in time").with_code("kv_transfer_failed")),
     }
 }
 
 /// Decode side: asks prefill for the token, at most [`FIRST_TOKEN_TIMEOUT`].
 pub async fn fetch(client: &reqwest::Client, url: &str, lease_id: &str) -> FirstTokenResult {
-    let request = client
-        .post(url)
-        .timeout(FIRST_TOKEN_TIMEOUT)
-        .json(&json!({ "lease_id": lease_id }));
-    let response = request
-        .send()
-        .await
-        .map_err(|e| format!("asking {url}: {e}"))?;
+    let request = client.post(url).timeout(FIRST_TOKEN_TIMEOUT).json(&json!({ "lease_id": lease_id }));
+    let response = request.send().await.map_err(|e| format!("asking {url}: {e}"))?;
     let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| format!("reading {url}'s answer: {e}"))?;
+    let body = response.bytes().await.map_err(|e| format!("reading {url}'s answer: {e}"))?;
     if !status.is_success() {
-        return Err(format!(
-            "{url} answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
+        return Err(format!("{url} answered {status}: {}", String::from_utf8_lossy(&body)));
     }
     serde_json::from_slice::<FirstTokenAnswer>(&body)
         .map(|a| a.first_token)

@@ -54,25 +54,13 @@ where
     let Some(order) = order else {
         return Ok(axum::Json(collect(&mut generation, collector).await?).into_response());
     };
-    let from = Prefill {
-        endpoint: pd.endpoint.clone(),
-        engine: engine.clone(),
-        prompt: order.prompt,
-    };
+    let from = Prefill { endpoint: pd.endpoint.clone(), engine: engine.clone(), prompt: order.prompt };
     if order.early {
         while let Some(event) = generation.next().await {
             match event {
                 Event::KvReady(kv) => {
-                    let early = MigrationDescriptor::early(
-                        &from.endpoint,
-                        from.engine.info(),
-                        &from.prompt,
-                        kv,
-                    );
-                    return Ok(two_lines(
-                        json!({ "kv_transfer_params": early }),
-                        from.final_line(generation, collector),
-                    ));
+                    let early = MigrationDescriptor::early(&from.endpoint, from.engine.info(), &from.prompt, kv);
+                    return Ok(two_lines(json!({ "kv_transfer_params": early }), from.final_line(generation, collector)));
                 }
                 Event::Delta { source, delta } => collector.add(source, delta),
                 Event::Failed(e) => return Err(engine_error(&e)),
@@ -94,23 +82,13 @@ struct Prefill {
 impl Prefill {
     /// The descriptor for a handoff, or None if the request finished: then the lease is
     /// freed at once, unless the handoff was early (decode holds it then).
-    async fn descriptor(
-        &self,
-        handoff: Option<Handoff>,
-        early: bool,
-    ) -> Option<MigrationDescriptor> {
+    async fn descriptor(&self, handoff: Option<Handoff>, early: bool) -> Option<MigrationDescriptor> {
         let handoff = handoff?;
         if handoff.finished && !early {
             self.engine.free_lease(handoff.kv.lease_id).await;
             return None;
         }
-        Some(MigrationDescriptor::new(
-            &self.endpoint,
-            self.engine.info(),
-            &self.prompt,
-            handoff.first_token,
-            handoff.kv,
-        ))
+        Some(MigrationDescriptor::new(&self.endpoint, self.engine.info(), &self.prompt, handoff.first_token, handoff.kv))
     }
 
     /// The second line of an early answer.
@@ -132,41 +110,22 @@ impl Prefill {
 }
 
 /// `first`, then whatever `rest` resolves to, one JSON document per line.
-fn two_lines(
-    first: Value,
-    rest: impl std::future::Future<Output = Value> + Send + 'static,
-) -> Response {
-    let first =
-        futures::stream::once(
-            async move { Ok::<_, Infallible>(Bytes::from(format!("{first}\n"))) },
-        );
-    let rest = futures::stream::once(async move {
-        Ok::<_, Infallible>(Bytes::from(format!("{}\n", rest.await)))
-    });
+fn two_lines(first: Value, rest: impl std::future::Future<Output = Value> + Send + 'static) -> Response {
+    let first = futures::stream::once(async move { Ok::<_, Infallible>(Bytes::from(format!("{first}\n"))) });
+    let rest = futures::stream::once(async move { Ok::<_, Infallible>(Bytes::from(format!("{}\n", rest.await))) });
     let mut response = Response::new(Body::from_stream(futures::StreamExt::chain(first, rest)));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     response
 }
 
 /// `output` as JSON with `kv_transfer_params` added at the top level.
-fn with_kv_params<T: Serialize>(
-    output: T,
-    descriptor: Option<MigrationDescriptor>,
-) -> Result<Response, ApiError> {
+fn with_kv_params<T: Serialize>(output: T, descriptor: Option<MigrationDescriptor>) -> Result<Response, ApiError> {
     Ok(axum::Json(with_kv_params_value(output, descriptor)?).into_response())
 }
 
-fn with_kv_params_value<T: Serialize>(
-    output: T,
-    descriptor: Option<MigrationDescriptor>,
-) -> Result<Value, ApiError> {
-    let mut json = serde_json::to_value(output)
-        .map_err(|e| ApiError::internal(format!("serializing the answer: {e}")))?;
-    let params = serde_json::to_value(descriptor)
-        .map_err(|e| ApiError::internal(format!("serializing the descriptor: {e}")))?;
+fn with_kv_params_value<T: Serialize>(output: T, descriptor: Option<MigrationDescriptor>) -> Result<Value, ApiError> {
+    let mut json = serde_json::to_value(output).map_err(|e| ApiError::internal(format!("serializing the answer: {e}")))?;
+    let params = serde_json::to_value(descriptor).map_err(|e| ApiError::internal(format!("serializing the descriptor: {e}")))?;
     if let Value::Object(object) = &mut json {
         object.insert("kv_transfer_params".into(), params);
     }

@@ -32,9 +32,7 @@ impl DecodeImport {
     pub fn follow(self, stream: &RequestStream) -> LeaseRelease {
         if let Some((client, url, lease_id)) = self.pending_first_token {
             let sink = stream.first_token_sink();
-            tokio::spawn(async move {
-                sink.provide(first_token::fetch(&client, &url, &lease_id).await)
-            });
+            tokio::spawn(async move { sink.provide(first_token::fetch(&client, &url, &lease_id).await) });
         }
         self.lease
     }
@@ -54,80 +52,39 @@ pub async fn import_kv(
     descriptor: &MigrationDescriptor,
 ) -> Result<(KvTransfer, DecodeImport), ApiError> {
     descriptor.check_compatible(served_model, engine.info(), prompt)?;
-    let mut release = LeaseRelease::new(
-        pd.client.clone(),
-        descriptor.free_url.clone(),
-        descriptor.lease_id.clone(),
-    );
+    let mut release = LeaseRelease::new(pd.client.clone(), descriptor.free_url.clone(), descriptor.lease_id.clone());
     let mut first_token = descriptor.first_token.clone();
     let mut pending_first_token = None;
     let source = match choose(pd, engine, descriptor)? {
         Transport::CudaIpc(peer) => {
             if first_token.is_none() {
-                pending_first_token = Some((
-                    pd.client.clone(),
-                    descriptor.first_token_url.clone(),
-                    descriptor.lease_id.clone(),
-                ));
+                pending_first_token = Some((pd.client.clone(), descriptor.first_token_url.clone(), descriptor.lease_id.clone()));
             }
             let remote_blocks = descriptor.blocks.clone();
-            KvSource::CudaIpc {
-                peer: Arc::new(peer.clone()),
-                remote_blocks,
-                ready_mark: descriptor.ready_mark,
-            }
+            KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks, ready_mark: descriptor.ready_mark }
         }
         Transport::Tcp(addr) => {
             if first_token.is_none() {
-                let token = first_token::fetch(
-                    &pd.client,
-                    &descriptor.first_token_url,
-                    &descriptor.lease_id,
-                )
-                .await;
-                first_token = Some(token.map_err(|e| {
-                    transfer_failed(format!("fetching prefill's first token: {e}"))
-                })?);
+                let token = first_token::fetch(&pd.client, &descriptor.first_token_url, &descriptor.lease_id).await;
+                first_token = Some(token.map_err(|e| transfer_failed(format!("fetching prefill's first token: {e}")))?);
             }
             let expected = descriptor.blocks.len() * engine.info().kv_layout.bytes_per_block();
             // Prefill's own clock decides whether the lease is still valid (it answers
             // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry
             // would trust two clocks to agree and race an already-expired lease.
-            let bytes = tcp::pull(addr, &descriptor.lease_id, expected, PULL_TIMEOUT)
-                .await
-                .map_err(|e| transfer_failed(format!("{e:#}")))?;
+            let bytes = tcp::pull(addr, &descriptor.lease_id, expected, PULL_TIMEOUT).await.map_err(|e| transfer_failed(format!("{e:#}")))?;
             release.forget(); // prefill frees the lease itself once the pull is complete
-            KvSource::Host(Arc::new(KvPayload {
-                num_blocks: descriptor.blocks.len(),
-                bytes,
-            }))
+            KvSource::Host(Arc::new(KvPayload { num_blocks: descriptor.blocks.len(), bytes }))
         }
     };
-    Ok((
-        KvTransfer::Import(ImportedKv {
-            first_token,
-            source,
-        }),
-        DecodeImport {
-            lease: release,
-            pending_first_token,
-        },
-    ))
+    Ok((KvTransfer::Import(ImportedKv { first_token, source }), DecodeImport { lease: release, pending_first_token }))
 }
 
 /// CUDA IPC when both processes share a node (and not a GPU), else TCP; `--kv-transport`
 /// narrows the choice.
-fn choose<'a>(
-    pd: &Pd,
-    engine: &Engine,
-    d: &'a MigrationDescriptor,
-) -> Result<Transport<'a>, ApiError> {
+fn choose<'a>(pd: &Pd, engine: &Engine, d: &'a MigrationDescriptor) -> Result<Transport<'a>, ApiError> {
     let ipc = match (&d.cuda_ipc, engine.kv_ipc()) {
-        (Some(theirs), Some(ours))
-            if d.node == pd.endpoint.node && theirs.device != ours.device =>
-        {
-            Some(theirs)
-        }
+        (Some(theirs), Some(ours)) if d.node == pd.endpoint.node && theirs.device != ours.device => Some(theirs),
         _ => None,
     };
     let tcp = d.tcp.as_deref();
@@ -142,8 +99,5 @@ fn choose<'a>(
 }
 
 fn transfer_failed(message: String) -> ApiError {
-    ApiError::unavailable(format!(
-        "pulling the prompt's KV cache from prefill failed: {message}"
-    ))
-    .with_code("kv_transfer_failed")
+    ApiError::unavailable(format!("pulling the prompt's KV cache from prefill failed: {message}")).with_code("kv_transfer_failed")
 }

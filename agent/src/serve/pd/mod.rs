@@ -49,12 +49,7 @@ pub struct Pd {
 impl Pd {
     /// Starts the TCP KV listener (every engine has one: any engine may be asked to
     /// prefill) and gathers what descriptors advertise.
-    pub async fn start(
-        args: &ServeArgs,
-        engine: &Engine,
-        served_model: &str,
-        identity: &Identity,
-    ) -> anyhow::Result<Pd> {
+    pub async fn start(args: &ServeArgs, engine: &Engine, served_model: &str, identity: &Identity) -> anyhow::Result<Pd> {
         let self_url = &identity.advertise_url;
         if args.transfer.require_rdma || args.transfer.kv_transport == KvTransport::Rdma {
             anyhow::bail!(
@@ -62,15 +57,9 @@ impl Pd {
                  transport (crate dlengine-kv-rdma) is not wired into serving yet. Use --kv-transport auto|tcp|cuda-ipc"
             );
         }
-        let listener =
-            tokio::net::TcpListener::bind((args.host.as_str(), args.transfer.kv_transfer_port))
-                .await
-                .with_context(|| {
-                    format!(
-                        "binding the KV transfer listener on {}:{}",
-                        args.host, args.transfer.kv_transfer_port
-                    )
-                })?;
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.transfer.kv_transfer_port))
+            .await
+            .with_context(|| format!("binding the KV transfer listener on {}:{}", args.host, args.transfer.kv_transfer_port))?;
         let port = listener.local_addr()?.port();
         tokio::spawn(tcp::serve(listener, engine.clone()));
         let host = url_host(self_url);
@@ -84,15 +73,8 @@ impl Pd {
             cuda_ipc: engine.kv_ipc().cloned(),
         };
         tracing::info!(tcp = ?endpoint.tcp, cuda_ipc = endpoint.cuda_ipc.is_some(), "KV transfer ready");
-        let client = reqwest::Client::builder()
-            .timeout(FREE_TIMEOUT)
-            .build()
-            .context("building the HTTP client")?;
-        Ok(Pd {
-            endpoint,
-            transport: args.transfer.kv_transport,
-            client,
-        })
+        let client = reqwest::Client::builder().timeout(FREE_TIMEOUT).build().context("building the HTTP client")?;
+        Ok(Pd { endpoint, transport: args.transfer.kv_transport, client })
     }
 
     /// Applies `kv_transfer_params` to a request about to be submitted: prefill hands its
@@ -108,22 +90,11 @@ impl Pd {
         match params {
             KvParams::None => Ok(None),
             KvParams::RemoteDecode { early } => {
-                request.kv_transfer = if *early {
-                    KvTransfer::ExportEarly
-                } else {
-                    KvTransfer::Export
-                };
+                request.kv_transfer = if *early { KvTransfer::ExportEarly } else { KvTransfer::Export };
                 Ok(None)
             }
             KvParams::Continue(descriptor) => {
-                let (transfer, lease) = import_kv(
-                    self,
-                    engine,
-                    served_model,
-                    &request.prompt_token_ids,
-                    descriptor,
-                )
-                .await?;
+                let (transfer, lease) = import_kv(self, engine, served_model, &request.prompt_token_ids, descriptor).await?;
                 request.kv_transfer = transfer;
                 Ok(Some(lease))
             }
@@ -134,11 +105,7 @@ impl Pd {
     pub fn transfer_endpoints(&self) -> TransferEndpoints {
         TransferEndpoints {
             tcp: self.endpoint.tcp.clone(),
-            cuda_ipc: self
-                .endpoint
-                .cuda_ipc
-                .as_ref()
-                .map(|c| format!("{}@{}", c.device, self.endpoint.node)),
+            cuda_ipc: self.endpoint.cuda_ipc.as_ref().map(|c| format!("{}@{}", c.device, self.endpoint.node)),
             rdma: None,
         }
     }

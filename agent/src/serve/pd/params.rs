@@ -22,34 +22,20 @@ pub enum KvParams {
 impl KvParams {
     /// Reads the field from the raw request body (the typed request ignores it).
     pub fn from_body(body: &[u8]) -> Result<KvParams, ApiError> {
-        let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(body) else {
-            return Ok(KvParams::None);
-        };
+        let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(body) else { return Ok(KvParams::None) };
         match object.remove(FIELD) {
             None | Some(Value::Null) => Ok(KvParams::None),
-            Some(Value::Object(params))
-                if params.get("do_remote_decode") == Some(&Value::Bool(true)) =>
-            {
+            Some(Value::Object(params)) if params.get("do_remote_decode") == Some(&Value::Bool(true)) => {
                 let early = match params.get("early_descriptor") {
                     None | Some(Value::Null) => false,
                     Some(Value::Bool(early)) => *early,
-                    Some(_) => {
-                        return Err(ApiError::invalid_param(
-                            FIELD,
-                            "early_descriptor must be a boolean",
-                        ))
-                    }
+                    Some(_) => return Err(ApiError::invalid_param(FIELD, "early_descriptor must be a boolean")),
                 };
                 Ok(KvParams::RemoteDecode { early })
             }
             Some(value @ Value::Object(_)) => serde_json::from_value(value)
                 .map(|d| KvParams::Continue(Box::new(d)))
-                .map_err(|e| {
-                    ApiError::invalid_param(
-                        FIELD,
-                        format!("not a migration descriptor from a prefill engine: {e}"),
-                    )
-                }),
+                .map_err(|e| ApiError::invalid_param(FIELD, format!("not a migration descriptor from a prefill engine: {e}"))),
             Some(_) => Err(ApiError::invalid_param(FIELD, "must be an object")),
         }
     }
@@ -57,10 +43,7 @@ impl KvParams {
     /// Prefill answers once, whole: a stream could not carry the descriptor.
     pub fn check_stream(&self, stream: bool) -> Result<(), ApiError> {
         if matches!(self, KvParams::RemoteDecode { .. }) && stream {
-            return Err(ApiError::invalid_param(
-                "stream",
-                "must be false with kv_transfer_params.do_remote_decode",
-            ));
+            return Err(ApiError::invalid_param("stream", "must be false with kv_transfer_params.do_remote_decode"));
         }
         Ok(())
     }
@@ -68,10 +51,7 @@ impl KvParams {
     /// For a prefill order: what its answer needs.
     pub fn prefill_order(&self, prompt: &[u32]) -> Option<super::PrefillOrder> {
         match self {
-            KvParams::RemoteDecode { early } => Some(super::PrefillOrder {
-                prompt: prompt.to_vec(),
-                early: *early,
-            }),
+            KvParams::RemoteDecode { early } => Some(super::PrefillOrder { prompt: prompt.to_vec(), early: *early }),
             _ => None,
         }
     }
@@ -87,36 +67,20 @@ mod tests {
 
     #[test]
     fn the_three_forms_and_the_errors() {
-        assert!(matches!(
-            KvParams::from_body(br#"{"prompt":"x"}"#),
-            Ok(KvParams::None)
-        ));
-        assert!(matches!(
-            KvParams::from_body(br#"{"kv_transfer_params":null}"#),
-            Ok(KvParams::None)
-        ));
+        assert!(matches!(KvParams::from_body(br#"{"prompt":"x"}"#), Ok(KvParams::None)));
+        assert!(matches!(KvParams::from_body(br#"{"kv_transfer_params":null}"#), Ok(KvParams::None)));
         assert!(matches!(
             KvParams::from_body(br#"{"kv_transfer_params":{"do_remote_decode":true}}"#),
             Ok(KvParams::RemoteDecode { early: false })
         ));
         let early = br#"{"kv_transfer_params":{"do_remote_decode":true,"early_descriptor":true}}"#;
-        assert!(matches!(
-            KvParams::from_body(early),
-            Ok(KvParams::RemoteDecode { early: true })
-        ));
-        let err = KvParams::from_body(
-            br#"{"kv_transfer_params":{"do_remote_decode":true,"early_descriptor":1}}"#,
-        )
-        .unwrap_err();
+        assert!(matches!(KvParams::from_body(early), Ok(KvParams::RemoteDecode { early: true })));
+        let err = KvParams::from_body(br#"{"kv_transfer_params":{"do_remote_decode":true,"early_descriptor":1}}"#).unwrap_err();
         assert!(err.message.contains("early_descriptor"), "{}", err.message);
         let err = KvParams::from_body(br#"{"kv_transfer_params":{"lease_id":"1"}}"#).unwrap_err();
         assert_eq!(err.param.as_deref(), Some(FIELD));
         assert!(KvParams::from_body(br#"{"kv_transfer_params":3}"#).is_err());
-        assert!(KvParams::RemoteDecode { early: true }
-            .check_stream(true)
-            .is_err());
-        assert!(KvParams::RemoteDecode { early: false }
-            .check_stream(false)
-            .is_ok());
+        assert!(KvParams::RemoteDecode { early: true }.check_stream(true).is_err());
+        assert!(KvParams::RemoteDecode { early: false }.check_stream(false).is_ok());
     }
 }

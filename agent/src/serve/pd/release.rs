@@ -12,9 +12,7 @@ pub struct LeaseRelease {
 
 impl LeaseRelease {
     pub fn new(client: reqwest::Client, free_url: String, lease_id: String) -> Self {
-        Self {
-            target: Some((client, free_url, lease_id)),
-        }
+        Self { target: Some((client, free_url, lease_id)) }
     }
 
     /// Nothing left to release: prefill freed the lease itself.
@@ -24,12 +22,8 @@ impl LeaseRelease {
 
     /// Releases now (idempotent).
     pub fn release(&mut self) {
-        let Some((client, url, lease_id)) = self.target.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+        let Some((client, url, lease_id)) = self.target.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
             match client.post(&url).json(&json!({ "lease_id": lease_id })).send().await {
                 Ok(r) if r.status().is_success() => {}

@@ -56,20 +56,14 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     let mut reader = BufReader::new(socket);
     let mut line = String::new();
     let mut limited = (&mut reader).take(MAX_REQUEST_LINE as u64);
-    tokio::time::timeout(Duration::from_secs(10), limited.read_line(&mut line))
-        .await
-        .context("waiting for the pull request")??;
+    tokio::time::timeout(Duration::from_secs(10), limited.read_line(&mut line)).await.context("waiting for the pull request")??;
     let mut socket = reader.into_inner();
     let request: PullRequest = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => return write_error(&mut socket, &format!("malformed pull request: {e}")).await,
     };
     let Ok(lease_id) = request.lease_id.parse::<u64>() else {
-        return write_error(
-            &mut socket,
-            &format!("malformed lease id {:?}", request.lease_id),
-        )
-        .await;
+        return write_error(&mut socket, &format!("malformed lease id {:?}", request.lease_id)).await;
     };
     let layers = engine.info().kv_layout.num_layers;
     let chunk = request.layers_per_chunk.clamp(1, layers.max(1));
@@ -78,9 +72,7 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     let reader = engine.clone();
     tokio::spawn(async move {
         for start in (0..layers).step_by(chunk) {
-            let read = reader
-                .read_lease(lease_id, start..(start + chunk).min(layers))
-                .await;
+            let read = reader.read_lease(lease_id, start..(start + chunk).min(layers)).await;
             let failed = read.is_err();
             if tx.send(read).await.is_err() || failed {
                 break; // the sender gave up, or the lease is gone
@@ -104,21 +96,13 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     // prefills it again; the lease is not needed for that.)
     engine.free_lease(lease_id).await;
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        lease_id,
-        bytes = sent,
-        ms = seconds * 1e3,
-        gb_per_s = sent as f64 / seconds / 1e9,
-        "served a KV pull"
-    );
+    tracing::info!(lease_id, bytes = sent, ms = seconds * 1e3, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
     Ok(())
 }
 
 async fn write_frame(socket: &mut TcpStream, status: u8, payload: &[u8]) -> std::io::Result<()> {
     socket.write_all(&[status]).await?;
-    socket
-        .write_all(&(payload.len() as u64).to_le_bytes())
-        .await?;
+    socket.write_all(&(payload.len() as u64).to_le_bytes()).await?;
     socket.write_all(payload).await
 }
 
@@ -129,12 +113,7 @@ async fn write_error(socket: &mut TcpStream, message: &str) -> anyhow::Result<()
 
 /// Pulls every layer of a lease from `addr`; fails on any error the other side reports,
 /// a short read, a byte count other than `expected_bytes`, or `timeout`.
-pub async fn pull(
-    addr: &str,
-    lease_id: &str,
-    expected_bytes: usize,
-    timeout: Duration,
-) -> anyhow::Result<Vec<u8>> {
+pub async fn pull(addr: &str, lease_id: &str, expected_bytes: usize, timeout: Duration) -> anyhow::Result<Vec<u8>> {
     let started = Instant::now();
     let bytes = tokio::time::timeout(timeout, pull_inner(addr, lease_id, expected_bytes))
         .await
@@ -145,14 +124,9 @@ pub async fn pull(
 }
 
 async fn pull_inner(addr: &str, lease_id: &str, expected_bytes: usize) -> anyhow::Result<Vec<u8>> {
-    let mut socket = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to prefill's KV listener {addr}"))?;
+    let mut socket = TcpStream::connect(addr).await.with_context(|| format!("connecting to prefill's KV listener {addr}"))?;
     socket.set_nodelay(true)?;
-    let request = PullRequest {
-        lease_id: lease_id.to_owned(),
-        layers_per_chunk: DEFAULT_LAYERS_PER_CHUNK,
-    };
+    let request = PullRequest { lease_id: lease_id.to_owned(), layers_per_chunk: DEFAULT_LAYERS_PER_CHUNK };
     let mut line = serde_json::to_vec(&request)?;
     line.push(b'\n');
     socket.write_all(&line).await?;
@@ -165,40 +139,23 @@ async fn pull_inner(addr: &str, lease_id: &str, expected_bytes: usize) -> anyhow
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e).context("reading a KV frame"),
         }
-        let len = socket
-            .read_u64_le()
-            .await
-            .context("reading a KV frame length")?;
-        let room = if status[0] == FRAME_DATA {
-            (expected_bytes - out.len()) as u64
-        } else {
-            MAX_ERROR_BYTES
-        };
+        let len = socket.read_u64_le().await.context("reading a KV frame length")?;
+        let room = if status[0] == FRAME_DATA { (expected_bytes - out.len()) as u64 } else { MAX_ERROR_BYTES };
         if len > room {
             bail!("prefill sent a frame of {len} bytes where at most {room} fit (the descriptor announced {expected_bytes})");
         }
         let start = out.len();
         // Appends into spare capacity: no zero-filling of what is about to be overwritten.
-        let read = (&mut socket)
-            .take(len)
-            .read_to_end(&mut out)
-            .await
-            .context("reading KV bytes")?;
+        let read = (&mut socket).take(len).read_to_end(&mut out).await.context("reading KV bytes")?;
         if read as u64 != len {
             bail!("the connection closed {} bytes into a frame of {len}", read);
         }
         if status[0] == FRAME_ERROR {
-            bail!(
-                "prefill refused the pull: {}",
-                String::from_utf8_lossy(&out[start..])
-            );
+            bail!("prefill refused the pull: {}", String::from_utf8_lossy(&out[start..]));
         }
     }
     if out.len() != expected_bytes {
-        bail!(
-            "prefill sent {} bytes of KV, expected {expected_bytes}",
-            out.len()
-        );
+        bail!("prefill sent {} bytes of KV, expected {expected_bytes}", out.len());
     }
     Ok(out)
 }

@@ -18,11 +18,7 @@ pub fn paged_attention(
     let d = layout.head_dim;
     let group = layout.q_heads / layout.kv_heads;
     let mut out = vec![0.0f32; qkv.rows * layout.q_width()];
-    let work: usize = batch
-        .positions
-        .iter()
-        .map(|&p| (p as usize + 1) * d * layout.q_heads * 2)
-        .sum();
+    let work: usize = batch.positions.iter().map(|&p| (p as usize + 1) * d * layout.q_heads * 2).sum();
     let rows: Vec<(usize, &mut [f32])> = out.chunks_mut(layout.q_width()).enumerate().collect();
     maybe_par_for_each(rows, work, |(row, out_row)| {
         let seq = batch.query_start.partition_point(|&s| s as usize <= row) - 1;

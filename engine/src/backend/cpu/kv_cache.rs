@@ -18,12 +18,8 @@ impl CpuKvCache {
         Self {
             layout,
             num_slots,
-            k: (0..layout.num_layers)
-                .map(|_| vec![0.0; per_layer])
-                .collect(),
-            v: (0..layout.num_layers)
-                .map(|_| vec![0.0; per_layer])
-                .collect(),
+            k: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..layout.num_layers).map(|_| vec![0.0; per_layer]).collect(),
         }
     }
 
@@ -73,32 +69,18 @@ impl CpuKvCache {
     }
 
     /// The inverse of [`read_blocks`](Self::read_blocks); `bytes` must be exactly as long.
-    pub fn write_blocks(
-        &mut self,
-        blocks: &[u32],
-        layers: Range<usize>,
-        bytes: &[u8],
-    ) -> Result<(), String> {
+    pub fn write_blocks(&mut self, blocks: &[u32], layers: Range<usize>, bytes: &[u8]) -> Result<(), String> {
         let block_bytes = self.layout.block_size * self.width() * 4;
         let expected = layers.len() * 2 * blocks.len() * block_bytes;
         if bytes.len() != expected {
-            return Err(format!(
-                "expected {expected} bytes for {} blocks x {} layers, got {}",
-                blocks.len(),
-                layers.len(),
-                bytes.len()
-            ));
+            return Err(format!("expected {expected} bytes for {} blocks x {} layers, got {}", blocks.len(), layers.len(), bytes.len()));
         }
         let mut chunks = bytes.chunks_exact(block_bytes);
         for layer in layers {
             for kv in 0..2 {
                 for &b in blocks {
                     let span = self.block_span(b);
-                    let cache = if kv == 0 {
-                        &mut self.k[layer]
-                    } else {
-                        &mut self.v[layer]
-                    };
+                    let cache = if kv == 0 { &mut self.k[layer] } else { &mut self.v[layer] };
                     let chunk = chunks.next().expect("length checked");
                     // Unaligned source: copy element by element through from_le_bytes.
                     for (dst, src) in cache[span].iter_mut().zip(chunk.chunks_exact(4)) {

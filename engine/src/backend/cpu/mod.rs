@@ -8,9 +8,7 @@ mod ops;
 
 use std::ops::Range;
 
-use crate::backend::{
-    Backend, DType, HostTensor, KvBlockIo, KvCacheLayout, QkvLayout, Result, StepInput,
-};
+use crate::backend::{Backend, DType, HostTensor, KvBlockIo, KvCacheLayout, QkvLayout, Result, StepInput};
 use crate::error::BackendError;
 use crate::sampler::{sample_host, SampledToken, SamplingRow};
 
@@ -42,17 +40,11 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// `kv_budget_bytes`: how much memory the KV cache may take.
     pub fn new(kv_budget_bytes: usize) -> Self {
-        Self {
-            kv_budget_bytes,
-            kv: None,
-        }
+        Self { kv_budget_bytes, kv: None }
     }
 
     fn kv(&mut self, op: &'static str) -> Result<&mut CpuKvCache> {
-        self.kv.as_mut().ok_or(BackendError::Op {
-            op,
-            message: "the KV cache is not allocated".into(),
-        })
+        self.kv.as_mut().ok_or(BackendError::Op { op, message: "the KV cache is not allocated".into() })
     }
 }
 
@@ -60,10 +52,7 @@ fn check_cols(op: &'static str, t: &CpuTensor, cols: usize) -> Result<()> {
     if t.cols == cols {
         Ok(())
     } else {
-        Err(BackendError::Op {
-            op,
-            message: format!("expected {cols} columns, got {}", t.cols),
-        })
+        Err(BackendError::Op { op, message: format!("expected {cols} columns, got {}", t.cols) })
     }
 }
 
@@ -72,16 +61,9 @@ impl KvBlockIo for CpuBackend {
         Ok(self.kv("read_kv_blocks")?.read_blocks(blocks, layers))
     }
 
-    fn write_kv_blocks(
-        &mut self,
-        blocks: &[u32],
-        layers: Range<usize>,
-        bytes: &[u8],
-    ) -> Result<()> {
+    fn write_kv_blocks(&mut self, blocks: &[u32], layers: Range<usize>, bytes: &[u8]) -> Result<()> {
         let op = "write_kv_blocks";
-        self.kv(op)?
-            .write_blocks(blocks, layers, bytes)
-            .map_err(|message| BackendError::Op { op, message })
+        self.kv(op)?.write_blocks(blocks, layers, bytes).map_err(|message| BackendError::Op { op, message })
     }
 }
 
@@ -138,19 +120,9 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn add_rms_norm(
-        &mut self,
-        x: &CpuTensor,
-        residual: &mut CpuTensor,
-        weight: &CpuTensor,
-        eps: f32,
-    ) -> Result<CpuTensor> {
+    fn add_rms_norm(&mut self, x: &CpuTensor, residual: &mut CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         check_cols("add_rms_norm", x, residual.cols)?;
-        residual
-            .data
-            .iter_mut()
-            .zip(&x.data)
-            .for_each(|(r, v)| *r += v);
+        residual.data.iter_mut().zip(&x.data).for_each(|(r, v)| *r += v);
         self.rms_norm(residual, weight, eps)
     }
 
@@ -159,14 +131,7 @@ impl Backend for CpuBackend {
         Ok(ops::matmul_transposed(x, weight))
     }
 
-    fn qk_norm(
-        &mut self,
-        qkv: &mut CpuTensor,
-        layout: QkvLayout,
-        q_weight: &CpuTensor,
-        k_weight: &CpuTensor,
-        eps: f32,
-    ) -> Result<()> {
+    fn qk_norm(&mut self, qkv: &mut CpuTensor, layout: QkvLayout, q_weight: &CpuTensor, k_weight: &CpuTensor, eps: f32) -> Result<()> {
         check_cols("qk_norm", qkv, layout.width())?;
         let d = layout.head_dim;
         for row in qkv.data.chunks_mut(layout.width()) {
@@ -177,13 +142,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(
-        &mut self,
-        qkv: &mut CpuTensor,
-        layout: QkvLayout,
-        cos_sin: &CpuTensor,
-        batch: &StepInput,
-    ) -> Result<()> {
+    fn rope(&mut self, qkv: &mut CpuTensor, layout: QkvLayout, cos_sin: &CpuTensor, batch: &StepInput) -> Result<()> {
         check_cols("rope", qkv, layout.width())?;
         let heads = layout.q_heads + layout.kv_heads;
         for (row, &pos) in qkv.data.chunks_mut(layout.width()).zip(&batch.positions) {
@@ -195,13 +154,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn write_kv(
-        &mut self,
-        qkv: &CpuTensor,
-        layout: QkvLayout,
-        layer: usize,
-        batch: &StepInput,
-    ) -> Result<()> {
+    fn write_kv(&mut self, qkv: &CpuTensor, layout: QkvLayout, layer: usize, batch: &StepInput) -> Result<()> {
         check_cols("write_kv", qkv, layout.width())?;
         let kv = self.kv("write_kv")?;
         for (row, &slot) in qkv.data.chunks(layout.width()).zip(&batch.slot_mapping) {
@@ -212,19 +165,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(
-        &mut self,
-        qkv: &CpuTensor,
-        layout: QkvLayout,
-        layer: usize,
-        scale: f32,
-        batch: &StepInput,
-    ) -> Result<CpuTensor> {
+    fn attention(&mut self, qkv: &CpuTensor, layout: QkvLayout, layer: usize, scale: f32, batch: &StepInput) -> Result<CpuTensor> {
         check_cols("attention", qkv, layout.width())?;
         let kv = self.kv("attention")?;
-        Ok(attention::paged_attention(
-            qkv, layout, kv, layer, scale, batch,
-        ))
+        Ok(attention::paged_attention(qkv, layout, kv, layer, scale, batch))
     }
 
     fn silu_mul(&mut self, gate_up: &CpuTensor) -> Result<CpuTensor> {
@@ -239,11 +183,7 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(data, batch.logit_rows.len(), x.cols))
     }
 
-    fn sample(
-        &mut self,
-        logits: &CpuTensor,
-        rows: &[SamplingRow<'_>],
-    ) -> Result<Vec<SampledToken>> {
+    fn sample(&mut self, logits: &CpuTensor, rows: &[SamplingRow<'_>]) -> Result<Vec<SampledToken>> {
         Ok(sample_host(&logits.data, logits.cols, rows))
     }
 

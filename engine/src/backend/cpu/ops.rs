@@ -29,9 +29,7 @@ pub fn rms_norm_rows(x: &mut [f32], width: usize, weight: &[f32], eps: f32) {
     for row in x.chunks_mut(width) {
         let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
         let inv = 1.0 / (mean_sq + eps).sqrt();
-        row.iter_mut()
-            .zip(weight)
-            .for_each(|(v, w)| *v = *v * inv * w);
+        row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v * inv * w);
     }
 }
 
@@ -61,38 +59,19 @@ pub fn silu_mul(gate_up: &CpuTensor) -> CpuTensor {
 pub fn matmul_transposed(x: &CpuTensor, w: &CpuTensor) -> CpuTensor {
     let (n, k, m) = (x.rows, x.cols, w.rows);
     let mut out = vec![0.0f32; n * m];
-    let threads = if n * k * m >= PARALLEL_MIN_WORK {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let threads = if n * k * m >= PARALLEL_MIN_WORK { rayon::current_num_threads() } else { 1 };
+    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: all three buffers are live, sized n*k, m*k and n*m, and the strides below
     // address exactly those elements: out[i][j] = sum_p x[i][p] * w[j][p].
     unsafe {
         gemm(
-            n,
-            m,
-            k,
-            out.as_mut_ptr(),
-            1,
-            m as isize,
+            n, m, k,
+            out.as_mut_ptr(), 1, m as isize,
             false,
-            x.data.as_ptr(),
-            1,
-            k as isize,
-            w.data.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+            x.data.as_ptr(), 1, k as isize,
+            w.data.as_ptr(), k as isize, 1,
+            0.0, 1.0,
+            false, false, false,
             parallelism,
         );
     }
@@ -116,13 +95,8 @@ mod tests {
     fn matmul_matches_a_naive_product() {
         let (n, k, m) = (5, 70, 9);
         let x: Vec<f32> = (0..n * k).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
-        let w: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.0)
-            .collect();
-        let out = matmul_transposed(
-            &CpuTensor::new(x.clone(), n, k),
-            &CpuTensor::new(w.clone(), m, k),
-        );
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.0).collect();
+        let out = matmul_transposed(&CpuTensor::new(x.clone(), n, k), &CpuTensor::new(w.clone(), m, k));
         for i in 0..n {
             for j in 0..m {
                 let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
