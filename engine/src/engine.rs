@@ -18,7 +18,7 @@ use crate::backend::Backend;
 use crate::config::{EngineConfig, ModelInfo};
 use crate::engine_core::{EngineCore, RequestKey, StepEvent};
 use crate::error::{EngineError, SubmitError};
-use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, KvTransfer};
+use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, KvMemory, KvTransfer};
 use crate::output_processor::{OutputProcessor, TokenEvent};
 use crate::request::{ChoiceDelta, GenerateRequest, Usage};
 use crate::sampling_params::InvalidParam;
@@ -33,6 +33,7 @@ enum Command {
     FreeLease { lease_id: u64, reply: oneshot::Sender<bool> },
     AwaitFirstToken { lease_id: u64, reply: oneshot::Sender<FirstTokenResult> },
     ProvideFirstToken { key: RequestKey, token: FirstTokenResult },
+    KvMemory { dmabuf: bool, reply: oneshot::Sender<Result<Option<KvMemory>, EngineError>> },
     Shutdown,
 }
 
@@ -167,6 +168,17 @@ impl Engine {
         rx.await.unwrap_or_else(|_| Err("the engine stopped".into()))
     }
 
+    /// Where the KV cache lives (for registering it with a NIC); with `dmabuf`, GPU
+    /// buffers come exported as dma-bufs where the device can. None on backends that
+    /// cannot say.
+    pub async fn kv_memory(&self, dmabuf: bool) -> Result<Option<KvMemory>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Command::KvMemory { dmabuf, reply }) {
+            return Err(EngineError::Stopped);
+        }
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
     /// Checks a request against the engine's limits without submitting it.
     pub fn check(&self, request: &GenerateRequest) -> Result<(), SubmitError> {
         request.params.validate()?;
@@ -285,6 +297,9 @@ fn engine_loop(
                 }
                 Command::AwaitFirstToken { lease_id, reply } => core.await_first_token(lease_id, reply),
                 Command::ProvideFirstToken { key, token } => core.provide_first_token(key, token),
+                Command::KvMemory { dmabuf, reply } => {
+                    let _ = reply.send(core.kv_memory(dmabuf));
+                }
                 Command::Shutdown => running = false,
             }
         }

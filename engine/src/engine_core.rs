@@ -86,8 +86,8 @@ pub struct EngineCore {
     pending_imports: VecDeque<PendingImport>,
     /// Decode requests whose copy started, waiting for it and for the first token.
     importing: Vec<Importing>,
-    /// Blocks of dropped imports whose device copy (by ticket) may still write into them.
-    orphaned_copies: Vec<(u64, Vec<BlockId>)>,
+    /// Blocks of dropped imports whose copy may still write into them.
+    orphaned_copies: Vec<(kv_handoff::KvCopy, Vec<BlockId>)>,
 }
 
 fn config_error(message: String) -> EngineError {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::{core, greedy, run_to_end};
 use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
-use dlengine_engine::kv_transfer::{EarlyKv, ImportedKv, KvHandoff, KvPayload, KvSource, KvTransfer};
+use dlengine_engine::kv_transfer::{EarlyKv, ImportedKv, KvHandoff, KvLocation, KvPayload, KvSource, KvTransfer, RemoteCopy, RemoteKvReader};
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
 
@@ -241,4 +241,115 @@ fn a_first_token_that_never_comes_fails_the_import_and_frees_its_blocks() {
         assert_eq!(decode.stats().kv_blocks_used, 0);
         assert!(!decode.has_work());
     }
+}
+
+/// A NIC stand-in for [`KvSource::Remote`]: copies started by the engine wait until the
+/// test carries them out, by memcpy between the two cores' caches as [`KvMemory`]
+/// describes them (the RDMA READs themselves need a device: agent/kv-rdma/tests).
+#[derive(Debug)]
+struct MemcpyReader {
+    /// (remote, local) address of each cache buffer, layer by layer, K before V.
+    buffers: Vec<(u64, u64)>,
+    block_bytes: u64,
+    started: std::sync::Mutex<Vec<(Vec<(u32, u32)>, RemoteCopy)>>,
+}
+
+impl MemcpyReader {
+    fn new(prefill: &mut EngineCore, decode: &mut EngineCore) -> Arc<Self> {
+        let layout = decode.info().kv_layout;
+        let (remote, local) = (prefill.kv_memory(false).unwrap().unwrap(), decode.kv_memory(false).unwrap().unwrap());
+        assert_eq!((remote.location, remote.regions.len()), (KvLocation::Host, 2 * layout.num_layers));
+        let buffers = remote.regions.iter().zip(&local.regions).map(|(r, l)| (r.addr, l.addr)).collect();
+        let block_bytes = (layout.bytes_per_block() / (2 * layout.num_layers)) as u64;
+        Arc::new(Self { buffers, block_bytes, started: Default::default() })
+    }
+
+    /// Carries out every started copy, or fails them.
+    fn complete(&self, outcome: Result<(), String>) {
+        for (pairs, copy) in self.started.lock().unwrap().drain(..) {
+            if outcome.is_ok() {
+                for &(remote, local) in &pairs {
+                    for &(src, dst) in &self.buffers {
+                        let (src, dst) = (src + remote as u64 * self.block_bytes, dst + local as u64 * self.block_bytes);
+                        // SAFETY: both caches are alive and hold these blocks; the engine
+                        // leaves the local ones alone until the copy is finished.
+                        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, self.block_bytes as usize) };
+                    }
+                }
+            }
+            copy.finish(outcome.clone());
+        }
+    }
+}
+
+impl RemoteKvReader for MemcpyReader {
+    fn transport(&self) -> &'static str {
+        "memcpy"
+    }
+
+    fn start(&self, pairs: Vec<(u32, u32)>) -> RemoteCopy {
+        let copy = RemoteCopy::default();
+        self.started.lock().unwrap().push((pairs, copy.clone()));
+        copy
+    }
+}
+
+/// Prefills `prompt` (request 1) and submits it to `decode` as request 2, its KV to be
+/// copied by `reader`. None when prefill finished the request itself.
+fn hand_over_remote(prefill: &mut EngineCore, decode: &mut EngineCore, reader: &Arc<MemcpyReader>, prompt: &[u32], params: &SamplingParams) -> Option<KvHandoff> {
+    prefill.add_request(1, request(prompt, params, KvTransfer::Export));
+    let (first, logprobs, handoff) = drive(prefill, 1);
+    let handoff = handoff?;
+    let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
+    let source = KvSource::Remote { reader: reader.clone(), remote_blocks: handoff.blocks.clone() };
+    decode.add_request(2, request(prompt, params, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
+    Some(handoff)
+}
+
+#[test]
+fn a_remote_copy_into_the_cache_continues_exactly_once_it_is_done() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let reader = MemcpyReader::new(&mut prefill, &mut decode);
+    for prompt in prompts() {
+        let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.clone(), greedy(8))]).remove(0).remove(0);
+        let handoff = hand_over_remote(&mut prefill, &mut decode, &reader, &prompt, &greedy(8)).expect("handed off");
+        for _ in 0..3 {
+            assert!(decode.step().iter().all(|e| !matches!(e, StepEvent::Token { .. })), "no token while the copy runs");
+        }
+        reader.complete(Ok(()));
+        assert!(prefill.free_lease(handoff.lease_id));
+        assert_eq!(drive(&mut decode, 2).0, expected, "prompt of {} tokens", prompt.len());
+    }
+    assert_eq!((prefill.stats().kv_blocks_used, decode.stats().kv_blocks_used), (0, 0), "no block left behind");
+}
+
+#[test]
+fn a_failed_remote_copy_fails_the_request_and_frees_its_blocks() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let reader = MemcpyReader::new(&mut prefill, &mut decode);
+    hand_over_remote(&mut prefill, &mut decode, &reader, &[5, 6, 7, 8, 9, 10], &greedy(4)).expect("handed off");
+    decode.step();
+    assert_eq!(decode.stats().kv_blocks_used, 2, "blocks allocated, the copy started");
+    reader.complete(Err("RDMA READ: remote access error".into()));
+    let events = decode.step();
+    assert!(
+        events.iter().any(|e| matches!(e, StepEvent::Failed { key: 2, message, .. } if message.contains("remote access error"))),
+        "{events:?}"
+    );
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+    assert!(!decode.has_work());
+}
+
+#[test]
+fn an_import_aborted_mid_copy_keeps_its_blocks_until_the_copy_is_over() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let reader = MemcpyReader::new(&mut prefill, &mut decode);
+    hand_over_remote(&mut prefill, &mut decode, &reader, &[5, 6, 7, 8, 9, 10], &greedy(4)).expect("handed off");
+    decode.step();
+    decode.abort(2);
+    decode.step();
+    assert_eq!(decode.stats().kv_blocks_used, 2, "the copy may still write into them");
+    reader.complete(Ok(()));
+    decode.step();
+    assert_eq!(decode.stats().kv_blocks_used, 0);
 }

@@ -12,7 +12,7 @@ use std::ops::Range;
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
 use dlengine_engine::backend::KvBlockIo;
-use dlengine_engine::kv_transfer::CudaIpcKv;
+use dlengine_engine::kv_transfer::{CudaIpcKv, KvMemory};
 
 use crate::backend::CudaBackend;
 use crate::error::{op_error, OpContext, Result};
@@ -323,6 +323,14 @@ impl KvBlockIo for CudaBackend {
         let num_layers = kv.layers.len();
         let progress = Some(handle(self.kv_io.progress.marks(num_layers)?)?);
         Ok(Some(CudaIpcKv { device, pid: std::process::id(), k_handles, v_handles, progress }))
+    }
+
+    fn kv_memory(&mut self, dmabuf: bool) -> Result<Option<KvMemory>> {
+        self.describe_kv_memory(dmabuf).map(Some)
+    }
+
+    fn after_remote_writes(&mut self) -> Result<()> {
+        self.flush_remote_writes()
     }
 
     fn start_copy_from_peer(&mut self, peer: &CudaIpcKv, pairs: &[(u32, u32)], ready_mark: Option<u32>) -> Result<u64> {

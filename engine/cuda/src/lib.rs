@@ -18,6 +18,7 @@ mod gemm;
 mod graphs;
 mod kernels;
 mod kv_io;
+mod kv_memory;
 mod kv_progress;
 mod launch;
 mod memory;

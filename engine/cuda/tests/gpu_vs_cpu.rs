@@ -17,7 +17,7 @@ use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
 use std::sync::Arc;
 
-use dlengine_engine::kv_transfer::{ImportedKv, KvPayload, KvSource, KvTransfer};
+use dlengine_engine::kv_transfer::{ImportedKv, KvLocation, KvPayload, KvSource, KvTransfer, RemoteCopy, RemoteKvReader};
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
 
@@ -277,5 +277,85 @@ fn kv_handed_off_through_host_memory_continues_as_one_engine_would() {
         assert_eq!(g.len(), STEPS, "prompt {i}");
         agree_where_margins_allow(&format!("{name} handed-off prompt {i}"), w, g).unwrap();
     }
+    assert_eq!(prefill.stats().kv_blocks_used + decode.stats().kv_blocks_used, 0, "blocks leaked");
+}
+
+/// A NIC stand-in: the engine's remote copies, carried out device to device between two
+/// caches of this process as `kv_memory` describes them.
+#[derive(Debug)]
+struct DeviceCopyReader {
+    /// (remote, local) base of each cache buffer, layer by layer, K before V.
+    buffers: Vec<(u64, u64)>,
+    block_bytes: u64,
+}
+
+impl RemoteKvReader for DeviceCopyReader {
+    fn transport(&self) -> &'static str {
+        "device copy"
+    }
+
+    fn start(&self, pairs: Vec<(u32, u32)>) -> RemoteCopy {
+        let copy = RemoteCopy::default();
+        for (remote, local) in pairs {
+            for &(src, dst) in &self.buffers {
+                let (src, dst) = (src + remote as u64 * self.block_bytes, dst + local as u64 * self.block_bytes);
+                // SAFETY: both caches are alive on this thread's context and hold the blocks.
+                unsafe { cudarc::driver::result::memcpy_dtod_sync(dst, src, self.block_bytes as usize) }.expect("device copy");
+            }
+        }
+        copy.finish(Ok(()));
+        copy
+    }
+}
+
+#[test]
+fn the_cache_described_for_a_nic_takes_a_remote_copy_and_continues_as_one_engine_would() {
+    if !gpu_available() {
+        return;
+    }
+    let name = "qwen3-tiny";
+    let config = EngineConfig { block_size: 4, ..fixed_pool() };
+    let p = prompts(name);
+    let baseline = greedy_with_margins(&mut cuda_core(name, config.clone(), true), &p[..1]);
+    let (mut prefill, mut decode) = (cuda_core(name, config.clone(), true), cuda_core(name, config, true));
+    let layout = decode.info().kv_layout;
+    let remote = prefill.kv_memory(true).unwrap().expect("the CUDA backend describes its cache");
+    let local = decode.kv_memory(false).unwrap().unwrap();
+    assert_eq!((remote.location, remote.regions.len()), (KvLocation::CudaDevice(0), 2 * layout.num_layers));
+    let block_bytes = (layout.bytes_per_block() / (2 * layout.num_layers)) as u64;
+    assert!(remote.regions.iter().all(|r| r.len == block_bytes * prefill.info().num_kv_blocks as u64));
+    let dmabufs = remote.regions.iter().filter(|r| r.dmabuf.is_some()).count();
+    eprintln!("dma-buf export: {dmabufs} of {} buffers", remote.regions.len());
+    assert!(dmabufs == 0 || dmabufs == remote.regions.len(), "all or none");
+
+    let params = SamplingParams { temperature: 0.0, max_tokens: STEPS, ignore_eos: true, logprobs: Some(2), ..Default::default() };
+    let request = |kv_transfer| GenerateRequest { request_id: "0".into(), prompt_token_ids: p[0].clone(), params: params.clone(), kv_transfer };
+    prefill.add_request(0, request(KvTransfer::Export));
+    let mut handoff = None;
+    while prefill.has_work() {
+        for e in prefill.step() {
+            if let StepEvent::Token { event, .. } = e {
+                handoff = handoff.or_else(|| Some((event.logprobs[0].clone(), event.handoff.expect("handed off"))));
+            }
+        }
+    }
+    let (first_token, handoff) = handoff.expect("prefilled");
+    let buffers = remote.regions.iter().zip(&local.regions).map(|(r, l)| (r.addr, l.addr)).collect();
+    let reader = Arc::new(DeviceCopyReader { buffers, block_bytes });
+    let source = KvSource::Remote { reader, remote_blocks: handoff.blocks.clone() };
+    decode.add_request(0, request(KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
+    let mut got = Vec::new();
+    while decode.has_work() {
+        for e in decode.step() {
+            match e {
+                StepEvent::Token { event, .. } => got.extend(event.tokens),
+                StepEvent::Failed { message, .. } => panic!("{message}"),
+                StepEvent::Started { .. } | StepEvent::KvReady { .. } => {}
+            }
+        }
+    }
+    assert!(prefill.free_lease(handoff.lease_id));
+    assert_eq!(got.len(), STEPS);
+    agree_where_margins_allow(&format!("{name} remote-copied prompt"), &baseline[0], &got).unwrap();
     assert_eq!(prefill.stats().kv_blocks_used + decode.stats().kv_blocks_used, 0, "blocks leaked");
 }

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use super::Result;
 use crate::error::BackendError;
-use crate::kv_transfer::CudaIpcKv;
+use crate::kv_transfer::{CudaIpcKv, KvMemory};
 
 pub trait KvBlockIo {
     /// Copies whole blocks of `layers` to the host: per layer the K of each block in
@@ -47,5 +47,18 @@ pub trait KvBlockIo {
     /// backend publishes no progress (the peer then waits for the whole forward).
     fn publish_progress(&mut self, _mark: u32) -> bool {
         false
+    }
+
+    /// Where the KV cache lives, for a transport that reads or writes it without the
+    /// engine (RDMA). With `dmabuf`, GPU buffers are exported as dma-bufs too, where the
+    /// device can. None where the backend cannot say.
+    fn kv_memory(&mut self, _dmabuf: bool) -> Result<Option<KvMemory>> {
+        Ok(None)
+    }
+
+    /// Makes KV that a NIC wrote into the cache visible to the work launched next (a GPU
+    /// may otherwise see RDMA writes late). Nothing to do for host memory.
+    fn after_remote_writes(&mut self) -> Result<()> {
+        Ok(())
     }
 }

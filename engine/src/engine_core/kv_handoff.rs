@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{EngineCore, Export, RequestKey, StepEvent};
 use crate::error::EngineError;
 use crate::kv::{BlockId, FirstTokenReply};
-use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvHandoff, KvSource};
+use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvHandoff, KvMemory, KvSource, RemoteCopy};
 use crate::request::TokenLogprob;
 use crate::sampler::SampledToken;
 use crate::scheduler::SchedulerOutput;
@@ -42,12 +42,21 @@ fn first_token_missing(why: &str) -> String {
     format!("prefill's first token did not arrive: {why}")
 }
 
+/// A copy into an import's blocks that may still be running.
+#[derive(Clone)]
+pub(super) enum KvCopy {
+    /// The backend's, by ticket.
+    Device(u64),
+    /// One carried out outside the engine (RDMA).
+    Remote(RemoteCopy),
+}
+
 /// A decode request whose blocks are allocated and whose copy has started.
 pub(super) struct Importing {
     key: RequestKey,
     seq: Sequence,
-    /// The device copy still running (None: done, or the KV was written synchronously).
-    copy: Option<u64>,
+    /// The copy still running (None: done, or the KV was written synchronously).
+    copy: Option<KvCopy>,
     first_token: Option<FirstTokenResult>,
     started: Instant,
     via: &'static str,
@@ -122,7 +131,11 @@ impl EngineCore {
             return self.fail_import(key, "no free KV blocks".into(), events);
         };
         let started = Instant::now();
-        let via = if matches!(source, KvSource::Host(_)) { "host" } else { "cuda-ipc" };
+        let via = match &source {
+            KvSource::Host(_) => "host",
+            KvSource::CudaIpc { .. } => "cuda-ipc",
+            KvSource::Remote { reader, .. } => reader.transport(),
+        };
         match self.start_copy(&source, &blocks) {
             Ok(copy) => {
                 seq.block_table = blocks;
@@ -135,25 +148,41 @@ impl EngineCore {
         }
     }
 
-    /// Writes host bytes at once; starts a device copy and returns its ticket.
-    fn start_copy(&mut self, source: &KvSource, blocks: &[BlockId]) -> Result<Option<u64>, String> {
-        let num_layers = self.info.kv_layout.num_layers;
+    /// Writes host bytes at once; starts a device or remote copy and returns it.
+    fn start_copy(&mut self, source: &KvSource, blocks: &[BlockId]) -> Result<Option<KvCopy>, String> {
+        let held = match source {
+            KvSource::Host(payload) => payload.num_blocks,
+            KvSource::CudaIpc { remote_blocks, .. } | KvSource::Remote { remote_blocks, .. } => remote_blocks.len(),
+        };
+        if held != blocks.len() {
+            return Err(format!("prefill's lease holds {held} blocks, the prompt needs {}", blocks.len()));
+        }
+        let pairs = |remote: &[BlockId]| -> Vec<(BlockId, BlockId)> { remote.iter().copied().zip(blocks.iter().copied()).collect() };
         match source {
-            KvSource::Host(payload) if payload.num_blocks != blocks.len() => {
-                Err(format!("the KV payload holds {} blocks, the prompt needs {}", payload.num_blocks, blocks.len()))
-            }
             KvSource::Host(payload) => {
+                let num_layers = self.info.kv_layout.num_layers;
                 self.executor.kv_io().write_kv_blocks(blocks, 0..num_layers, &payload.bytes).map_err(|e| e.to_string())?;
                 Ok(None)
             }
-            KvSource::CudaIpc { remote_blocks, .. } if remote_blocks.len() != blocks.len() => {
-                Err(format!("the peer lease holds {} blocks, the prompt needs {}", remote_blocks.len(), blocks.len()))
-            }
             KvSource::CudaIpc { peer, remote_blocks, ready_mark } => {
-                let pairs: Vec<(u32, u32)> = remote_blocks.iter().copied().zip(blocks.iter().copied()).collect();
-                let ticket = self.executor.kv_io().start_copy_from_peer(peer, &pairs, *ready_mark).map_err(|e| e.to_string())?;
-                Ok(Some(ticket))
+                let ticket =
+                    self.executor.kv_io().start_copy_from_peer(peer, &pairs(remote_blocks), *ready_mark).map_err(|e| e.to_string())?;
+                Ok(Some(KvCopy::Device(ticket)))
             }
+            KvSource::Remote { reader, remote_blocks } => Ok(Some(KvCopy::Remote(reader.start(pairs(remote_blocks))))),
+        }
+    }
+
+    /// Whether `copy` is over; an error ends it too. A remote copy's writes are made
+    /// visible to the device's next work before it counts as over.
+    fn copy_done(&mut self, copy: &KvCopy) -> Result<bool, String> {
+        match copy {
+            KvCopy::Device(ticket) => self.executor.kv_io().copy_finished(*ticket).map_err(|e| e.to_string()),
+            KvCopy::Remote(remote) => match remote.poll() {
+                None => Ok(false),
+                Some(Ok(())) => self.executor.kv_io().after_remote_writes().map(|()| true).map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e),
+            },
         }
     }
 
@@ -164,14 +193,14 @@ impl EngineCore {
         if let Some(Err(why)) = &self.importing[i].first_token {
             return Some(Outcome::Fail(first_token_missing(why)));
         }
-        if let Some(ticket) = self.importing[i].copy {
-            match self.executor.kv_io().copy_finished(ticket) {
-                Ok(false) => return None,
-                Ok(true) => self.importing[i].copy = None,
-                Err(e) => {
-                    self.importing[i].copy = None; // over, failed
-                    return Some(Outcome::Fail(format!("copying the prompt's KV cache from prefill failed: {e}")));
+        if let Some(copy) = self.importing[i].copy.take() {
+            match self.copy_done(&copy) {
+                Ok(false) => {
+                    self.importing[i].copy = Some(copy);
+                    return None;
                 }
+                Ok(true) => {}
+                Err(e) => return Some(Outcome::Fail(format!("copying the prompt's KV cache from prefill failed: {e}"))),
             }
         }
         // An error was handled above: only a token can be here.
@@ -185,7 +214,7 @@ impl EngineCore {
             Outcome::Run(token) => token,
             Outcome::Fail(message) => {
                 match copy {
-                    Some(ticket) => self.orphaned_copies.push((ticket, std::mem::take(&mut seq.block_table))),
+                    Some(copy) => self.orphaned_copies.push((copy, std::mem::take(&mut seq.block_table))),
                     None => self.scheduler.release_detached(&seq.block_table),
                 }
                 return self.fail_import(key, message, events);
@@ -228,7 +257,7 @@ impl EngineCore {
         let Some(i) = self.importing.iter().position(|i| i.key == key) else { return };
         let import = self.importing.swap_remove(i);
         match import.copy {
-            Some(ticket) => self.orphaned_copies.push((ticket, import.seq.block_table)),
+            Some(copy) => self.orphaned_copies.push((copy, import.seq.block_table)),
             None => self.scheduler.release_detached(&import.seq.block_table),
         }
     }
@@ -236,9 +265,9 @@ impl EngineCore {
     fn reap_orphaned_copies(&mut self) {
         let mut i = 0;
         while i < self.orphaned_copies.len() {
-            let ticket = self.orphaned_copies[i].0;
+            let copy = self.orphaned_copies[i].0.clone();
             // A failed copy is over too: its blocks can go.
-            if self.executor.kv_io().copy_finished(ticket).unwrap_or(true) {
+            if self.copy_done(&copy).unwrap_or(true) {
                 let (_, blocks) = self.orphaned_copies.swap_remove(i);
                 self.scheduler.release_detached(&blocks);
             } else {
@@ -331,6 +360,11 @@ impl EngineCore {
             tracing::warn!(blocks = blocks.len(), "KV leases expired before a decode engine released them");
             self.scheduler.release_detached(&blocks);
         }
+    }
+
+    /// Where the KV cache lives (None on backends that cannot say).
+    pub fn kv_memory(&mut self, dmabuf: bool) -> Result<Option<KvMemory>, EngineError> {
+        Ok(self.executor.kv_io().kv_memory(dmabuf)?)
     }
 
     /// CUDA IPC handles of the KV cache (None on backends without them).

@@ -50,6 +50,12 @@ impl CpuKvCache {
         }
     }
 
+    /// The buffers, layer by layer, K before V: (address, length in bytes).
+    pub fn regions(&self) -> Vec<(u64, u64)> {
+        let region = |buf: &Vec<f32>| (buf.as_ptr() as u64, std::mem::size_of_val(buf.as_slice()) as u64);
+        self.k.iter().zip(&self.v).flat_map(|(k, v)| [region(k), region(v)]).collect()
+    }
+
     fn block_span(&self, block: u32) -> Range<usize> {
         let span = self.layout.block_size * self.width();
         block as usize * span..(block as usize + 1) * span

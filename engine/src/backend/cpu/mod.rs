@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use crate::backend::{Backend, DType, HostTensor, KvBlockIo, KvCacheLayout, QkvLayout, Result, StepInput};
 use crate::error::BackendError;
+use crate::kv_transfer::{KvLocation, KvMemory, KvRegion};
 use crate::sampler::{sample_host, SampledToken, SamplingRow};
 
 use kv_cache::CpuKvCache;
@@ -64,6 +65,11 @@ impl KvBlockIo for CpuBackend {
     fn write_kv_blocks(&mut self, blocks: &[u32], layers: Range<usize>, bytes: &[u8]) -> Result<()> {
         let op = "write_kv_blocks";
         self.kv(op)?.write_blocks(blocks, layers, bytes).map_err(|message| BackendError::Op { op, message })
+    }
+
+    fn kv_memory(&mut self, _dmabuf: bool) -> Result<Option<KvMemory>> {
+        let regions = self.kv("kv_memory")?.regions().into_iter().map(|(addr, len)| KvRegion { addr, len, dmabuf: None }).collect();
+        Ok(Some(KvMemory { regions, location: KvLocation::Host }))
     }
 }
 

@@ -4,6 +4,9 @@
 //! between processes (TCP, CUDA IPC, RDMA) is the agent's job; the engine only reads and
 //! writes its own blocks.
 
+mod memory;
+mod remote;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::kv::BlockId;
 use crate::request::TokenLogprob;
+
+pub use memory::{KvLocation, KvMemory, KvRegion};
+pub use remote::{RemoteCopy, RemoteKvReader};
 
 /// The KV role of one request.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +57,8 @@ pub enum KvSource {
     /// (an early descriptor) each layer is read once the peer's progress mark for that
     /// layer reached it, i.e. while prefill is still computing later layers.
     CudaIpc { peer: Arc<CudaIpcKv>, remote_blocks: Vec<BlockId>, ready_mark: Option<u32> },
+    /// Blocks of a peer that `reader` copies straight into this engine's cache (RDMA).
+    Remote { reader: Arc<dyn RemoteKvReader>, remote_blocks: Vec<BlockId> },
 }
 
 /// KV bytes of whole blocks, layer-major: for each layer, the K rows of every block in
