@@ -138,3 +138,13 @@ async fn api_key_guards_v1_only() {
     let metrics = server.client.get(server.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), 200, "metrics stay open");
 }
+
+#[tokio::test]
+async fn an_rdma_handshake_with_an_engine_without_rdma_is_refused_clearly() {
+    let server = Server::start(&["--kv-transport", "tcp"]).await;
+    let connect = json!({"peer": "decode-1", "connect": {"version": 1}});
+    let body = server.post_json("/pd/rdma/connect", connect, 404).await;
+    assert_error_shape(&body, "rdma connect");
+    assert_eq!(body["error"]["code"], "rdma_unavailable", "{body}");
+    assert_eq!(server.health().await, 200);
+}

@@ -1,4 +1,5 @@
-//! Load and lifecycle: queue-full refusals, client disconnects, SIGTERM drain.
+//! Load and lifecycle: queue-full refusals, client disconnects, SIGTERM drain, start-up
+//! refusals.
 
 mod serve_support;
 
@@ -6,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use serve_support::Server;
+use serve_support::{Server, MODEL};
 
 /// A request that keeps the engine busy for a while: the whole context, n samples.
 fn long_stream(n: usize) -> Value {
@@ -99,4 +100,28 @@ async fn streams_cut_by_the_drain_timeout_end_with_an_error_event() {
     assert!(error["message"].as_str().is_some_and(|m| m.contains("shut down")), "{error}");
     assert_eq!(error["type"], "server_error");
     assert_eq!(server.wait_exit(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[tokio::test]
+async fn rdma_asked_for_without_a_device_stops_start_up_with_the_reason() {
+    if std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some()) {
+        eprintln!("skipped: this machine has RDMA devices");
+        return;
+    }
+    let cases: [(&[&str], &str); 3] = [
+        (&["--kv-transport", "rdma"], "--kv-transport rdma / --require-rdma: "),
+        (&["--require-rdma"], "--kv-transport rdma / --require-rdma: "),
+        (&["--require-rdma", "--kv-transport", "tcp"], "--require-rdma contradicts --kv-transport tcp"),
+    ];
+    for (flags, reason) in cases {
+        let mut server = Server::spawn(MODEL, flags);
+        let status = server.wait_exit(Duration::from_secs(120));
+        let log = server.log();
+        assert!(!status.success(), "{flags:?}: {log}");
+        assert!(log.contains(reason), "{flags:?}: {log}");
+        // The device-level cause, whichever way the binary was built.
+        if !reason.contains("contradicts") {
+            assert!(log.contains("no RDMA device found") || log.contains("without the `rdma` feature"), "{flags:?}: {log}");
+        }
+    }
 }

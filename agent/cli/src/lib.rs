@@ -224,6 +224,18 @@ pub struct TransferArgs {
     /// Seconds prefill keeps a request's blocks pinned for decode to pull.
     #[arg(long, alias = "kv_lease_secs", default_value_t = 30)]
     pub kv_lease_secs: u64,
+    /// RDMA device to move KV with (`ibv_devices` lists them; default: the first).
+    #[arg(long, alias = "rdma_device")]
+    pub rdma_device: Option<String>,
+    /// Port of the RDMA device, from 1.
+    #[arg(long, alias = "rdma_port", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    pub rdma_port: u8,
+    /// GID index of the port (default: picked automatically, RoCE v2 of an IPv4 address first).
+    #[arg(long, alias = "rdma_gid_index")]
+    pub rdma_gid_index: Option<u8>,
+    /// Queue pairs per prefill peer; a transfer's READs are spread over them.
+    #[arg(long, alias = "rdma_qps", default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub rdma_qps: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

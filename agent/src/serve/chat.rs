@@ -51,7 +51,7 @@ pub async fn chat_completions(
     let lease = import.map(|import| import.follow(&stream));
     let mut generation = Generation::new(vec![stream], state.track_request());
     if let Some(lease) = lease {
-        generation.hold_lease(lease);
+        generation.await_import(lease).await?;
     }
     let answer = ChatAnswer {
         id,

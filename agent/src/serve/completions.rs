@@ -56,7 +56,7 @@ pub async fn completions(
     let lease = import.zip(streams.first()).map(|(import, stream)| import.follow(stream));
     let mut generation = Generation::new(streams, state.track_request());
     if let Some(lease) = lease {
-        generation.hold_lease(lease);
+        generation.await_import(lease).await?;
     }
     let answer = CompletionAnswer {
         id: ids::completion_id(),

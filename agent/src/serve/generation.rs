@@ -13,7 +13,7 @@ use futures::StreamExt;
 use super::engine_errors::engine_error;
 use super::in_flight::InFlightGuard;
 use super::metrics::RequestObserver;
-use super::pd::{Handoff, LeaseRelease};
+use super::pd::{transfer_failed, Handoff, LeaseRelease};
 use crate::openai::usage::Usage;
 use crate::openai::ApiError;
 
@@ -40,9 +40,11 @@ pub struct Generation {
     observer: RequestObserver,
     /// Prefill: the KV a request handed off (taken out of its delta).
     handoff: Option<Handoff>,
-    /// Decode over CUDA IPC: prefill's lease, released once the engine copied the KV
-    /// (its first event) or when this is dropped.
+    /// Decode: prefill's lease, released once the engine imported the KV (its first
+    /// event) or when this is dropped.
     lease: Option<LeaseRelease>,
+    /// An event read ahead by [`await_import`](Self::await_import), yielded next.
+    peeked: Option<Option<Event>>,
     _in_flight: InFlightGuard,
 }
 
@@ -50,12 +52,22 @@ impl Generation {
     pub fn new(streams: Vec<RequestStream>, tracking: (InFlightGuard, RequestObserver)) -> Self {
         let sources = futures::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| source(i, s)));
         let (in_flight, observer) = tracking;
-        Self { sources, usage: Usage::new(0, 0, 0), observer, handoff: None, lease: None, _in_flight: in_flight }
+        Self { sources, usage: Usage::new(0, 0, 0), observer, handoff: None, lease: None, peeked: None, _in_flight: in_flight }
     }
 
-    /// Holds prefill's lease until the engine has imported the KV.
-    pub fn hold_lease(&mut self, lease: LeaseRelease) {
+    /// Decode: holds prefill's lease and waits for the engine's first event, which comes
+    /// once the KV is imported. A failed import is a 503 `kv_transfer_failed` before any
+    /// byte of the answer, streamed or not, so the router can retry on another pair.
+    pub async fn await_import(&mut self, lease: LeaseRelease) -> Result<(), ApiError> {
         self.lease = Some(lease);
+        match self.next().await {
+            Some(Event::Failed(EngineError::Request(why))) => Err(transfer_failed(why)),
+            Some(Event::Failed(e)) => Err(transfer_failed(e.to_string())),
+            first => {
+                self.peeked = Some(first);
+                Ok(())
+            }
+        }
     }
 
     /// The KV handoff of a prefill request, once its delta went by.
@@ -77,6 +89,9 @@ impl Generation {
 
     /// The next delta; None once every prompt's choices have finished.
     pub async fn next(&mut self) -> Option<Event> {
+        if let Some(event) = self.peeked.take() {
+            return event;
+        }
         loop {
             let event = self.sources.next().await;
             // The engine has imported the KV by its first event: dropping releases the lease.

@@ -10,7 +10,7 @@ use super::chat::chat_completions;
 use super::completions::completions;
 use super::info::{count_requests, health, method_not_allowed, metrics, models, not_found};
 use super::json_body::BodyLimit;
-use super::pd::{first_token, free_lease};
+use super::pd::{first_token, free_lease, rdma_connect};
 use super::request_id::with_request_id;
 use super::state::AppState;
 
@@ -22,6 +22,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/pd/free", post(free_lease))
         .route("/pd/first_token", post(first_token))
+        .route("/pd/rdma/connect", post(rdma_connect))
         .route_layer(from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/health", get(health))

@@ -89,7 +89,12 @@ impl AppState {
     }
 
     pub fn loaded_engine(&self) -> Option<&Engine> {
-        self.inner.ready.get().map(|r| &r.engine)
+        self.loaded().map(|r| &r.engine)
+    }
+
+    /// The engine and its setup once loaded, draining or not.
+    pub fn loaded(&self) -> Option<&Ready> {
+        self.inner.ready.get()
     }
 
     pub fn begin_drain(&self) {

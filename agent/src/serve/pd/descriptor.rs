@@ -44,6 +44,9 @@ pub struct MigrationDescriptor {
     /// `host:port` of prefill's TCP KV listener.
     pub tcp: Option<String>,
     pub cuda_ipc: Option<CudaIpcKv>,
+    /// Where to connect queue pairs to prefill, when it moves KV over RDMA.
+    #[serde(default)]
+    pub rdma_connect_url: Option<String>,
 }
 
 /// What a prefill engine says about itself in every descriptor.
@@ -56,6 +59,7 @@ pub struct PrefillEndpoint {
     pub node: String,
     pub tcp: Option<String>,
     pub cuda_ipc: Option<CudaIpcKv>,
+    pub rdma_connect_url: Option<String>,
 }
 
 /// What a descriptor says about the lease, early or not.
@@ -102,6 +106,7 @@ impl MigrationDescriptor {
             node: from.node.clone(),
             tcp: from.tcp.clone(),
             cuda_ipc: from.cuda_ipc.clone(),
+            rdma_connect_url: from.rdma_connect_url.clone(),
         }
     }
 

@@ -4,8 +4,9 @@
 //!
 //! An early descriptor comes before prefill has sampled the first token. Over CUDA IPC
 //! the request enters the engine at once (its copy follows prefill layer by layer) and
-//! the token is fetched alongside; over TCP the token is fetched first (the lease's
-//! blocks are readable only then), then the KV is pulled.
+//! the token is fetched alongside; over RDMA and TCP the token is fetched first (the
+//! lease's blocks are complete only then), then the KV is read: by RDMA READs into the
+//! blocks the engine allocates, or pulled over TCP before the request enters the engine.
 
 use std::sync::Arc;
 
@@ -38,8 +39,10 @@ impl DecodeImport {
     }
 }
 
+#[derive(Debug, PartialEq)]
 enum Transport<'a> {
     CudaIpc(&'a CudaIpcKv),
+    Rdma(&'a str),
     Tcp(&'a str),
 }
 
@@ -56,6 +59,15 @@ pub async fn import_kv(
     let mut first_token = descriptor.first_token.clone();
     let mut pending_first_token = None;
     let source = match choose(pd, engine, descriptor)? {
+        Transport::Rdma(connect_url) => {
+            if first_token.is_none() {
+                first_token = Some(fetch_first_token(pd, descriptor).await?);
+            }
+            let rdma = pd.rdma.as_ref().expect("chosen only when this engine has RDMA");
+            let reader = rdma.reader(&pd.client, &pd.endpoint.engine_id, &descriptor.engine_id, connect_url).await;
+            let reader = reader.map_err(|e| transfer_failed(format!("connecting to prefill over RDMA: {e}")))?;
+            KvSource::Remote { reader: Arc::new(reader), remote_blocks: descriptor.blocks.clone() }
+        }
         Transport::CudaIpc(peer) => {
             if first_token.is_none() {
                 pending_first_token = Some((pd.client.clone(), descriptor.first_token_url.clone(), descriptor.lease_id.clone()));
@@ -65,8 +77,7 @@ pub async fn import_kv(
         }
         Transport::Tcp(addr) => {
             if first_token.is_none() {
-                let token = first_token::fetch(&pd.client, &descriptor.first_token_url, &descriptor.lease_id).await;
-                first_token = Some(token.map_err(|e| transfer_failed(format!("fetching prefill's first token: {e}")))?);
+                first_token = Some(fetch_first_token(pd, descriptor).await?);
             }
             let expected = descriptor.blocks.len() * engine.info().kv_layout.bytes_per_block();
             // Prefill's own clock decides whether the lease is still valid (it answers
@@ -80,24 +91,95 @@ pub async fn import_kv(
     Ok((KvTransfer::Import(ImportedKv { first_token, source }), DecodeImport { lease: release, pending_first_token }))
 }
 
-/// CUDA IPC when both processes share a node (and not a GPU), else TCP; `--kv-transport`
-/// narrows the choice.
+async fn fetch_first_token(pd: &Pd, descriptor: &MigrationDescriptor) -> Result<dlengine_engine::request::TokenLogprob, ApiError> {
+    let token = first_token::fetch(&pd.client, &descriptor.first_token_url, &descriptor.lease_id).await;
+    token.map_err(|e| transfer_failed(format!("fetching prefill's first token: {e}")))
+}
+
+/// What both sides of a transfer offer.
+struct Offers<'a> {
+    /// Prefill's CUDA IPC export, if it is on this node and another GPU of it.
+    cuda_ipc: Option<&'a CudaIpcKv>,
+    /// Prefill's RDMA connect URL, if both engines move KV over RDMA.
+    rdma: Option<&'a str>,
+    tcp: Option<&'a str>,
+}
+
 fn choose<'a>(pd: &Pd, engine: &Engine, d: &'a MigrationDescriptor) -> Result<Transport<'a>, ApiError> {
-    let ipc = match (&d.cuda_ipc, engine.kv_ipc()) {
+    let cuda_ipc = match (&d.cuda_ipc, engine.kv_ipc()) {
         (Some(theirs), Some(ours)) if d.node == pd.endpoint.node && theirs.device != ours.device => Some(theirs),
         _ => None,
     };
-    let tcp = d.tcp.as_deref();
-    match (pd.transport, ipc, tcp) {
-        (KvTransport::Auto | KvTransport::CudaIpc, Some(peer), _) => Ok(Transport::CudaIpc(peer)),
-        (KvTransport::Auto | KvTransport::Tcp, _, Some(addr)) => Ok(Transport::Tcp(addr)),
-        (KvTransport::CudaIpc, None, _) => Err(transfer_failed(
+    let rdma = d.rdma_connect_url.as_deref().filter(|_| pd.rdma.is_some());
+    pick(pd.transport, pd.require_rdma, Offers { cuda_ipc, rdma, tcp: d.tcp.as_deref() })
+}
+
+/// The fastest transport both sides offer: CUDA IPC on one node, then RDMA, then TCP;
+/// `--kv-transport` narrows the choice, `--require-rdma` rules TCP out.
+fn pick(transport: KvTransport, require_rdma: bool, offers: Offers<'_>) -> Result<Transport<'_>, ApiError> {
+    use KvTransport::{Auto, CudaIpc, Rdma, Tcp};
+    match (transport, offers.cuda_ipc, offers.rdma, offers.tcp) {
+        (Auto | CudaIpc, Some(peer), _, _) => Ok(Transport::CudaIpc(peer)),
+        (Auto | Rdma, _, Some(url), _) => Ok(Transport::Rdma(url)),
+        (Auto | Tcp, _, _, Some(addr)) if !require_rdma => Ok(Transport::Tcp(addr)),
+        (CudaIpc, None, _, _) => Err(transfer_failed(
             "--kv-transport cuda-ipc, but prefill is not on this node or another GPU of it (or has no CUDA IPC export)".into(),
         )),
+        (Auto | Rdma, _, None, _) if require_rdma || transport == Rdma => {
+            Err(transfer_failed("RDMA is required (--kv-transport rdma / --require-rdma), but prefill moves no KV over RDMA".into()))
+        }
         _ => Err(transfer_failed("prefill offers no KV transport this engine can use".into())),
     }
 }
 
-fn transfer_failed(message: String) -> ApiError {
-    ApiError::unavailable(format!("pulling the prompt's KV cache from prefill failed: {message}")).with_code("kv_transfer_failed")
+/// The prompt's KV did not reach this engine: a 503 the router retries on another pair.
+pub fn transfer_failed(message: String) -> ApiError {
+    ApiError::unavailable(format!("the prompt's KV cache did not arrive from prefill: {message}")).with_code("kv_transfer_failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use dlengine_cli::KvTransport::{self, Auto, CudaIpc, Rdma, Tcp};
+    use dlengine_engine::kv_transfer::CudaIpcKv;
+
+    use super::{pick, Offers, Transport};
+
+    fn ipc() -> CudaIpcKv {
+        CudaIpcKv { device: "0000:01:00.0".into(), pid: 1, k_handles: vec![], v_handles: vec![], progress: None }
+    }
+
+    fn picked(transport: KvTransport, require_rdma: bool, ipc: Option<&CudaIpcKv>, rdma: bool) -> Result<&'static str, String> {
+        let offers = Offers { cuda_ipc: ipc, rdma: rdma.then_some("http://p/pd/rdma/connect"), tcp: Some("p:1") };
+        match pick(transport, require_rdma, offers) {
+            Ok(Transport::CudaIpc(_)) => Ok("cuda-ipc"),
+            Ok(Transport::Rdma(_)) => Ok("rdma"),
+            Ok(Transport::Tcp(_)) => Ok("tcp"),
+            Err(e) => Err(e.message),
+        }
+    }
+
+    #[test]
+    fn auto_picks_the_fastest_transport_both_sides_offer() {
+        let peer = ipc();
+        assert_eq!(picked(Auto, false, Some(&peer), true), Ok("cuda-ipc"));
+        assert_eq!(picked(Auto, false, None, true), Ok("rdma"));
+        assert_eq!(picked(Auto, false, None, false), Ok("tcp"));
+    }
+
+    #[test]
+    fn an_explicit_transport_is_used_or_refused_never_swapped() {
+        let peer = ipc();
+        assert_eq!(picked(Tcp, false, Some(&peer), true), Ok("tcp"));
+        assert_eq!(picked(Rdma, false, Some(&peer), true), Ok("rdma"));
+        assert!(picked(Rdma, false, None, false).unwrap_err().contains("RDMA is required"));
+        assert!(picked(CudaIpc, false, None, true).unwrap_err().contains("--kv-transport cuda-ipc"));
+    }
+
+    #[test]
+    fn require_rdma_rules_out_tcp_but_not_a_same_node_copy() {
+        let peer = ipc();
+        assert_eq!(picked(Auto, true, Some(&peer), false), Ok("cuda-ipc"));
+        assert_eq!(picked(Auto, true, None, true), Ok("rdma"));
+        assert!(picked(Auto, true, None, false).unwrap_err().contains("RDMA is required"));
+    }
 }

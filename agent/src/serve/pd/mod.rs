@@ -3,7 +3,8 @@
 //!
 //! A prefill engine answers a `{"do_remote_decode": true}` request after its first token
 //! with a [`MigrationDescriptor`]; a decode engine given that descriptor pulls the KV
-//! (CUDA IPC on one node, TCP anywhere), releases prefill's lease and generates the rest.
+//! (CUDA IPC on one node, RDMA where both have a device, TCP anywhere), releases
+//! prefill's lease and generates the rest.
 
 mod descriptor;
 mod first_token;
@@ -11,6 +12,7 @@ mod free;
 mod handoff;
 mod import;
 mod params;
+mod rdma;
 mod release;
 mod tcp;
 
@@ -21,6 +23,7 @@ use dlengine_cli::{KvTransport, ServeArgs};
 use dlengine_engine::engine::Engine;
 use dlengine_engine::kv_transfer::KvTransfer;
 use dlengine_engine::request::GenerateRequest;
+use dlengine_kv_rdma::RDMA_COMPILED;
 use dlengine_registry::{Identity, TransferEndpoints};
 
 use crate::openai::ApiError;
@@ -30,8 +33,10 @@ pub use first_token::first_token;
 pub use free::free_lease;
 pub use handoff::{answer, Handoff, PrefillOrder};
 use import::import_kv;
-pub use import::DecodeImport;
+pub use import::{transfer_failed, DecodeImport};
 pub use params::KvParams;
+pub use rdma::rdma_connect;
+use rdma::RdmaKv;
 pub use release::LeaseRelease;
 
 /// How long a decode engine waits for prefill's KV at most (the lease bounds it too).
@@ -43,6 +48,10 @@ const FREE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Pd {
     pub endpoint: PrefillEndpoint,
     transport: KvTransport,
+    require_rdma: bool,
+    rdma: Option<RdmaKv>,
+    /// For prefill's `/pd/*` endpoints; sends this engine's API key (one deployment
+    /// shares one key).
     client: reqwest::Client,
 }
 
@@ -51,12 +60,7 @@ impl Pd {
     /// prefill) and gathers what descriptors advertise.
     pub async fn start(args: &ServeArgs, engine: &Engine, served_model: &str, identity: &Identity) -> anyhow::Result<Pd> {
         let self_url = &identity.advertise_url;
-        if args.transfer.require_rdma || args.transfer.kv_transport == KvTransport::Rdma {
-            anyhow::bail!(
-                "--kv-transport rdma / --require-rdma: this build moves KV over TCP and CUDA IPC only; the RDMA verbs \
-                 transport (crate dlengine-kv-rdma) is not wired into serving yet. Use --kv-transport auto|tcp|cuda-ipc"
-            );
-        }
+        let rdma = open_rdma(args, engine).await?;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.transfer.kv_transfer_port))
             .await
             .with_context(|| format!("binding the KV transfer listener on {}:{}", args.host, args.transfer.kv_transfer_port))?;
@@ -71,10 +75,11 @@ impl Pd {
             node: gethostname::gethostname().to_string_lossy().into_owned(),
             tcp: Some(format!("{host}:{port}")),
             cuda_ipc: engine.kv_ipc().cloned(),
+            rdma_connect_url: rdma.as_ref().map(|_| format!("{self_url}/pd/rdma/connect")),
         };
-        tracing::info!(tcp = ?endpoint.tcp, cuda_ipc = endpoint.cuda_ipc.is_some(), "KV transfer ready");
-        let client = reqwest::Client::builder().timeout(FREE_TIMEOUT).build().context("building the HTTP client")?;
-        Ok(Pd { endpoint, transport: args.transfer.kv_transport, client })
+        tracing::info!(tcp = ?endpoint.tcp, cuda_ipc = endpoint.cuda_ipc.is_some(), rdma = rdma.is_some(), "KV transfer ready");
+        let client = client(args.api_key.as_deref())?;
+        Ok(Pd { endpoint, transport: args.transfer.kv_transport, require_rdma: args.transfer.require_rdma, rdma, client })
     }
 
     /// Applies `kv_transfer_params` to a request about to be submitted: prefill hands its
@@ -106,9 +111,42 @@ impl Pd {
         TransferEndpoints {
             tcp: self.endpoint.tcp.clone(),
             cuda_ipc: self.endpoint.cuda_ipc.as_ref().map(|c| format!("{}@{}", c.device, self.endpoint.node)),
-            rdma: None,
+            rdma: self.rdma.as_ref().map(|r| format!("{}@{}", r.summary(), self.endpoint.node)),
         }
     }
+}
+
+/// RDMA is opened when asked for (`--kv-transport rdma`, `--require-rdma`: failing to is
+/// fatal) or tried under `auto` in a build with the verbs (failing to is not).
+async fn open_rdma(args: &ServeArgs, engine: &Engine) -> anyhow::Result<Option<RdmaKv>> {
+    let t = &args.transfer;
+    let required = t.require_rdma || t.kv_transport == KvTransport::Rdma;
+    if t.require_rdma && matches!(t.kv_transport, KvTransport::Tcp | KvTransport::CudaIpc) {
+        let named = clap::ValueEnum::to_possible_value(&t.kv_transport).map(|v| v.get_name().to_owned()).unwrap_or_default();
+        anyhow::bail!("--require-rdma contradicts --kv-transport {named}: use --kv-transport rdma or auto");
+    }
+    if !required && !(t.kv_transport == KvTransport::Auto && RDMA_COMPILED) {
+        return Ok(None);
+    }
+    match RdmaKv::open(t, engine).await {
+        Ok(rdma) => Ok(Some(rdma)),
+        Err(e) if required => anyhow::bail!("--kv-transport rdma / --require-rdma: {e}"),
+        Err(e) => {
+            tracing::info!(reason = %e, "KV moves over CUDA IPC or TCP, not RDMA");
+            Ok(None)
+        }
+    }
+}
+
+/// The client for prefill's `/pd/*` endpoints, which sit behind `--api-key` like the API.
+fn client(api_key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key.filter(|k| !k.is_empty()) {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).context("the API key is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder().timeout(FREE_TIMEOUT).default_headers(headers).build().context("building the HTTP client")
 }
 
 /// `http://host:port` → `host` (brackets kept for IPv6).

@@ -1,0 +1,81 @@
+//! Decode side: one prefill peer's connected queue pairs, and the engine's
+//! [`RemoteKvReader`] over them. READs run on a blocking thread (completion polling
+//! spins); transfers from one peer take turns on its queue pairs.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use dlengine_engine::kv::BlockId;
+use dlengine_engine::kv_transfer::{RemoteCopy, RemoteKvReader};
+use dlengine_kv_rdma::{read_blocks, QueuePair, ReadOptions, ReadPlanner};
+
+use super::RdmaKv;
+
+pub(super) struct PeerLink {
+    qps: Mutex<Vec<QueuePair>>,
+    planner: ReadPlanner,
+}
+
+impl PeerLink {
+    pub(super) fn new(qps: Vec<QueuePair>, planner: ReadPlanner) -> Self {
+        Self { qps: Mutex::new(qps), planner }
+    }
+
+    /// False once a failed transfer left a queue pair in the error state. A link in use
+    /// counts as usable: its transfer says otherwise when it fails.
+    fn usable(&self) -> bool {
+        self.qps.try_lock().map_or(true, |qps| qps.iter().all(|qp| qp.unusable_reason().is_none()))
+    }
+
+    fn read(&self, pairs: &[(BlockId, BlockId)]) -> Result<(), String> {
+        let plan = self.planner.plan(pairs).map_err(|e| format!("planning the RDMA READs: {e}"))?;
+        let mut qps = self.qps.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        let stats = read_blocks(&mut qps, &plan, ReadOptions::default()).map_err(|e| format!("RDMA READ: {e}"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::debug!(bytes = stats.bytes, requests = stats.requests, ms = seconds * 1e3, gb_per_s = stats.bytes as f64 / seconds / 1e9, "RDMA READ done");
+        Ok(())
+    }
+}
+
+/// Copies a lease's blocks from one prefill peer.
+pub struct RdmaReader {
+    link: Arc<PeerLink>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for RdmaReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RdmaReader")
+    }
+}
+
+impl RemoteKvReader for RdmaReader {
+    fn transport(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn start(&self, pairs: Vec<(BlockId, BlockId)>) -> RemoteCopy {
+        let copy = RemoteCopy::default();
+        let (done, link) = (copy.clone(), self.link.clone());
+        self.runtime.spawn_blocking(move || done.finish(link.read(&pairs)));
+        copy
+    }
+}
+
+impl RdmaKv {
+    /// A reader from the prefill engine `prefill_id` (connect URL `url`), over the link
+    /// kept from earlier requests while it is usable, else over a new one.
+    pub async fn reader(&self, client: &reqwest::Client, self_id: &str, prefill_id: &str, url: &str) -> Result<RdmaReader, String> {
+        let kept = self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(prefill_id).filter(|l| l.usable()).cloned();
+        let link = match kept {
+            Some(link) => link,
+            None => {
+                let link = Arc::new(self.connect(client, url, self_id).await?);
+                self.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(prefill_id.to_owned(), link.clone());
+                link
+            }
+        };
+        Ok(RdmaReader { link, runtime: tokio::runtime::Handle::current() })
+    }
+}
