@@ -1,8 +1,10 @@
 //! Prefill/decode disaggregation through the router, against a real etcd and in-process
 //! engines of every role that implement the engine contract over real HTTP (see
 //! `support::pd_engine`): the split itself, prefill finishing alone, pairing rules,
-//! failures, retries, lease releases and fallbacks. Skipped with a printed reason without
-//! etcd.
+//! failures, retries, lease releases and fallbacks, and the same over prefill engines that
+//! answer early descriptors in two lines (the router's default flow with real engines),
+//! whose second line the tests hold back or script to fail; and which worker's circuit
+//! breaker a failed KV transfer counts against. Skipped with a printed reason without etcd.
 
 mod support;
 
@@ -15,7 +17,7 @@ use dlengine_registry::testing::EtcdServer;
 use dlengine_registry::Role;
 use dlengine_router::{PREFILL_WORKER_HEADER, WORKER_HEADER};
 use serde_json::{json, Value};
-use support::pd_engine::{PdEngine, Script, Spec};
+use support::pd_engine::{Early, PdEngine, Script, SecondLine, Spec};
 use support::{config, metric_sum, RunningRouter};
 
 fn client() -> reqwest::Client {
@@ -75,6 +77,11 @@ fn chat(content: &str, stream: bool) -> Value {
 
 async fn engine(etcd: &EtcdServer, name: &str, role: Role, script: &Arc<Script>) -> PdEngine {
     PdEngine::start(&etcd.endpoint(), Spec::new(name, role), script.clone()).await
+}
+
+/// A prefill engine that answers early descriptors in two lines, as real ones do.
+async fn early_prefill(etcd: &EtcdServer, name: &str, script: &Arc<Script>) -> PdEngine {
+    PdEngine::start(&etcd.endpoint(), Spec::new(name, Role::Prefill).early(), script.clone()).await
 }
 
 fn lease_of(body: &Value) -> String {
@@ -296,8 +303,9 @@ async fn failures_end_in_clear_errors_once_the_budget_is_spent() {
     frees.sort();
     assert_eq!(frees, vec!["p1-0", "p1-1", "p1-2", "p1-3"]);
 
-    // Three failures in a row ejected the decode worker: no prefill is wasted meanwhile,
-    // the aggregated worker serves whole requests.
+    // Three failed transfers in a row ejected the prefill worker (`kv_transfer_failed` is
+    // held against prefill): no prefill is wasted meanwhile, the aggregated worker serves
+    // whole requests.
     let answer = send(&router, "/v1/completions", &completion("while ejected", false)).await;
     assert_eq!((answer.status, answer.worker.as_str()), (200, "a1"), "{}", answer.text);
     assert_eq!(answer.json()["choices"][0]["text"], "whole by a1");
@@ -381,5 +389,226 @@ async fn requests_that_cannot_be_split_are_served_whole() {
     let metrics = router.metrics().await;
     assert_eq!(metric_sum(&metrics, "dlengine_router_pd_requests_total", ""), 0.0);
     assert_eq!(metric_sum(&metrics, "dlengine_router_pd_pairing_failures_total", "no_decode"), 2.0);
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_descriptor_goes_to_decode_while_prefill_holds_its_second_line() {
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
+    let script = Arc::new(Script::default());
+    let p = early_prefill(&etcd, "p1", &script).await;
+    let d = engine(&etcd, "d1", Role::Decode, &script).await;
+    let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
+    router.wait_workers(2).await;
+    p.hold_second_lines();
+
+    // The client has decode's whole answer while prefill has written only its first line
+    // (a router waiting for the second one would wait until its request deadline).
+    let answer = send(&router, "/v1/completions", &completion("early", false)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json()["choices"][0]["text"], "P decoded by d1");
+    assert_eq!((answer.worker.as_str(), answer.prefill.as_str()), ("d1", "p1"));
+    assert_eq!(p.bodies()[0]["kv_transfer_params"], json!({"do_remote_decode": true, "early_descriptor": true}));
+    let early = json!({"lease_id": "p1-0", "engine": "p1", "first_token_url": format!("{}/pd/first_token", p.url)});
+    assert_eq!(d.bodies()[0]["kv_transfer_params"], early, "decode did not get the first line's descriptor as it is");
+    assert_eq!(p.first_token_asks(), vec!["p1-0".to_string()]);
+    assert_eq!(p.early_state("p1-0"), Some(Early::FirstLine));
+
+    let answer = send(&router, "/v1/chat/completions", &chat("early, streamed", true)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.streamed_text(), "P decoded by d1");
+    assert_eq!(d.bodies()[1]["stream"], true);
+    assert_eq!(lease_of(&d.bodies()[1]), "p1-1");
+    assert_eq!(p.early_state("p1-1"), Some(Early::FirstLine));
+
+    // Prefill's answers are drained, not dropped (that would abort prefill's requests):
+    // both connections are still open (time enough for a closed one to show), and both
+    // answers are read to their end once prefill writes the rest.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((p.early_state("p1-0"), p.early_state("p1-1")), (Some(Early::FirstLine), Some(Early::FirstLine)));
+    p.release_second_lines();
+    assert_eq!(p.wait_early("p1-0", Early::Ended).await, Some(Early::Ended));
+    assert_eq!(p.wait_early("p1-1", Early::Ended).await, Some(Early::Ended));
+    assert!(p.frees().is_empty(), "a lease was released although decode took it: {:?}", p.frees());
+    let metrics = router.metrics().await;
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_requests_total", ""), 2.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_retries_total", ""), 0.0);
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_decode_hop_aborts_prefills_early_answer_and_frees_its_lease() {
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
+    let script = Arc::new(Script::default());
+    let p = early_prefill(&etcd, "p1", &script).await;
+    let decodes = [engine(&etcd, "d1", Role::Decode, &script).await, engine(&etcd, "d2", Role::Decode, &script).await];
+    let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
+    router.wait_workers(3).await;
+    p.hold_second_lines();
+
+    // The first pair fails the transfer: redone on the other decode worker.
+    script.kv_failures.store(1, Ordering::SeqCst);
+    let answer = send(&router, "/v1/completions", &completion("early retry", false)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json()["choices"][0]["text"], format!("P decoded by {}", answer.worker));
+    let tried: Vec<(String, String)> =
+        decodes.iter().flat_map(|d| d.bodies().iter().map(|b| (d.name.clone(), lease_of(b))).collect::<Vec<_>>()).collect();
+    assert_eq!(tried.len(), 2, "{tried:?}");
+    let failed = tried.iter().find(|(name, _)| *name != answer.worker).unwrap_or_else(|| panic!("{tried:?}"));
+    let served = tried.iter().find(|(name, _)| *name == answer.worker).unwrap();
+    assert_eq!((failed.1.as_str(), served.1.as_str()), ("p1-0", "p1-1"));
+    // The failed pair's prefill answer is abandoned while its second line is still held
+    // back: the router does not wait for it, and prefill's request is cancelled.
+    assert_eq!(p.wait_early("p1-0", Early::Aborted).await, Some(Early::Aborted));
+    assert_eq!(p.wait_frees(1).await, vec!["p1-0".to_string()]);
+    assert_eq!(p.early_state("p1-1"), Some(Early::FirstLine));
+    p.release_second_lines();
+    assert_eq!(p.wait_early("p1-1", Early::Ended).await, Some(Early::Ended));
+
+    // Every pair fails: decode's error once the budget is spent, every early answer
+    // aborted and every lease freed.
+    p.hold_second_lines();
+    script.kv_failures.store(3, Ordering::SeqCst);
+    let answer = send(&router, "/v1/completions", &completion("early doomed", true)).await;
+    assert_eq!(answer.status, 503, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "kv_transfer_failed");
+    assert_eq!(p.hits(), 5);
+    for lease in ["p1-2", "p1-3", "p1-4"] {
+        assert_eq!(p.wait_early(lease, Early::Aborted).await, Some(Early::Aborted), "{lease}");
+    }
+    let mut frees = p.wait_frees(4).await;
+    frees.sort();
+    assert_eq!(frees, vec!["p1-0", "p1-2", "p1-3", "p1-4"]);
+    let metrics = router.metrics().await;
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_retries_total", ""), 3.0);
+    assert_eq!(metric_sum(&metrics, "dlengine_router_pd_lease_frees_total", ""), 4.0);
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_failing_after_its_first_line_does_not_hang_the_client() {
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
+    let script = Arc::new(Script::default());
+    let p = early_prefill(&etcd, "p1", &script).await;
+    let d = engine(&etcd, "d1", Role::Decode, &script).await;
+    let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
+    router.wait_workers(2).await;
+
+    // Prefill's request dies after the descriptor went out (connection broken, or an error
+    // for a second line): decode cannot get the first token and fails the transfer; the
+    // pair is redone and its lease freed.
+    for (round, second_line) in [SecondLine::Drop, SecondLine::Error].into_iter().enumerate() {
+        p.script_second_lines(&[second_line]);
+        let answer = send(&router, "/v1/completions", &completion(&format!("early {second_line:?}"), round == 1)).await;
+        assert_eq!(answer.status, 200, "{second_line:?}: {}", answer.text);
+        let (failed, served) = (format!("p1-{}", 2 * round), format!("p1-{}", 2 * round + 1));
+        let leases: Vec<String> = d.bodies()[2 * round..].iter().map(lease_of).collect();
+        assert_eq!(leases, vec![failed.clone(), served.clone()], "{second_line:?}");
+        assert_eq!(p.first_token_asks()[2 * round..], [failed.clone(), served.clone()]);
+        assert!(p.wait_frees(round + 1).await.contains(&failed), "{second_line:?}: {:?}", p.frees());
+    }
+    assert_eq!(p.early_state("p1-0"), Some(Early::Dropped));
+
+    // Every pair fails so: the client gets decode's error at once, not at the deadline.
+    p.script_second_lines(&[SecondLine::Drop, SecondLine::Error, SecondLine::Drop]);
+    let started = std::time::Instant::now();
+    let answer = send(&router, "/v1/chat/completions", &chat("early, every pair fails", false)).await;
+    assert_eq!(answer.status, 503, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "kv_transfer_failed");
+    assert!(started.elapsed() < Duration::from_secs(10), "the client waited {:?}", started.elapsed());
+    assert_eq!(p.wait_frees(5).await.len(), 5, "{:?}", p.frees());
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_line_that_never_comes_is_drained_until_the_request_deadline() {
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
+    let script = Arc::new(Script::default());
+    let p = early_prefill(&etcd, "p1", &script).await;
+    let d = engine(&etcd, "d1", Role::Decode, &script).await;
+    let mut config = config(&etcd.endpoint(), Policy::RoundRobin);
+    config.request_timeout = Duration::from_secs(2);
+    let router = RunningRouter::start(config).await;
+    router.wait_workers(2).await;
+
+    p.script_second_lines(&[SecondLine::Never]);
+    let answer = send(&router, "/v1/completions", &completion("early, prefill stalls", true)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.streamed_text(), "P decoded by d1");
+    assert_eq!(lease_of(&d.bodies()[0]), "p1-0");
+    assert_eq!(p.early_state("p1-0"), Some(Early::FirstLine));
+    // The drain gives up at the request deadline: no task and no connection left behind.
+    assert_eq!(p.wait_early("p1-0", Early::Aborted).await, Some(Early::Aborted));
+    assert!(p.frees().is_empty(), "decode took the lease over: {:?}", p.frees());
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_requests_ask_for_no_early_descriptor() {
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
+    let script = Arc::new(Script::default());
+    let p = early_prefill(&etcd, "p1", &script).await;
+    let d = engine(&etcd, "d1", Role::Decode, &script).await;
+    let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
+    router.wait_workers(2).await;
+
+    let mut one_token = completion("one token", false);
+    one_token["max_tokens"] = json!(1);
+    let answer = send(&router, "/v1/completions", &one_token).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let body = answer.json();
+    assert_eq!((body["choices"][0]["text"].as_str(), body["choices"][0]["finish_reason"].as_str()), (Some("P"), Some("length")));
+    assert_eq!((answer.worker.as_str(), answer.prefill.as_str()), ("p1", "p1"));
+
+    let mut one_token = chat("one token", true);
+    one_token.as_object_mut().unwrap().remove("max_tokens");
+    one_token["max_completion_tokens"] = json!(1);
+    let answer = send(&router, "/v1/chat/completions", &one_token).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.streamed_text(), "P");
+
+    for body in p.bodies() {
+        assert_eq!(body["kv_transfer_params"], json!({"do_remote_decode": true, "early_descriptor": false}));
+    }
+    assert_eq!((p.hits(), d.hits()), (2, 0), "a one-token request was handed to decode");
+    assert!(p.seen.early.lock().unwrap().is_empty());
+    router.stop().await;
+}
+
+/// A prefill worker whose KV cannot be pulled: decode answers 503 `kv_transfer_failed`,
+/// which is prefill's fault. Its breaker ejects it after three; decode's is not charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_kv_transfer_counts_against_the_prefill_worker_not_decode() {
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
+    let script = Arc::new(Script::default());
+    let e = etcd.endpoint();
+    // Model "tiny": late answers; model "early": early descriptors.
+    let mut engines = Vec::new();
+    for (model, early) in [("tiny", false), ("early", true)] {
+        let spec = |name: &str, role| Spec { model: model.into(), early, ..Spec::new(&format!("{model}-{name}"), role) };
+        let bad = PdEngine::start(&e, spec("bad", Role::Prefill), script.clone()).await;
+        let good = PdEngine::start(&e, spec("good", Role::Prefill), script.clone()).await;
+        let d = PdEngine::start(&e, spec("d", Role::Decode), script.clone()).await;
+        script.unpullable.lock().unwrap().push(bad.name.clone());
+        engines.push((model, bad, good, d));
+    }
+    let router = RunningRouter::start(config(&e, Policy::RoundRobin)).await;
+    router.wait_workers(6).await;
+
+    for (model, bad, good, d) in &engines {
+        for i in 0..8 {
+            let body = json!({"model": model, "prompt": format!("q{i}"), "max_tokens": 8, "stream": i % 2 == 1});
+            let answer = send(&router, "/v1/completions", &body).await;
+            assert_eq!(answer.status, 200, "{model}: {}", answer.text);
+            assert_eq!((answer.worker.as_str(), answer.prefill.as_str()), (d.name.as_str(), good.name.as_str()));
+        }
+        let metrics = router.metrics().await;
+        let errors = |labels: String| metric_sum(&metrics, "dlengine_router_worker_errors_total", &labels);
+        assert_eq!(errors(format!("worker=\"{}\"", d.url)), 0.0, "{model}: decode was charged");
+        assert_eq!(errors(format!("worker=\"{}\",kind=\"kv_transfer\"", bad.url)), 3.0, "{model}");
+        // Ejected after its third failed transfer (a probe, if this took over 2 s).
+        assert!((3..=4).contains(&bad.hits()), "{model}: the prefill worker whose KV cannot be pulled got {} requests", bad.hits());
+        assert_eq!(d.hits(), 8 + bad.hits());
+    }
     router.stop().await;
 }

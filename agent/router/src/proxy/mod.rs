@@ -69,6 +69,9 @@ enum AttemptError {
     Retryable { kind: &'static str, message: String },
     /// A worker's own 5xx answer: retry elsewhere, and pass it on if it was the last.
     ServerError { status: StatusCode, body: Bytes },
+    /// A decode worker's 5xx `kv_transfer_failed`: it could not pull the prefill worker's
+    /// KV, which is held against prefill (split.rs), not against it. Otherwise as ServerError.
+    KvTransfer { status: StatusCode, body: Bytes },
     /// The request deadline passed: no time left for another attempt.
     Deadline,
 }
@@ -265,6 +268,12 @@ impl Proxy {
         let status = upstream.status();
         if status.is_server_error() {
             let body = read_bounded(upstream, deadline).await;
+            if attempt.imports_kv() && is_kv_transfer_failure(&body) {
+                // No verdict on this worker: the caller settles the prefill worker's.
+                let error = AttemptError::KvTransfer { status, body };
+                self.log_failure(attempt.worker(), &error);
+                return Err(error);
+            }
             return Err(self.fail(attempt, "status_5xx", AttemptError::ServerError { status, body }));
         }
         Ok((attempt, upstream))
@@ -280,6 +289,9 @@ impl Proxy {
         match error {
             AttemptError::Retryable { kind, message } => tracing::warn!(worker = %worker.url(), kind, "attempt failed: {message}"),
             AttemptError::ServerError { status, .. } => tracing::warn!(worker = %worker.url(), %status, "attempt failed"),
+            AttemptError::KvTransfer { status, .. } => {
+                tracing::warn!(worker = %worker.url(), %status, "attempt failed: the decode worker could not pull the prefill worker's KV")
+            }
             AttemptError::Deadline => tracing::warn!(worker = %worker.url(), "request deadline passed"),
         }
     }
@@ -299,6 +311,12 @@ fn without_kv_transfer_params(body: Bytes) -> Bytes {
 
 fn retryable(kind: &'static str, message: String) -> AttemptError {
     AttemptError::Retryable { kind, message }
+}
+
+/// Whether a 5xx body is the engines' `kv_transfer_failed` error.
+fn is_kv_transfer_failure(body: &Bytes) -> bool {
+    let code = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+    code.as_deref() == Some("kv_transfer_failed")
 }
 
 fn is_event_stream(upstream: &reqwest::Response) -> bool {
@@ -338,13 +356,15 @@ fn give_up(model: &str, last_error: Option<AttemptError>) -> Response {
         None => ApiError::no_worker(format!("No worker for model `{model}` can take a request right now (all are failing).")).into_response(),
         Some(AttemptError::Deadline) => ApiError::gateway_timeout("The request exceeded the router's request timeout.").into_response(),
         Some(AttemptError::Retryable { message, .. }) => ApiError::bad_gateway(format!("Every attempt failed; the last: {message}")).into_response(),
-        Some(AttemptError::ServerError { status, body }) if serde_json::from_slice::<serde_json::Value>(&body).is_ok() => {
+        Some(AttemptError::ServerError { status, body } | AttemptError::KvTransfer { status, body })
+            if serde_json::from_slice::<serde_json::Value>(&body).is_ok() =>
+        {
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = status;
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
-        Some(AttemptError::ServerError { status, .. }) => {
+        Some(AttemptError::ServerError { status, .. } | AttemptError::KvTransfer { status, .. }) => {
             ApiError::bad_gateway(format!("Every attempt failed; the last worker answered {status}.")).into_response()
         }
     }

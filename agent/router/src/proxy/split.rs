@@ -23,6 +23,13 @@
 //! breaks before its first byte) releases the prefill lease and redoes the whole pair,
 //! preferring workers not yet used. Every attempt, prefill or pair, counts against
 //! `max_retries`, and every hop against the request deadline.
+//!
+//! Circuit breakers: a prefill hop that hands off is settled only once decode has answered,
+//! since only then is it known whether its KV could be pulled. Decode's 503
+//! `kv_transfer_failed` counts as a failure of the prefill worker, not of decode; any other
+//! answer of decode (its own failures included) as a success of prefill; a deadline passing,
+//! or no decode worker to try, as neither. The prefill worker stays a candidate for the
+//! pair's retry (it may be the only one).
 
 use std::sync::Arc;
 
@@ -33,7 +40,7 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
-use super::attempt::Attempt;
+use super::attempt::{Attempt, Verdict};
 use super::lease::Lease;
 use super::plan::compatible;
 use super::{give_up, name_worker, retryable, synth, AttemptError, Proxy};
@@ -49,11 +56,12 @@ pub const PREFILL_WORKER_HEADER: &str = "x-dlengine-prefill-worker";
 enum PrefillOutcome {
     /// Prefill finished the request itself: its answer, descriptor field removed.
     Finished(Value),
-    /// Continue on a decode worker with this descriptor.
-    Handoff(Value),
+    /// Continue on a decode worker with this descriptor; prefill's verdict waits for
+    /// decode's answer.
+    Handoff(Value, Verdict),
     /// Continue on a decode worker with this early descriptor while prefill's answer
     /// (its second line) is still to come.
-    Early(Value, reqwest::Response),
+    Early(Value, reqwest::Response, Verdict),
     /// The engine refused the request (4xx): the client's answer as it is.
     Refused(Response),
 }
@@ -112,11 +120,11 @@ impl Proxy {
             used.prefill.push(prefill_worker.id);
             let attempt = Attempt::begin(prefill_worker.clone(), admission, self.metrics.clone());
             let mut prefill_rest = None;
-            let descriptor = match self.prefill_hop(attempt, endpoint, &prefill_body, deadline).await {
-                Ok(PrefillOutcome::Handoff(descriptor)) => descriptor,
-                Ok(PrefillOutcome::Early(descriptor, rest)) => {
+            let (descriptor, prefill_verdict) = match self.prefill_hop(attempt, endpoint, &prefill_body, deadline).await {
+                Ok(PrefillOutcome::Handoff(descriptor, verdict)) => (descriptor, verdict),
+                Ok(PrefillOutcome::Early(descriptor, rest, verdict)) => {
                     prefill_rest = Some(PrefillRest::drain(rest, deadline));
-                    descriptor
+                    (descriptor, verdict)
                 }
                 Ok(PrefillOutcome::Finished(answer)) => {
                     self.metrics.pd_prefill_finished.inc();
@@ -148,9 +156,10 @@ impl Proxy {
             };
             used.decode.push(decode_worker.id);
             let decode_body = decode_request(request.clone(), descriptor);
-            let attempt = Attempt::begin(decode_worker, admission, self.metrics.clone());
+            let attempt = Attempt::begin(decode_worker, admission, self.metrics.clone()).importing_kv();
             match self.try_worker(attempt, endpoint, &decode_body, facts.stream, deadline).await {
                 Ok(response) => {
+                    prefill_verdict.succeed();
                     if let Some(rest) = prefill_rest.filter(|_| response.status().is_success()) {
                         rest.detach();
                     }
@@ -159,6 +168,11 @@ impl Proxy {
                 Err(error) => {
                     drop(prefill_rest);
                     drop(lease);
+                    match error {
+                        AttemptError::KvTransfer { .. } => prefill_verdict.fail("kv_transfer"),
+                        AttemptError::Deadline => drop(prefill_verdict),
+                        AttemptError::Retryable { .. } | AttemptError::ServerError { .. } => prefill_verdict.succeed(),
+                    }
                     let deadline_passed = matches!(error, AttemptError::Deadline);
                     last_error = Some(error);
                     if deadline_passed {
@@ -209,10 +223,7 @@ impl Proxy {
         if status.is_success() && is_json_lines(&upstream) {
             return match tokio::time::timeout_at(deadline, first_line(&mut upstream)).await {
                 Err(_) => Err(self.fail(attempt, "timeout", AttemptError::Deadline)),
-                Ok(Some(descriptor)) => {
-                    attempt.succeed();
-                    Ok(PrefillOutcome::Early(descriptor, upstream))
-                }
+                Ok(Some(descriptor)) => Ok(PrefillOutcome::Early(descriptor, upstream, attempt.defer())),
                 Ok(None) => {
                     let message = "the prefill worker's first line is not {\"kv_transfer_params\": <descriptor>}".to_string();
                     Err(self.fail(attempt, "invalid_response", retryable("invalid_response", message)))
@@ -236,25 +247,24 @@ impl Proxy {
             name_prefill(&mut response, attempt.worker());
             return Ok(PrefillOutcome::Refused(response));
         }
-        let outcome = match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(mut answer)) => match answer.remove("kv_transfer_params") {
-                // An engine that ignored the field answered the whole request.
-                None | Some(Value::Null) => Some(PrefillOutcome::Finished(Value::Object(answer))),
-                Some(descriptor @ Value::Object(_)) => Some(PrefillOutcome::Handoff(descriptor)),
-                Some(_) => None,
-            },
-            _ => None,
+        let mut answer = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(answer)) => answer,
+            _ => return Err(self.invalid_prefill_answer(attempt)),
         };
-        match outcome {
-            Some(outcome) => {
+        match answer.remove("kv_transfer_params") {
+            // An engine that ignored the field answered the whole request.
+            None | Some(Value::Null) => {
                 attempt.succeed();
-                Ok(outcome)
+                Ok(PrefillOutcome::Finished(Value::Object(answer)))
             }
-            None => {
-                let message = "the prefill worker's answer is not a JSON object with a null or object `kv_transfer_params`".to_string();
-                Err(self.fail(attempt, "invalid_response", retryable("invalid_response", message)))
-            }
+            Some(descriptor @ Value::Object(_)) => Ok(PrefillOutcome::Handoff(descriptor, attempt.defer())),
+            Some(_) => Err(self.invalid_prefill_answer(attempt)),
         }
+    }
+
+    fn invalid_prefill_answer(&self, attempt: Attempt) -> AttemptError {
+        let message = "the prefill worker's answer is not a JSON object with a null or object `kv_transfer_params`".to_string();
+        self.fail(attempt, "invalid_response", retryable("invalid_response", message))
     }
 
     /// Decode answered (a stream already under way, or a whole answer). On success decode
