@@ -323,7 +323,8 @@ fn the_cache_described_for_a_nic_takes_a_remote_copy_and_continues_as_one_engine
     let local = decode.kv_memory(false).unwrap().unwrap();
     assert_eq!((remote.location, remote.regions.len()), (KvLocation::CudaDevice(0), 2 * layout.num_layers));
     let block_bytes = (layout.bytes_per_block() / (2 * layout.num_layers)) as u64;
-    assert!(remote.regions.iter().all(|r| r.len == block_bytes * prefill.info().num_kv_blocks as u64));
+    // Every usable block, plus the engine's scratch block.
+    assert!(remote.regions.iter().all(|r| r.len == block_bytes * (prefill.info().num_kv_blocks as u64 + 1)));
     let dmabufs = remote.regions.iter().filter(|r| r.dmabuf.is_some()).count();
     eprintln!("dma-buf export: {dmabufs} of {} buffers", remote.regions.len());
     assert!(dmabufs == 0 || dmabufs == remote.regions.len(), "all or none");

@@ -161,7 +161,30 @@ fn url_host(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::url_host;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{client, url_host};
+
+    /// The headers of the one request `client` sends to a listener of ours.
+    async fn headers_sent_by(client: reqwest::Client) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/pd/free", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = vec![0; 4096];
+            let n = socket.read(&mut head).await.unwrap();
+            socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await.unwrap();
+            String::from_utf8_lossy(&head[..n]).to_lowercase()
+        });
+        client.post(url).body("{}").send().await.unwrap();
+        server.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn calls_to_another_engine_carry_this_engines_api_key() {
+        assert!(headers_sent_by(client(Some("sk-1")).unwrap()).await.contains("authorization: bearer sk-1\r\n"));
+        assert!(!headers_sent_by(client(None).unwrap()).await.contains("authorization"));
+    }
 
     #[test]
     fn the_host_of_an_advertised_url() {
