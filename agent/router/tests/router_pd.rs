@@ -15,7 +15,7 @@ use std::time::Duration;
 use dlengine_cli::Policy;
 use dlengine_registry::testing::EtcdServer;
 use dlengine_registry::Role;
-use dlengine_router::{PREFILL_WORKER_HEADER, WORKER_HEADER};
+use dlengine_router::{RouterConfig, PREFILL_WORKER_HEADER, WORKER_HEADER};
 use serde_json::{json, Value};
 use support::pd_engine::{Early, PdEngine, Script, SecondLine, Spec};
 use support::{config, metric_sum, RunningRouter};
@@ -82,6 +82,18 @@ async fn engine(etcd: &EtcdServer, name: &str, role: Role, script: &Arc<Script>)
 /// A prefill engine that answers early descriptors in two lines, as real ones do.
 async fn early_prefill(etcd: &EtcdServer, name: &str, script: &Arc<Script>) -> PdEngine {
     PdEngine::start(&etcd.endpoint(), Spec::new(name, Role::Prefill).early(), script.clone()).await
+}
+
+/// An early-descriptor prefill `p1` and a decode `d1` behind a round-robin router whose
+/// configuration `tune` may adjust.
+async fn early_pair(etcd: &EtcdServer, script: &Arc<Script>, tune: impl FnOnce(&mut RouterConfig)) -> (PdEngine, PdEngine, RunningRouter) {
+    let p = early_prefill(etcd, "p1", script).await;
+    let d = engine(etcd, "d1", Role::Decode, script).await;
+    let mut config = config(&etcd.endpoint(), Policy::RoundRobin);
+    tune(&mut config);
+    let router = RunningRouter::start(config).await;
+    router.wait_workers(2).await;
+    (p, d, router)
 }
 
 fn lease_of(body: &Value) -> String {
@@ -396,10 +408,7 @@ async fn requests_that_cannot_be_split_are_served_whole() {
 async fn an_early_descriptor_goes_to_decode_while_prefill_holds_its_second_line() {
     let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
-    let p = early_prefill(&etcd, "p1", &script).await;
-    let d = engine(&etcd, "d1", Role::Decode, &script).await;
-    let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
-    router.wait_workers(2).await;
+    let (p, d, router) = early_pair(&etcd, &script, |_| {}).await;
     p.hold_second_lines();
 
     // The client has decode's whole answer while prefill has written only its first line
@@ -489,10 +498,7 @@ async fn a_failed_decode_hop_aborts_prefills_early_answer_and_frees_its_lease() 
 async fn prefill_failing_after_its_first_line_does_not_hang_the_client() {
     let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
-    let p = early_prefill(&etcd, "p1", &script).await;
-    let d = engine(&etcd, "d1", Role::Decode, &script).await;
-    let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
-    router.wait_workers(2).await;
+    let (p, d, router) = early_pair(&etcd, &script, |_| {}).await;
 
     // Prefill's request dies after the descriptor went out (connection broken, or an error
     // for a second line): decode cannot get the first token and fails the transfer; the
@@ -524,12 +530,7 @@ async fn prefill_failing_after_its_first_line_does_not_hang_the_client() {
 async fn a_second_line_that_never_comes_is_drained_until_the_request_deadline() {
     let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
-    let p = early_prefill(&etcd, "p1", &script).await;
-    let d = engine(&etcd, "d1", Role::Decode, &script).await;
-    let mut config = config(&etcd.endpoint(), Policy::RoundRobin);
-    config.request_timeout = Duration::from_secs(2);
-    let router = RunningRouter::start(config).await;
-    router.wait_workers(2).await;
+    let (p, d, router) = early_pair(&etcd, &script, |c| c.request_timeout = Duration::from_secs(2)).await;
 
     p.script_second_lines(&[SecondLine::Never]);
     let answer = send(&router, "/v1/completions", &completion("early, prefill stalls", true)).await;
@@ -547,10 +548,7 @@ async fn a_second_line_that_never_comes_is_drained_until_the_request_deadline() 
 async fn one_token_requests_ask_for_no_early_descriptor() {
     let Some(etcd) = EtcdServer::start_or_skip() else { return };
     let script = Arc::new(Script::default());
-    let p = early_prefill(&etcd, "p1", &script).await;
-    let d = engine(&etcd, "d1", Role::Decode, &script).await;
-    let router = RunningRouter::start(config(&etcd.endpoint(), Policy::RoundRobin)).await;
-    router.wait_workers(2).await;
+    let (p, d, router) = early_pair(&etcd, &script, |_| {}).await;
 
     let mut one_token = completion("one token", false);
     one_token["max_tokens"] = json!(1);

@@ -37,6 +37,9 @@ pub struct RdmaKv {
     accepted: Mutex<Accepted>,
     /// Decode side: links to prefill engines, by their engine id.
     peers: Mutex<HashMap<String, Arc<PeerLink>>>,
+    /// One handshake at a time: two for one peer would have prefill replace the first
+    /// one's queue pairs while a transfer may be using them.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl RdmaKv {
@@ -52,7 +55,16 @@ impl RdmaKv {
         let regions = register(&pd, memory)?;
         tracing::info!(device = %endpoint.device, port = endpoint.port, gid = %endpoint.gid, regions = regions.len(), "RDMA KV transfer ready");
         let qps_per_peer = args.rdma_qps as usize;
-        Ok(RdmaKv { pd, endpoint, regions, layout, qps_per_peer, accepted: Mutex::default(), peers: Mutex::default() })
+        Ok(RdmaKv {
+            pd,
+            endpoint,
+            regions,
+            layout,
+            qps_per_peer,
+            accepted: Mutex::default(),
+            peers: Mutex::default(),
+            connecting: tokio::sync::Mutex::default(),
+        })
     }
 
     /// What a decode engine plans its READs against.

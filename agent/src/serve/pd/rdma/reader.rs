@@ -67,15 +67,24 @@ impl RdmaKv {
     /// A reader from the prefill engine `prefill_id` (connect URL `url`), over the link
     /// kept from earlier requests while it is usable, else over a new one.
     pub async fn reader(&self, client: &reqwest::Client, self_id: &str, prefill_id: &str, url: &str) -> Result<RdmaReader, String> {
-        let kept = self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(prefill_id).filter(|l| l.usable()).cloned();
-        let link = match kept {
+        let link = match self.usable_link(prefill_id) {
             Some(link) => link,
             None => {
-                let link = Arc::new(self.connect(client, url, self_id).await?);
-                self.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(prefill_id.to_owned(), link.clone());
-                link
+                let _one_at_a_time = self.connecting.lock().await;
+                match self.usable_link(prefill_id) {
+                    Some(link) => link, // connected while we waited
+                    None => {
+                        let link = Arc::new(self.connect(client, url, self_id).await?);
+                        self.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(prefill_id.to_owned(), link.clone());
+                        link
+                    }
+                }
             }
         };
         Ok(RdmaReader { link, runtime: tokio::runtime::Handle::current() })
+    }
+
+    fn usable_link(&self, prefill_id: &str) -> Option<Arc<PeerLink>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(prefill_id).filter(|l| l.usable()).cloned()
     }
 }
