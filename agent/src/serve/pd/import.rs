@@ -39,7 +39,6 @@ impl DecodeImport {
     }
 }
 
-#[derive(Debug, PartialEq)]
 enum Transport<'a> {
     CudaIpc(&'a CudaIpcKv),
     Rdma(&'a str),
