@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::super::json_body::{parse_request, RawBody};
 use super::super::state::AppState;
+use super::peer_call::call;
 use crate::openai::ApiError;
 
 /// How long either side waits for the token: a prompt's last forward, far below this.
@@ -46,13 +47,5 @@ pub async fn first_token(State(state): State<AppState>, RawBody(body): RawBody) 
 /// Decode side: asks prefill for the token, at most [`FIRST_TOKEN_TIMEOUT`].
 pub async fn fetch(client: &reqwest::Client, url: &str, lease_id: &str) -> FirstTokenResult {
     let request = client.post(url).timeout(FIRST_TOKEN_TIMEOUT).json(&json!({ "lease_id": lease_id }));
-    let response = request.send().await.map_err(|e| format!("asking {url}: {e}"))?;
-    let status = response.status();
-    let body = response.bytes().await.map_err(|e| format!("reading {url}'s answer: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("{url} answered {status}: {}", String::from_utf8_lossy(&body)));
-    }
-    serde_json::from_slice::<FirstTokenAnswer>(&body)
-        .map(|a| a.first_token)
-        .map_err(|e| format!("{url} answered an unreadable first token: {e}"))
+    call::<FirstTokenAnswer>(request, url).await.map(|a| a.first_token)
 }

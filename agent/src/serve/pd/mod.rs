@@ -12,6 +12,7 @@ mod free;
 mod handoff;
 mod import;
 mod params;
+mod peer_call;
 mod rdma;
 mod release;
 mod tcp;

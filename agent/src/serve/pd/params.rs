@@ -29,7 +29,7 @@ impl KvParams {
                 let early = match params.get("early_descriptor") {
                     None | Some(Value::Null) => false,
                     Some(Value::Bool(early)) => *early,
-                    Some(_) => return Err(ApiError::invalid_param(FIELD, "early_descriptor must be a boolean")),
+                    Some(_) => return Err(ApiError::invalid_param(format!("{FIELD}.early_descriptor"), "must be a boolean")),
                 };
                 Ok(KvParams::RemoteDecode { early })
             }
@@ -76,7 +76,7 @@ mod tests {
         let early = br#"{"kv_transfer_params":{"do_remote_decode":true,"early_descriptor":true}}"#;
         assert!(matches!(KvParams::from_body(early), Ok(KvParams::RemoteDecode { early: true })));
         let err = KvParams::from_body(br#"{"kv_transfer_params":{"do_remote_decode":true,"early_descriptor":1}}"#).unwrap_err();
-        assert!(err.message.contains("early_descriptor"), "{}", err.message);
+        assert_eq!(err.param.as_deref(), Some("kv_transfer_params.early_descriptor"), "{}", err.message);
         let err = KvParams::from_body(br#"{"kv_transfer_params":{"lease_id":"1"}}"#).unwrap_err();
         assert_eq!(err.param.as_deref(), Some(FIELD));
         assert!(KvParams::from_body(br#"{"kv_transfer_params":3}"#).is_err());

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::super::super::json_body::{parse_request, RawBody};
 use super::super::super::state::AppState;
+use super::super::peer_call::call;
 use super::reader::PeerLink;
 use super::RdmaKv;
 use crate::openai::ApiError;
@@ -86,7 +87,7 @@ impl RdmaKv {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         let ours = ConnectInfo::new(self.endpoint.clone(), qps.iter().map(QueuePair::info).collect());
-        let answer = post_connect(client, url, &json!({ "peer": self_id, "connect": ours })).await?;
+        let answer: ConnectAnswer = call(client.post(url).json(&json!({ "peer": self_id, "connect": ours })), url).await?;
         let theirs = ConnectInfo::from_json(&answer.connect.to_string()).map_err(|e| format!("{url} answered: {e}"))?;
         let advert = KvRdmaAdvert::from_json(&answer.advert.to_string()).map_err(|e| format!("{url} answered: {e}"))?;
         if theirs.qps.len() != qps.len() {
@@ -103,14 +104,4 @@ impl RdmaKv {
             .map_err(|e| format!("prefill's KV cache cannot be read into ours: {e}"))?;
         Ok(PeerLink::new(qps, planner))
     }
-}
-
-async fn post_connect(client: &reqwest::Client, url: &str, body: &Value) -> Result<ConnectAnswer, String> {
-    let response = client.post(url).json(body).send().await.map_err(|e| format!("asking {url}: {e}"))?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| format!("reading {url}'s answer: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("{url} answered {status}: {}", String::from_utf8_lossy(&bytes)));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| format!("{url} answered unreadable JSON: {e}"))
 }
