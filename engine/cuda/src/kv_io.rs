@@ -1,9 +1,10 @@
-//! Whole-block KV access for prefill/decode disaggregation. Every path is one launch of a
-//! chunked copy kernel: gathering blocks into mapped pinned host memory (the TCP path's
-//! send side), scattering them back out of it (receive side), and pulling them straight
-//! from a peer GPU's KV cache mapped over CUDA IPC (the same-node path, over NVLink).
-//! One launch keeps far more bytes in flight than a cuMemcpy per block run, each of which
-//! pays its own latency (thousands of them for a long prompt with scattered blocks).
+//! Whole-block KV access for prefill/decode disaggregation: gathering blocks into mapped
+//! pinned host memory (the TCP path's send side) and scattering them back out of it
+//! (receive side), each one launch of a chunked copy kernel; and pulling them straight
+//! from a peer GPU's KV cache mapped over CUDA IPC (the same-node path, over NVLink; see
+//! [`crate::peer_copy`] for who copies what there). One kernel launch keeps far more bytes
+//! in flight than a cuMemcpy per block run, each of which pays its own latency (thousands
+//! of them for a long prompt with scattered blocks).
 
 use std::collections::HashMap;
 use std::ffi::c_char;
@@ -118,7 +119,7 @@ fn block_runs(blocks: &[u32]) -> Vec<(u32, u32, u32)> {
 }
 
 /// (source, destination, bytes) segments split into chunks of at most CHUNK_BYTES.
-fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
+pub(crate) fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
     let mut chunks = Vec::new();
     for [src, dst, len] in segments {
         let mut at = 0;
@@ -351,12 +352,12 @@ impl KvBlockIo for CudaBackend {
             (Some(_), Some(_)) => layers
                 .iter()
                 .enumerate()
-                .map(|(l, buffers)| CopyStage { wait_for_layer: Some(l), chunks: chunked(block_segments(buffers, &runs, block_bytes)) })
+                .map(|(l, buffers)| CopyStage { wait_for_layer: Some(l), segments: block_segments(buffers, &runs, block_bytes) })
                 .collect(),
             (Some(_), None) => return Err(op_error("CUDA IPC", "an early descriptor from a peer that exports no progress marks")),
             // Prefill's forward is over: one launch for everything.
             (None, _) => {
-                vec![CopyStage { wait_for_layer: None, chunks: chunked(block_segments(layers.as_flattened(), &runs, block_bytes)) }]
+                vec![CopyStage { wait_for_layer: None, segments: block_segments(layers.as_flattened(), &runs, block_bytes) }]
             }
         };
         let progress = progress.zip(ready_mark);
