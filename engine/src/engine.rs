@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
@@ -274,8 +275,8 @@ fn engine_loop(
         Default::default();
     let mut running = true;
     while running {
-        // Sleep on the channel only when idle; otherwise just drain what arrived.
-        let first = if core.has_work() { rx.try_recv().ok() } else { wait_for_command(&rx, core.next_deadline()) };
+        // Sleep on the channel unless a step is due; otherwise just drain what arrived.
+        let first = if core.needs_step() { rx.try_recv().ok() } else { wait_for_command(&rx, wake_at(&core)) };
         for command in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match command {
                 Command::Add { key, request, events } => {
@@ -306,7 +307,7 @@ fn engine_loop(
         if !running {
             break;
         }
-        let due = core.has_work() || core.next_deadline().is_some_and(|d| d <= std::time::Instant::now());
+        let due = core.has_work() || core.next_deadline().is_some_and(|d| d <= Instant::now());
         let events = if due { core.step_announcing(&mut |event| deliver(vec![event], &mut streams, &queued)) } else { Vec::new() };
         // Stats first: whoever sees an event, then reads the stats, sees this step's.
         publish_stats(&mut core, &stats);
@@ -327,12 +328,25 @@ fn publish_stats(core: &mut EngineCore, stats: &Mutex<EngineStats>) {
     *stats.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
 }
 
+/// How often an engine with nothing to do but copies in flight polls them: their ends
+/// arrive as no command, and stepping back to back only to poll them would keep a core
+/// busy for as long as a transfer lasts.
+const COPY_POLL: Duration = Duration::from_micros(50);
+
+/// When the engine thread must wake up on its own: the next lease expiry, or the next
+/// poll of copies in flight.
+fn wake_at(core: &EngineCore) -> Option<Instant> {
+    let copies_only = core.has_work() && !core.needs_step();
+    let poll = copies_only.then(|| Instant::now() + COPY_POLL);
+    [core.next_deadline(), poll].into_iter().flatten().min()
+}
+
 /// Sleeps until a command arrives or `deadline` passes (None: a timeout, not a command).
 /// A closed channel means every handle is gone: shut down.
-fn wait_for_command(rx: &mpsc::Receiver<Command>, deadline: Option<std::time::Instant>) -> Option<Command> {
+fn wait_for_command(rx: &mpsc::Receiver<Command>, deadline: Option<Instant>) -> Option<Command> {
     match deadline {
         None => Some(rx.recv().unwrap_or(Command::Shutdown)),
-        Some(at) => match rx.recv_timeout(at.saturating_duration_since(std::time::Instant::now())) {
+        Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
             Ok(command) => Some(command),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => Some(Command::Shutdown),

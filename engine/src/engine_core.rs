@@ -192,8 +192,14 @@ impl EngineCore {
         self.executor.device_time()
     }
 
+    /// Whether anything is unfinished that steps will advance.
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work() || self.imports_have_work()
+        self.needs_step() || self.copies_in_flight()
+    }
+
+    /// Whether a step now would do more than poll copies in flight.
+    pub fn needs_step(&self) -> bool {
+        self.scheduler.has_work() || self.imports_need_step()
     }
 
     /// When an idle engine must wake up on its own: the next lease expiry.

@@ -62,6 +62,18 @@ pub(super) struct Importing {
     via: &'static str,
 }
 
+impl Importing {
+    /// Whether the import can run (KV and first token both here) or must fail (no token
+    /// is coming) without waiting for anything more.
+    fn ready(&self) -> bool {
+        match &self.first_token {
+            Some(Ok(_)) => self.copy.is_none(),
+            Some(Err(_)) => true,
+            None => false,
+        }
+    }
+}
+
 /// What a finished import needs to run.
 enum Outcome {
     Run(TokenLogprob),
@@ -74,14 +86,18 @@ impl EngineCore {
         self.scheduler.can_admit_running(blocks)
     }
 
-    /// Whether imports need the engine to step: one can be admitted, a copy is running,
-    /// or one is ready to run. (Waiting only for a first token is not work: that arrives
-    /// as a command.)
-    pub(super) fn imports_have_work(&self) -> bool {
+    /// Whether imports need a step now: one can be admitted, or one is ready to run or to
+    /// fail. (Waiting only for a first token is not: that arrives as a command; nor is a
+    /// copy in flight: see [`Self::copies_in_flight`].)
+    pub(super) fn imports_need_step(&self) -> bool {
         self.pending_imports.front().is_some_and(|p| self.can_admit(p))
             || self.pending_imports.iter().any(PendingImport::lost_first_token)
-            || self.importing.iter().any(|i| i.copy.is_some() || i.first_token.is_some())
-            || !self.orphaned_copies.is_empty()
+            || self.importing.iter().any(Importing::ready)
+    }
+
+    /// Whether copies are in flight whose end only a step notices, by polling them.
+    pub(super) fn copies_in_flight(&self) -> bool {
+        self.importing.iter().any(|i| i.copy.is_some()) || !self.orphaned_copies.is_empty()
     }
 
     /// Admits the imports that fit (their copy starts), then starts the imports whose KV
