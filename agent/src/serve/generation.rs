@@ -155,3 +155,62 @@ pub async fn collect<C: Collector>(generation: &mut Generation, mut collector: C
     }
     Ok(collector.finish(generation.usage()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use dlengine_engine::backend::cpu::CpuBackend;
+    use dlengine_engine::config::EngineConfig;
+    use dlengine_engine::engine::Engine;
+    use dlengine_engine::kv_transfer::{ImportedKv, KvPayload, KvSource, KvTransfer};
+    use dlengine_engine::request::{GenerateRequest, TokenLogprob};
+    use dlengine_engine::sampling_params::SamplingParams;
+
+    use super::*;
+    use crate::serve::in_flight::InFlight;
+    use crate::serve::metrics::Metrics;
+
+    /// A prefill stand-in's `POST /pd/free`: the lease ids it was sent.
+    async fn free_endpoint() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (freed, rx) = tokio::sync::mpsc::unbounded_channel();
+        let app = Router::new().route(
+            "/pd/free",
+            post(move |Json(body): Json<serde_json::Value>| {
+                let _ = freed.send(body["lease_id"].as_str().unwrap_or_default().to_owned());
+                async {}
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/pd/free", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, rx)
+    }
+
+    /// The engine admits the import, then fails it (as a failed CUDA IPC copy or RDMA READ
+    /// would; here, a lease of the wrong size): decode answers 503 before any byte, so
+    /// the router re-prefills elsewhere, and prefill's lease is released.
+    #[tokio::test]
+    async fn an_import_the_engine_fails_is_a_503_kv_transfer_failed_and_releases_the_lease() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen3-tiny");
+        let engine = Engine::start(&dir, EngineConfig::default(), CpuBackend::new(64 << 20)).unwrap();
+        let (free_url, mut freed) = free_endpoint().await;
+        let first_token = Some(TokenLogprob { token_id: 5, logprob: 0.0, top: Vec::new() });
+        let source = KvSource::Host(Arc::new(KvPayload { num_blocks: 2, bytes: Vec::new() }));
+        let params = SamplingParams { max_tokens: 4, ..SamplingParams::default() };
+        let kv_transfer = KvTransfer::Import(ImportedKv { first_token, source });
+        let stream = engine.submit(GenerateRequest { request_id: "r".into(), prompt_token_ids: vec![5, 6, 7], params, kv_transfer }).unwrap();
+        let mut generation = Generation::new(vec![stream], (InFlight::default().enter(), RequestObserver::new(Arc::new(Metrics::new()))));
+        let lease = LeaseRelease::new(reqwest::Client::new(), free_url, "42".into());
+        let error = generation.await_import(lease).await.unwrap_err();
+        assert_eq!((error.status, error.code), (StatusCode::SERVICE_UNAVAILABLE, Some("kv_transfer_failed")), "{error}");
+        assert!(error.message.contains("prefill's lease holds 2 blocks, the prompt needs 1"), "{error}");
+        let released = tokio::time::timeout(Duration::from_secs(10), freed.recv()).await.expect("a /pd/free call");
+        assert_eq!(released.as_deref(), Some("42"));
+        engine.shutdown();
+    }
+}
