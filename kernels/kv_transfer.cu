@@ -8,8 +8,11 @@
 
 // Chunks of at most a few tens of KiB, as (source, destination, bytes) triples; addresses
 // and sizes are multiples of 16. Grid-stride over chunks, one CTA per chunk at a time;
-// each thread keeps UNROLL 16-byte loads in flight before storing.
+// each thread keeps UNROLL 16-byte loads in flight before storing (a define, so the
+// peer-copy benchmark can try others).
+#ifndef UNROLL
 #define UNROLL 4
+#endif
 extern "C" __global__ void copy_chunks(const u64* __restrict__ chunks, int num_chunks) {
   for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const uint4* src = reinterpret_cast<const uint4*>(chunks[3 * c]);

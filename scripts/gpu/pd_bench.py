@@ -4,7 +4,8 @@ Starts an aggregated engine on GPU 0 as the reference, then a prefill engine on 
 and a decode engine on GPU 1 (separate processes; KV over CUDA IPC, then over TCP), and
 reports: whether greedy outputs through prefill -> decode equal the aggregated ones (with
 the descriptor sent after the first token, "late", and before it, "early"), the KV import
-bandwidth decode logged for a late 16K-token import against a peer copy of the same bytes
+bandwidth decode logged for a late 16K-token import (from admission to the engine seeing it
+done, and the copy alone as the device timed it) against a peer copy of the same bytes
 measured here with torch, and the TTFT disaggregation adds at several prompt lengths
 (client-side, over kept-alive HTTP connections, as a router holds them). The early flow
 is driven here the way the router drives it: prefill's first line (the descriptor) goes to
@@ -140,12 +141,13 @@ def peer_copy_ceiling(nbytes):
     return nbytes / min(times) / 1e9
 
 
-def imports(log_name):
+def log_figures(log_name, message):
+    """The numeric fields of each line of a server log that carries `message`."""
     text = open(os.path.join(LOG_DIR, log_name)).read()
     rows = []
     for line in text.splitlines():
-        if "imported KV" in line:
-            nums = dict(re.findall(r"\b(tokens|bytes|ms|gb_per_s)=([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", line)))
+        if message in line:
+            nums = dict(re.findall(r"\b(\w+)=([0-9.]+)\b", re.sub(r"\x1b\[[0-9;]*m", "", line)))
             rows.append({k: float(v) for k, v in nums.items()})
     return rows
 
@@ -170,7 +172,8 @@ for transport in ["cuda-ipc", "tcp"]:
         r[flow]["ttft_ms"] = {n: 1e3 * median_of(lambda: pd_ttft(8202, 8203, greedy(prompt(n, 1), 2), early)) for n in LENGTHS}
         r[flow]["added_ttft_ms"] = {n: r[flow]["ttft_ms"][n] - result["aggregated_ttft_ms"][n] for n in LENGTHS}
     pd_generate(8202, 8203, greedy(prompt(LENGTHS[-1], 3), 2), False)  # a late import: its log line is a bandwidth
-    r["imports"] = imports(f"pd-decode-{transport}.log")[-1:]
+    r["imports"] = log_figures(f"pd-decode-{transport}.log", "imported KV")[-1:]
+    r["device_copies"] = log_figures(f"pd-decode-{transport}.log", "peer copy done")[-1:]
     leases = urllib.request.urlopen("http://127.0.0.1:8202/metrics").read().decode()
     r["prefill_leases_after"] = [l for l in leases.splitlines() if l.startswith("dlengine_kv_leases ")]
     result[transport] = r
@@ -183,5 +186,8 @@ largest = max(result["cuda-ipc"]["imports"], key=lambda x: x.get("bytes", 0), de
 if largest:
     result["peer_copy_ceiling_gb_per_s"] = peer_copy_ceiling(int(largest["bytes"]))
     result["cuda_ipc_fraction_of_ceiling"] = largest["gb_per_s"] / result["peer_copy_ceiling_gb_per_s"]
+    copy = result["cuda-ipc"]["device_copies"]
+    if copy:  # the copy alone, timed on the device: no admission, table upload or polling
+        result["cuda_ipc_device_copy_fraction_of_ceiling"] = copy[-1]["gb_per_s"] / result["peer_copy_ceiling_gb_per_s"]
 json.dump(result, open(OUT, "w"), indent=1)
 print(json.dumps({k: v for k, v in result.items() if k not in ("cuda-ipc", "tcp")}, indent=1))

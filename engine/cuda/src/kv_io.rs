@@ -1,10 +1,9 @@
-//! Whole-block KV access for prefill/decode disaggregation: gathering blocks into mapped
-//! pinned host memory (the TCP path's send side) and scattering them back out of it
-//! (receive side), each one launch of a chunked copy kernel; and pulling them straight
-//! from a peer GPU's KV cache mapped over CUDA IPC (the same-node path, over NVLink; see
-//! [`crate::peer_copy`] for who copies what there). One kernel launch keeps far more bytes
-//! in flight than a cuMemcpy per block run, each of which pays its own latency (thousands
-//! of them for a long prompt with scattered blocks).
+//! Whole-block KV access for prefill/decode disaggregation. Every path is one launch of a
+//! chunked copy kernel: gathering blocks into mapped pinned host memory (the TCP path's
+//! send side), scattering them back out of it (receive side), and pulling them straight
+//! from a peer GPU's KV cache mapped over CUDA IPC (the same-node path, over NVLink).
+//! One launch keeps far more bytes in flight than a cuMemcpy per block run, each of which
+//! pays its own latency (thousands of them for a long prompt with scattered blocks).
 
 use std::collections::HashMap;
 use std::ffi::c_char;
@@ -58,9 +57,10 @@ pub(crate) struct KvIo {
     pub(crate) progress: KvProgress,
 }
 
-/// Bytes per copy chunk: small enough that a 1K-token prompt still spreads over every SM,
-/// large enough that the table stays small (a 16K-token prompt of Qwen3-0.6B: ~29K chunks).
-const CHUNK_BYTES: u64 = 64 << 10;
+/// Bytes per copy chunk: small enough that a 1K-token prompt still spreads over every SM
+/// (Qwen3-0.6B: ~900 chunks), large enough that the table stays small (its 16K-token
+/// prompt: ~14K chunks, 350 KB, whose upload is host time before the copy starts).
+const CHUNK_BYTES: u64 = 128 << 10;
 /// Threads per CTA and CTAs per SM of the copy kernel: 2048 threads per SM, each with four
 /// 16-byte loads in flight, hide NVLink's and PCIe's latency.
 pub(crate) const COPY_THREADS: u32 = 512;
@@ -119,12 +119,17 @@ fn block_runs(blocks: &[u32]) -> Vec<(u32, u32, u32)> {
 }
 
 /// (source, destination, bytes) segments split into chunks of at most CHUNK_BYTES.
-pub(crate) fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
+fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
+    chunked_by(segments, CHUNK_BYTES)
+}
+
+/// Segments split into chunks of at most `chunk_bytes`.
+pub(crate) fn chunked_by(segments: impl IntoIterator<Item = [u64; 3]>, chunk_bytes: u64) -> Vec<[u64; 3]> {
     let mut chunks = Vec::new();
     for [src, dst, len] in segments {
         let mut at = 0;
         while at < len {
-            let take = CHUNK_BYTES.min(len - at);
+            let take = chunk_bytes.min(len - at);
             chunks.push([src + at, dst + at, take]);
             at += take;
         }
@@ -352,12 +357,12 @@ impl KvBlockIo for CudaBackend {
             (Some(_), Some(_)) => layers
                 .iter()
                 .enumerate()
-                .map(|(l, buffers)| CopyStage { wait_for_layer: Some(l), segments: block_segments(buffers, &runs, block_bytes) })
+                .map(|(l, buffers)| CopyStage { wait_for_layer: Some(l), chunks: chunked(block_segments(buffers, &runs, block_bytes)) })
                 .collect(),
             (Some(_), None) => return Err(op_error("CUDA IPC", "an early descriptor from a peer that exports no progress marks")),
             // Prefill's forward is over: one launch for everything.
             (None, _) => {
-                vec![CopyStage { wait_for_layer: None, segments: block_segments(layers.as_flattened(), &runs, block_bytes) }]
+                vec![CopyStage { wait_for_layer: None, chunks: chunked(block_segments(layers.as_flattened(), &runs, block_bytes)) }]
             }
         };
         let progress = progress.zip(ready_mark);
@@ -387,7 +392,7 @@ mod tests {
     #[test]
     fn copy_chunks_cover_every_run_of_every_buffer_once() {
         let buffers = [(1 << 40, 2 << 40), (3 << 40, 4 << 40)];
-        let block = 48 << 10; // a run of 3 blocks is 144 KiB: chunks of 64 + 64 + 16 KiB
+        let block = CHUNK_BYTES * 3 / 4; // a run of 3 blocks: two whole chunks and a quarter
         let chunks = chunked(block_segments(&buffers, &[(2, 5, 3), (9, 0, 1)], block));
         assert_eq!(chunks.len(), 2 * (3 + 1));
         assert_eq!(chunks[0], [(1 << 40) + 2 * block, (2 << 40) + 5 * block, CHUNK_BYTES]);

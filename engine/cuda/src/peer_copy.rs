@@ -4,10 +4,11 @@
 //! A copy is polled by ticket; its chunk table lives in stream-ordered memory so that
 //! freeing it never synchronizes the device.
 //!
-//! Long contiguous runs go to the copy engine (one cuMemcpyAsync each): it reaches the
-//! link's full bandwidth and takes no SMs from the decode steps running meanwhile. Short
-//! runs (a fragmented cache's scattered blocks) go to the chunk-copy kernel, whose one
-//! launch covers thousands of them where the driver would pay a call each.
+//! The kernel, not the copy engine, moves the bytes: a cuMemcpyAsync per run pays a fixed
+//! cost that a long prompt's many runs add up (on the H200 pair, 168 calls for one 1.8 GB
+//! pull ran at 75 % of a single call's bandwidth, one call per scattered block at 1 %),
+//! while one launch of the chunk-copy kernel reaches 94 % of it however the blocks lie
+//! (`examples/peer_copy` measures all of these).
 //!
 //! An early handoff's copy goes layer by layer: a one-thread kernel waits for the peer's
 //! progress mark of the layer ([`crate::kv_progress`]), then the layer's chunks are
@@ -21,7 +22,7 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUfunction, CUstream};
 
 use crate::error::{op_error, OpContext, Result};
 use crate::kernels::Module;
-use crate::kv_io::{check_aligned, chunked, COPY_THREADS};
+use crate::kv_io::{check_aligned, COPY_THREADS};
 use crate::launch::{launch, Arg, Launch};
 use crate::memory::PinnedBuffer;
 
@@ -33,27 +34,30 @@ const FAILURE_SLOTS: usize = 1024;
 
 const OP: &str = "copying KV blocks from a peer device";
 
-/// Runs at least this long go to the copy engine. Below it, a driver call (a few µs of
-/// host time) would take longer than the copy itself at NVLink speed.
-const COPY_ENGINE_MIN_BYTES: u64 = 1 << 20;
-
-/// One layer's (or, with no mark to wait for, the whole copy's) segments, as
-/// (source, destination, bytes).
+/// One layer's (or, with no mark to wait for, the whole copy's) chunks.
 pub(crate) struct CopyStage {
     /// Wait for the peer's mark of this layer first.
     pub wait_for_layer: Option<usize>,
-    pub segments: Vec<[u64; 3]>,
+    pub chunks: Vec<[u64; 3]>,
 }
 
-/// A stage's segments split by who copies them: (copy engine, kernel chunks).
-fn split_by_engine(segments: &[[u64; 3]]) -> (Vec<[u64; 3]>, Vec<[u64; 3]>) {
-    let (long, short): (Vec<[u64; 3]>, Vec<[u64; 3]>) = segments.iter().partition(|s| s[2] >= COPY_ENGINE_MIN_BYTES);
-    (long, chunked(short))
+/// An event with timing, recorded on `stream` now; the caller destroys it.
+fn timing_event(stream: CUstream) -> Result<CUevent> {
+    let event = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).op(OP)?;
+    // SAFETY: a fresh event recorded on a live stream.
+    unsafe { result::event::record(event, stream) }.op(OP)?;
+    Ok(event)
 }
 
 struct InFlight {
+    started: CUevent,
+    /// After the chunk table's upload: what comes before it is host-side staging.
+    uploaded: CUevent,
     done: CUevent,
     slot: usize,
+    /// For the log.
+    bytes: u64,
+    chunks: usize,
 }
 
 pub(crate) struct PeerCopies {
@@ -75,25 +79,26 @@ impl PeerCopies {
         })
     }
 
-    /// Queues `stages` on `stream` (a peer's copy stream), `ctas` CTAs per kernel launch;
+    /// Queues `stages` on `stream` (a peer's copy stream), `ctas` CTAs per copy launch;
     /// `progress` is the peer's marks and `mark` what each waiting stage waits for.
     pub(crate) fn start(&mut self, stream: CUstream, stages: &[CopyStage], ctas: u32, progress: Option<(CUdeviceptr, u32)>) -> Result<u64> {
-        let split: Vec<_> = stages.iter().map(|s| split_by_engine(&s.segments)).collect();
-        for (long, chunks) in &split {
-            check_aligned(OP, long)?;
-            check_aligned(OP, chunks)?;
+        let total: usize = stages.iter().map(|s| s.chunks.len()).sum();
+        for stage in stages {
+            check_aligned(OP, &stage.chunks)?;
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let slot = ticket as usize % FAILURE_SLOTS;
         let failed = self.failure_flag(slot)?;
-        let flat: Vec<u64> = split.iter().flat_map(|(_, chunks)| chunks.iter().flatten().copied()).collect();
+        let flat: Vec<u64> = stages.iter().flat_map(|s| s.chunks.iter().flatten().copied()).collect();
+        let started = timing_event(stream)?;
         // SAFETY: stream-ordered allocation, upload, use and free, all on `stream`. The
         // upload is from pageable memory, so the driver stages it before returning.
-        let table = unsafe { result::malloc_async(stream, (flat.len() * 8).max(24)) }.op(OP)?;
+        let table = unsafe { result::malloc_async(stream, (total * 24).max(24)) }.op(OP)?;
         unsafe { result::memcpy_htod_async(table, &flat, stream) }.op(OP)?;
+        let uploaded = timing_event(stream)?;
         let mut at = 0u64;
-        for (stage, (long, chunks)) in stages.iter().zip(&split) {
+        for stage in stages {
             if let (Some(layer), Some((marks, mark))) = (stage.wait_for_layer, progress) {
                 let args = vec![
                     Arg::Ptr(marks),
@@ -104,23 +109,15 @@ impl PeerCopies {
                 ];
                 launch(OP, self.wait_progress, stream, &Launch::new((1, 1, 1), 1), args)?;
             }
-            for &[src, dst, len] in long {
-                // SAFETY: both ranges lie in live KV buffers (ours, or the peer's mapped
-                // ones, which stay mapped while the peer is known).
-                unsafe { result::memcpy_dtod_async(dst, src, len as usize, stream) }.op(OP)?;
-            }
-            if !chunks.is_empty() {
-                let count = chunks.len() as u32;
-                let args = vec![Arg::Ptr(table + at * 24), Arg::I32(count as i32)];
-                launch(OP, self.copy_chunks, stream, &Launch::new((ctas.min(count), 1, 1), COPY_THREADS), args)?;
-                at += count as u64;
-            }
+            let count = stage.chunks.len() as u32;
+            let args = vec![Arg::Ptr(table + at * 24), Arg::I32(count as i32)];
+            launch(OP, self.copy_chunks, stream, &Launch::new((ctas.min(count), 1, 1), COPY_THREADS), args)?;
+            at += count as u64;
         }
         unsafe { result::free_async(table, stream) }.op(OP)?;
-        let done = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).op(OP)?;
-        // SAFETY: a fresh event recorded on a live stream; destroyed in `finished`.
-        unsafe { result::event::record(done, stream) }.op(OP)?;
-        self.in_flight.insert(ticket, InFlight { done, slot });
+        let done = timing_event(stream)?;
+        let bytes = stages.iter().flat_map(|s| &s.chunks).map(|c| c[2]).sum();
+        self.in_flight.insert(ticket, InFlight { started, uploaded, done, slot, bytes, chunks: total });
         Ok(ticket)
     }
 
@@ -135,8 +132,16 @@ impl PeerCopies {
             status => status.result().op(OP)?,
         }
         let copy = self.in_flight.remove(&ticket).expect("checked");
-        // SAFETY: complete, so nothing waits on it any more.
-        unsafe { result::event::destroy(copy.done) }.op(OP)?;
+        // SAFETY: all complete, so nothing waits on them any more.
+        let table_ms = unsafe { result::event::elapsed(copy.started, copy.uploaded) }.op(OP)? as f64;
+        let ms = unsafe { result::event::elapsed(copy.uploaded, copy.done) }.op(OP)? as f64;
+        for event in [copy.started, copy.uploaded, copy.done] {
+            unsafe { result::event::destroy(event) }.op(OP)?;
+        }
+        // Device time of the copy proper (with an early handoff, waiting for prefill's
+        // layers included), apart from the chunk table's upload before it.
+        let gb_per_s = copy.bytes as f64 / ms / 1e6;
+        tracing::info!(bytes = copy.bytes, chunks = copy.chunks, table_ms, ms, gb_per_s, "peer copy done");
         let flags = self.failures.as_ref().expect("allocated by start").0.as_slice();
         if u32::from_ne_bytes(flags[copy.slot * 4..copy.slot * 4 + 4].try_into().expect("4 bytes")) != 0 {
             return Err(op_error(OP, format!("prefill published no progress for {MARK_TIMEOUT:?} (it died or stalled)")));
@@ -160,24 +165,10 @@ impl Drop for PeerCopies {
         for copy in self.in_flight.values() {
             // SAFETY: our events; destroying an incomplete event is allowed.
             unsafe {
-                let _ = result::event::destroy(copy.done);
+                for event in [copy.started, copy.uploaded, copy.done] {
+                    let _ = result::event::destroy(event);
+                }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_runs_go_to_the_copy_engine_and_short_ones_to_kernel_chunks() {
-        let long = [1 << 40, 2 << 40, 3 * COPY_ENGINE_MIN_BYTES];
-        let short = [3 << 40, 4 << 40, COPY_ENGINE_MIN_BYTES - 16];
-        let (engine, chunks) = split_by_engine(&[short, long, short]);
-        assert_eq!(engine, vec![long], "a long run is one copy, never chunked");
-        let chunked_bytes: u64 = chunks.iter().map(|c| c[2]).sum();
-        assert_eq!(chunked_bytes, 2 * short[2], "every short byte is in a kernel chunk");
-        assert!(chunks.iter().all(|c| c[0] >= 3 << 40), "no long-run byte is chunked");
     }
 }
