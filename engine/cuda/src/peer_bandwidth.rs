@@ -63,6 +63,8 @@ pub fn peer_copy_bandwidth(bytes: usize) -> Result<Vec<PeerCopyFigure>> {
     let mut record = |way: String, seconds: f64| out.push(PeerCopyFigure { way, gb_per_s: bytes as f64 / seconds / 1e9 });
     // SAFETY (all closures below): both buffers hold `bytes`; peer access is on.
     record("copy engine, pull".into(), best_time(&dest, |st| unsafe { result::memcpy_dtod_async(d, s, n, st) }.op(OP))?);
+    // As a long prompt's per-buffer runs would go (times scaled to `bytes`: the 64 KiB-
+    // aligned pieces cover slightly less).
     for pieces in [56, 168] {
         let piece = (n / pieces) & !0xffff;
         let split = |st| (0..pieces as u64).try_for_each(|i| unsafe { result::memcpy_dtod_async(d + i * piece as u64, s + i * piece as u64, piece, st) }.op(OP));
