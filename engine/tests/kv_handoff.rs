@@ -408,8 +408,9 @@ fn an_engine_with_only_a_copy_in_flight_polls_it_instead_of_stepping_back_to_bac
         tokens.extend(delta.unwrap().token_ids);
     }
     assert_eq!(tokens, expected, "the import runs once its copy is noticed");
-    // A poll every 50 µs costs a few per cent of a core; stepping back to back, all of it
-    // (or whatever share a loaded machine leaves it).
-    assert!(cpu_while_copying < COPYING / 4, "the engine thread used {cpu_while_copying:?} of CPU in {COPYING:?} of copying");
+    // A poll every 50 µs costs a few per cent of a core in a release build, up to a
+    // quarter in a debug one; stepping back to back, all of it (or what a loaded machine
+    // leaves it: on two busy cores, still well over half).
+    assert!(cpu_while_copying < COPYING / 2, "the engine thread used {cpu_while_copying:?} of CPU in {COPYING:?} of copying");
     decode.shutdown();
 }
