@@ -333,11 +333,10 @@ fn publish_stats(core: &mut EngineCore, stats: &Mutex<EngineStats>) {
 /// busy for as long as a transfer lasts.
 const COPY_POLL: Duration = Duration::from_micros(50);
 
-/// When the engine thread must wake up on its own: the next lease expiry, or the next
-/// poll of copies in flight.
+/// When an engine thread with no step due must wake up on its own: the next lease
+/// expiry, or the next poll of copies in flight.
 fn wake_at(core: &EngineCore) -> Option<Instant> {
-    let copies_only = core.has_work() && !core.needs_step();
-    let poll = copies_only.then(|| Instant::now() + COPY_POLL);
+    let poll = core.copies_in_flight().then(|| Instant::now() + COPY_POLL);
     [core.next_deadline(), poll].into_iter().flatten().min()
 }
 

@@ -81,9 +81,13 @@ enum Outcome {
 }
 
 impl EngineCore {
+    /// Blocks an imported prompt takes: all of them at once, its KV arriving whole.
+    fn import_blocks(&self, seq: &Sequence) -> usize {
+        seq.len().div_ceil(self.info.kv_layout.block_size)
+    }
+
     fn can_admit(&self, import: &PendingImport) -> bool {
-        let blocks = import.seq.len().div_ceil(self.info.kv_layout.block_size);
-        self.scheduler.can_admit_running(blocks)
+        self.scheduler.can_admit_running(self.import_blocks(&import.seq))
     }
 
     /// Whether imports need a step now: one can be admitted, or one is ready to run or to
@@ -96,7 +100,7 @@ impl EngineCore {
     }
 
     /// Whether copies are in flight whose end only a step notices, by polling them.
-    pub(super) fn copies_in_flight(&self) -> bool {
+    pub fn copies_in_flight(&self) -> bool {
         self.importing.iter().any(|i| i.copy.is_some()) || !self.orphaned_copies.is_empty()
     }
 
@@ -142,8 +146,7 @@ impl EngineCore {
             req.started = true;
         }
         events.push(StepEvent::Started { key, cached_tokens: 0 });
-        let num_blocks = seq.len().div_ceil(self.info.kv_layout.block_size);
-        let Some(blocks) = self.scheduler.allocate_detached(num_blocks) else {
+        let Some(blocks) = self.scheduler.allocate_detached(self.import_blocks(&seq)) else {
             return self.fail_import(key, "no free KV blocks".into(), events);
         };
         let started = Instant::now();
@@ -229,10 +232,7 @@ impl EngineCore {
         let first = match outcome {
             Outcome::Run(token) => token,
             Outcome::Fail(message) => {
-                match copy {
-                    Some(copy) => self.orphaned_copies.push((copy, std::mem::take(&mut seq.block_table))),
-                    None => self.scheduler.release_detached(&seq.block_table),
-                }
+                self.release_import_blocks(copy, seq.block_table);
                 return self.fail_import(key, message, events);
             }
         };
@@ -266,15 +266,21 @@ impl EngineCore {
         }
     }
 
-    /// Drops an import wherever it is. Blocks a device copy may still write into wait
-    /// until the copy is over: given to another request now, they could be overwritten.
+    /// Drops an import wherever it is.
     pub(super) fn drop_import(&mut self, key: RequestKey) {
         self.pending_imports.retain(|p| p.key != key);
         let Some(i) = self.importing.iter().position(|i| i.key == key) else { return };
         let import = self.importing.swap_remove(i);
-        match import.copy {
-            Some(copy) => self.orphaned_copies.push((copy, import.seq.block_table)),
-            None => self.scheduler.release_detached(&import.seq.block_table),
+        self.release_import_blocks(import.copy, import.seq.block_table);
+    }
+
+    /// Frees an ended import's blocks, or, while `copy` may still write into them, leaves
+    /// them to [`Self::reap_orphaned_copies`]: given to another request now, they could
+    /// be overwritten.
+    fn release_import_blocks(&mut self, copy: Option<KvCopy>, blocks: Vec<BlockId>) {
+        match copy {
+            Some(copy) => self.orphaned_copies.push((copy, blocks)),
+            None => self.scheduler.release_detached(&blocks),
         }
     }
 

@@ -327,7 +327,7 @@ async fn first_line(upstream: &mut reqwest::Response) -> Option<Value> {
             return None;
         }
     }
-    // The second line comes only after the first token: nothing of it is here yet.
+    // Whatever came after the newline belongs to the second line, which is drained unread.
     let end = line.iter().position(|&b| b == b'\n')?;
     let mut first: Value = serde_json::from_slice(&line[..end]).ok()?;
     Some(first.get_mut("kv_transfer_params").filter(|d| d.is_object())?.take())

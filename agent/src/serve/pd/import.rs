@@ -39,6 +39,7 @@ impl DecodeImport {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Transport<'a> {
     CudaIpc(&'a CudaIpcKv),
     Rdma(&'a str),
@@ -55,29 +56,31 @@ pub async fn import_kv(
 ) -> Result<(KvTransfer, DecodeImport), ApiError> {
     descriptor.check_compatible(served_model, engine.info(), prompt)?;
     let mut release = LeaseRelease::new(pd.client.clone(), descriptor.free_url.clone(), descriptor.lease_id.clone());
+    let transport = choose(pd, engine, descriptor)?;
     let mut first_token = descriptor.first_token.clone();
     let mut pending_first_token = None;
-    let source = match choose(pd, engine, descriptor)? {
-        Transport::Rdma(connect_url) => {
-            if first_token.is_none() {
-                first_token = Some(fetch_first_token(pd, descriptor).await?);
+    if first_token.is_none() {
+        match transport {
+            // The copy follows prefill layer by layer; the token is fetched alongside.
+            Transport::CudaIpc(_) => {
+                pending_first_token = Some((pd.client.clone(), descriptor.first_token_url.clone(), descriptor.lease_id.clone()))
             }
+            // The lease's blocks are complete only once the token is sampled.
+            Transport::Rdma(_) | Transport::Tcp(_) => first_token = Some(fetch_first_token(pd, descriptor).await?),
+        }
+    }
+    let source = match transport {
+        Transport::Rdma(connect_url) => {
             let rdma = pd.rdma.as_ref().expect("chosen only when this engine has RDMA");
             let reader = rdma.reader(&pd.client, &pd.endpoint.engine_id, &descriptor.engine_id, connect_url).await;
             let reader = reader.map_err(|e| transfer_failed(format!("connecting to prefill over RDMA: {e}")))?;
             KvSource::Remote { reader: Arc::new(reader), remote_blocks: descriptor.blocks.clone() }
         }
         Transport::CudaIpc(peer) => {
-            if first_token.is_none() {
-                pending_first_token = Some((pd.client.clone(), descriptor.first_token_url.clone(), descriptor.lease_id.clone()));
-            }
             let remote_blocks = descriptor.blocks.clone();
             KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks, ready_mark: descriptor.ready_mark }
         }
         Transport::Tcp(addr) => {
-            if first_token.is_none() {
-                first_token = Some(fetch_first_token(pd, descriptor).await?);
-            }
             let expected = descriptor.blocks.len() * engine.info().kv_layout.bytes_per_block();
             // Prefill's own clock decides whether the lease is still valid (it answers
             // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry

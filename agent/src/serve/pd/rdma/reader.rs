@@ -69,19 +69,21 @@ impl RdmaKv {
     pub async fn reader(&self, client: &reqwest::Client, self_id: &str, prefill_id: &str, url: &str) -> Result<RdmaReader, String> {
         let link = match self.usable_link(prefill_id) {
             Some(link) => link,
-            None => {
-                let _one_at_a_time = self.connecting.lock().await;
-                match self.usable_link(prefill_id) {
-                    Some(link) => link, // connected while we waited
-                    None => {
-                        let link = Arc::new(self.connect(client, url, self_id).await?);
-                        self.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(prefill_id.to_owned(), link.clone());
-                        link
-                    }
-                }
-            }
+            None => self.connect_once(client, url, self_id, prefill_id).await?,
         };
         Ok(RdmaReader { link, runtime: tokio::runtime::Handle::current() })
+    }
+
+    /// A new link to `prefill_id`, unless another request connected one while this one
+    /// waited its turn.
+    async fn connect_once(&self, client: &reqwest::Client, url: &str, self_id: &str, prefill_id: &str) -> Result<Arc<PeerLink>, String> {
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(link) = self.usable_link(prefill_id) {
+            return Ok(link);
+        }
+        let link = Arc::new(self.connect(client, url, self_id).await?);
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(prefill_id.to_owned(), link.clone());
+        Ok(link)
     }
 
     fn usable_link(&self, prefill_id: &str) -> Option<Arc<PeerLink>> {
