@@ -14,7 +14,7 @@ use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine::Engine;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
 use dlengine_engine::kv_transfer::{
-    EarlyKv, ImportedKv, KvHandoff, KvLocation, KvMemory, KvPayload, KvSource, KvTransfer, RemoteCopy, RemoteKvReader,
+    EarlyKv, ImportedKv, KvFrame, KvHandoff, KvLocation, KvMemory, KvSource, KvTransfer, RemoteCopy, RemoteKvReader, StreamedKv,
 };
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
@@ -27,6 +27,11 @@ fn config() -> EngineConfig {
 
 fn request(prompt: &[u32], params: &SamplingParams, kv_transfer: KvTransfer) -> GenerateRequest {
     GenerateRequest { request_id: "r".into(), prompt_token_ids: prompt.to_vec(), params: params.clone(), kv_transfer }
+}
+
+/// Every layer's bytes at once, as one frame.
+fn whole(num_blocks: usize, num_layers: usize, bytes: Vec<u8>) -> KvSource {
+    KvSource::Streamed(Arc::new(StreamedKv::whole(num_blocks, num_layers, bytes)))
 }
 
 /// Runs one request on `core` until it ends; returns its tokens, logprobs and handoff.
@@ -64,11 +69,8 @@ fn hand_over(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], 
     assert!(prefill.free_lease(handoff.lease_id));
     assert!(!prefill.free_lease(handoff.lease_id), "a lease is freed once");
     let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
-    let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
-    decode.add_request(
-        2,
-        request(prompt, params, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source: KvSource::Host(payload) })),
-    );
+    let source = whole(handoff.blocks.len(), layers, bytes);
+    decode.add_request(2, request(prompt, params, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
     Ok(first[0])
 }
 
@@ -143,15 +145,113 @@ fn an_unclaimed_lease_expires_and_frees_its_blocks() {
 fn a_payload_of_the_wrong_size_fails_the_request_and_frees_its_blocks() {
     let mut decode = core(MODEL, config());
     let first_token = Some(TokenLogprob { token_id: 9, logprob: 0.0, top: Vec::new() });
-    let payload = Arc::new(KvPayload { num_blocks: 2, bytes: vec![0; 10] });
-    decode.add_request(1, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(ImportedKv { first_token, source: KvSource::Host(payload) })));
+    let source = whole(2, decode.info().kv_layout.num_layers, vec![0; 10]);
+    decode.add_request(1, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(ImportedKv { first_token, source })));
     let events = decode.step();
     assert!(
-        events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("importing the prompt's KV cache failed"))),
+        events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("holds 10 bytes"))),
         "{events:?}"
     );
     assert_eq!(decode.stats().kv_blocks_used, 0);
     assert!(!decode.has_work());
+}
+
+/// Prefills `prompt` for a streamed handoff: decode's request 2 is submitted and admitted
+/// before any frame arrives. Returns the stream, prefill's lease and the aggregated output.
+fn admit_streamed(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> (Arc<StreamedKv>, u64, Vec<u32>) {
+    let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.to_vec(), params.clone())]).remove(0).remove(0);
+    prefill.add_request(1, request(prompt, params, KvTransfer::Export));
+    let (first, _, handoff) = drive(prefill, 1);
+    let handoff = handoff.expect("handed off");
+    let stream = Arc::new(StreamedKv::new(handoff.blocks.len(), "test"));
+    let first_token = Some(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
+    let import = ImportedKv { first_token, source: KvSource::Streamed(stream.clone()) };
+    decode.add_request(2, request(prompt, params, KvTransfer::Import(import)));
+    let events = decode.step();
+    assert!(events.iter().all(|e| matches!(e, StepEvent::Started { .. })), "admitted, no token yet: {events:?}");
+    assert_eq!(decode.stats().kv_blocks_used, handoff.blocks.len());
+    (stream, handoff.lease_id, expected)
+}
+
+fn layer_frame(prefill: &mut EngineCore, lease_id: u64, layer: usize) -> KvFrame {
+    KvFrame { layers: layer..layer + 1, bytes: prefill.read_lease(lease_id, layer..layer + 1).unwrap() }
+}
+
+#[test]
+fn streamed_frames_are_written_one_per_step_in_any_order_and_continue_exactly() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let prompt: Vec<u32> = (0..13).map(|i| i * 7 % 300 + 4).collect();
+    let (stream, lease_id, expected) = admit_streamed(&mut prefill, &mut decode, &prompt, &greedy(6));
+    let layers = decode.info().kv_layout.num_layers;
+    assert!(layers > 1, "the test needs frames of several layers");
+    for layer in (0..layers).rev() {
+        assert!(stream.push(layer_frame(&mut prefill, lease_id, layer)));
+    }
+    assert!(prefill.free_lease(lease_id));
+    for _ in 1..layers {
+        assert!(!decode.step().iter().any(|e| matches!(e, StepEvent::Token { .. })), "one frame per step: no token before the last");
+    }
+    let mut got: Vec<u32> = decode.step().into_iter().filter_map(|e| if let StepEvent::Token { event, .. } = e { Some(event.tokens) } else { None }).flatten().collect();
+    assert_eq!(got.len(), 1, "the last frame's step hands out the first token");
+    assert!(stream.is_closed(), "the transport is told the import needs nothing more");
+    got.extend(drive(&mut decode, 2).0);
+    assert_eq!(got, expected);
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn a_streamed_import_equals_aggregated_output() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    for prompt in prompts() {
+        let (stream, lease_id, expected) = admit_streamed(&mut prefill, &mut decode, &prompt, &greedy(7));
+        for layer in 0..decode.info().kv_layout.num_layers {
+            stream.push(layer_frame(&mut prefill, lease_id, layer));
+        }
+        assert!(prefill.free_lease(lease_id));
+        assert_eq!(drive(&mut decode, 2).0, expected, "prompt of {} tokens", prompt.len());
+    }
+}
+
+#[test]
+fn a_failed_transport_fails_a_streamed_import_admitted_or_not_and_frees_its_blocks() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let (stream, lease_id, _) = admit_streamed(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4));
+    assert!(stream.push(layer_frame(&mut prefill, lease_id, 0)));
+    stream.fail("connection reset by prefill".into());
+    let mut events = decode.step();
+    events.extend(decode.step());
+    assert!(events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("connection reset by prefill"))), "{events:?}");
+    assert!(stream.is_closed() && !stream.push(layer_frame(&mut prefill, lease_id, 1)), "later frames are refused");
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+    // Failed before admission: no block is taken at all.
+    let queued = Arc::new(StreamedKv::new(2, "test"));
+    queued.fail("prefill refused the pull".into());
+    let import = ImportedKv { first_token: None, source: KvSource::Streamed(queued.clone()) };
+    decode.add_request(3, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(import)));
+    let events = decode.step();
+    assert!(events.iter().any(|e| matches!(e, StepEvent::Failed { key: 3, message, .. } if message.contains("refused the pull"))), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, StepEvent::Started { key: 3, .. })), "never admitted");
+    assert!(queued.is_closed());
+    assert!(!decode.has_work());
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn an_aborted_streamed_import_frees_its_blocks_at_once_and_a_repeated_layer_fails() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let (stream, lease_id, _) = admit_streamed(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4));
+    assert!(stream.push(layer_frame(&mut prefill, lease_id, 0)));
+    decode.abort(2);
+    assert_eq!(decode.stats().kv_blocks_used, 0, "only the engine thread writes frames: nothing to wait for");
+    assert!(stream.is_closed());
+    let (stream, lease_id, _) = admit_streamed(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 11], &greedy(4));
+    for _ in 0..2 {
+        stream.push(layer_frame(&mut prefill, lease_id, 0));
+    }
+    let mut events = decode.step();
+    events.extend(decode.step());
+    assert!(events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("already written"))), "{events:?}");
+    assert_eq!(decode.stats().kv_blocks_used, 0);
 }
 
 #[test]
@@ -202,8 +302,7 @@ fn an_early_handoff_continues_exactly_once_its_first_token_arrives() {
             assert_eq!((early.lease_id, &early.blocks, early.num_tokens), (handoff.lease_id, &handoff.blocks, prompt.len()));
             assert_eq!(early.ready_mark, None, "the CPU backend publishes no per-layer progress");
             let bytes = prefill.read_lease(early.lease_id, 0..layers).unwrap();
-            let payload = Arc::new(KvPayload { num_blocks: early.blocks.len(), bytes });
-            let import = ImportedKv { first_token: None, source: KvSource::Host(payload) };
+            let import = ImportedKv { first_token: None, source: whole(early.blocks.len(), layers, bytes) };
             decode.add_request(2, request(&prompt, &params, KvTransfer::Import(import)));
             for _ in 0..3 {
                 assert!(decode.step().iter().all(|e| !matches!(e, StepEvent::Token { .. })), "no token before prefill's");
@@ -231,8 +330,9 @@ fn an_early_handoff_that_ends_on_its_first_token_still_pins_its_blocks_for_decod
 fn a_first_token_that_never_comes_fails_the_import_and_frees_its_blocks() {
     let mut decode = core(MODEL, config());
     let bytes = vec![0; 2 * decode.info().kv_layout.bytes_per_block()];
+    let layers = decode.info().kv_layout.num_layers;
     for (key, admitted_first) in [(1, true), (2, false)] {
-        let import = ImportedKv { first_token: None, source: KvSource::Host(Arc::new(KvPayload { num_blocks: 2, bytes: bytes.clone() })) };
+        let import = ImportedKv { first_token: None, source: whole(2, layers, bytes.clone()) };
         decode.add_request(key, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(import)));
         if admitted_first {
             decode.step();

@@ -221,6 +221,9 @@ pub struct TransferArgs {
     /// Port of the KV transfer listener (0: pick a free one).
     #[arg(long, alias = "kv_transfer_port", default_value_t = 0)]
     pub kv_transfer_port: u16,
+    /// Connections a TCP pull of KV is spread over (each carries a range of layers).
+    #[arg(long, alias = "kv_tcp_connections", default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub kv_tcp_connections: u8,
     /// Seconds prefill keeps a request's blocks pinned for decode to pull.
     #[arg(long, alias = "kv_lease_secs", default_value_t = 30)]
     pub kv_lease_secs: u64,

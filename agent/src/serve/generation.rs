@@ -167,7 +167,7 @@ mod tests {
     use dlengine_engine::backend::cpu::CpuBackend;
     use dlengine_engine::config::EngineConfig;
     use dlengine_engine::engine::Engine;
-    use dlengine_engine::kv_transfer::{ImportedKv, KvPayload, KvSource, KvTransfer};
+    use dlengine_engine::kv_transfer::{ImportedKv, KvSource, KvTransfer, StreamedKv};
     use dlengine_engine::request::{GenerateRequest, TokenLogprob};
     use dlengine_engine::sampling_params::SamplingParams;
 
@@ -200,7 +200,7 @@ mod tests {
         let engine = Engine::start(&dir, EngineConfig::default(), CpuBackend::new(64 << 20)).unwrap();
         let (free_url, mut freed) = free_endpoint().await;
         let first_token = Some(TokenLogprob { token_id: 5, logprob: 0.0, top: Vec::new() });
-        let source = KvSource::Host(Arc::new(KvPayload { num_blocks: 2, bytes: Vec::new() }));
+        let source = KvSource::Streamed(Arc::new(StreamedKv::new(2, "tcp")));
         let params = SamplingParams { max_tokens: 4, ..SamplingParams::default() };
         let kv_transfer = KvTransfer::Import(ImportedKv { first_token, source });
         let stream = engine.submit(GenerateRequest { request_id: "r".into(), prompt_token_ids: vec![5, 6, 7], params, kv_transfer }).unwrap();

@@ -17,7 +17,7 @@ use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
 use std::sync::Arc;
 
-use dlengine_engine::kv_transfer::{ImportedKv, KvLocation, KvPayload, KvSource, KvTransfer, RemoteCopy, RemoteKvReader};
+use dlengine_engine::kv_transfer::{ImportedKv, KvLocation, KvSource, KvTransfer, RemoteCopy, RemoteKvReader, StreamedKv};
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
 
@@ -257,11 +257,8 @@ fn kv_handed_off_through_host_memory_continues_as_one_engine_would() {
         let (first_token, handoff) = first.expect("every prompt prefilled");
         let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
         assert!(prefill.free_lease(handoff.lease_id));
-        let payload = Arc::new(KvPayload { num_blocks: handoff.blocks.len(), bytes });
-        decode.add_request(
-            i as u64,
-            request(i, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source: KvSource::Host(payload) })),
-        );
+        let source = KvSource::Streamed(Arc::new(StreamedKv::whole(handoff.blocks.len(), layers, bytes)));
+        decode.add_request(i as u64, request(i, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
     }
     let mut got = vec![Vec::new(); p.len()];
     while decode.has_work() {

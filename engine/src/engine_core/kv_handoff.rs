@@ -8,12 +8,13 @@
 //! Decode: an imported request waits for blocks (FCFS), then its copy starts; it runs
 //! once the copy finished and prefill's first token is known, which it emits at once.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{EngineCore, Export, RequestKey, StepEvent};
 use crate::error::EngineError;
 use crate::kv::{BlockId, FirstTokenReply};
-use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvHandoff, KvMemory, KvSource, RemoteCopy};
+use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvFrame, KvHandoff, KvMemory, KvSource, RemoteCopy, StreamedKv};
 use crate::request::TokenLogprob;
 use crate::sampler::SampledToken;
 use crate::scheduler::SchedulerOutput;
@@ -32,14 +33,29 @@ impl PendingImport {
         Self { key, seq, source: kv.source, first_token: kv.first_token.map(Ok) }
     }
 
-    /// Prefill said its first token will not come.
-    fn lost_first_token(&self) -> bool {
-        matches!(self.first_token, Some(Err(_)))
+    /// Prefill said its first token will not come, or the KV's transport failed: the
+    /// import fails without taking blocks.
+    fn lost(&self) -> bool {
+        self.why_lost().is_some()
+    }
+
+    fn why_lost(&self) -> Option<String> {
+        if let Some(Err(why)) = &self.first_token {
+            return Some(first_token_missing(why));
+        }
+        match &self.source {
+            KvSource::Streamed(stream) => stream.failure().map(|why| copy_failed(&why)),
+            _ => None,
+        }
     }
 }
 
 fn first_token_missing(why: &str) -> String {
     format!("prefill's first token did not arrive: {why}")
+}
+
+fn copy_failed(why: &str) -> String {
+    format!("copying the prompt's KV cache from prefill failed: {why}")
 }
 
 /// A copy into an import's blocks that may still be running.
@@ -49,6 +65,16 @@ pub(super) enum KvCopy {
     Device(u64),
     /// One carried out outside the engine (RDMA).
     Remote(RemoteCopy),
+    /// Frames the engine writes itself as they arrive (TCP).
+    Streamed(StreamWrite),
+}
+
+/// A streamed import's progress.
+#[derive(Clone)]
+pub(super) struct StreamWrite {
+    stream: Arc<StreamedKv>,
+    /// Per layer: written yet?
+    written: Vec<bool>,
 }
 
 /// A decode request whose blocks are allocated and whose copy has started.
@@ -95,7 +121,7 @@ impl EngineCore {
     /// copy in flight: see [`Self::copies_in_flight`].)
     pub(super) fn imports_need_step(&self) -> bool {
         self.pending_imports.front().is_some_and(|p| self.can_admit(p))
-            || self.pending_imports.iter().any(PendingImport::lost_first_token)
+            || self.pending_imports.iter().any(PendingImport::lost)
             || self.importing.iter().any(Importing::ready)
     }
 
@@ -126,17 +152,18 @@ impl EngineCore {
         emitted
     }
 
-    /// Fails the queued imports whose first token will not come, before they take blocks.
+    /// Fails the queued imports whose first token or KV will not come, before they take
+    /// blocks.
     fn fail_lost_pending_imports(&mut self, events: &mut Vec<StepEvent>) {
-        if !self.pending_imports.iter().any(PendingImport::lost_first_token) {
+        if !self.pending_imports.iter().any(PendingImport::lost) {
             return;
         }
-        let (lost, kept) = std::mem::take(&mut self.pending_imports).into_iter().partition(PendingImport::lost_first_token);
+        let (lost, kept) = std::mem::take(&mut self.pending_imports).into_iter().partition(PendingImport::lost);
         self.pending_imports = kept;
         for pending in lost {
-            if let Some(Err(why)) = pending.first_token {
-                self.fail_import(pending.key, first_token_missing(&why), events);
-            }
+            let why = pending.why_lost().expect("partitioned on it");
+            close_stream_of(&pending.source);
+            self.fail_import(pending.key, why, events);
         }
     }
 
@@ -151,7 +178,7 @@ impl EngineCore {
         };
         let started = Instant::now();
         let via = match &source {
-            KvSource::Host(_) => "host",
+            KvSource::Streamed(stream) => stream.transport(),
             KvSource::CudaIpc { .. } => "cuda-ipc",
             KvSource::Remote { reader, .. } => reader.transport(),
         };
@@ -167,10 +194,10 @@ impl EngineCore {
         }
     }
 
-    /// Writes host bytes at once; starts a device or remote copy and returns it.
+    /// Starts a device or remote copy, or the writing of streamed frames.
     fn start_copy(&mut self, source: &KvSource, blocks: &[BlockId]) -> Result<Option<KvCopy>, String> {
         let held = match source {
-            KvSource::Host(payload) => payload.num_blocks,
+            KvSource::Streamed(stream) => stream.num_blocks(),
             KvSource::CudaIpc { remote_blocks, .. } | KvSource::Remote { remote_blocks, .. } => remote_blocks.len(),
         };
         if held != blocks.len() {
@@ -178,10 +205,9 @@ impl EngineCore {
         }
         let pairs = |remote: &[BlockId]| -> Vec<(BlockId, BlockId)> { remote.iter().copied().zip(blocks.iter().copied()).collect() };
         match source {
-            KvSource::Host(payload) => {
-                let num_layers = self.info.kv_layout.num_layers;
-                self.executor.kv_io().write_kv_blocks(blocks, 0..num_layers, &payload.bytes).map_err(|e| e.to_string())?;
-                Ok(None)
+            KvSource::Streamed(stream) => {
+                let written = vec![false; self.info.kv_layout.num_layers];
+                Ok(Some(KvCopy::Streamed(StreamWrite { stream: stream.clone(), written })))
             }
             KvSource::CudaIpc { peer, remote_blocks, ready_mark } => {
                 let ticket =
@@ -192,10 +218,12 @@ impl EngineCore {
         }
     }
 
-    /// Whether `copy` is over; an error ends it too. A remote copy's writes are made
-    /// visible to the device's next work before it counts as over.
-    fn copy_done(&mut self, copy: &KvCopy) -> Result<bool, String> {
+    /// Whether `copy` into `blocks` is over; an error ends it too. A remote copy's
+    /// writes are made visible to the device's next work before it counts as over; a
+    /// streamed one writes its next frame, if one came.
+    fn copy_done(&mut self, copy: &mut KvCopy, blocks: &[BlockId]) -> Result<bool, String> {
         match copy {
+            KvCopy::Streamed(write) => self.write_next_frame(write, blocks),
             KvCopy::Device(ticket) => self.executor.kv_io().copy_finished(*ticket).map_err(|e| e.to_string()),
             KvCopy::Remote(remote) => match remote.poll() {
                 None => Ok(false),
@@ -205,6 +233,24 @@ impl EngineCore {
         }
     }
 
+    /// Writes one frame of a streamed import, if one is queued (one per step bounds the
+    /// time other requests wait for it); true once every layer is written.
+    fn write_next_frame(&mut self, write: &mut StreamWrite, blocks: &[BlockId]) -> Result<bool, String> {
+        if let Some(KvFrame { layers, bytes }) = write.stream.next_frame()? {
+            let layer_bytes = self.info.kv_layout.bytes_per_block() / self.info.kv_layout.num_layers * blocks.len();
+            if layers.is_empty() || layers.end > write.written.len() || write.written[layers.clone()].iter().any(|&w| w) {
+                return Err(format!("a frame of layers {layers:?}: out of range or already written"));
+            }
+            if bytes.len() != layers.len() * layer_bytes {
+                return Err(format!("a frame of layers {layers:?} holds {} bytes, expected {}", bytes.len(), layers.len() * layer_bytes));
+            }
+            self.executor.kv_io().write_kv_blocks(blocks, layers.clone(), &bytes).map_err(|e| e.to_string())?;
+            write.written[layers].fill(true);
+            write.stream.recycle(bytes);
+        }
+        Ok(write.written.iter().all(|&w| w))
+    }
+
     /// Polls import `i`: None while its copy runs or its first token is awaited.
     fn import_outcome(&mut self, i: usize) -> Option<Outcome> {
         // No token is coming: fail now rather than after the copy (which may wait for a
@@ -212,14 +258,21 @@ impl EngineCore {
         if let Some(Err(why)) = &self.importing[i].first_token {
             return Some(Outcome::Fail(first_token_missing(why)));
         }
-        if let Some(copy) = self.importing[i].copy.take() {
-            match self.copy_done(&copy) {
+        if let Some(mut copy) = self.importing[i].copy.take() {
+            let blocks = std::mem::take(&mut self.importing[i].seq.block_table);
+            let done = self.copy_done(&mut copy, &blocks);
+            self.importing[i].seq.block_table = blocks;
+            match done {
                 Ok(false) => {
                     self.importing[i].copy = Some(copy);
                     return None;
                 }
-                Ok(true) => {}
-                Err(e) => return Some(Outcome::Fail(format!("copying the prompt's KV cache from prefill failed: {e}"))),
+                Ok(true) => close_stream(&copy),
+                Err(e) => {
+                    // Failed: nothing writes into the blocks any more.
+                    close_stream(&copy);
+                    return Some(Outcome::Fail(copy_failed(&e)));
+                }
             }
         }
         // An error was handled above: only a token can be here.
@@ -268,7 +321,10 @@ impl EngineCore {
 
     /// Drops an import wherever it is.
     pub(super) fn drop_import(&mut self, key: RequestKey) {
-        self.pending_imports.retain(|p| p.key != key);
+        if let Some(i) = self.pending_imports.iter().position(|p| p.key == key) {
+            let pending = self.pending_imports.remove(i).expect("found");
+            close_stream_of(&pending.source);
+        }
         let Some(i) = self.importing.iter().position(|i| i.key == key) else { return };
         let import = self.importing.swap_remove(i);
         self.release_import_blocks(import.copy, import.seq.block_table);
@@ -276,10 +332,14 @@ impl EngineCore {
 
     /// Frees an ended import's blocks, or, while `copy` may still write into them, leaves
     /// them to [`Self::reap_orphaned_copies`]: given to another request now, they could
-    /// be overwritten.
+    /// be overwritten. (Only this thread writes streamed frames: their blocks go at once.)
     fn release_import_blocks(&mut self, copy: Option<KvCopy>, blocks: Vec<BlockId>) {
         match copy {
-            Some(copy) => self.orphaned_copies.push((copy, blocks)),
+            Some(copy @ (KvCopy::Device(_) | KvCopy::Remote(_))) => self.orphaned_copies.push((copy, blocks)),
+            Some(KvCopy::Streamed(write)) => {
+                write.stream.close();
+                self.scheduler.release_detached(&blocks);
+            }
             None => self.scheduler.release_detached(&blocks),
         }
     }
@@ -287,9 +347,9 @@ impl EngineCore {
     fn reap_orphaned_copies(&mut self) {
         let mut i = 0;
         while i < self.orphaned_copies.len() {
-            let copy = self.orphaned_copies[i].0.clone();
+            let mut copy = self.orphaned_copies[i].0.clone();
             // A failed copy is over too: its blocks can go.
-            if self.copy_done(&copy).unwrap_or(true) {
+            if self.copy_done(&mut copy, &[]).unwrap_or(true) {
                 let (_, blocks) = self.orphaned_copies.swap_remove(i);
                 self.scheduler.release_detached(&blocks);
             } else {
@@ -392,5 +452,18 @@ impl EngineCore {
     /// CUDA IPC handles of the KV cache (None on backends without them).
     pub fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>, EngineError> {
         Ok(self.executor.kv_io().export_kv_ipc()?)
+    }
+}
+
+/// Tells a streamed import's transport that nothing more will be written.
+fn close_stream(copy: &KvCopy) {
+    if let KvCopy::Streamed(write) = copy {
+        write.stream.close();
+    }
+}
+
+fn close_stream_of(source: &KvSource) {
+    if let KvSource::Streamed(stream) = source {
+        stream.close();
     }
 }

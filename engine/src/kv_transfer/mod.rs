@@ -6,6 +6,7 @@
 
 mod memory;
 mod remote;
+mod streamed;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,6 +18,7 @@ use crate::request::TokenLogprob;
 
 pub use memory::{KvLocation, KvMemory, KvRegion};
 pub use remote::{RemoteCopy, RemoteKvReader};
+pub use streamed::{KvFrame, StreamedKv};
 
 /// The KV role of one request.
 #[derive(Debug, Clone, Default)]
@@ -51,22 +53,15 @@ pub struct ImportedKv {
 /// Where imported KV is read from when the request is admitted.
 #[derive(Debug, Clone)]
 pub enum KvSource {
-    /// Bytes already pulled to this host, in [`KvPayload`] order.
-    Host(Arc<KvPayload>),
+    /// Bytes that reach this host in frames of whole layers (TCP), written into the
+    /// blocks by the engine as they come.
+    Streamed(Arc<StreamedKv>),
     /// Blocks of a peer process on this node, read device to device. With `ready_mark`
     /// (an early descriptor) each layer is read once the peer's progress mark for that
     /// layer reached it, i.e. while prefill is still computing later layers.
     CudaIpc { peer: Arc<CudaIpcKv>, remote_blocks: Vec<BlockId>, ready_mark: Option<u32> },
     /// Blocks of a peer that `reader` copies straight into this engine's cache (RDMA).
     Remote { reader: Arc<dyn RemoteKvReader>, remote_blocks: Vec<BlockId> },
-}
-
-/// KV bytes of whole blocks, layer-major: for each layer, the K rows of every block in
-/// order, then the V rows of every block. Raw cache dtype, so a copy is bit-exact.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KvPayload {
-    pub num_blocks: usize,
-    pub bytes: Vec<u8>,
 }
 
 /// What a decode engine needs to map a peer's KV cache over CUDA IPC: one handle per

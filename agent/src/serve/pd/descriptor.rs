@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::openai::ApiError;
 
-/// Bumped on an incompatible change; a decode engine refuses other versions.
-pub const DESCRIPTOR_VERSION: u32 = 2;
+/// Bumped on an incompatible change, of the descriptor or of a transport's protocol
+/// (3: TCP pulls name a range of layers); a decode engine refuses other versions.
+pub const DESCRIPTOR_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationDescriptor {

@@ -1,39 +1,45 @@
 //! The decode side: checks a descriptor against this engine, picks the transport both
-//! sides share, and (for TCP) pulls the KV before the request enters the engine, so a
-//! failed transfer is a clean HTTP error the router can retry elsewhere.
+//! sides share, and says where the engine gets the KV from. The request enters the
+//! engine before its KV has arrived; a failed transfer fails it before any byte of the
+//! answer, a clean HTTP error the router can retry elsewhere.
 //!
 //! An early descriptor comes before prefill has sampled the first token. Over CUDA IPC
-//! the request enters the engine at once (its copy follows prefill layer by layer) and
-//! the token is fetched alongside; over RDMA and TCP the token is fetched first (the
-//! lease's blocks are complete only then), then the KV is read: by RDMA READs into the
-//! blocks the engine allocates, or pulled over TCP before the request enters the engine.
+//! the copy follows prefill layer by layer, and over TCP prefill starts sending once the
+//! token is sampled; both fetch the token alongside. Over RDMA the token is fetched
+//! first (the READs may start only once the lease's blocks are complete).
 
 use std::sync::Arc;
 
 use dlengine_cli::KvTransport;
 use dlengine_engine::engine::{Engine, RequestStream};
-use dlengine_engine::kv_transfer::{CudaIpcKv, ImportedKv, KvPayload, KvSource, KvTransfer};
+use dlengine_engine::kv_transfer::{CudaIpcKv, ImportedKv, KvSource, KvTransfer, StreamedKv};
 
 use super::descriptor::MigrationDescriptor;
 use super::first_token;
 use super::release::LeaseRelease;
-use super::{tcp, Pd, PULL_TIMEOUT};
+use super::tcp::{self, PullPlan};
+use super::{Pd, PULL_TIMEOUT};
 use crate::openai::ApiError;
 
 /// A decode request's import, to follow once the request is submitted.
 pub struct DecodeImport {
     lease: LeaseRelease,
-    /// Early descriptor over CUDA IPC: where the first token is fetched from.
+    /// Early descriptor over CUDA IPC or TCP: where the first token is fetched from.
     pending_first_token: Option<(reqwest::Client, String, String)>,
+    /// TCP: the pull that feeds the engine's frames.
+    pending_pull: Option<(PullPlan, Arc<StreamedKv>)>,
 }
 
 impl DecodeImport {
-    /// Starts fetching the first token if it is still to come; returns the lease to hold
-    /// until the engine's first event for `stream`.
+    /// Starts what the engine waits for (the first token if it is still to come, a TCP
+    /// pull); returns the lease to hold until the engine's first event for `stream`.
     pub fn follow(self, stream: &RequestStream) -> LeaseRelease {
         if let Some((client, url, lease_id)) = self.pending_first_token {
             let sink = stream.first_token_sink();
             tokio::spawn(async move { sink.provide(first_token::fetch(&client, &url, &lease_id).await) });
+        }
+        if let Some((plan, frames)) = self.pending_pull {
+            tokio::spawn(tcp::pull(plan, frames, PULL_TIMEOUT));
         }
         self.lease
     }
@@ -55,18 +61,19 @@ pub async fn import_kv(
     descriptor: &MigrationDescriptor,
 ) -> Result<(KvTransfer, DecodeImport), ApiError> {
     descriptor.check_compatible(served_model, engine.info(), prompt)?;
-    let mut release = LeaseRelease::new(pd.client.clone(), descriptor.free_url.clone(), descriptor.lease_id.clone());
+    let lease = LeaseRelease::new(pd.client.clone(), descriptor.free_url.clone(), descriptor.lease_id.clone());
     let transport = choose(pd, engine, descriptor)?;
     let mut first_token = descriptor.first_token.clone();
-    let mut pending_first_token = None;
+    let (mut pending_first_token, mut pending_pull) = (None, None);
     if first_token.is_none() {
         match transport {
-            // The copy follows prefill layer by layer; the token is fetched alongside.
-            Transport::CudaIpc(_) => {
+            // The copy follows prefill layer by layer, or prefill sends once the token is
+            // sampled; the token is fetched alongside.
+            Transport::CudaIpc(_) | Transport::Tcp(_) => {
                 pending_first_token = Some((pd.client.clone(), descriptor.first_token_url.clone(), descriptor.lease_id.clone()))
             }
             // The lease's blocks are complete only once the token is sampled.
-            Transport::Rdma(_) | Transport::Tcp(_) => first_token = Some(fetch_first_token(pd, descriptor).await?),
+            Transport::Rdma(_) => first_token = Some(fetch_first_token(pd, descriptor).await?),
         }
     }
     let source = match transport {
@@ -81,16 +88,24 @@ pub async fn import_kv(
             KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks, ready_mark: descriptor.ready_mark }
         }
         Transport::Tcp(addr) => {
-            let expected = descriptor.blocks.len() * engine.info().kv_layout.bytes_per_block();
+            let layout = &engine.info().kv_layout;
+            let frames = Arc::new(StreamedKv::new(descriptor.blocks.len(), "tcp"));
             // Prefill's own clock decides whether the lease is still valid (it answers
             // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry
             // would trust two clocks to agree and race an already-expired lease.
-            let bytes = tcp::pull(addr, &descriptor.lease_id, expected, PULL_TIMEOUT).await.map_err(|e| transfer_failed(format!("{e:#}")))?;
-            release.forget(); // prefill frees the lease itself once the pull is complete
-            KvSource::Host(Arc::new(KvPayload { num_blocks: descriptor.blocks.len(), bytes }))
+            let plan = PullPlan {
+                addr: addr.to_owned(),
+                lease_id: descriptor.lease_id.clone(),
+                num_layers: layout.num_layers,
+                layer_bytes: descriptor.blocks.len() * layout.bytes_per_block() / layout.num_layers,
+                connections: pd.tcp_connections,
+            };
+            pending_pull = Some((plan, frames.clone()));
+            KvSource::Streamed(frames)
         }
     };
-    Ok((KvTransfer::Import(ImportedKv { first_token, source }), DecodeImport { lease: release, pending_first_token }))
+    let import = DecodeImport { lease, pending_first_token, pending_pull };
+    Ok((KvTransfer::Import(ImportedKv { first_token, source }), import))
 }
 
 async fn fetch_first_token(pd: &Pd, descriptor: &MigrationDescriptor) -> Result<dlengine_engine::request::TokenLogprob, ApiError> {

@@ -51,6 +51,8 @@ pub struct Pd {
     transport: KvTransport,
     require_rdma: bool,
     rdma: Option<RdmaKv>,
+    /// Connections a TCP pull is spread over.
+    tcp_connections: usize,
     /// For prefill's `/pd/*` endpoints; sends this engine's API key (one deployment
     /// shares one key).
     client: reqwest::Client,
@@ -80,12 +82,14 @@ impl Pd {
         };
         tracing::info!(tcp = ?endpoint.tcp, cuda_ipc = endpoint.cuda_ipc.is_some(), rdma = rdma.is_some(), "KV transfer ready");
         let client = client(args.api_key.as_deref())?;
-        Ok(Pd { endpoint, transport: args.transfer.kv_transport, require_rdma: args.transfer.require_rdma, rdma, client })
+        let transfer = &args.transfer;
+        let tcp_connections = transfer.kv_tcp_connections as usize;
+        Ok(Pd { endpoint, transport: transfer.kv_transport, require_rdma: transfer.require_rdma, rdma, tcp_connections, client })
     }
 
     /// Applies `kv_transfer_params` to a request about to be submitted: prefill hands its
-    /// KV off, decode imports it (over TCP, pulled right here). The returned import must
-    /// be followed once the request is submitted.
+    /// KV off, decode imports it. The returned import must be followed once the request
+    /// is submitted (that starts the transfers the engine waits for).
     pub async fn apply(
         &self,
         engine: &Engine,

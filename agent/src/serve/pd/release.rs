@@ -1,7 +1,6 @@
-//! Releasing prefill's lease from the decode side: once the KV is copied (CUDA IPC), or
-//! when the request is dropped before that. (A completed TCP pull needs no release:
-//! prefill frees the lease when it has sent the last frame.) Fire-and-forget: if the call
-//! is lost, the lease expires on prefill's side anyway.
+//! Releasing prefill's lease from the decode side: once the KV is copied, or when the
+//! request is dropped before that. Fire-and-forget: if the call is lost, the lease
+//! expires on prefill's side anyway.
 
 use serde_json::json;
 
@@ -13,11 +12,6 @@ pub struct LeaseRelease {
 impl LeaseRelease {
     pub fn new(client: reqwest::Client, free_url: String, lease_id: String) -> Self {
         Self { target: Some((client, free_url, lease_id)) }
-    }
-
-    /// Nothing left to release: prefill freed the lease itself.
-    pub fn forget(&mut self) {
-        self.target = None;
     }
 
     /// Releases now (idempotent).

@@ -1,19 +1,30 @@
 //! The TCP KV transport: works between any two machines, CPU or GPU (GPU KV is staged
-//! through host memory). A decode engine connects to the prefill engine's listener,
-//! names a lease, and receives the lease's blocks a few layers at a time; reading the
-//! next layers (on prefill's engine thread, between steps) overlaps sending these.
+//! through host memory). A decode engine opens a few connections to the prefill engine's
+//! listener, each naming a lease and a range of layers, and receives that range a frame
+//! of layers at a time. Prefill's engine thread reads the next frame (between steps)
+//! while the previous one is on the wire; decode's engine thread writes each frame into
+//! the request's blocks as it arrives ([`StreamedKv`]), so the write overlaps the
+//! transfer. Several connections keep more than one socket's worth of bytes in flight.
 //!
-//! Wire format. Request: one line of JSON `{"lease_id": "...", "layers_per_chunk": N}`.
-//! Answer: frames in layer order, each `status: u8` (0 data, 1 error), `len: u64` LE,
-//! then `len` bytes (KV bytes, or a UTF-8 error message that ends the answer).
+//! Wire format. Request: one line of JSON
+//! `{"lease_id": "...", "layers": [start, end], "layers_per_frame": N}`. Prefill first
+//! waits for the lease's first token (an early lease's blocks are complete only then).
+//! Answer: frames in layer order, each `status: u8` (0 data, 1 error), `first_layer: u32`
+//! LE, `num_layers: u32` LE, `len: u64` LE, then `len` bytes: the KV of those layers (in
+//! [`KvFrame`] order), or a UTF-8 error message that ends the answer.
 
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dlengine_engine::engine::Engine;
+use dlengine_engine::kv_transfer::{KvFrame, StreamedKv};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::first_token::FIRST_TOKEN_TIMEOUT;
 
 const FRAME_DATA: u8 = 0;
 const FRAME_ERROR: u8 = 1;
@@ -21,14 +32,16 @@ const FRAME_ERROR: u8 = 1;
 const MAX_REQUEST_LINE: usize = 4096;
 /// Longest error message a reader accepts.
 const MAX_ERROR_BYTES: u64 = 64 << 10;
-/// Layers read per engine command: small enough that steps interleave, large enough
-/// that per-command overhead does not matter.
-pub const DEFAULT_LAYERS_PER_CHUNK: usize = 4;
+/// Layers per frame: one engine command reads (prefill) or writes (decode) a frame, so a
+/// frame bounds how long other requests wait for it (a layer of a 16K-token prompt of
+/// Qwen3-0.6B: 67 MB).
+const LAYERS_PER_FRAME: usize = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct PullRequest {
     lease_id: String,
-    layers_per_chunk: usize,
+    layers: [usize; 2],
+    layers_per_frame: usize,
 }
 
 /// Serves lease reads on `listener` until the process exits.
@@ -58,21 +71,22 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     let mut limited = (&mut reader).take(MAX_REQUEST_LINE as u64);
     tokio::time::timeout(Duration::from_secs(10), limited.read_line(&mut line)).await.context("waiting for the pull request")??;
     let mut socket = reader.into_inner();
-    let request: PullRequest = match serde_json::from_str(&line) {
-        Ok(r) => r,
-        Err(e) => return write_error(&mut socket, &format!("malformed pull request: {e}")).await,
+    let (lease_id, layers, per_frame) = match parse_request(&line, engine.info().kv_layout.num_layers) {
+        Ok(request) => request,
+        Err(e) => return write_error(&mut socket, &e).await,
     };
-    let Ok(lease_id) = request.lease_id.parse::<u64>() else {
-        return write_error(&mut socket, &format!("malformed lease id {:?}", request.lease_id)).await;
-    };
-    let layers = engine.info().kv_layout.num_layers;
-    let chunk = request.layers_per_chunk.clamp(1, layers.max(1));
-    // The engine thread reads the next layers while this task sends the previous ones.
+    // An early lease's blocks are complete once its first token is sampled.
+    let first_token = tokio::time::timeout(FIRST_TOKEN_TIMEOUT, engine.first_token_of_lease(lease_id)).await;
+    if let Err(why) = first_token.unwrap_or_else(|_| Err("prefill's first token took too long".into())) {
+        return write_error(&mut socket, &format!("KV lease {lease_id}: {why}")).await;
+    }
+    // The engine thread reads the next frame while this task sends the previous one.
     let (tx, mut reads) = tokio::sync::mpsc::channel(1);
     let reader = engine.clone();
+    let frames: Vec<Range<usize>> = layers.clone().step_by(per_frame).map(|start| start..(start + per_frame).min(layers.end)).collect();
     tokio::spawn(async move {
-        for start in (0..layers).step_by(chunk) {
-            let read = reader.read_lease(lease_id, start..(start + chunk).min(layers)).await;
+        for frame in frames {
+            let read = reader.read_lease(lease_id, frame.clone()).await.map(|bytes| KvFrame { layers: frame, bytes });
             let failed = read.is_err();
             if tx.send(read).await.is_err() || failed {
                 break; // the sender gave up, or the lease is gone
@@ -82,80 +96,225 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     let (started, mut sent) = (Instant::now(), 0usize);
     while let Some(read) = reads.recv().await {
         match read {
-            Ok(bytes) => {
-                write_frame(&mut socket, FRAME_DATA, &bytes).await?;
-                sent += bytes.len();
+            Ok(frame) => {
+                write_frame(&mut socket, FRAME_DATA, &frame.layers, &frame.bytes).await?;
+                sent += frame.bytes.len();
             }
             Err(e) => return write_error(&mut socket, &e.to_string()).await,
         }
     }
     socket.shutdown().await?;
-    // The pull is complete, so the lease has done its work: free it here rather than wait
-    // for decode's POST /pd/free, which a decode dying right after its first token may
-    // never send. (Had decode lost the bytes after all, its request fails and the router
-    // prefills it again; the lease is not needed for that.)
-    engine.free_lease(lease_id).await;
+    // The lease stays: decode releases it (POST /pd/free) once every connection's layers
+    // are written, and it expires if decode never does.
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(lease_id, bytes = sent, ms = seconds * 1e3, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
+    tracing::info!(lease_id, ?layers, bytes = sent, ms = seconds * 1e3, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
     Ok(())
 }
 
-async fn write_frame(socket: &mut TcpStream, status: u8, payload: &[u8]) -> std::io::Result<()> {
-    socket.write_all(&[status]).await?;
-    socket.write_all(&(payload.len() as u64).to_le_bytes()).await?;
+/// The lease id, layer range and frame size a request asks for, checked.
+fn parse_request(line: &str, num_layers: usize) -> Result<(u64, Range<usize>, usize), String> {
+    let request: PullRequest = serde_json::from_str(line).map_err(|e| format!("malformed pull request: {e}"))?;
+    let lease_id = request.lease_id.parse::<u64>().map_err(|_| format!("malformed lease id {:?}", request.lease_id))?;
+    let [start, end] = request.layers;
+    if start >= end || end > num_layers {
+        return Err(format!("layers {start}..{end} out of range (the model has {num_layers})"));
+    }
+    Ok((lease_id, start..end, request.layers_per_frame.max(1)))
+}
+
+async fn write_frame(socket: &mut TcpStream, status: u8, layers: &Range<usize>, payload: &[u8]) -> std::io::Result<()> {
+    let mut header = [0u8; 17];
+    header[0] = status;
+    header[1..5].copy_from_slice(&(layers.start as u32).to_le_bytes());
+    header[5..9].copy_from_slice(&(layers.len() as u32).to_le_bytes());
+    header[9..17].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    socket.write_all(&header).await?;
     socket.write_all(payload).await
 }
 
 async fn write_error(socket: &mut TcpStream, message: &str) -> anyhow::Result<()> {
-    write_frame(socket, FRAME_ERROR, message.as_bytes()).await?;
+    write_frame(socket, FRAME_ERROR, &(0..0), message.as_bytes()).await?;
     Ok(())
 }
 
-/// Pulls every layer of a lease from `addr`; fails on any error the other side reports,
-/// a short read, a byte count other than `expected_bytes`, or `timeout`.
-pub async fn pull(addr: &str, lease_id: &str, expected_bytes: usize, timeout: Duration) -> anyhow::Result<Vec<u8>> {
-    let started = Instant::now();
-    let bytes = tokio::time::timeout(timeout, pull_inner(addr, lease_id, expected_bytes))
-        .await
-        .with_context(|| format!("pulling KV from {addr} took longer than {timeout:?}"))??;
-    let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(%addr, bytes = bytes.len(), ms = seconds * 1e3, gb_per_s = bytes.len() as f64 / seconds / 1e9, "pulled KV over TCP");
-    Ok(bytes)
+/// Where a pull comes from and what it must bring.
+#[derive(Debug, Clone)]
+pub struct PullPlan {
+    pub addr: String,
+    pub lease_id: String,
+    pub num_layers: usize,
+    /// Bytes of one layer of the whole lease (K and V of every block).
+    pub layer_bytes: usize,
+    pub connections: usize,
 }
 
-async fn pull_inner(addr: &str, lease_id: &str, expected_bytes: usize) -> anyhow::Result<Vec<u8>> {
-    let mut socket = TcpStream::connect(addr).await.with_context(|| format!("connecting to prefill's KV listener {addr}"))?;
+/// Pulls every layer of a lease into `stream`, over `plan.connections` connections each
+/// carrying a contiguous range of layers. Any error prefill reports, a short read, a
+/// frame of the wrong layers or size, or `timeout` fails the stream (and with it the
+/// request). Stops early, without error, once the engine no longer wants the frames.
+pub async fn pull(plan: PullPlan, stream: Arc<StreamedKv>, timeout: Duration) {
+    let started = Instant::now();
+    let connections = split_layers(plan.num_layers, plan.connections).into_iter().map(|layers| pull_range(&plan, layers, &stream));
+    let pulled = tokio::time::timeout(timeout, futures::future::try_join_all(connections)).await;
+    match pulled.unwrap_or_else(|_| Err(anyhow::anyhow!("pulling KV from {} took longer than {timeout:?}", plan.addr))) {
+        Ok(_) if stream.is_closed() => {}
+        Ok(_) => {
+            let (bytes, seconds) = (plan.num_layers * plan.layer_bytes, started.elapsed().as_secs_f64());
+            tracing::info!(addr = %plan.addr, bytes, connections = plan.connections, ms = seconds * 1e3, gb_per_s = bytes as f64 / seconds / 1e9, "pulled KV over TCP");
+        }
+        Err(e) => stream.fail(format!("{e:#}")),
+    }
+}
+
+/// `num_layers` split into at most `parts` contiguous, non-empty ranges of near-equal size.
+fn split_layers(num_layers: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, num_layers.max(1));
+    (0..parts).map(|i| num_layers * i / parts..num_layers * (i + 1) / parts).filter(|r| !r.is_empty()).collect()
+}
+
+/// One connection's pull of `layers`.
+async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv) -> anyhow::Result<()> {
+    let mut socket = TcpStream::connect(&plan.addr).await.with_context(|| format!("connecting to prefill's KV listener {}", plan.addr))?;
     socket.set_nodelay(true)?;
-    let request = PullRequest { lease_id: lease_id.to_owned(), layers_per_chunk: DEFAULT_LAYERS_PER_CHUNK };
+    let request = PullRequest { lease_id: plan.lease_id.clone(), layers: [layers.start, layers.end], layers_per_frame: LAYERS_PER_FRAME };
     let mut line = serde_json::to_vec(&request)?;
     line.push(b'\n');
     socket.write_all(&line).await?;
-    let mut socket = tokio::io::BufReader::with_capacity(1 << 20, socket);
-    let mut out = Vec::with_capacity(expected_bytes);
-    loop {
-        let mut status = [0u8; 1];
-        match socket.read_exact(&mut status).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e).context("reading a KV frame"),
+    let mut socket = BufReader::with_capacity(1 << 20, socket);
+    let mut next = layers.start;
+    while next < layers.end {
+        let (status, first, count, len) = read_header(&mut socket).await?;
+        if status != FRAME_DATA {
+            let message = read_bytes(&mut socket, len.min(MAX_ERROR_BYTES) as usize, Vec::new()).await?;
+            bail!("prefill refused the pull: {}", String::from_utf8_lossy(&message));
         }
-        let len = socket.read_u64_le().await.context("reading a KV frame length")?;
-        let room = if status[0] == FRAME_DATA { (expected_bytes - out.len()) as u64 } else { MAX_ERROR_BYTES };
-        if len > room {
-            bail!("prefill sent a frame of {len} bytes where at most {room} fit (the descriptor announced {expected_bytes})");
+        let frame = first..first + count;
+        if first != next || frame.end > layers.end || count == 0 || len != (count * plan.layer_bytes) as u64 {
+            bail!("prefill sent a frame of layers {frame:?} and {len} bytes; expected layers from {next} to {} of {} bytes each", layers.end, plan.layer_bytes);
         }
-        let start = out.len();
-        // Appends into spare capacity: no zero-filling of what is about to be overwritten.
-        let read = (&mut socket).take(len).read_to_end(&mut out).await.context("reading KV bytes")?;
-        if read as u64 != len {
-            bail!("the connection closed {} bytes into a frame of {len}", read);
+        let bytes = read_bytes(&mut socket, len as usize, stream.buffer(len as usize)).await?;
+        if !stream.push(KvFrame { layers: frame.clone(), bytes }) {
+            return Ok(()); // the import ended: nothing more is wanted
         }
-        if status[0] == FRAME_ERROR {
-            bail!("prefill refused the pull: {}", String::from_utf8_lossy(&out[start..]));
-        }
+        next = frame.end;
     }
-    if out.len() != expected_bytes {
-        bail!("prefill sent {} bytes of KV, expected {expected_bytes}", out.len());
+    Ok(())
+}
+
+async fn read_header(socket: &mut BufReader<TcpStream>) -> anyhow::Result<(u8, usize, usize, u64)> {
+    let mut header = [0u8; 17];
+    socket.read_exact(&mut header).await.context("reading a KV frame header")?;
+    let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes")) as usize;
+    Ok((header[0], word(1), word(5), u64::from_le_bytes(header[9..17].try_into().expect("8 bytes"))))
+}
+
+/// Reads exactly `len` bytes, appended to `into` (empty, with room reserved: no zero-filling
+/// of what is about to be overwritten).
+async fn read_bytes(socket: &mut BufReader<TcpStream>, len: usize, mut into: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let read = socket.take(len as u64).read_to_end(&mut into).await.context("reading KV bytes")?;
+    if read != len {
+        bail!("the connection closed {read} bytes into a frame of {len}");
     }
-    Ok(out)
+    Ok(into)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dlengine_engine::backend::cpu::CpuBackend;
+    use dlengine_engine::config::EngineConfig;
+    use dlengine_engine::engine::Engine;
+    use dlengine_engine::kv_transfer::{ImportedKv, KvSource, KvTransfer, StreamedKv};
+    use dlengine_engine::request::{GenerateRequest, TokenLogprob};
+    use dlengine_engine::sampling_params::SamplingParams;
+
+    use super::{parse_request, pull, serve, split_layers, PullPlan};
+
+    fn engine() -> Engine {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/qwen3-tiny");
+        let config = EngineConfig { block_size: 4, ..EngineConfig::default() };
+        Engine::start(&dir, config, CpuBackend::new(64 << 20)).unwrap()
+    }
+
+    fn request(prompt: &[u32], kv_transfer: KvTransfer) -> GenerateRequest {
+        let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..SamplingParams::default() };
+        GenerateRequest { request_id: "r".into(), prompt_token_ids: prompt.to_vec(), params, kv_transfer }
+    }
+
+    /// Every token of a request, or the engine's error.
+    async fn tokens(engine: &Engine, request: GenerateRequest) -> Result<Vec<u32>, String> {
+        let mut stream = engine.submit(request).map_err(|e| format!("{e:?}"))?;
+        let mut out = Vec::new();
+        while let Some(delta) = stream.next().await {
+            out.extend(delta.map_err(|e| e.to_string())?.token_ids);
+        }
+        Ok(out)
+    }
+
+    /// Decode's import of `lease_id` over TCP from `addr` (a frame per layer, over
+    /// `connections`); its tokens, or why it failed.
+    async fn import(decode: &Engine, addr: &str, prompt: &[u32], lease: (&str, usize, u32), connections: usize) -> Result<Vec<u32>, String> {
+        let (lease_id, blocks, first) = lease;
+        let layout = &decode.info().kv_layout;
+        let frames = Arc::new(StreamedKv::new(blocks, "tcp"));
+        let plan = PullPlan {
+            addr: addr.to_owned(),
+            lease_id: lease_id.to_owned(),
+            num_layers: layout.num_layers,
+            layer_bytes: blocks * layout.bytes_per_block() / layout.num_layers,
+            connections,
+        };
+        let first_token = Some(TokenLogprob { token_id: first, logprob: 0.0, top: Vec::new() });
+        let source = KvSource::Streamed(frames.clone());
+        let imported = request(prompt, KvTransfer::Import(ImportedKv { first_token, source }));
+        tokio::spawn(pull(plan, frames, Duration::from_secs(10)));
+        tokens(decode, imported).await
+    }
+
+    #[tokio::test]
+    async fn a_pull_over_several_connections_continues_exactly_and_an_unknown_lease_fails_the_import() {
+        let (prefill, decode) = (engine(), engine());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(serve(listener, prefill.clone()));
+        let prompt: Vec<u32> = (0..23).map(|i| i * 31 % 700 + 3).collect();
+        let expected = tokens(&decode, request(&prompt, KvTransfer::Local)).await.unwrap();
+        assert_eq!(decode.info().kv_layout.num_layers, 2);
+        let mut lease = None;
+        // One connection bringing two frames, and two bringing one each.
+        for connections in [1, 2] {
+            let mut exported = prefill.submit(request(&prompt, KvTransfer::Export)).unwrap();
+            let delta = exported.next().await.unwrap().unwrap();
+            let handoff = delta.kv_handoff.expect("handed off after the first token");
+            let id = handoff.lease_id.to_string();
+            let got = import(&decode, &addr, &prompt, (&id, handoff.blocks.len(), delta.token_ids[0]), connections).await;
+            assert_eq!(got.as_ref(), Ok(&expected), "over {connections} connection(s), every frame written as it came");
+            assert!(prefill.free_lease(handoff.lease_id).await, "decode releases the lease, not the pull");
+            lease = Some((id, handoff.blocks.len(), delta.token_ids[0]));
+        }
+        let (id, blocks, first) = lease.unwrap();
+        let failed = import(&decode, &addr, &prompt, (&id, blocks, first), 2).await;
+        assert!(failed.as_ref().is_err_and(|e| e.contains("unknown or expired KV lease")), "{failed:?}");
+        assert_eq!((prefill.stats().kv_blocks_used, decode.stats().kv_blocks_used), (0, 0));
+        prefill.shutdown();
+        decode.shutdown();
+    }
+
+    #[test]
+    fn layers_split_into_contiguous_ranges_covering_each_layer_once() {
+        assert_eq!(split_layers(28, 4), vec![0..7, 7..14, 14..21, 21..28]);
+        assert_eq!(split_layers(5, 2), vec![0..2, 2..5]);
+        assert_eq!(split_layers(2, 8), vec![0..1, 1..2], "never more connections than layers");
+        assert_eq!(split_layers(3, 0), vec![0..3]);
+    }
+
+    #[test]
+    fn a_pull_request_outside_the_model_is_refused_naming_the_range() {
+        assert_eq!(parse_request(r#"{"lease_id":"7","layers":[2,4],"layers_per_frame":0}"#, 4), Ok((7, 2..4, 1)));
+        assert!(parse_request(r#"{"lease_id":"7","layers":[2,5],"layers_per_frame":1}"#, 4).unwrap_err().contains("layers 2..5 out of range"));
+        assert!(parse_request(r#"{"lease_id":"7","layers":[3,3],"layers_per_frame":1}"#, 4).is_err());
+        assert!(parse_request(r#"{"lease_id":"x","layers":[0,1],"layers_per_frame":1}"#, 4).unwrap_err().contains("malformed lease id"));
+    }
 }
