@@ -312,6 +312,43 @@ impl Scheduler {
         self.blocks.release(blocks);
     }
 
+    /// Blocks for `seq`'s prompt, whose KV comes from another engine: the longest prefix
+    /// this engine has cached (shared, and counted as a prefix-cache hit), then fresh
+    /// blocks for the rest. The last prompt token's block is always fresh, as in
+    /// [`admit_waiting`](Self::admit_waiting), so every import copies something. Returns
+    /// the table and how many of its blocks were cached; None if too few are free.
+    pub fn allocate_import(&mut self, seq: &mut Sequence) -> Option<(Vec<BlockId>, usize)> {
+        let bs = self.cfg.block_size;
+        let hit_candidates = if self.blocks.prefix_caching() { seq.len().saturating_sub(1) / bs } else { 0 };
+        let hits = self.blocks.match_prefix(seq.block_keys(hit_candidates, bs));
+        let fresh = self.blocks.blocks_for(seq.len()) - hits.len();
+        if fresh + self.blocks.count_free(&hits) > self.blocks.num_free() {
+            return None;
+        }
+        if self.blocks.prefix_caching() {
+            self.stats.prefix_queried_tokens += seq.len() as u64;
+            self.stats.prefix_hit_tokens += (hits.len() * bs) as u64;
+        }
+        self.blocks.acquire(&hits);
+        let cached = hits.len();
+        let mut table = hits;
+        table.extend((0..fresh).map(|_| self.blocks.allocate().expect("counted free blocks")));
+        Some((table, cached))
+    }
+
+    /// Enters an imported prompt's full blocks into the prefix cache, once their KV is
+    /// written, as [`commit`](Self::commit) does for a computed prompt.
+    pub fn register_prompt_blocks(&mut self, seq: &mut Sequence) {
+        if !self.blocks.prefix_caching() {
+            return;
+        }
+        let full = seq.len() / self.cfg.block_size;
+        let keys = seq.block_keys(full, self.cfg.block_size).to_vec();
+        for (b, key) in keys.into_iter().enumerate() {
+            self.blocks.register(seq.block_table[b], key);
+        }
+    }
+
     /// Appends a sampled token.
     pub fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(seq) = self.seqs.get_mut(&id) {

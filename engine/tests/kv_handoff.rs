@@ -514,3 +514,43 @@ fn an_engine_with_only_a_copy_in_flight_polls_it_instead_of_stepping_back_to_bac
     assert!(cpu_while_copying < COPYING / 2, "the engine thread used {cpu_while_copying:?} of CPU in {COPYING:?} of copying");
     decode.shutdown();
 }
+
+#[test]
+fn an_import_of_a_prefix_decode_has_cached_copies_only_the_rest_and_continues_exactly() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let reader = MemcpyReader::new(&mut prefill, &mut decode);
+    let layers = decode.info().kv_layout.num_layers;
+    let first_turn: Vec<u32> = (0..13).map(|i| i * 29 % 800 + 3).collect();
+    let second_turn: Vec<u32> = first_turn[..12].iter().copied().chain([901, 77, 78, 79, 80, 81, 82]).collect();
+    let third_turn: Vec<u32> = second_turn[..16].iter().copied().chain([5, 6, 7]).collect();
+    let expected = |prompt: &[u32]| run_to_end(&mut core(MODEL, config()), vec![(prompt.to_vec(), greedy(6))]).remove(0).remove(0);
+    // Over a remote copy: the blocks it is asked to copy.
+    let mut copied = Vec::new();
+    for prompt in [&first_turn, &second_turn] {
+        let handoff = hand_over_remote(&mut prefill, &mut decode, &reader, prompt, &greedy(6)).expect("handed off");
+        decode.step(); // admitted: the copy starts
+        copied.push(reader.started.lock().unwrap().last().expect("a copy started").0.clone());
+        reader.complete(Ok(()));
+        assert!(prefill.free_lease(handoff.lease_id));
+        assert_eq!(drive(&mut decode, 2).0, expected(prompt), "prompt of {} tokens", prompt.len());
+    }
+    assert_eq!(copied[0].len(), 4, "13 tokens: 4 blocks, none cached");
+    assert_eq!(copied[1].len(), 2, "19 tokens: 5 blocks, the first 3 (12 shared tokens) cached");
+    assert_eq!(decode.stats().prefix_cache_hit_tokens, 12);
+    // Streamed frames carry every block: the cached ones' rows are skipped.
+    let bytes_and_first = {
+        prefill.add_request(1, request(&third_turn, &greedy(6), KvTransfer::Export));
+        let (first, _, handoff) = drive(&mut prefill, 1);
+        let handoff = handoff.expect("handed off");
+        let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
+        assert!(prefill.free_lease(handoff.lease_id));
+        (handoff.blocks.len(), bytes, first[0])
+    };
+    let (blocks, bytes, first) = bytes_and_first;
+    let first_token = Some(TokenLogprob { token_id: first, logprob: 0.0, top: Vec::new() });
+    let import = ImportedKv { first_token, source: whole(blocks, layers, bytes) };
+    decode.add_request(3, request(&third_turn, &greedy(6), KvTransfer::Import(import)));
+    assert_eq!(drive(&mut decode, 3).0, expected(&third_turn));
+    assert_eq!(decode.stats().prefix_cache_hit_tokens, 12 + 16, "the second turn's 4 full blocks were registered and hit");
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+}

@@ -1,13 +1,16 @@
 """Prefill/decode disaggregation on two GPUs of one node (run on nvidia-h200-x2).
 
 Starts an aggregated engine on GPU 0 as the reference, then a prefill engine on GPU 0
-and a decode engine on GPU 1 (separate processes; KV over CUDA IPC, then over TCP), and
+and a decode engine on GPU 1 (separate processes; KV over CUDA IPC, then over TCP with
+4 connections and with 1), and
 reports: whether greedy outputs through prefill -> decode equal the aggregated ones (with
 the descriptor sent after the first token, "late", and before it, "early"), the KV import
 bandwidth decode logged for a late 16K-token import (from admission to the engine seeing it
 done, and the copy alone as the device timed it) against a peer copy of the same bytes
 measured here with torch, and the TTFT disaggregation adds at several prompt lengths
-(client-side, over kept-alive HTTP connections, as a router holds them). The early flow
+(client-side, over kept-alive HTTP connections, as a router holds them). TCP pulls are
+set against loopback TCP measured here (threads moving the same bytes through sockets,
+1 and 4 connections: what the kernel allows before any KV work). The early flow
 is driven here the way the router drives it: prefill's first line (the descriptor) goes to
 decode at once, and prefill's second line is read after decode's first chunk.
 
@@ -18,9 +21,11 @@ import http.client
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -85,6 +90,16 @@ def prompt(n, salt):
     return [(i * 7919 + salt * 104729) % 150000 + 100 for i in range(n)]
 
 
+SALTS = iter(range(1000, 10**9))
+
+
+def fresh_prompt(n):
+    """A prompt no engine has seen (nor a prefix of it): a timed request that hit a
+    prefix cache (prefill's, or since imports register their blocks, decode's) would
+    measure the cache, not the prefill or the transfer."""
+    return prompt(n, next(SALTS))
+
+
 def greedy(p, max_tokens):
     return {"model": "m", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
@@ -141,14 +156,53 @@ def peer_copy_ceiling(nbytes):
     return nbytes / min(times) / 1e9
 
 
+def loopback_tcp_gb_per_s(nbytes, connections):
+    """Best of 3: `nbytes` sent over `connections` loopback sockets at once, one thread
+    per side and connection, received into preallocated memory."""
+    share = nbytes // connections
+    payload = bytearray(share)
+    sinks = [bytearray(share) for _ in range(connections)]
+
+    def send(sock):
+        sock.sendall(payload)
+        sock.close()
+
+    def receive(sock, sink):
+        view, got = memoryview(sink), 0
+        while got < share:
+            got += sock.recv_into(view[got:], min(share - got, 16 << 20))
+        sock.close()
+
+    best = 0.0
+    for _ in range(3):
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        pairs = []
+        for _ in range(connections):
+            client = socket.create_connection(("127.0.0.1", port))
+            server, _ = listener.accept()
+            pairs.append((server, client))
+        listener.close()
+        threads = [threading.Thread(target=send, args=(s,)) for s, _ in pairs]
+        threads += [threading.Thread(target=receive, args=(c, sink)) for (_, c), sink in zip(pairs, sinks)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        best = max(best, share * connections / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def log_figures(log_name, message):
     """The numeric fields of each line of a server log that carries `message`."""
     text = open(os.path.join(LOG_DIR, log_name)).read()
     rows = []
     for line in text.splitlines():
         if message in line:
-            nums = dict(re.findall(r"\b(\w+)=([0-9.]+)\b", re.sub(r"\x1b\[[0-9;]*m", "", line)))
-            rows.append({k: float(v) for k, v in nums.items()})
+            # Numbers only (an address like 127.0.0.1 is not one).
+            nums = re.findall(r"\b(\w+)=(-?[0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?)(?=\s|$)", re.sub(r"\x1b\[[0-9;]*m", "", line))
+            rows.append({k: float(v) for k, v in nums})
     return rows
 
 
@@ -158,22 +212,28 @@ agg = start("aggregated", 8201, ["--cuda-device", "0"])
 # tokens, whose bf16 numerics may differ from the reference's whole-prompt forward.
 checks = {flow: [(prompt(n, s + salt), 32) for s, n in enumerate([7, 100, 1000, 3000])] for flow, salt in [("late", 10), ("early", 20)]}
 reference = {flow: [post_json(8201, greedy(p, m))["choices"][0]["text"] for p, m in c] for flow, c in checks.items()}
-result["aggregated_ttft_ms"] = {n: 1e3 * median_of(lambda: first_chunk_seconds(8201, greedy(prompt(n, 1), 2))) for n in LENGTHS}
+result["aggregated_ttft_ms"] = {n: 1e3 * median_of(lambda: first_chunk_seconds(8201, greedy(fresh_prompt(n), 2))) for n in LENGTHS}
 agg.terminate(), agg.wait()
 CONNECTIONS.clear()
 
-for transport in ["cuda-ipc", "tcp"]:
-    pre = start("prefill", 8202, ["--cuda-device", "0", "--mode", "prefill"])
-    dec = start(f"decode-{transport}", 8203, ["--cuda-device", "1", "--mode", "decode", "--kv-transport", transport])
+DECODE_FLAGS = {
+    "cuda-ipc": ["--kv-transport", "cuda-ipc"],
+    "tcp": ["--kv-transport", "tcp", "--kv-tcp-connections", "4"],
+    "tcp-1": ["--kv-transport", "tcp", "--kv-tcp-connections", "1"],
+}
+for transport, flags in DECODE_FLAGS.items():
+    pre = start(f"prefill-{transport}", 8202, ["--cuda-device", "0", "--mode", "prefill"])
+    dec = start(f"decode-{transport}", 8203, ["--cuda-device", "1", "--mode", "decode"] + flags)
     r = {}
     for flow, early in [("late", False), ("early", True)]:
         got = [pd_generate(8202, 8203, greedy(p, m), early)["choices"][0]["text"] for p, m in checks[flow]]
         r[flow] = {"outputs_equal": got == reference[flow], "mismatches": sum(a != b for a, b in zip(got, reference[flow]))}
-        r[flow]["ttft_ms"] = {n: 1e3 * median_of(lambda: pd_ttft(8202, 8203, greedy(prompt(n, 1), 2), early)) for n in LENGTHS}
+        r[flow]["ttft_ms"] = {n: 1e3 * median_of(lambda: pd_ttft(8202, 8203, greedy(fresh_prompt(n), 2), early)) for n in LENGTHS}
         r[flow]["added_ttft_ms"] = {n: r[flow]["ttft_ms"][n] - result["aggregated_ttft_ms"][n] for n in LENGTHS}
-    pd_generate(8202, 8203, greedy(prompt(LENGTHS[-1], 3), 2), False)  # a late import: its log line is a bandwidth
+    pd_generate(8202, 8203, greedy(fresh_prompt(LENGTHS[-1]), 2), False)  # a late import: its log line is a bandwidth
     r["imports"] = log_figures(f"pd-decode-{transport}.log", "imported KV")[-1:]
     r["device_copies"] = log_figures(f"pd-decode-{transport}.log", "peer copy done")[-1:]
+    r["tcp_pulls"] = log_figures(f"pd-decode-{transport}.log", "pulled KV over TCP")[-1:]
     leases = urllib.request.urlopen("http://127.0.0.1:8202/metrics").read().decode()
     r["prefill_leases_after"] = [l for l in leases.splitlines() if l.startswith("dlengine_kv_leases ")]
     result[transport] = r
@@ -189,5 +249,8 @@ if largest:
     copy = result["cuda-ipc"]["device_copies"]
     if copy:  # the copy alone, timed on the device: no admission, table upload or polling
         result["cuda_ipc_device_copy_fraction_of_ceiling"] = copy[-1]["gb_per_s"] / result["peer_copy_ceiling_gb_per_s"]
+if result["tcp"]["tcp_pulls"]:
+    nbytes = int(result["tcp"]["tcp_pulls"][-1]["bytes"])
+    result["loopback_tcp_gb_per_s"] = {n: loopback_tcp_gb_per_s(nbytes, n) for n in (1, 4)}
 json.dump(result, open(OUT, "w"), indent=1)
-print(json.dumps({k: v for k, v in result.items() if k not in ("cuda-ipc", "tcp")}, indent=1))
+print(json.dumps({k: v for k, v in result.items() if k not in DECODE_FLAGS}, indent=1))

@@ -12,7 +12,7 @@ use std::ops::Range;
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
 use dlengine_engine::backend::KvBlockIo;
-use dlengine_engine::kv_transfer::{CudaIpcKv, KvMemory};
+use dlengine_engine::kv_transfer::{frame_buffer, CudaIpcKv, KvMemory};
 
 use crate::backend::CudaBackend;
 use crate::error::{op_error, OpContext, Result};
@@ -283,7 +283,7 @@ impl KvBlockIo for CudaBackend {
         self.device.bind()?;
         let block_bytes = self.block_bytes()?;
         let buffers = self.kv_buffers("read_kv_blocks")?;
-        let mut out = Vec::with_capacity(layers.len() * 2 * blocks.len() * block_bytes);
+        let mut out = frame_buffer(layers.len() * 2 * blocks.len() * block_bytes);
         for round in rounds(layers, layers_per_round(blocks.len(), block_bytes)) {
             let len = round.len() * 2 * blocks.len() * block_bytes;
             let (_, staging) = self.kv_io.staging(len)?;

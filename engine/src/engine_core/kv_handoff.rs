@@ -14,7 +14,9 @@ use std::time::Instant;
 use super::{EngineCore, Export, RequestKey, StepEvent};
 use crate::error::EngineError;
 use crate::kv::{BlockId, FirstTokenReply};
-use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvFrame, KvHandoff, KvMemory, KvSource, RemoteCopy, StreamedKv};
+use crate::kv_transfer::{
+    recycle_frame_buffer, CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvFrame, KvHandoff, KvMemory, KvSource, RemoteCopy, StreamedKv,
+};
 use crate::request::TokenLogprob;
 use crate::sampler::SampledToken;
 use crate::scheduler::SchedulerOutput;
@@ -75,14 +77,18 @@ pub(super) struct StreamWrite {
     stream: Arc<StreamedKv>,
     /// Per layer: written yet?
     written: Vec<bool>,
+    /// Leading blocks this engine had cached: their bytes in each frame are skipped.
+    cached_blocks: usize,
 }
 
 /// A decode request whose blocks are allocated and whose copy has started.
 pub(super) struct Importing {
     key: RequestKey,
     seq: Sequence,
-    /// The copy still running (None: done, or the KV was written synchronously).
+    /// The copy still running (None: done).
     copy: Option<KvCopy>,
+    /// Leading blocks of the prompt found in this engine's prefix cache: not copied.
+    cached_blocks: usize,
     first_token: Option<FirstTokenResult>,
     started: Instant,
     via: &'static str,
@@ -107,7 +113,8 @@ enum Outcome {
 }
 
 impl EngineCore {
-    /// Blocks an imported prompt takes: all of them at once, its KV arriving whole.
+    /// Blocks an imported prompt takes at most (all of them at once, its KV arriving
+    /// whole; fewer are new when a prefix is cached here).
     fn import_blocks(&self, seq: &Sequence) -> usize {
         seq.len().div_ceil(self.info.kv_layout.block_size)
     }
@@ -173,7 +180,7 @@ impl EngineCore {
             req.started = true;
         }
         events.push(StepEvent::Started { key, cached_tokens: 0 });
-        let Some(blocks) = self.scheduler.allocate_detached(self.import_blocks(&seq)) else {
+        let Some((blocks, cached_blocks)) = self.scheduler.allocate_import(&mut seq) else {
             return self.fail_import(key, "no free KV blocks".into(), events);
         };
         let started = Instant::now();
@@ -182,10 +189,10 @@ impl EngineCore {
             KvSource::CudaIpc { .. } => "cuda-ipc",
             KvSource::Remote { reader, .. } => reader.transport(),
         };
-        match self.start_copy(&source, &blocks) {
+        match self.start_copy(&source, &blocks, cached_blocks) {
             Ok(copy) => {
                 seq.block_table = blocks;
-                self.importing.push(Importing { key, seq, copy, first_token, started, via });
+                self.importing.push(Importing { key, seq, copy, cached_blocks, first_token, started, via });
             }
             Err(e) => {
                 self.scheduler.release_detached(&blocks);
@@ -194,8 +201,9 @@ impl EngineCore {
         }
     }
 
-    /// Starts a device or remote copy, or the writing of streamed frames.
-    fn start_copy(&mut self, source: &KvSource, blocks: &[BlockId]) -> Result<Option<KvCopy>, String> {
+    /// Starts a device or remote copy, or the writing of streamed frames, into `blocks`
+    /// but the first `cached` (this engine's prefix cache holds them already).
+    fn start_copy(&mut self, source: &KvSource, blocks: &[BlockId], cached: usize) -> Result<Option<KvCopy>, String> {
         let held = match source {
             KvSource::Streamed(stream) => stream.num_blocks(),
             KvSource::CudaIpc { remote_blocks, .. } | KvSource::Remote { remote_blocks, .. } => remote_blocks.len(),
@@ -203,11 +211,11 @@ impl EngineCore {
         if held != blocks.len() {
             return Err(format!("prefill's lease holds {held} blocks, the prompt needs {}", blocks.len()));
         }
-        let pairs = |remote: &[BlockId]| -> Vec<(BlockId, BlockId)> { remote.iter().copied().zip(blocks.iter().copied()).collect() };
+        let pairs = |remote: &[BlockId]| -> Vec<(BlockId, BlockId)> { remote.iter().copied().zip(blocks.iter().copied()).skip(cached).collect() };
         match source {
             KvSource::Streamed(stream) => {
                 let written = vec![false; self.info.kv_layout.num_layers];
-                Ok(Some(KvCopy::Streamed(StreamWrite { stream: stream.clone(), written })))
+                Ok(Some(KvCopy::Streamed(StreamWrite { stream: stream.clone(), written, cached_blocks: cached })))
             }
             KvSource::CudaIpc { peer, remote_blocks, ready_mark } => {
                 let ticket =
@@ -237,16 +245,24 @@ impl EngineCore {
     /// time other requests wait for it); true once every layer is written.
     fn write_next_frame(&mut self, write: &mut StreamWrite, blocks: &[BlockId]) -> Result<bool, String> {
         if let Some(KvFrame { layers, bytes }) = write.stream.next_frame()? {
-            let layer_bytes = self.info.kv_layout.bytes_per_block() / self.info.kv_layout.num_layers * blocks.len();
+            // K, then V, of one layer of one block.
+            let row_bytes = self.info.kv_layout.bytes_per_block() / self.info.kv_layout.num_layers / 2;
             if layers.is_empty() || layers.end > write.written.len() || write.written[layers.clone()].iter().any(|&w| w) {
                 return Err(format!("a frame of layers {layers:?}: out of range or already written"));
             }
-            if bytes.len() != layers.len() * layer_bytes {
-                return Err(format!("a frame of layers {layers:?} holds {} bytes, expected {}", bytes.len(), layers.len() * layer_bytes));
+            let expected = layers.len() * 2 * row_bytes * blocks.len();
+            if bytes.len() != expected {
+                return Err(format!("a frame of layers {layers:?} holds {} bytes, expected {expected}", bytes.len()));
             }
-            self.executor.kv_io().write_kv_blocks(blocks, layers.clone(), &bytes).map_err(|e| e.to_string())?;
+            let fresh = &blocks[write.cached_blocks..];
+            if fresh.len() == blocks.len() {
+                self.executor.kv_io().write_kv_blocks(fresh, layers.clone(), &bytes).map_err(|e| e.to_string())?;
+            } else {
+                let rows = skip_leading_rows(&bytes, blocks.len(), write.cached_blocks, row_bytes);
+                self.executor.kv_io().write_kv_blocks(fresh, layers.clone(), &rows).map_err(|e| e.to_string())?;
+            }
             write.written[layers].fill(true);
-            write.stream.recycle(bytes);
+            recycle_frame_buffer(bytes);
         }
         Ok(write.written.iter().all(|&w| w))
     }
@@ -281,7 +297,7 @@ impl EngineCore {
     }
 
     fn finish_import(&mut self, import: Importing, outcome: Outcome, events: &mut Vec<StepEvent>) {
-        let Importing { key, mut seq, started, via, copy, .. } = import;
+        let Importing { key, mut seq, started, via, copy, cached_blocks, .. } = import;
         let first = match outcome {
             Outcome::Run(token) => token,
             Outcome::Fail(message) => {
@@ -290,14 +306,15 @@ impl EngineCore {
             }
         };
         let prompt_len = seq.len();
-        let bytes = seq.block_table.len() * self.info.kv_layout.bytes_per_block();
+        let bytes = (seq.block_table.len() - cached_blocks) * self.info.kv_layout.bytes_per_block();
         let seconds = started.elapsed().as_secs_f64();
         // From admission to the first token: for an early descriptor this includes waiting
         // for prefill's forward, so gb_per_s is a bandwidth only for a late one.
         let (ms, gb_per_s) = (seconds * 1e3, bytes as f64 / seconds / 1e9);
-        tracing::info!(tokens = prompt_len, bytes, ms, gb_per_s, via, "imported KV");
+        tracing::info!(tokens = prompt_len, cached_blocks, bytes, ms, gb_per_s, via, "imported KV");
         let seq_id = seq.id;
         seq.num_computed_tokens = prompt_len;
+        self.scheduler.register_prompt_blocks(&mut seq);
         self.scheduler.add_running(seq);
         self.scheduler.append_token(seq_id, first.token_id);
         let token = SampledToken { token: first.token_id, logprob: first.logprob, top: first.top };
@@ -466,4 +483,15 @@ fn close_stream_of(source: &KvSource) {
     if let KvSource::Streamed(stream) = source {
         stream.close();
     }
+}
+
+/// A frame's bytes without the rows of its first `skip` blocks: per layer, the K rows of
+/// `num_blocks` blocks, then their V rows, each `row_bytes` long.
+fn skip_leading_rows(frame: &[u8], num_blocks: usize, skip: usize, row_bytes: usize) -> Vec<u8> {
+    let part = num_blocks * row_bytes; // one layer's K (or V) rows
+    let mut out = Vec::with_capacity(frame.len() / num_blocks * (num_blocks - skip));
+    for rows in frame.chunks_exact(part) {
+        out.extend_from_slice(&rows[skip * row_bytes..]);
+    }
+    out
 }

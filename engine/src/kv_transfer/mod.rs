@@ -4,6 +4,7 @@
 //! between processes (TCP, CUDA IPC, RDMA) is the agent's job; the engine only reads and
 //! writes its own blocks.
 
+mod frame_pool;
 mod memory;
 mod remote;
 mod streamed;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::kv::BlockId;
 use crate::request::TokenLogprob;
 
+pub use frame_pool::{frame_buffer, recycle_frame_buffer};
 pub use memory::{KvLocation, KvMemory, KvRegion};
 pub use remote::{RemoteCopy, RemoteKvReader};
 pub use streamed::{KvFrame, StreamedKv};

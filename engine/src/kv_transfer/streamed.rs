@@ -8,9 +8,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Mutex;
 
-/// Buffers of written frames kept for the transport to read the next frames into: a
-/// fresh buffer of tens of megabytes costs a page fault per 4 KiB on first touch.
-const SPARE_BUFFERS: usize = 4;
+use super::frame_pool::recycle_frame_buffer;
 
 /// KV bytes of `layers` for every block of an import, layer-major: for each layer the K
 /// rows of every block in order, then the V rows of every block. Raw cache dtype, so a
@@ -35,7 +33,6 @@ struct State {
     failed: Option<String>,
     /// The import ended (done, failed or dropped): the transport can stop.
     closed: bool,
-    spare: Vec<Vec<u8>>,
 }
 
 impl StreamedKv {
@@ -82,15 +79,6 @@ impl StreamedKv {
         self.lock().failed.clone()
     }
 
-    /// An empty buffer to read a frame of `bytes` into: one the engine is done with when
-    /// there is one, so that its pages are already mapped.
-    pub fn buffer(&self, bytes: usize) -> Vec<u8> {
-        let mut buffer = self.lock().spare.pop().unwrap_or_default();
-        buffer.clear();
-        buffer.reserve_exact(bytes);
-        buffer
-    }
-
     /// The engine's side: the next frame to write, or why none will come.
     pub(crate) fn next_frame(&self) -> Result<Option<KvFrame>, String> {
         let mut state = self.lock();
@@ -100,20 +88,13 @@ impl StreamedKv {
         }
     }
 
-    /// The engine's side: a written frame's buffer, for the transport to reuse.
-    pub(crate) fn recycle(&self, buffer: Vec<u8>) {
-        let mut state = self.lock();
-        if !state.closed && state.spare.len() < SPARE_BUFFERS {
-            state.spare.push(buffer);
-        }
-    }
-
     /// The engine's side: the import ended; drop what is queued and refuse the rest.
     pub(crate) fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
-        state.frames.clear();
-        state.spare.clear();
+        for frame in state.frames.drain(..) {
+            recycle_frame_buffer(frame.bytes);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use dlengine_engine::engine::Engine;
-use dlengine_engine::kv_transfer::{KvFrame, StreamedKv};
+use dlengine_engine::kv_transfer::{frame_buffer, recycle_frame_buffer, KvFrame, StreamedKv};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -93,12 +93,15 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
             }
         }
     });
-    let (started, mut sent) = (Instant::now(), 0usize);
+    let (started, mut sent, mut sending) = (Instant::now(), 0usize, Duration::ZERO);
     while let Some(read) = reads.recv().await {
         match read {
             Ok(frame) => {
+                let at = Instant::now();
                 write_frame(&mut socket, FRAME_DATA, &frame.layers, &frame.bytes).await?;
+                sending += at.elapsed();
                 sent += frame.bytes.len();
+                recycle_frame_buffer(frame.bytes);
             }
             Err(e) => return write_error(&mut socket, &e.to_string()).await,
         }
@@ -107,7 +110,9 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     // The lease stays: decode releases it (POST /pd/free) once every connection's layers
     // are written, and it expires if decode never does.
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(lease_id, ?layers, bytes = sent, ms = seconds * 1e3, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
+    // The rest of the time this connection waited for the engine's reads.
+    let sending_ms = sending.as_secs_f64() * 1e3;
+    tracing::info!(lease_id, ?layers, bytes = sent, ms = seconds * 1e3, sending_ms, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
     Ok(())
 }
 
@@ -154,8 +159,20 @@ pub struct PullPlan {
 /// request). Stops early, without error, once the engine no longer wants the frames.
 pub async fn pull(plan: PullPlan, stream: Arc<StreamedKv>, timeout: Duration) {
     let started = Instant::now();
-    let connections = split_layers(plan.num_layers, plan.connections).into_iter().map(|layers| pull_range(&plan, layers, &stream));
-    let pulled = tokio::time::timeout(timeout, futures::future::try_join_all(connections)).await;
+    // A task per connection, so that their receives run on several threads (joined in one
+    // task, four connections moved no more than one). Dropping the set aborts the rest.
+    let mut connections = tokio::task::JoinSet::new();
+    for layers in split_layers(plan.num_layers, plan.connections) {
+        let (plan, stream) = (plan.clone(), stream.clone());
+        connections.spawn(async move { pull_range(&plan, layers, &stream).await });
+    }
+    let all = async {
+        while let Some(done) = connections.join_next().await {
+            done.context("a KV pull connection panicked")??;
+        }
+        anyhow::Ok(())
+    };
+    let pulled = tokio::time::timeout(timeout, all).await;
     match pulled.unwrap_or_else(|_| Err(anyhow::anyhow!("pulling KV from {} took longer than {timeout:?}", plan.addr))) {
         Ok(_) if stream.is_closed() => {}
         Ok(_) => {
@@ -192,7 +209,7 @@ async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv) 
         if first != next || frame.end > layers.end || count == 0 || len != (count * plan.layer_bytes) as u64 {
             bail!("prefill sent a frame of layers {frame:?} and {len} bytes; expected layers from {next} to {} of {} bytes each", layers.end, plan.layer_bytes);
         }
-        let bytes = read_bytes(&mut socket, len as usize, stream.buffer(len as usize)).await?;
+        let bytes = read_bytes(&mut socket, len as usize, frame_buffer(len as usize)).await?;
         if !stream.push(KvFrame { layers: frame.clone(), bytes }) {
             return Ok(()); // the import ended: nothing more is wanted
         }
@@ -211,6 +228,7 @@ async fn read_header(socket: &mut BufReader<TcpStream>) -> anyhow::Result<(u8, u
 /// Reads exactly `len` bytes, appended to `into` (empty, with room reserved: no zero-filling
 /// of what is about to be overwritten).
 async fn read_bytes(socket: &mut BufReader<TcpStream>, len: usize, mut into: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    // A pooled buffer has its pages mapped already; room was reserved for `len` bytes.
     let read = socket.take(len as u64).read_to_end(&mut into).await.context("reading KV bytes")?;
     if read != len {
         bail!("the connection closed {read} bytes into a frame of {len}");

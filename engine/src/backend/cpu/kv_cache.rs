@@ -3,6 +3,7 @@
 use std::ops::Range;
 
 use crate::backend::KvCacheLayout;
+use crate::kv_transfer::frame_buffer;
 
 pub struct CpuKvCache {
     layout: KvCacheLayout,
@@ -63,7 +64,8 @@ impl CpuKvCache {
 
     /// Whole blocks as bytes, layer-major, K then V (see `KvBlockIo::read_kv_blocks`).
     pub fn read_blocks(&self, blocks: &[u32], layers: Range<usize>) -> Vec<u8> {
-        let mut out = Vec::new();
+        let block_bytes = self.layout.block_size * self.width() * 4;
+        let mut out = frame_buffer(layers.len() * 2 * blocks.len() * block_bytes);
         for layer in layers {
             for cache in [&self.k[layer], &self.v[layer]] {
                 for &b in blocks {
