@@ -8,6 +8,7 @@
 //! Decode: an imported request waits for blocks (FCFS), then its copy starts; it runs
 //! once the copy finished and prefill's first token is known, which it emits at once.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -254,13 +255,12 @@ impl EngineCore {
             if bytes.len() != expected {
                 return Err(format!("a frame of layers {layers:?} holds {} bytes, expected {expected}", bytes.len()));
             }
-            let fresh = &blocks[write.cached_blocks..];
-            if fresh.len() == blocks.len() {
-                self.executor.kv_io().write_kv_blocks(fresh, layers.clone(), &bytes).map_err(|e| e.to_string())?;
-            } else {
-                let rows = skip_leading_rows(&bytes, blocks.len(), write.cached_blocks, row_bytes);
-                self.executor.kv_io().write_kv_blocks(fresh, layers.clone(), &rows).map_err(|e| e.to_string())?;
-            }
+            let rows = match write.cached_blocks {
+                0 => Cow::Borrowed(&bytes[..]),
+                cached => Cow::Owned(skip_leading_rows(&bytes, blocks.len(), cached, row_bytes)),
+            };
+            self.executor.kv_io().write_kv_blocks(&blocks[write.cached_blocks..], layers.clone(), &rows).map_err(|e| e.to_string())?;
+            drop(rows);
             write.written[layers].fill(true);
             recycle_frame_buffer(bytes);
         }
@@ -365,7 +365,8 @@ impl EngineCore {
         let mut i = 0;
         while i < self.orphaned_copies.len() {
             let mut copy = self.orphaned_copies[i].0.clone();
-            // A failed copy is over too: its blocks can go.
+            // A failed copy is over too: its blocks can go. (Never a streamed copy, whose
+            // blocks are freed at once: no block list is needed to poll.)
             if self.copy_done(&mut copy, &[]).unwrap_or(true) {
                 let (_, blocks) = self.orphaned_copies.swap_remove(i);
                 self.scheduler.release_detached(&blocks);
