@@ -57,6 +57,38 @@ pub struct SchedulerStats {
     pub preemptions: u64,
 }
 
+impl SchedulerStats {
+    fn count_prefix_lookup(&mut self, blocks: &BlockManager, queried_tokens: usize, hit_tokens: usize) {
+        if blocks.prefix_caching() {
+            self.prefix_queried_tokens += queried_tokens as u64;
+            self.prefix_hit_tokens += hit_tokens as u64;
+        }
+    }
+}
+
+/// The blocks of `seq`'s longest cached prefix. Only blocks wholly inside the first len-1
+/// tokens may hit: the last token always goes into a block of the sequence's own (computed
+/// there, or copied there by an import).
+fn cached_prefix(blocks: &BlockManager, seq: &mut Sequence) -> Vec<BlockId> {
+    if !blocks.prefix_caching() {
+        return Vec::new();
+    }
+    let bs = blocks.block_size();
+    let candidates = seq.len().saturating_sub(1) / bs;
+    blocks.match_prefix(seq.block_keys(candidates, bs))
+}
+
+/// Enters `seq`'s full blocks `range` (their KV written) into the prefix cache.
+fn register_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence, range: std::ops::Range<usize>) {
+    if !blocks.prefix_caching() || range.is_empty() {
+        return;
+    }
+    let keys = seq.block_keys(range.end, blocks.block_size()).to_vec();
+    for b in range {
+        blocks.register(seq.block_table[b], keys[b]);
+    }
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
     blocks: BlockManager,
@@ -127,7 +159,7 @@ impl Scheduler {
     }
 
     /// Adds a sequence that is already running: its blocks (from
-    /// [`allocate_detached`](Self::allocate_detached)) hold its first
+    /// [`allocate_import`](Self::allocate_import)) hold its first
     /// `num_computed_tokens` tokens.
     pub fn add_running(&mut self, mut seq: Sequence) {
         seq.status = SeqStatus::Running;
@@ -244,30 +276,15 @@ impl Scheduler {
             if reserved + self.seqs[&id].fan_out > self.cfg.max_num_seqs {
                 break;
             }
-            let bs = self.cfg.block_size;
             let seq = self.seqs.get_mut(&id).expect("waiting sequence");
-            // Only blocks wholly inside the first len-1 tokens may hit: the last token is
-            // always computed, into a block of this sequence's own.
-            let hit_candidates = if self.blocks.prefix_caching() { seq.len().saturating_sub(1) / bs } else { 0 };
-            let keys = seq.block_keys(hit_candidates, bs).to_vec();
-            let hits = self.blocks.match_prefix(&keys);
-            let cached = hits.len() * bs;
+            let hits = cached_prefix(&self.blocks, seq);
+            let cached = hits.len() * self.cfg.block_size;
             let n = (seq.len() - cached).min(*budget);
-            let fresh = self.blocks.blocks_for(cached + n) - hits.len();
-            if fresh + self.blocks.count_free(&hits) > self.blocks.num_free() {
-                break;
-            }
-            self.blocks.acquire(&hits);
-            let mut table = hits;
-            table.extend((0..fresh).map(|_| self.blocks.allocate().expect("counted free blocks")));
-            let seq = self.seqs.get_mut(&id).expect("waiting sequence");
+            let Some(table) = self.blocks.claim(hits, self.blocks.blocks_for(cached + n)) else { break };
             seq.block_table = table;
             seq.num_computed_tokens = cached;
             seq.status = SeqStatus::Running;
-            if self.blocks.prefix_caching() {
-                self.stats.prefix_queried_tokens += seq.len() as u64;
-                self.stats.prefix_hit_tokens += cached as u64;
-            }
+            self.stats.count_prefix_lookup(&self.blocks, seq.len(), cached);
             if !seq.started {
                 seq.started = true;
                 out.started.push((id, cached));
@@ -290,12 +307,7 @@ impl Scheduler {
             let full_before = seq.num_computed_tokens / bs;
             seq.num_computed_tokens = s.start + s.num_tokens;
             let full_after = seq.num_computed_tokens / bs;
-            if self.blocks.prefix_caching() && full_after > full_before {
-                let keys = seq.block_keys(full_after, bs).to_vec();
-                for b in full_before..full_after {
-                    self.blocks.register(seq.block_table[b], keys[b]);
-                }
-            }
+            register_full_blocks(&mut self.blocks, seq, full_before..full_after);
         }
     }
 
@@ -318,35 +330,18 @@ impl Scheduler {
     /// [`admit_waiting`](Self::admit_waiting), so every import copies something. Returns
     /// the table and how many of its blocks were cached; None if too few are free.
     pub fn allocate_import(&mut self, seq: &mut Sequence) -> Option<(Vec<BlockId>, usize)> {
-        let bs = self.cfg.block_size;
-        let hit_candidates = if self.blocks.prefix_caching() { seq.len().saturating_sub(1) / bs } else { 0 };
-        let hits = self.blocks.match_prefix(seq.block_keys(hit_candidates, bs));
-        let fresh = self.blocks.blocks_for(seq.len()) - hits.len();
-        if fresh + self.blocks.count_free(&hits) > self.blocks.num_free() {
-            return None;
-        }
-        if self.blocks.prefix_caching() {
-            self.stats.prefix_queried_tokens += seq.len() as u64;
-            self.stats.prefix_hit_tokens += (hits.len() * bs) as u64;
-        }
-        self.blocks.acquire(&hits);
+        let hits = cached_prefix(&self.blocks, seq);
         let cached = hits.len();
-        let mut table = hits;
-        table.extend((0..fresh).map(|_| self.blocks.allocate().expect("counted free blocks")));
+        let table = self.blocks.claim(hits, self.blocks.blocks_for(seq.len()))?;
+        self.stats.count_prefix_lookup(&self.blocks, seq.len(), cached * self.cfg.block_size);
         Some((table, cached))
     }
 
     /// Enters an imported prompt's full blocks into the prefix cache, once their KV is
     /// written, as [`commit`](Self::commit) does for a computed prompt.
     pub fn register_prompt_blocks(&mut self, seq: &mut Sequence) {
-        if !self.blocks.prefix_caching() {
-            return;
-        }
         let full = seq.len() / self.cfg.block_size;
-        let keys = seq.block_keys(full, self.cfg.block_size).to_vec();
-        for (b, key) in keys.into_iter().enumerate() {
-            self.blocks.register(seq.block_table[b], key);
-        }
+        register_full_blocks(&mut self.blocks, seq, 0..full);
     }
 
     /// Appends a sampled token.

@@ -66,8 +66,7 @@ fn hand_over(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], 
     assert_eq!(handoff.num_tokens, prompt.len());
     let layers = decode.info().kv_layout.num_layers;
     let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
-    assert!(prefill.free_lease(handoff.lease_id));
-    assert!(!prefill.free_lease(handoff.lease_id), "a lease is freed once");
+    assert!(!prefill.free_lease(handoff.lease_id), "read whole, the lease already ended on prefill");
     let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
     let source = whole(handoff.blocks.len(), layers, bytes);
     decode.add_request(2, request(prompt, params, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
@@ -187,7 +186,7 @@ fn streamed_frames_are_written_one_per_step_in_any_order_and_continue_exactly() 
     for layer in (0..layers).rev() {
         assert!(stream.push(layer_frame(&mut prefill, lease_id, layer)));
     }
-    assert!(prefill.free_lease(lease_id));
+    assert!(!prefill.free_lease(lease_id), "read whole, the lease already ended on prefill");
     for _ in 1..layers {
         assert!(!decode.step().iter().any(|e| matches!(e, StepEvent::Token { .. })), "one frame per step: no token before the last");
     }
@@ -207,7 +206,7 @@ fn a_streamed_import_equals_aggregated_output() {
         for layer in 0..decode.info().kv_layout.num_layers {
             stream.push(layer_frame(&mut prefill, lease_id, layer));
         }
-        assert!(prefill.free_lease(lease_id));
+        assert!(!prefill.free_lease(lease_id), "read whole, the lease already ended on prefill");
         assert_eq!(drive(&mut decode, 2).0, expected, "prompt of {} tokens", prompt.len());
     }
 }
@@ -217,6 +216,7 @@ fn a_failed_transport_fails_a_streamed_import_admitted_or_not_and_frees_its_bloc
     let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
     let (stream, lease_id, _) = admit_streamed(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4));
     assert!(stream.push(layer_frame(&mut prefill, lease_id, 0)));
+    assert_eq!(prefill.stats().kv_leases, 1, "a lease read in part stays");
     stream.fail("connection reset by prefill".into());
     let mut events = decode.step();
     events.extend(decode.step());
@@ -301,14 +301,16 @@ fn an_early_handoff_continues_exactly_once_its_first_token_arrives() {
             let (early, handoff) = prefill_early(&mut prefill, &prompt, &params);
             assert_eq!((early.lease_id, &early.blocks, early.num_tokens), (handoff.lease_id, &handoff.blocks, prompt.len()));
             assert_eq!(early.ready_mark, None, "the CPU backend publishes no per-layer progress");
+            // As the TCP listener does: the token first (the read ends the lease).
+            let token = first_token_of(&mut prefill, early.lease_id);
             let bytes = prefill.read_lease(early.lease_id, 0..layers).unwrap();
             let import = ImportedKv { first_token: None, source: whole(early.blocks.len(), layers, bytes) };
             decode.add_request(2, request(&prompt, &params, KvTransfer::Import(import)));
             for _ in 0..3 {
                 assert!(decode.step().iter().all(|e| !matches!(e, StepEvent::Token { .. })), "no token before prefill's");
             }
-            decode.provide_first_token(2, first_token_of(&mut prefill, early.lease_id));
-            assert!(prefill.free_lease(early.lease_id));
+            decode.provide_first_token(2, token);
+            assert!(!prefill.free_lease(early.lease_id), "read whole, the lease already ended on prefill");
             assert_eq!(drive(&mut decode, 2).0, expected, "prompt of {} tokens, {params:?}", prompt.len());
         }
     }
@@ -428,6 +430,7 @@ fn a_remote_copy_into_the_cache_continues_exactly_once_it_is_done() {
         }
         reader.complete(Ok(()));
         assert!(prefill.free_lease(handoff.lease_id));
+        assert!(!prefill.free_lease(handoff.lease_id), "a lease is freed once");
         assert_eq!(drive(&mut decode, 2).0, expected, "prompt of {} tokens", prompt.len());
     }
     assert_eq!((prefill.stats().kv_blocks_used, decode.stats().kv_blocks_used), (0, 0), "no block left behind");
@@ -543,7 +546,7 @@ fn an_import_of_a_prefix_decode_has_cached_copies_only_the_rest_and_continues_ex
         let (first, _, handoff) = drive(&mut prefill, 1);
         let handoff = handoff.expect("handed off");
         let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
-        assert!(prefill.free_lease(handoff.lease_id));
+        assert!(!prefill.free_lease(handoff.lease_id), "read whole, the lease already ended on prefill");
         (handoff.blocks.len(), bytes, first[0])
     };
     let (blocks, bytes, first) = bytes_and_first;

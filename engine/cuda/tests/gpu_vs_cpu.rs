@@ -256,7 +256,7 @@ fn kv_handed_off_through_host_memory_continues_as_one_engine_would() {
     for (i, first) in firsts.into_iter().enumerate() {
         let (first_token, handoff) = first.expect("every prompt prefilled");
         let bytes = prefill.read_lease(handoff.lease_id, 0..layers).unwrap();
-        assert!(prefill.free_lease(handoff.lease_id));
+        assert!(!prefill.free_lease(handoff.lease_id), "read whole, the lease already ended on prefill");
         let source = KvSource::Streamed(Arc::new(StreamedKv::whole(handoff.blocks.len(), layers, bytes)));
         decode.add_request(i as u64, request(i, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
     }

@@ -243,8 +243,17 @@ impl EngineCore {
     }
 
     /// Writes one frame of a streamed import, if one is queued (one per step bounds the
-    /// time other requests wait for it); true once every layer is written.
+    /// time other requests wait for it); true once every layer is written. Done or
+    /// failed, the stream is closed: its transport can stop.
     fn write_next_frame(&mut self, write: &mut StreamWrite, blocks: &[BlockId]) -> Result<bool, String> {
+        let written = self.write_queued_frame(write, blocks);
+        if !matches!(written, Ok(false)) {
+            write.stream.close();
+        }
+        written
+    }
+
+    fn write_queued_frame(&mut self, write: &mut StreamWrite, blocks: &[BlockId]) -> Result<bool, String> {
         if let Some(KvFrame { layers, bytes }) = write.stream.next_frame()? {
             // K, then V, of one layer of one block.
             let row_bytes = self.info.kv_layout.bytes_per_block() / self.info.kv_layout.num_layers / 2;
@@ -283,12 +292,8 @@ impl EngineCore {
                     self.importing[i].copy = Some(copy);
                     return None;
                 }
-                Ok(true) => close_stream(&copy),
-                Err(e) => {
-                    // Failed: nothing writes into the blocks any more.
-                    close_stream(&copy);
-                    return Some(Outcome::Fail(copy_failed(&e)));
-                }
+                Ok(true) => {}
+                Err(e) => return Some(Outcome::Fail(copy_failed(&e))),
             }
         }
         // An error was handled above: only a token can be here.
@@ -429,7 +434,9 @@ impl EngineCore {
         self.leases.await_first_token(lease_id, reply);
     }
 
-    /// Reads a lease's blocks of `layers` to the host (for the TCP transfer).
+    /// Reads a lease's blocks of `layers` to the host (for the TCP transfer). Once every
+    /// layer has been read, the bytes are out of the blocks and the lease ends here: a
+    /// decode engine dying right after its first token could not release it.
     pub fn read_lease(&mut self, lease_id: u64, layers: std::ops::Range<usize>) -> Result<Vec<u8>, EngineError> {
         if layers.end > self.info.kv_layout.num_layers || layers.is_empty() {
             return Err(EngineError::Request(format!("layers {layers:?} out of range (the model has {})", self.info.kv_layout.num_layers)));
@@ -439,7 +446,11 @@ impl EngineCore {
             return Err(EngineError::Request(format!("KV lease {lease_id} is not ready: prefill has not sampled its first token yet")));
         }
         let blocks = blocks.to_vec();
-        Ok(self.executor.kv_io().read_kv_blocks(&blocks, layers)?)
+        let bytes = self.executor.kv_io().read_kv_blocks(&blocks, layers.clone())?;
+        if let Some(blocks) = self.leases.mark_read(lease_id, layers, self.info.kv_layout.num_layers) {
+            self.scheduler.release_detached(&blocks);
+        }
+        Ok(bytes)
     }
 
     /// Ends a lease early (the decode engine pulled the KV, or the router gave up on the
@@ -473,13 +484,7 @@ impl EngineCore {
     }
 }
 
-/// Tells a streamed import's transport that nothing more will be written.
-fn close_stream(copy: &KvCopy) {
-    if let KvCopy::Streamed(write) = copy {
-        write.stream.close();
-    }
-}
-
+/// Tells a queued streamed import's transport that nothing more will be written.
 fn close_stream_of(source: &KvSource) {
     if let KvSource::Streamed(stream) = source {
         stream.close();

@@ -76,6 +76,19 @@ impl BlockManager {
         blocks.iter().filter(|&&b| self.ref_counts[b as usize] == 0).count()
     }
 
+    /// A block table for `total` blocks: `hits` (cached blocks, now shared) then fresh
+    /// ones. None, taking nothing, if too few blocks are free.
+    pub fn claim(&mut self, hits: Vec<BlockId>, total: usize) -> Option<Vec<BlockId>> {
+        let fresh = total - hits.len();
+        if fresh + self.count_free(&hits) > self.num_free() {
+            return None;
+        }
+        self.acquire(&hits);
+        let mut table = hits;
+        table.extend((0..fresh).map(|_| self.allocate().expect("counted free blocks")));
+        Some(table)
+    }
+
     /// Takes a reference on each block (prefix hits and forks).
     pub fn acquire(&mut self, blocks: &[BlockId]) {
         for &b in blocks {

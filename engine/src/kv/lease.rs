@@ -26,6 +26,8 @@ struct Lease {
     expires_at: Instant,
     first_token: Option<TokenLogprob>,
     waiters: Vec<FirstTokenReply>,
+    /// Per layer: read to the host yet (a TCP pull)? Empty until the first read.
+    layers_read: Vec<bool>,
 }
 
 impl Lease {
@@ -72,7 +74,7 @@ impl LeaseTable {
         // An odd-constant step walks all of u64 before repeating.
         self.next_id = self.next_id.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let expires_at = now + self.ttl;
-        self.leases.insert(id, Lease { blocks: Vec::new(), expires_at, first_token: None, waiters: Vec::new() });
+        self.leases.insert(id, Lease { blocks: Vec::new(), expires_at, first_token: None, waiters: Vec::new(), layers_read: Vec::new() });
         (id, expires_at)
     }
 
@@ -101,6 +103,18 @@ impl LeaseTable {
     /// The lease's blocks: None if unknown, empty while reserved.
     pub fn blocks(&self, id: u64) -> Option<&[BlockId]> {
         self.leases.get(&id).map(|l| l.blocks.as_slice())
+    }
+
+    /// Records that `layers` of lease `id` (of `num_layers`) were read to the host; once
+    /// every layer was, the lease has done its work and ends: its blocks are returned.
+    pub fn mark_read(&mut self, id: u64, layers: std::ops::Range<usize>, num_layers: usize) -> Option<Vec<BlockId>> {
+        let lease = self.leases.get_mut(&id)?;
+        lease.layers_read.resize(num_layers, false);
+        lease.layers_read[layers].fill(true);
+        if lease.layers_read.iter().all(|&r| r) {
+            return self.take(id);
+        }
+        None
     }
 
     /// Answers `reply` with the lease's first token now if it is known, else once it is.

@@ -4,9 +4,9 @@
 //! answer, a clean HTTP error the router can retry elsewhere.
 //!
 //! An early descriptor comes before prefill has sampled the first token. Over CUDA IPC
-//! the copy follows prefill layer by layer, and over TCP prefill starts sending once the
-//! token is sampled; both fetch the token alongside. Over RDMA the token is fetched
-//! first (the READs may start only once the lease's blocks are complete).
+//! the copy follows prefill layer by layer and the token is fetched alongside; over TCP
+//! prefill sends the token, then the KV, once the token is sampled. Over RDMA the token
+//! is fetched first (the READs may start only once the lease's blocks are complete).
 
 use std::sync::Arc;
 
@@ -24,7 +24,8 @@ use crate::openai::ApiError;
 /// A decode request's import, to follow once the request is submitted.
 pub struct DecodeImport {
     lease: LeaseRelease,
-    /// Early descriptor over CUDA IPC or TCP: where the first token is fetched from.
+    /// Early descriptor over CUDA IPC or TCP: where the first token is fetched from (a TCP
+    /// pull brings it instead).
     pending_first_token: Option<(reqwest::Client, String, String)>,
     /// TCP: the pull that feeds the engine's frames.
     pending_pull: Option<(PullPlan, Arc<StreamedKv>)>,
@@ -34,12 +35,16 @@ impl DecodeImport {
     /// Starts what the engine waits for (the first token if it is still to come, a TCP
     /// pull); returns the lease to hold until the engine's first event for `stream`.
     pub fn follow(self, stream: &RequestStream) -> LeaseRelease {
-        if let Some((client, url, lease_id)) = self.pending_first_token {
-            let sink = stream.first_token_sink();
-            tokio::spawn(async move { sink.provide(first_token::fetch(&client, &url, &lease_id).await) });
-        }
-        if let Some((plan, frames)) = self.pending_pull {
-            tokio::spawn(tcp::pull(plan, frames, PULL_TIMEOUT));
+        let first_token = self.pending_first_token.map(|fetch| (fetch, stream.first_token_sink()));
+        match (self.pending_pull, first_token) {
+            // A TCP pull brings the token with the KV.
+            (Some((plan, frames)), first_token) => {
+                tokio::spawn(tcp::pull(plan, frames, first_token.map(|(_, sink)| sink), PULL_TIMEOUT));
+            }
+            (None, Some(((client, url, lease_id), sink))) => {
+                tokio::spawn(async move { sink.provide(first_token::fetch(&client, &url, &lease_id).await) });
+            }
+            (None, None) => {}
         }
         self.lease
     }
@@ -67,8 +72,8 @@ pub async fn import_kv(
     let (mut pending_first_token, mut pending_pull) = (None, None);
     if first_token.is_none() {
         match transport {
-            // The copy follows prefill layer by layer, or prefill sends once the token is
-            // sampled; the token is fetched alongside.
+            // The copy follows prefill layer by layer (the token is fetched alongside), or
+            // prefill sends the token, then the KV, once the token is sampled.
             Transport::CudaIpc(_) | Transport::Tcp(_) => {
                 pending_first_token = Some((pd.client.clone(), descriptor.first_token_url.clone(), descriptor.lease_id.clone()))
             }
@@ -88,18 +93,12 @@ pub async fn import_kv(
             KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks, ready_mark: descriptor.ready_mark }
         }
         Transport::Tcp(addr) => {
-            let layout = &engine.info().kv_layout;
-            let frames = Arc::new(StreamedKv::new(descriptor.blocks.len(), "tcp"));
+            let blocks = descriptor.blocks.len();
+            let frames = Arc::new(StreamedKv::new(blocks, "tcp"));
             // Prefill's own clock decides whether the lease is still valid (it answers
             // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry
             // would trust two clocks to agree and race an already-expired lease.
-            let plan = PullPlan {
-                addr: addr.to_owned(),
-                lease_id: descriptor.lease_id.clone(),
-                num_layers: layout.num_layers,
-                layer_bytes: descriptor.blocks.len() * layout.bytes_per_block() / layout.num_layers,
-                connections: pd.tcp_connections,
-            };
+            let plan = PullPlan::new(addr, &descriptor.lease_id, &engine.info().kv_layout, blocks, pd.tcp_connections);
             pending_pull = Some((plan, frames.clone()));
             KvSource::Streamed(frames)
         }

@@ -8,26 +8,34 @@
 //!
 //! Wire format. Request: one line of JSON
 //! `{"lease_id": "...", "layers": [start, end], "layers_per_frame": N}`. Prefill first
-//! waits for the lease's first token (an early lease's blocks are complete only then).
-//! Answer: frames in layer order, each `status: u8` (0 data, 1 error), `first_layer: u32`
-//! LE, `num_layers: u32` LE, `len: u64` LE, then `len` bytes: the KV of those layers (in
-//! [`KvFrame`] order), or a UTF-8 error message that ends the answer.
+//! waits for the lease's first token (an early lease's blocks are complete only then) and
+//! sends it, then the layers. Frames: `status: u8` (0 data, 1 error, 2 token),
+//! `first_layer: u32` LE, `num_layers: u32` LE, `len: u64` LE, then `len` bytes: the
+//! first token as JSON (the first frame), the KV of those layers (in [`KvFrame`] order),
+//! or a UTF-8 error message that ends the answer.
+//!
+//! The token travels with the KV because the lease ends once every layer has been read
+//! (`read_lease`): a separate `POST /pd/first_token` could come too late to find it.
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use dlengine_engine::engine::Engine;
+use dlengine_engine::backend::KvCacheLayout;
+use dlengine_engine::engine::{Engine, FirstTokenSink};
 use dlengine_engine::kv_transfer::{frame_buffer, recycle_frame_buffer, KvFrame, StreamedKv};
+use dlengine_engine::request::TokenLogprob;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::first_token::FIRST_TOKEN_TIMEOUT;
+use super::PULL_TIMEOUT;
 
 const FRAME_DATA: u8 = 0;
 const FRAME_ERROR: u8 = 1;
+const FRAME_TOKEN: u8 = 2;
 /// Longest request line accepted.
 const MAX_REQUEST_LINE: usize = 4096;
 /// Longest error message a reader accepts.
@@ -57,7 +65,10 @@ pub async fn serve(listener: TcpListener, engine: Engine) {
         };
         let engine = engine.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(socket, &engine).await {
+            // Bounded even if decode stops reading without closing: the wait for the
+            // first token, then as long as decode itself waits for the KV.
+            let served = tokio::time::timeout(FIRST_TOKEN_TIMEOUT + PULL_TIMEOUT, serve_one(socket, &engine)).await;
+            if let Err(e) = served.unwrap_or_else(|_| Err(anyhow::anyhow!("decode took longer than {:?} to take the KV", FIRST_TOKEN_TIMEOUT + PULL_TIMEOUT))) {
                 tracing::warn!(%peer, error = %format!("{e:#}"), "KV transfer to a decode engine failed");
             }
         });
@@ -77,8 +88,9 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
     };
     // An early lease's blocks are complete once its first token is sampled.
     let first_token = tokio::time::timeout(FIRST_TOKEN_TIMEOUT, engine.first_token_of_lease(lease_id)).await;
-    if let Err(why) = first_token.unwrap_or_else(|_| Err("prefill's first token took too long".into())) {
-        return write_error(&mut socket, &format!("KV lease {lease_id}: {why}")).await;
+    match first_token.unwrap_or_else(|_| Err("prefill's first token took too long".into())) {
+        Ok(token) => write_frame(&mut socket, FRAME_TOKEN, &(0..0), &serde_json::to_vec(&token)?).await?,
+        Err(why) => return write_error(&mut socket, &format!("KV lease {lease_id}: {why}")).await,
     }
     // The engine thread reads the next frame while this task sends the previous one.
     let (tx, mut reads) = tokio::sync::mpsc::channel(1);
@@ -107,8 +119,6 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
         }
     }
     socket.shutdown().await?;
-    // The lease stays: decode releases it (POST /pd/free) once every connection's layers
-    // are written, and it expires if decode never does.
     let seconds = started.elapsed().as_secs_f64();
     // The rest of the time this connection waited for the engine's reads.
     let sending_ms = sending.as_secs_f64() * 1e3;
@@ -145,26 +155,36 @@ async fn write_error(socket: &mut TcpStream, message: &str) -> anyhow::Result<()
 /// Where a pull comes from and what it must bring.
 #[derive(Debug, Clone)]
 pub struct PullPlan {
-    pub addr: String,
-    pub lease_id: String,
-    pub num_layers: usize,
+    addr: String,
+    lease_id: String,
+    num_layers: usize,
     /// Bytes of one layer of the whole lease (K and V of every block).
-    pub layer_bytes: usize,
-    pub connections: usize,
+    layer_bytes: usize,
+    connections: usize,
+}
+
+impl PullPlan {
+    /// A pull of a lease of `num_blocks` blocks of `layout` from prefill's listener at `addr`.
+    pub fn new(addr: &str, lease_id: &str, layout: &KvCacheLayout, num_blocks: usize, connections: usize) -> Self {
+        let layer_bytes = num_blocks * layout.bytes_per_block() / layout.num_layers;
+        Self { addr: addr.to_owned(), lease_id: lease_id.to_owned(), num_layers: layout.num_layers, layer_bytes, connections }
+    }
 }
 
 /// Pulls every layer of a lease into `stream`, over `plan.connections` connections each
-/// carrying a contiguous range of layers. Any error prefill reports, a short read, a
-/// frame of the wrong layers or size, or `timeout` fails the stream (and with it the
-/// request). Stops early, without error, once the engine no longer wants the frames.
-pub async fn pull(plan: PullPlan, stream: Arc<StreamedKv>, timeout: Duration) {
+/// carrying a contiguous range of layers, and hands prefill's first token to `first_token`
+/// if the request still waits for it. Any error prefill reports, a short read, a frame of
+/// the wrong layers or size, or `timeout` fails the stream (and with it the request).
+/// Stops early, without error, once the engine no longer wants the frames.
+pub async fn pull(plan: PullPlan, stream: Arc<StreamedKv>, first_token: Option<FirstTokenSink>, timeout: Duration) {
     let started = Instant::now();
     // A task per connection, so that their receives run on several threads (joined in one
     // task, four connections moved no more than one). Dropping the set aborts the rest.
     let mut connections = tokio::task::JoinSet::new();
+    let mut first_token = first_token; // taken by the first connection
     for layers in split_layers(plan.num_layers, plan.connections) {
-        let (plan, stream) = (plan.clone(), stream.clone());
-        connections.spawn(async move { pull_range(&plan, layers, &stream).await });
+        let (plan, stream, sink) = (plan.clone(), stream.clone(), first_token.take());
+        connections.spawn(async move { pull_range(&plan, layers, &stream, sink).await });
     }
     let all = async {
         while let Some(done) = connections.join_next().await {
@@ -189,8 +209,8 @@ fn split_layers(num_layers: usize, parts: usize) -> Vec<Range<usize>> {
     (0..parts).map(|i| num_layers * i / parts..num_layers * (i + 1) / parts).filter(|r| !r.is_empty()).collect()
 }
 
-/// One connection's pull of `layers`.
-async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv) -> anyhow::Result<()> {
+/// One connection's pull of `layers` (and of the first token, into `first_token`).
+async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, first_token: Option<FirstTokenSink>) -> anyhow::Result<()> {
     let mut socket = TcpStream::connect(&plan.addr).await.with_context(|| format!("connecting to prefill's KV listener {}", plan.addr))?;
     socket.set_nodelay(true)?;
     let request = PullRequest { lease_id: plan.lease_id.clone(), layers: [layers.start, layers.end], layers_per_frame: LAYERS_PER_FRAME };
@@ -198,12 +218,15 @@ async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv) 
     line.push(b'\n');
     socket.write_all(&line).await?;
     let mut socket = BufReader::with_capacity(1 << 20, socket);
+    let token = read_first_token(&mut socket).await?;
+    if let Some(sink) = first_token {
+        sink.provide(Ok(token));
+    }
     let mut next = layers.start;
     while next < layers.end {
         let (status, first, count, len) = read_header(&mut socket).await?;
         if status != FRAME_DATA {
-            let message = read_bytes(&mut socket, len.min(MAX_ERROR_BYTES) as usize, Vec::new()).await?;
-            bail!("prefill refused the pull: {}", String::from_utf8_lossy(&message));
+            return Err(refusal(&mut socket, status, len).await);
         }
         let frame = first..first + count;
         if first != next || frame.end > layers.end || count == 0 || len != (count * plan.layer_bytes) as u64 {
@@ -216,6 +239,27 @@ async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv) 
         next = frame.end;
     }
     Ok(())
+}
+
+/// The first frame: prefill's first token.
+async fn read_first_token(socket: &mut BufReader<TcpStream>) -> anyhow::Result<TokenLogprob> {
+    let (status, _, _, len) = read_header(socket).await?;
+    if status != FRAME_TOKEN {
+        return Err(refusal(socket, status, len).await);
+    }
+    let json = read_bytes(socket, len.min(MAX_ERROR_BYTES) as usize, Vec::new()).await?;
+    serde_json::from_slice(&json).context("prefill sent a malformed first token")
+}
+
+/// What prefill said instead of the frame expected.
+async fn refusal(socket: &mut BufReader<TcpStream>, status: u8, len: u64) -> anyhow::Error {
+    if status != FRAME_ERROR {
+        return anyhow::anyhow!("prefill sent a frame of unexpected kind {status}");
+    }
+    match read_bytes(socket, len.min(MAX_ERROR_BYTES) as usize, Vec::new()).await {
+        Ok(message) => anyhow::anyhow!("prefill refused the pull: {}", String::from_utf8_lossy(&message)),
+        Err(e) => e,
+    }
 }
 
 async fn read_header(socket: &mut BufReader<TcpStream>) -> anyhow::Result<(u8, usize, usize, u64)> {
@@ -243,7 +287,7 @@ mod tests {
 
     use dlengine_engine::backend::cpu::CpuBackend;
     use dlengine_engine::config::EngineConfig;
-    use dlengine_engine::engine::Engine;
+    use dlengine_engine::engine::{Engine, RequestStream};
     use dlengine_engine::kv_transfer::{ImportedKv, KvSource, KvTransfer, StreamedKv};
     use dlengine_engine::request::{GenerateRequest, TokenLogprob};
     use dlengine_engine::sampling_params::SamplingParams;
@@ -263,7 +307,10 @@ mod tests {
 
     /// Every token of a request, or the engine's error.
     async fn tokens(engine: &Engine, request: GenerateRequest) -> Result<Vec<u32>, String> {
-        let mut stream = engine.submit(request).map_err(|e| format!("{e:?}"))?;
+        collect(engine.submit(request).map_err(|e| format!("{e:?}"))?).await
+    }
+
+    async fn collect(mut stream: RequestStream) -> Result<Vec<u32>, String> {
         let mut out = Vec::new();
         while let Some(delta) = stream.next().await {
             out.extend(delta.map_err(|e| e.to_string())?.token_ids);
@@ -275,20 +322,17 @@ mod tests {
     /// `connections`); its tokens, or why it failed.
     async fn import(decode: &Engine, addr: &str, prompt: &[u32], lease: (&str, usize, u32), connections: usize) -> Result<Vec<u32>, String> {
         let (lease_id, blocks, first) = lease;
-        let layout = &decode.info().kv_layout;
         let frames = Arc::new(StreamedKv::new(blocks, "tcp"));
-        let plan = PullPlan {
-            addr: addr.to_owned(),
-            lease_id: lease_id.to_owned(),
-            num_layers: layout.num_layers,
-            layer_bytes: blocks * layout.bytes_per_block() / layout.num_layers,
-            connections,
-        };
-        let first_token = Some(TokenLogprob { token_id: first, logprob: 0.0, top: Vec::new() });
+        let plan = PullPlan::new(addr, lease_id, &decode.info().kv_layout, blocks, connections);
+        // Over two connections the token is left to the pull, as for an early descriptor.
+        let token_from_pull = connections == 2;
+        let first_token = (!token_from_pull).then_some(TokenLogprob { token_id: first, logprob: 0.0, top: Vec::new() });
         let source = KvSource::Streamed(frames.clone());
         let imported = request(prompt, KvTransfer::Import(ImportedKv { first_token, source }));
-        tokio::spawn(pull(plan, frames, Duration::from_secs(10)));
-        tokens(decode, imported).await
+        let stream = decode.submit(imported).map_err(|e| format!("{e:?}"))?;
+        let sink = token_from_pull.then(|| stream.first_token_sink());
+        tokio::spawn(pull(plan, frames, sink, Duration::from_secs(10)));
+        collect(stream).await
     }
 
     #[tokio::test]
@@ -301,7 +345,7 @@ mod tests {
         let expected = tokens(&decode, request(&prompt, KvTransfer::Local)).await.unwrap();
         assert_eq!(decode.info().kv_layout.num_layers, 2);
         let mut lease = None;
-        // One connection bringing two frames, and two bringing one each.
+        // One connection bringing two frames, and two bringing one each (and the token).
         for connections in [1, 2] {
             let mut exported = prefill.submit(request(&prompt, KvTransfer::Export)).unwrap();
             let delta = exported.next().await.unwrap().unwrap();
@@ -309,7 +353,7 @@ mod tests {
             let id = handoff.lease_id.to_string();
             let got = import(&decode, &addr, &prompt, (&id, handoff.blocks.len(), delta.token_ids[0]), connections).await;
             assert_eq!(got.as_ref(), Ok(&expected), "over {connections} connection(s), every frame written as it came");
-            assert!(prefill.free_lease(handoff.lease_id).await, "decode releases the lease, not the pull");
+            assert!(!prefill.free_lease(handoff.lease_id).await, "read whole, the lease already ended on prefill");
             lease = Some((id, handoff.blocks.len(), delta.token_ids[0]));
         }
         let (id, blocks, first) = lease.unwrap();
