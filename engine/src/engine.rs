@@ -19,7 +19,8 @@ use crate::backend::Backend;
 use crate::config::{EngineConfig, ModelInfo};
 use crate::engine_core::{EngineCore, RequestKey, StepEvent};
 use crate::error::{EngineError, SubmitError};
-use crate::kv_transfer::{CudaIpcKv, EarlyKv, FirstTokenResult, KvMemory, KvTransfer};
+use crate::kv::LeaseDirectory;
+use crate::kv_transfer::{pooled_frame, CudaIpcKv, EarlyKv, FirstTokenResult, HostFrame, HostKvReader, KvMemory, KvTransfer, LeaseExtent};
 use crate::output_processor::{OutputProcessor, TokenEvent};
 use crate::request::{ChoiceDelta, GenerateRequest, Usage};
 use crate::sampling_params::InvalidParam;
@@ -31,6 +32,7 @@ enum Command {
     Abort(RequestKey),
     StopChoice { key: RequestKey, choice: u32 },
     ReadLease { lease_id: u64, layers: Range<usize>, reply: oneshot::Sender<Result<Vec<u8>, EngineError>> },
+    LeaseLayersRead { lease_id: u64, layers: Range<usize> },
     FreeLease { lease_id: u64, reply: oneshot::Sender<bool> },
     AwaitFirstToken { lease_id: u64, reply: oneshot::Sender<FirstTokenResult> },
     ProvideFirstToken { key: RequestKey, token: FirstTokenResult },
@@ -61,7 +63,16 @@ struct Shared {
     next_key: AtomicU64,
     /// CUDA IPC handles of the KV cache, for decode engines on this node.
     kv_ipc: Option<CudaIpcKv>,
+    /// Leases and what of them may be read; the backend's reader off the engine thread.
+    leases: LeaseDirectory,
+    kv_reader: Option<Arc<dyn HostKvReader>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// How other processes and threads reach the KV cache.
+struct KvSharing {
+    ipc: Option<CudaIpcKv>,
+    reader: Option<Arc<dyn HostKvReader>>,
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -84,6 +95,10 @@ impl Engine {
             tracing::warn!(error = %e, "the KV cache cannot be shared over CUDA IPC");
             None
         });
+        let kv_reader = core.host_kv_reader().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "KV blocks will be read to the host on the engine thread");
+            None
+        });
         let info = core.info().clone();
         tracing::info!(
             model = %model_dir.display(),
@@ -93,10 +108,12 @@ impl Engine {
             max_model_len = info.max_model_len,
             "engine ready"
         );
-        Ok(Self::spawn(core, tokenizer, config, info, kv_ipc))
+        let kv = KvSharing { ipc: kv_ipc, reader: kv_reader };
+        Ok(Self::spawn(core, tokenizer, config, info, kv))
     }
 
-    fn spawn(core: EngineCore, tokenizer: Arc<Tokenizer>, config: EngineConfig, info: ModelInfo, kv_ipc: Option<CudaIpcKv>) -> Engine {
+    fn spawn(core: EngineCore, tokenizer: Arc<Tokenizer>, config: EngineConfig, info: ModelInfo, kv: KvSharing) -> Engine {
+        let leases = core.lease_directory();
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(core.stats()));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -116,7 +133,9 @@ impl Engine {
                 queued,
                 draining: AtomicBool::new(false),
                 next_key: AtomicU64::new(1),
-                kv_ipc,
+                kv_ipc: kv.ipc,
+                leases,
+                kv_reader: kv.reader,
                 thread: Mutex::new(Some(thread)),
             }),
         }
@@ -143,14 +162,38 @@ impl Engine {
         self.shared.kv_ipc.as_ref()
     }
 
-    /// Copies a lease's KV blocks of `layers` to the host (the engine thread does it
-    /// between steps).
-    pub async fn read_lease(&self, lease_id: u64, layers: Range<usize>) -> Result<Vec<u8>, EngineError> {
+    /// Reads a lease's KV blocks of `layers` to host memory: off the engine thread where
+    /// the backend has a reader (an early lease's layers each once its forward has written
+    /// it); else by the engine thread between steps, so after the step that completes an
+    /// early lease. Once every layer of the lease has been read, the lease ends.
+    pub async fn read_lease(&self, lease_id: u64, layers: Range<usize>) -> Result<HostFrame, EngineError> {
+        let extent = self.shared.leases.get(lease_id).filter(LeaseExtent::is_readable);
+        if let (Some(reader), Some(extent)) = (self.shared.kv_reader.clone(), extent) {
+            return self.read_lease_off_thread(reader, lease_id, extent, layers).await;
+        }
         let (reply, rx) = oneshot::channel();
         if !self.send(Command::ReadLease { lease_id, layers, reply }) {
             return Err(EngineError::Stopped);
         }
-        rx.await.map_err(|_| EngineError::Stopped)?
+        rx.await.map_err(|_| EngineError::Stopped)?.map(pooled_frame)
+    }
+
+    async fn read_lease_off_thread(
+        &self,
+        reader: Arc<dyn HostKvReader>,
+        lease_id: u64,
+        extent: LeaseExtent,
+        layers: Range<usize>,
+    ) -> Result<HostFrame, EngineError> {
+        let read_layers = layers.clone();
+        let read = tokio::task::spawn_blocking(move || reader.read(&extent.blocks, read_layers, extent.ready_mark)).await;
+        let frame = read.map_err(|e| EngineError::Request(format!("reading KV lease {lease_id}: {e}")))?.map_err(EngineError::Request)?;
+        // Still listed: the blocks stayed the lease's for the whole read.
+        if !self.shared.leases.contains(lease_id) {
+            return Err(EngineError::Request(format!("KV lease {lease_id} ended while its blocks were being read")));
+        }
+        self.send(Command::LeaseLayersRead { lease_id, layers });
+        Ok(frame)
     }
 
     /// Releases a lease's blocks. False if the lease was unknown (already freed or expired).
@@ -293,6 +336,7 @@ fn engine_loop(
                 Command::ReadLease { lease_id, layers, reply } => {
                     let _ = reply.send(core.read_lease(lease_id, layers));
                 }
+                Command::LeaseLayersRead { lease_id, layers } => core.lease_layers_read(lease_id, layers),
                 Command::FreeLease { lease_id, reply } => {
                     let _ = reply.send(core.free_lease(lease_id));
                 }

@@ -234,6 +234,7 @@ for transport, flags in DECODE_FLAGS.items():
     r["imports"] = log_figures(f"pd-decode-{transport}.log", "imported KV")[-1:]
     r["device_copies"] = log_figures(f"pd-decode-{transport}.log", "peer copy done")[-1:]
     r["tcp_pulls"] = log_figures(f"pd-decode-{transport}.log", "pulled KV over TCP")[-1:]
+    r["tcp_served"] = log_figures(f"pd-prefill-{transport}.log", "served a KV pull")[-4:] if r["tcp_pulls"] else []
     leases = urllib.request.urlopen("http://127.0.0.1:8202/metrics").read().decode()
     r["prefill_leases_after"] = [l for l in leases.splitlines() if l.startswith("dlengine_kv_leases ")]
     result[transport] = r

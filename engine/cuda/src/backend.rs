@@ -89,7 +89,8 @@ pub struct CudaBackend {
     pool: Pool,
     steps: Option<StepBuffers>,
     limits: Option<StepLimits>,
-    kv: Option<KvCache>,
+    /// Shared with the reader of its blocks off the engine thread ([`crate::kv_reader`]).
+    kv: Option<Arc<KvCache>>,
     graphs: Graphs,
     timer: StepTimer,
     weight_bytes: usize,
@@ -165,7 +166,11 @@ impl CudaBackend {
     }
 
     pub(crate) fn kv_cache(&self, op: &'static str) -> Result<&KvCache> {
-        self.kv.as_ref().ok_or_else(|| op_error(op, "the KV cache is not allocated"))
+        self.kv.as_deref().ok_or_else(|| op_error(op, "the KV cache is not allocated"))
+    }
+
+    pub(crate) fn shared_kv_cache(&self, op: &'static str) -> Result<Arc<KvCache>> {
+        self.kv.clone().ok_or_else(|| op_error(op, "the KV cache is not allocated"))
     }
 
     fn kv_layer(&self, layer: usize, op: &'static str) -> Result<(u64, u64)> {
@@ -254,13 +259,13 @@ impl Backend for CudaBackend {
         let layers = (0..layout.num_layers)
             .map(|_| Ok((DeviceBuffer::new(per_layer)?, DeviceBuffer::new(per_layer)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.kv = Some(KvCache { layout, layers });
+        self.kv = Some(Arc::new(KvCache { layout, layers }));
         Ok(())
     }
 
     fn copy_kv_blocks(&mut self, pairs: &[(u32, u32)]) -> Result<()> {
         self.device.bind()?;
-        let kv = self.kv.as_ref().ok_or_else(|| op_error("copy_kv_blocks", "the KV cache is not allocated"))?;
+        let kv = self.kv_cache("copy_kv_blocks")?;
         let l = kv.layout;
         let block_bytes = l.block_size * l.kv_heads * l.head_dim * 2;
         for (k, v) in &kv.layers {

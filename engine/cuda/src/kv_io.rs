@@ -8,16 +8,18 @@
 use std::collections::HashMap;
 use std::ffi::c_char;
 use std::ops::Range;
+use std::sync::Arc;
 
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
 use dlengine_engine::backend::KvBlockIo;
-use dlengine_engine::kv_transfer::{frame_buffer, CudaIpcKv, KvMemory};
+use dlengine_engine::kv_transfer::{frame_buffer, CudaIpcKv, HostKvReader, KvMemory};
 
 use crate::backend::CudaBackend;
 use crate::error::{op_error, OpContext, Result};
 use crate::kernels::Module;
 use crate::kv_progress::KvProgress;
+use crate::kv_reader::{DeviceKvReader, ReaderKernels};
 use crate::launch::{launch, Arg, Launch};
 use crate::memory::{DeviceBuffer, PinnedBuffer};
 use crate::peer_copy::{CopyStage, PeerCopies};
@@ -51,6 +53,7 @@ impl Drop for PeerCache {
 pub(crate) struct KvIo {
     peers: HashMap<(String, u32, String), PeerCache>,
     copy_chunks: CUfunction,
+    wait_progress: CUfunction,
     chunk_table: Option<DeviceBuffer>,
     staging: Option<(PinnedBuffer, CUdeviceptr)>,
     peer_copies: PeerCopies,
@@ -74,6 +77,7 @@ impl KvIo {
         Ok(Self {
             peers: HashMap::new(),
             copy_chunks: kv_transfer.function("copy_chunks")?,
+            wait_progress: kv_transfer.function("wait_progress")?,
             chunk_table: None,
             staging: None,
             peer_copies: PeerCopies::new(kv_transfer)?,
@@ -119,7 +123,7 @@ fn block_runs(blocks: &[u32]) -> Vec<(u32, u32, u32)> {
 }
 
 /// (source, destination, bytes) segments split into chunks of at most CHUNK_BYTES.
-fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
+pub(crate) fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
     chunked_by(segments, CHUNK_BYTES)
 }
 
@@ -158,7 +162,7 @@ fn block_segments(buffers: &[(CUdeviceptr, CUdeviceptr)], runs: &[(u32, u32, u32
 
 /// Segments between the blocks of `buffers` (in order) and a packed staging area at
 /// `staging`; `to_staging` says which way.
-fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], block_bytes: u64, staging: u64, to_staging: bool) -> Vec<[u64; 3]> {
+pub(crate) fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], block_bytes: u64, staging: u64, to_staging: bool) -> Vec<[u64; 3]> {
     let runs = block_runs(blocks);
     let mut at = staging;
     let mut out = Vec::with_capacity(buffers.len() * runs.len());
@@ -173,7 +177,7 @@ fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], block_bytes: u64, s
 }
 
 /// The K and V buffers of `layers`, in the order the staging area packs them.
-fn layer_buffers(buffers: &[(CUdeviceptr, CUdeviceptr)], layers: Range<usize>) -> Vec<CUdeviceptr> {
+pub(crate) fn layer_buffers(buffers: &[(CUdeviceptr, CUdeviceptr)], layers: Range<usize>) -> Vec<CUdeviceptr> {
     buffers[layers].iter().flat_map(|&(k, v)| [k, v]).collect()
 }
 
@@ -314,6 +318,15 @@ impl KvBlockIo for CudaBackend {
         Ok(())
     }
 
+    fn host_reader(&mut self) -> Result<Option<Arc<dyn HostKvReader>>> {
+        self.device.bind()?;
+        let kv = self.shared_kv_cache("host_reader")?;
+        let marks = self.kv_io.progress.marks(kv.layers.len())?;
+        let kernels = ReaderKernels { copy_chunks: self.kv_io.copy_chunks, wait_progress: self.kv_io.wait_progress };
+        let ctas = self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM;
+        Ok(Some(Arc::new(DeviceKvReader::new(self.device.ctx.clone(), kv, marks, kernels, ctas))))
+    }
+
     fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>> {
         self.device.bind()?;
         let device = self.pci_bus_id()?;
@@ -327,7 +340,7 @@ impl KvBlockIo for CudaBackend {
         let k_handles = kv.layers.iter().map(|(k, _)| handle(k.ptr())).collect::<Result<Vec<_>>>()?;
         let v_handles = kv.layers.iter().map(|(_, v)| handle(v.ptr())).collect::<Result<Vec<_>>>()?;
         let num_layers = kv.layers.len();
-        let progress = Some(handle(self.kv_io.progress.marks(num_layers)?)?);
+        let progress = Some(handle(self.kv_io.progress.marks(num_layers)?.ptr())?);
         Ok(Some(CudaIpcKv { device, pid: std::process::id(), k_handles, v_handles, progress }))
     }
 

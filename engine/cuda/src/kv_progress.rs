@@ -7,8 +7,10 @@
 //! Marks are not published during graph capture (a captured launch would replay a stale
 //! mark forever); a replayed step publishes every layer's mark once it has run.
 
+use std::sync::Arc;
+
 use cudarc::driver::result;
-use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUstream};
+use cudarc::driver::sys::{CUfunction, CUstream};
 
 use crate::error::{OpContext, Result};
 use crate::kernels::Module;
@@ -17,8 +19,9 @@ use crate::memory::DeviceBuffer;
 
 pub(crate) struct KvProgress {
     publish: CUfunction,
-    /// One u32 mark per layer, zeroed at allocation; exported over CUDA IPC.
-    marks: Option<DeviceBuffer>,
+    /// One u32 mark per layer, zeroed at allocation; exported over CUDA IPC, shared with
+    /// this cache's reader off the engine thread.
+    marks: Option<Arc<DeviceBuffer>>,
     /// Asked for the next forward.
     pending: Option<u32>,
     /// Being published by the current forward.
@@ -31,14 +34,14 @@ impl KvProgress {
     }
 
     /// The marks buffer (allocated and zeroed on first use), for export.
-    pub(crate) fn marks(&mut self, num_layers: usize) -> Result<CUdeviceptr> {
+    pub(crate) fn marks(&mut self, num_layers: usize) -> Result<Arc<DeviceBuffer>> {
         if self.marks.is_none() {
             let buffer = DeviceBuffer::new(num_layers.max(1) * 4)?;
             // SAFETY: the buffer holds at least `num_layers` u32s.
             unsafe { result::memset_d8_sync(buffer.ptr(), 0, num_layers * 4) }.op("zeroing KV progress marks")?;
-            self.marks = Some(buffer);
+            self.marks = Some(Arc::new(buffer));
         }
-        Ok(self.marks.as_ref().expect("just set").ptr())
+        Ok(self.marks.clone().expect("just set"))
     }
 
     /// Publishes `mark` during the next forward; false until the marks are exported.

@@ -20,6 +20,7 @@ mod kernels;
 mod kv_io;
 mod kv_memory;
 mod kv_progress;
+mod kv_reader;
 mod launch;
 mod memory;
 mod peer_bandwidth;

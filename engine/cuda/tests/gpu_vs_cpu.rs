@@ -357,3 +357,39 @@ fn the_cache_described_for_a_nic_takes_a_remote_copy_and_continues_as_one_engine
     agree_where_margins_allow(&format!("{name} remote-copied prompt"), &baseline[0], &got).unwrap();
     assert_eq!(prefill.stats().kv_blocks_used + decode.stats().kv_blocks_used, 0, "blocks leaked");
 }
+
+#[test]
+fn kv_read_off_the_engine_thread_while_the_forward_runs_equals_the_engine_threads_read() {
+    if !gpu_available() {
+        return;
+    }
+    let name = "qwen3-tiny";
+    let mut prefill = cuda_core(name, EngineConfig { block_size: 4, ..fixed_pool() }, true);
+    let reader = prefill.host_kv_reader().unwrap().expect("the CUDA backend reads off the engine thread");
+    let layers = prefill.info().kv_layout.num_layers;
+    let prompt = prompts(name).into_iter().max_by_key(Vec::len).unwrap();
+    let params = SamplingParams { temperature: 0.0, max_tokens: 4, ignore_eos: true, ..Default::default() };
+    prefill.add_request(0, GenerateRequest { request_id: "0".into(), prompt_token_ids: prompt, params, kv_transfer: KvTransfer::ExportEarly });
+    // Every layer read from another thread from the moment the lease is announced, before
+    // the forward that computes it runs: each layer waits for its progress mark.
+    let mut early = None;
+    while prefill.has_work() {
+        prefill.step_announcing(&mut |event| {
+            if let StepEvent::KvReady { kv, .. } = event {
+                assert!(kv.ready_mark.is_some(), "the CUDA backend publishes progress");
+                let reader = reader.clone();
+                let read = std::thread::spawn(move || reader.read(&kv.blocks, 0..layers, kv.ready_mark).map(|f| f.bytes().to_vec()));
+                early = Some((kv.lease_id, read));
+            }
+        });
+    }
+    let (lease_id, read) = early.expect("announced");
+    let early = read.join().unwrap().unwrap();
+    let late = prefill.read_lease(lease_id, 0..layers).unwrap();
+    assert_eq!(early.len(), late.len());
+    assert!(early == late, "the early read differs from the engine thread's");
+    // A mark no forward reaches fails the read once the wait times out; it never hangs.
+    let stalled = reader.read(&[0], 0..1, Some(u32::MAX / 2)).err().expect("no forward publishes that mark");
+    assert!(stalled.contains("published no progress"), "{stalled}");
+    assert_eq!(prefill.stats().kv_blocks_used, 0, "blocks leaked");
+}

@@ -4,10 +4,11 @@
 //! do it only has to say so.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::Result;
 use crate::error::BackendError;
-use crate::kv_transfer::{CudaIpcKv, KvMemory};
+use crate::kv_transfer::{CudaIpcKv, HostKvReader, KvMemory};
 
 pub trait KvBlockIo {
     /// Copies whole blocks of `layers` to the host: per layer the K of each block in
@@ -19,6 +20,12 @@ pub trait KvBlockIo {
     /// The inverse of [`read_kv_blocks`](Self::read_kv_blocks).
     fn write_kv_blocks(&mut self, _blocks: &[u32], _layers: Range<usize>, _bytes: &[u8]) -> Result<()> {
         Err(BackendError::Unsupported("writing KV blocks from the host".into()))
+    }
+
+    /// A reader of this cache's blocks that works from other threads, without the
+    /// engine's; None where only [`read_kv_blocks`](Self::read_kv_blocks) can.
+    fn host_reader(&mut self) -> Result<Option<Arc<dyn HostKvReader>>> {
+        Ok(None)
     }
 
     /// Handles another process on this node can map the KV cache with (CUDA IPC); None

@@ -14,9 +14,10 @@ use std::time::Instant;
 
 use super::{EngineCore, Export, RequestKey, StepEvent};
 use crate::error::EngineError;
-use crate::kv::{BlockId, FirstTokenReply};
+use crate::kv::{BlockId, FirstTokenReply, LeaseDirectory};
 use crate::kv_transfer::{
-    recycle_frame_buffer, CudaIpcKv, EarlyKv, FirstTokenResult, ImportedKv, KvFrame, KvHandoff, KvMemory, KvSource, RemoteCopy, StreamedKv,
+    recycle_frame_buffer, CudaIpcKv, EarlyKv, FirstTokenResult, HostKvReader, ImportedKv, KvFrame, KvHandoff, KvMemory, KvSource, LeaseExtent,
+    RemoteCopy, StreamedKv,
 };
 use crate::request::TokenLogprob;
 use crate::sampler::SampledToken;
@@ -398,7 +399,9 @@ impl EngineCore {
                 let mark = self.steps as u32;
                 self.executor.kv_io().publish_progress(mark).then_some(mark)
             });
-            let (lease_id, expires_at) = self.leases.reserve(Instant::now());
+            // Readable before the token only where each layer's progress is published.
+            let readable = mark.map(|m| LeaseExtent { blocks: blocks.clone(), ready_mark: Some(m) }).unwrap_or_default();
+            let (lease_id, expires_at) = self.leases.reserve(Instant::now(), readable);
             self.requests.get_mut(&key).expect("active request").early_lease = Some(lease_id);
             announce(StepEvent::KvReady { key, kv: EarlyKv { lease_id, blocks, num_tokens, expires_at, ready_mark: mark } });
         }
@@ -447,10 +450,27 @@ impl EngineCore {
         }
         let blocks = blocks.to_vec();
         let bytes = self.executor.kv_io().read_kv_blocks(&blocks, layers.clone())?;
+        self.lease_layers_read(lease_id, layers);
+        Ok(bytes)
+    }
+
+    /// Records that `layers` of a lease were read to the host (by this thread or a
+    /// [`HostKvReader`](crate::kv_transfer::HostKvReader)); the lease ends once every
+    /// layer was.
+    pub fn lease_layers_read(&mut self, lease_id: u64, layers: std::ops::Range<usize>) {
         if let Some(blocks) = self.leases.mark_read(lease_id, layers, self.info.kv_layout.num_layers) {
             self.scheduler.release_detached(&blocks);
         }
-        Ok(bytes)
+    }
+
+    /// The leases that exist, for readers off this thread.
+    pub fn lease_directory(&self) -> LeaseDirectory {
+        self.leases.directory()
+    }
+
+    /// The backend's reader of KV blocks off this thread, if it has one.
+    pub fn host_kv_reader(&mut self) -> Result<Option<Arc<dyn HostKvReader>>, EngineError> {
+        Ok(self.executor.kv_io().host_reader()?)
     }
 
     /// Ends a lease early (the decode engine pulled the KV, or the router gave up on the

@@ -6,14 +6,16 @@
 //! exists without blocks until the first token is sampled, and callers asking for that
 //! token wait on it. Releasing a reserved lease cancels it: the request's blocks are then
 //! freed instead of pinned.
+//!
+//! The table keeps a [`LeaseDirectory`] in step for readers off the engine thread.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::BlockId;
-use crate::kv_transfer::FirstTokenResult;
+use super::{BlockId, LeaseDirectory};
+use crate::kv_transfer::{FirstTokenResult, LeaseExtent};
 use crate::request::TokenLogprob;
 
 /// Where a waiter for a lease's first token gets its answer.
@@ -44,6 +46,7 @@ pub struct LeaseTable {
     leases: HashMap<u64, Lease>,
     ttl: Duration,
     next_id: u64,
+    directory: LeaseDirectory,
 }
 
 impl LeaseTable {
@@ -51,7 +54,12 @@ impl LeaseTable {
     /// previous process misses instead of freeing someone else's blocks. Ids are not
     /// secrets: whoever reaches the engine's port can free a lease.
     pub fn new(ttl: Duration, salt: u64) -> Self {
-        Self { leases: HashMap::new(), ttl, next_id: salt | 1 }
+        Self { leases: HashMap::new(), ttl, next_id: salt | 1, directory: LeaseDirectory::default() }
+    }
+
+    /// The directory this table keeps in step.
+    pub fn directory(&self) -> LeaseDirectory {
+        self.directory.clone()
     }
 
     pub fn len(&self) -> usize {
@@ -68,13 +76,15 @@ impl LeaseTable {
     }
 
     /// Reserves a lease whose blocks and first token come later ([`Self::fill`]);
-    /// returns its id and when it expires.
-    pub fn reserve(&mut self, now: Instant) -> (u64, Instant) {
+    /// returns its id and when it expires. `readable` is what a reader may read of it
+    /// before then (the announced blocks, with the progress mark to wait for).
+    pub fn reserve(&mut self, now: Instant, readable: LeaseExtent) -> (u64, Instant) {
         let id = self.next_id;
         // An odd-constant step walks all of u64 before repeating.
         self.next_id = self.next_id.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let expires_at = now + self.ttl;
         self.leases.insert(id, Lease { blocks: Vec::new(), expires_at, first_token: None, waiters: Vec::new(), layers_read: Vec::new() });
+        self.directory.insert(id, readable);
         (id, expires_at)
     }
 
@@ -88,6 +98,7 @@ impl LeaseTable {
         for waiter in lease.waiters.drain(..) {
             let _ = waiter.send(Ok(first_token.clone()));
         }
+        self.directory.insert(id, LeaseExtent { blocks: blocks.clone(), ready_mark: None });
         lease.blocks = blocks;
         lease.first_token = Some(first_token);
         Ok(lease.expires_at)
@@ -95,7 +106,7 @@ impl LeaseTable {
 
     /// Pins `blocks` under a new lease at once; returns its id and expiry.
     pub fn pin(&mut self, blocks: Vec<BlockId>, first_token: TokenLogprob, now: Instant) -> (u64, Instant) {
-        let (id, _) = self.reserve(now);
+        let (id, _) = self.reserve(now, LeaseExtent::default());
         let expires_at = self.fill(id, blocks, first_token).expect("the lease was just reserved");
         (id, expires_at)
     }
@@ -132,17 +143,24 @@ impl LeaseTable {
 
     /// Ends a lease (reserved or not); its blocks are the caller's to release.
     pub fn take(&mut self, id: u64) -> Option<Vec<BlockId>> {
+        self.directory.remove(id);
         self.leases.remove(&id).map(|l| l.end("the KV lease was released before prefill sampled its first token"))
     }
 
     /// Ends every lease that expired by `now`; returns their blocks.
     pub fn take_expired(&mut self, now: Instant) -> Vec<BlockId> {
         let expired: Vec<u64> = self.leases.iter().filter(|(_, l)| l.expires_at <= now).map(|(&id, _)| id).collect();
+        for &id in &expired {
+            self.directory.remove(id);
+        }
         expired.into_iter().filter_map(|id| self.leases.remove(&id)).flat_map(|l| l.end("the KV lease expired")).collect()
     }
 
     /// Ends every lease (shutdown).
     pub fn take_all(&mut self) -> Vec<BlockId> {
+        for &id in self.leases.keys() {
+            self.directory.remove(id);
+        }
         self.leases.drain().flat_map(|(_, l)| l.end("the engine shut down")).collect()
     }
 
@@ -186,7 +204,7 @@ mod tests {
     #[test]
     fn a_reserved_lease_answers_its_waiters_when_filled_and_later_callers_at_once() {
         let mut table = LeaseTable::new(Duration::from_secs(10), 7);
-        let (id, _) = table.reserve(Instant::now());
+        let (id, _) = table.reserve(Instant::now(), LeaseExtent::default());
         let mut early = waiter(&mut table, id);
         assert!(early.try_recv().is_err(), "no token yet");
         assert_eq!(table.blocks(id), Some(&[][..]));
@@ -200,15 +218,42 @@ mod tests {
     fn releasing_or_expiring_a_reserved_lease_fails_its_waiters_and_refuses_the_blocks() {
         let t0 = Instant::now();
         let mut table = LeaseTable::new(Duration::from_secs(10), 7);
-        let (released, _) = table.reserve(t0);
+        let (released, _) = table.reserve(t0, LeaseExtent::default());
         let mut w = waiter(&mut table, released);
         assert_eq!(table.take(released), Some(Vec::new()));
         assert!(w.try_recv().unwrap().unwrap_err().contains("released"));
         assert_eq!(table.fill(released, vec![1], token(3)), Err(vec![1]), "the caller frees the blocks");
-        let (expired, _) = table.reserve(t0);
+        let (expired, _) = table.reserve(t0, LeaseExtent::default());
         let mut w = waiter(&mut table, expired);
         assert!(table.take_expired(t0 + Duration::from_secs(10)).is_empty());
         assert!(w.try_recv().unwrap().unwrap_err().contains("expired"));
         assert!(waiter(&mut table, expired).try_recv().unwrap().unwrap_err().contains("unknown or expired"));
+    }
+
+    #[test]
+    fn the_directory_lists_what_may_be_read_until_the_lease_ends_however_it_ends() {
+        let t0 = Instant::now();
+        let mut table = LeaseTable::new(Duration::from_secs(10), 7);
+        let directory = table.directory();
+        let announced = LeaseExtent { blocks: vec![4, 5], ready_mark: Some(12) };
+        let (early, _) = table.reserve(t0, announced.clone());
+        assert_eq!(directory.get(early), Some(announced), "readable once each layer reaches the mark");
+        table.fill(early, vec![4, 5], token(1)).unwrap();
+        assert_eq!(directory.get(early), Some(LeaseExtent { blocks: vec![4, 5], ready_mark: None }), "written: no wait");
+        assert!(table.mark_read(early, 0..1, 2).is_none());
+        assert!(directory.contains(early), "half read");
+        assert_eq!(table.mark_read(early, 1..2, 2), Some(vec![4, 5]));
+        assert!(!directory.contains(early), "gone before its blocks are freed");
+        let (late, _) = table.pin(vec![6], token(2), t0);
+        assert!(directory.get(late).is_some_and(|e| e.is_readable()));
+        let (unannounced, _) = table.reserve(t0, LeaseExtent::default());
+        assert!(!directory.get(unannounced).unwrap().is_readable(), "no progress published: wait for the token");
+        let (taken, _) = table.pin(vec![7], token(3), t0 + Duration::from_secs(5));
+        table.take(taken);
+        assert_eq!(table.take_expired(t0 + Duration::from_secs(10)), vec![6]);
+        assert!(![late, unannounced, taken].iter().any(|&id| directory.contains(id)));
+        table.pin(vec![8], token(4), t0);
+        table.take_all();
+        assert!(directory.is_empty());
     }
 }

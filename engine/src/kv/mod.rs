@@ -5,7 +5,9 @@ mod block_hash;
 mod block_manager;
 mod free_queue;
 mod lease;
+mod lease_directory;
 
 pub use block_hash::{hash_block, hash_full_blocks};
 pub use block_manager::{BlockId, BlockManager};
 pub use lease::{FirstTokenReply, LeaseTable};
+pub use lease_directory::LeaseDirectory;

@@ -3,32 +3,21 @@
 //! megabytes costs a page fault per 4 KiB on first touch: filling one took 5x as long as
 //! filling a reused one (67 MB: 40 ms against 8 ms), which capped TCP pulls at ~1.3 GB/s.
 
-use std::sync::Mutex;
+use super::buffer_pool::BufferPool;
 
-/// What the pool keeps at most: enough for a few frames in flight per transfer.
-const MAX_BUFFERS: usize = 16;
-const MAX_BYTES: usize = 2 << 30;
-
-static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// Enough for a few frames in flight per transfer.
+static POOL: BufferPool<Vec<u8>> = BufferPool::new(16, 2 << 30);
 
 /// An empty buffer with room for `bytes`: a pooled one if one is large enough.
 pub fn frame_buffer(bytes: usize) -> Vec<u8> {
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    // The smallest that fits, so large buffers stay for large frames.
-    let best = pool.iter().enumerate().filter(|(_, b)| b.capacity() >= bytes).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
-    match best {
-        Some(i) => pool.swap_remove(i),
-        None => Vec::with_capacity(bytes),
-    }
+    POOL.take(bytes).unwrap_or_else(|| Vec::with_capacity(bytes))
 }
 
-/// Returns a frame's buffer to the pool (or frees it, when the pool is full).
+/// Returns a frame's buffer to the pool (or frees it, when the pool holds larger ones).
 pub fn recycle_frame_buffer(mut buffer: Vec<u8>) {
     buffer.clear();
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let held: usize = pool.iter().map(Vec::capacity).sum();
-    if buffer.capacity() > 0 && pool.len() < MAX_BUFFERS && held + buffer.capacity() <= MAX_BYTES {
-        pool.push(buffer);
+    if buffer.capacity() > 0 {
+        drop(POOL.give_back(buffer.capacity(), buffer));
     }
 }
 

@@ -4,7 +4,9 @@
 //! between processes (TCP, CUDA IPC, RDMA) is the agent's job; the engine only reads and
 //! writes its own blocks.
 
+mod buffer_pool;
 mod frame_pool;
+mod host_read;
 mod memory;
 mod remote;
 mod streamed;
@@ -17,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::kv::BlockId;
 use crate::request::TokenLogprob;
 
+pub use buffer_pool::BufferPool;
 pub use frame_pool::{frame_buffer, recycle_frame_buffer};
+pub use host_read::{pooled_frame, HostBytes, HostFrame, HostKvReader, LeaseExtent};
 pub use memory::{KvLocation, KvMemory, KvRegion};
 pub use remote::{RemoteCopy, RemoteKvReader};
 pub use streamed::{KvFrame, StreamedKv};

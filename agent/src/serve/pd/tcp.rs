@@ -1,18 +1,18 @@
 //! The TCP KV transport: works between any two machines, CPU or GPU (GPU KV is staged
 //! through host memory). A decode engine opens a few connections to the prefill engine's
 //! listener, each naming a lease and a range of layers, and receives that range a frame
-//! of layers at a time. Prefill's engine thread reads the next frame (between steps)
-//! while the previous one is on the wire; decode's engine thread writes each frame into
-//! the request's blocks as it arrives ([`StreamedKv`]), so the write overlaps the
+//! of layers at a time. Prefill reads the next frame while the previous one is on the
+//! wire: on a GPU off the engine thread, and for an early lease layer by layer as its
+//! forward writes them ([`Engine::read_lease`]); decode's engine thread writes each frame
+//! into the request's blocks as it arrives ([`StreamedKv`]), so the write overlaps the
 //! transfer. Several connections keep more than one socket's worth of bytes in flight.
 //!
 //! Wire format. Request: one line of JSON
-//! `{"lease_id": "...", "layers": [start, end], "layers_per_frame": N}`. Prefill first
-//! waits for the lease's first token (an early lease's blocks are complete only then) and
-//! sends it, then the layers. Frames: `status: u8` (0 data, 1 error, 2 token),
-//! `first_layer: u32` LE, `num_layers: u32` LE, `len: u64` LE, then `len` bytes: the
-//! first token as JSON (the first frame), the KV of those layers (in [`KvFrame`] order),
-//! or a UTF-8 error message that ends the answer.
+//! `{"lease_id": "...", "layers": [start, end], "layers_per_frame": N}`. Answer: frames of
+//! `status: u8` (0 data, 1 error, 2 token), `first_layer: u32` LE, `num_layers: u32` LE,
+//! `len: u64` LE, then `len` bytes: the KV of those layers (in [`KvFrame`] order), in
+//! layer order; prefill's first token as JSON, once, wherever it falls among them (as
+//! soon as it is sampled); or a UTF-8 error message that ends the answer.
 //!
 //! The token travels with the KV because the lease ends once every layer has been read
 //! (`read_lease`): a separate `POST /pd/first_token` could come too late to find it.
@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dlengine_engine::backend::KvCacheLayout;
 use dlengine_engine::engine::{Engine, FirstTokenSink};
-use dlengine_engine::kv_transfer::{frame_buffer, recycle_frame_buffer, KvFrame, StreamedKv};
+use dlengine_engine::kv_transfer::{frame_buffer, FirstTokenResult, KvFrame, StreamedKv};
 use dlengine_engine::request::TokenLogprob;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::error::Elapsed;
 
 use super::first_token::FIRST_TOKEN_TIMEOUT;
 use super::PULL_TIMEOUT;
@@ -86,44 +87,76 @@ async fn serve_one(socket: TcpStream, engine: &Engine) -> anyhow::Result<()> {
         Ok(request) => request,
         Err(e) => return write_error(&mut socket, &e).await,
     };
-    // An early lease's blocks are complete once its first token is sampled.
-    let first_token = tokio::time::timeout(FIRST_TOKEN_TIMEOUT, engine.first_token_of_lease(lease_id)).await;
-    match first_token.unwrap_or_else(|_| Err("prefill's first token took too long".into())) {
-        Ok(token) => write_frame(&mut socket, FRAME_TOKEN, &(0..0), &serde_json::to_vec(&token)?).await?,
-        Err(why) => return write_error(&mut socket, &format!("KV lease {lease_id}: {why}")).await,
-    }
-    // The engine thread reads the next frame while this task sends the previous one.
+    // Each frame is read while the one before is on the wire (off the engine thread
+    // where the backend can; an early lease's layers as prefill's forward writes them).
     let (tx, mut reads) = tokio::sync::mpsc::channel(1);
     let reader = engine.clone();
     let frames: Vec<Range<usize>> = layers.clone().step_by(per_frame).map(|start| start..(start + per_frame).min(layers.end)).collect();
-    tokio::spawn(async move {
+    let reads_done = tokio::spawn(async move {
+        let mut reading = Duration::ZERO;
         for frame in frames {
-            let read = reader.read_lease(lease_id, frame.clone()).await.map(|bytes| KvFrame { layers: frame, bytes });
+            let at = Instant::now();
+            let read = reader.read_lease(lease_id, frame.clone()).await.map(|bytes| (frame, bytes));
+            reading += at.elapsed();
             let failed = read.is_err();
             if tx.send(read).await.is_err() || failed {
                 break; // the sender gave up, or the lease is gone
             }
         }
+        reading
     });
-    let (started, mut sent, mut sending) = (Instant::now(), 0usize, Duration::ZERO);
-    while let Some(read) = reads.recv().await {
-        match read {
-            Ok(frame) => {
-                let at = Instant::now();
-                write_frame(&mut socket, FRAME_DATA, &frame.layers, &frame.bytes).await?;
-                sending += at.elapsed();
-                sent += frame.bytes.len();
-                recycle_frame_buffer(frame.bytes);
+    // The first token goes out as soon as it is sampled: before, between or after the
+    // layers. Asked for first, before a read can end the lease.
+    let first_token = tokio::time::timeout(FIRST_TOKEN_TIMEOUT, engine.first_token_of_lease(lease_id));
+    tokio::pin!(first_token);
+    let (started, mut sent, mut sending, mut token_sent) = (Instant::now(), 0usize, Duration::ZERO, false);
+    loop {
+        tokio::select! {
+            biased;
+            token = &mut first_token, if !token_sent => {
+                token_sent = true;
+                if !send_first_token(&mut socket, lease_id, token).await? {
+                    return Ok(());
+                }
             }
-            Err(e) => return write_error(&mut socket, &e.to_string()).await,
+            read = reads.recv() => match read {
+                Some(Ok((frame, bytes))) => {
+                    let at = Instant::now();
+                    write_frame(&mut socket, FRAME_DATA, &frame, bytes.bytes()).await?;
+                    sending += at.elapsed();
+                    sent += bytes.bytes().len();
+                }
+                Some(Err(e)) => return write_error(&mut socket, &e.to_string()).await,
+                None if token_sent => break,
+                // Every layer sent, the token still to come.
+                None => {
+                    if !send_first_token(&mut socket, lease_id, (&mut first_token).await).await? {
+                        return Ok(());
+                    }
+                    break;
+                }
+            }
         }
     }
     socket.shutdown().await?;
     let seconds = started.elapsed().as_secs_f64();
-    // The rest of the time this connection waited for the engine's reads.
-    let sending_ms = sending.as_secs_f64() * 1e3;
-    tracing::info!(lease_id, ?layers, bytes = sent, ms = seconds * 1e3, sending_ms, gb_per_s = sent as f64 / seconds / 1e9, "served a KV pull");
+    // Reads (an early lease's include waiting for its forward) overlap the sends.
+    let (sending_ms, reading_ms) = (sending.as_secs_f64() * 1e3, reads_done.await.unwrap_or_default().as_secs_f64() * 1e3);
+    let gb_per_s = sent as f64 / seconds / 1e9;
+    tracing::info!(lease_id, ?layers, bytes = sent, ms = seconds * 1e3, reading_ms, sending_ms, gb_per_s, "served a KV pull");
     Ok(())
+}
+
+/// Sends prefill's first token, or the error that ends the answer (false) if none came.
+async fn send_first_token(socket: &mut TcpStream, lease_id: u64, token: Result<FirstTokenResult, Elapsed>) -> anyhow::Result<bool> {
+    match token.unwrap_or_else(|_| Err("prefill's first token took too long".into())) {
+        Ok(token) => write_frame(socket, FRAME_TOKEN, &(0..0), &serde_json::to_vec(&token)?).await?,
+        Err(why) => {
+            write_error(socket, &format!("KV lease {lease_id}: {why}")).await?;
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The lease id, layer range and frame size a request asks for, checked.
@@ -209,8 +242,17 @@ fn split_layers(num_layers: usize, parts: usize) -> Vec<Range<usize>> {
     (0..parts).map(|i| num_layers * i / parts..num_layers * (i + 1) / parts).filter(|r| !r.is_empty()).collect()
 }
 
-/// One connection's pull of `layers` (and of the first token, into `first_token`).
-async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, first_token: Option<FirstTokenSink>) -> anyhow::Result<()> {
+/// One connection's pull of `layers` and of the first token, which goes to `first_token`
+/// (or, if the connection fails first, why it will not come).
+async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, mut first_token: Option<FirstTokenSink>) -> anyhow::Result<()> {
+    let pulled = pull_range_into(plan, layers, stream, &mut first_token).await;
+    if let (Err(e), Some(sink)) = (&pulled, first_token) {
+        sink.provide(Err(format!("{e:#}")));
+    }
+    pulled
+}
+
+async fn pull_range_into(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, first_token: &mut Option<FirstTokenSink>) -> anyhow::Result<()> {
     let mut socket = TcpStream::connect(&plan.addr).await.with_context(|| format!("connecting to prefill's KV listener {}", plan.addr))?;
     socket.set_nodelay(true)?;
     let request = PullRequest { lease_id: plan.lease_id.clone(), layers: [layers.start, layers.end], layers_per_frame: LAYERS_PER_FRAME };
@@ -218,37 +260,33 @@ async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, 
     line.push(b'\n');
     socket.write_all(&line).await?;
     let mut socket = BufReader::with_capacity(1 << 20, socket);
-    let token = read_first_token(&mut socket).await?;
-    if let Some(sink) = first_token {
-        sink.provide(Ok(token));
-    }
-    let mut next = layers.start;
-    while next < layers.end {
+    let (mut next, mut token_seen) = (layers.start, false);
+    while next < layers.end || !token_seen {
         let (status, first, count, len) = read_header(&mut socket).await?;
-        if status != FRAME_DATA {
-            return Err(refusal(&mut socket, status, len).await);
+        match status {
+            FRAME_TOKEN if !token_seen => {
+                let json = read_bytes(&mut socket, len.min(MAX_ERROR_BYTES) as usize, Vec::new()).await?;
+                let token: TokenLogprob = serde_json::from_slice(&json).context("prefill sent a malformed first token")?;
+                token_seen = true;
+                if let Some(sink) = first_token.take() {
+                    sink.provide(Ok(token));
+                }
+            }
+            FRAME_DATA => {
+                let frame = first..first + count;
+                if first != next || frame.end > layers.end || count == 0 || len != (count * plan.layer_bytes) as u64 {
+                    bail!("prefill sent a frame of layers {frame:?} and {len} bytes; expected layers from {next} to {} of {} bytes each", layers.end, plan.layer_bytes);
+                }
+                let bytes = read_bytes(&mut socket, len as usize, frame_buffer(len as usize)).await?;
+                if !stream.push(KvFrame { layers: frame.clone(), bytes }) {
+                    return Ok(()); // the import ended: nothing more is wanted
+                }
+                next = frame.end;
+            }
+            _ => return Err(refusal(&mut socket, status, len).await),
         }
-        let frame = first..first + count;
-        if first != next || frame.end > layers.end || count == 0 || len != (count * plan.layer_bytes) as u64 {
-            bail!("prefill sent a frame of layers {frame:?} and {len} bytes; expected layers from {next} to {} of {} bytes each", layers.end, plan.layer_bytes);
-        }
-        let bytes = read_bytes(&mut socket, len as usize, frame_buffer(len as usize)).await?;
-        if !stream.push(KvFrame { layers: frame.clone(), bytes }) {
-            return Ok(()); // the import ended: nothing more is wanted
-        }
-        next = frame.end;
     }
     Ok(())
-}
-
-/// The first frame: prefill's first token.
-async fn read_first_token(socket: &mut BufReader<TcpStream>) -> anyhow::Result<TokenLogprob> {
-    let (status, _, _, len) = read_header(socket).await?;
-    if status != FRAME_TOKEN {
-        return Err(refusal(socket, status, len).await);
-    }
-    let json = read_bytes(socket, len.min(MAX_ERROR_BYTES) as usize, Vec::new()).await?;
-    serde_json::from_slice(&json).context("prefill sent a malformed first token")
 }
 
 /// What prefill said instead of the frame expected.
@@ -319,20 +357,34 @@ mod tests {
     }
 
     /// Decode's import of `lease_id` over TCP from `addr` (a frame per layer, over
-    /// `connections`); its tokens, or why it failed.
-    async fn import(decode: &Engine, addr: &str, prompt: &[u32], lease: (&str, usize, u32), connections: usize) -> Result<Vec<u32>, String> {
+    /// `connections`), with prefill's first token if known; its tokens, or why it failed.
+    async fn import(decode: &Engine, addr: &str, prompt: &[u32], lease: (&str, usize, Option<u32>), connections: usize) -> Result<Vec<u32>, String> {
         let (lease_id, blocks, first) = lease;
         let frames = Arc::new(StreamedKv::new(blocks, "tcp"));
         let plan = PullPlan::new(addr, lease_id, &decode.info().kv_layout, blocks, connections);
         // Over two connections the token is left to the pull, as for an early descriptor.
-        let token_from_pull = connections == 2;
-        let first_token = (!token_from_pull).then_some(TokenLogprob { token_id: first, logprob: 0.0, top: Vec::new() });
+        let token_from_pull = connections == 2 || first.is_none();
+        let first_token = first.filter(|_| !token_from_pull).map(|token_id| TokenLogprob { token_id, logprob: 0.0, top: Vec::new() });
         let source = KvSource::Streamed(frames.clone());
         let imported = request(prompt, KvTransfer::Import(ImportedKv { first_token, source }));
         let stream = decode.submit(imported).map_err(|e| format!("{e:?}"))?;
         let sink = token_from_pull.then(|| stream.first_token_sink());
         tokio::spawn(pull(plan, frames, sink, Duration::from_secs(10)));
         collect(stream).await
+    }
+
+    /// A lease of `prompt` on prefill: late (handed off after the first token), or early
+    /// (announced before the forward, pulled at once, the token coming with the pull).
+    async fn lease(prefill: &Engine, prompt: &[u32], early: bool) -> (String, usize, Option<u32>, RequestStream) {
+        let kv_transfer = if early { KvTransfer::ExportEarly } else { KvTransfer::Export };
+        let mut exported = prefill.submit(request(prompt, kv_transfer)).unwrap();
+        let delta = exported.next().await.unwrap().unwrap();
+        if early {
+            let kv = delta.kv_ready.expect("announced before the first token");
+            return (kv.lease_id.to_string(), kv.blocks.len(), None, exported);
+        }
+        let handoff = delta.kv_handoff.expect("handed off after the first token");
+        (handoff.lease_id.to_string(), handoff.blocks.len(), Some(delta.token_ids[0]), exported)
     }
 
     #[tokio::test]
@@ -344,19 +396,16 @@ mod tests {
         let prompt: Vec<u32> = (0..23).map(|i| i * 31 % 700 + 3).collect();
         let expected = tokens(&decode, request(&prompt, KvTransfer::Local)).await.unwrap();
         assert_eq!(decode.info().kv_layout.num_layers, 2);
-        let mut lease = None;
-        // One connection bringing two frames, and two bringing one each (and the token).
-        for connections in [1, 2] {
-            let mut exported = prefill.submit(request(&prompt, KvTransfer::Export)).unwrap();
-            let delta = exported.next().await.unwrap().unwrap();
-            let handoff = delta.kv_handoff.expect("handed off after the first token");
-            let id = handoff.lease_id.to_string();
-            let got = import(&decode, &addr, &prompt, (&id, handoff.blocks.len(), delta.token_ids[0]), connections).await;
-            assert_eq!(got.as_ref(), Ok(&expected), "over {connections} connection(s), every frame written as it came");
-            assert!(!prefill.free_lease(handoff.lease_id).await, "read whole, the lease already ended on prefill");
-            lease = Some((id, handoff.blocks.len(), delta.token_ids[0]));
+        // One connection bringing two frames, and two bringing one each (and the token);
+        // an early lease, pulled as soon as it is announced.
+        for (connections, early) in [(1, false), (2, false), (2, true)] {
+            let (id, blocks, first, _exported) = lease(&prefill, &prompt, early).await;
+            let got = import(&decode, &addr, &prompt, (&id, blocks, first), connections).await;
+            assert_eq!(got.as_ref(), Ok(&expected), "over {connections} connection(s), early: {early}");
+            assert!(!prefill.free_lease(id.parse().unwrap()).await, "read whole, the lease already ended on prefill");
         }
-        let (id, blocks, first) = lease.unwrap();
+        let (id, blocks, first, _exported) = lease(&prefill, &prompt, false).await;
+        assert!(prefill.free_lease(id.parse().unwrap()).await);
         let failed = import(&decode, &addr, &prompt, (&id, blocks, first), 2).await;
         assert!(failed.as_ref().is_err_and(|e| e.contains("unknown or expired KV lease")), "{failed:?}");
         assert_eq!((prefill.stats().kv_blocks_used, decode.stats().kv_blocks_used), (0, 0));

@@ -1,0 +1,63 @@
+//! Reading a lease's KV to host memory for the TCP transport's send side. A backend that
+//! can read its cache from any thread (CUDA: a stream of the reader's own) offers a
+//! [`HostKvReader`]: frames are then read off the engine thread, which goes on stepping,
+//! and a layer still being computed is read as soon as its progress mark says it is
+//! written, so the transfer overlaps prefill's forward. Other backends read between
+//! steps, on the engine thread.
+
+use std::ops::Range;
+
+use super::frame_pool::recycle_frame_buffer;
+use crate::kv::BlockId;
+
+/// Bytes of one frame in host memory, layer-major as in [`super::KvFrame`]; their buffer
+/// goes back to its pool when dropped.
+pub trait HostBytes: Send {
+    fn bytes(&self) -> &[u8];
+}
+
+pub type HostFrame = Box<dyn HostBytes>;
+
+/// A frame read into a pooled buffer of this process ([`super::frame_buffer`]).
+struct PooledFrame(Vec<u8>);
+
+impl HostBytes for PooledFrame {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for PooledFrame {
+    fn drop(&mut self) {
+        recycle_frame_buffer(std::mem::take(&mut self.0));
+    }
+}
+
+/// `bytes` (from [`super::frame_buffer`]) as a frame that recycles its buffer.
+pub fn pooled_frame(bytes: Vec<u8>) -> HostFrame {
+    Box::new(PooledFrame(bytes))
+}
+
+/// What a reader needs to read a lease: its blocks and, while the forward computing them
+/// may still run (an early handoff), the progress mark each layer must reach first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseExtent {
+    /// Empty while only the engine thread may read the blocks: the lease is reserved and
+    /// its forward publishes no progress, so the KV is complete once that step is over.
+    pub blocks: Vec<BlockId>,
+    pub ready_mark: Option<u32>,
+}
+
+impl LeaseExtent {
+    pub fn is_readable(&self) -> bool {
+        !self.blocks.is_empty()
+    }
+}
+
+/// Reads blocks of a KV cache to host memory from any thread, blocking it until the bytes
+/// are there.
+pub trait HostKvReader: Send + Sync {
+    /// `layers` of `blocks`, each layer read once its progress reached `ready_mark` (when
+    /// given); fails if that takes too long (the forward died or stalled).
+    fn read(&self, blocks: &[BlockId], layers: Range<usize>, ready_mark: Option<u32>) -> Result<HostFrame, String>;
+}
