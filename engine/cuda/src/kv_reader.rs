@@ -73,6 +73,25 @@ impl DeviceKvReader {
         let mut buffer = self.pinned.take(flag_at + 16)?;
         buffer.host.as_mut_slice()[flag_at..flag_at + 4].fill(0);
         let stream = OwnedStream::new()?;
+        let queued = self.queue_read(&stream, blocks, layers, ready_mark, buffer.device, block_bytes);
+        // Whatever was queued is over before the buffer goes anywhere, even on an error.
+        let waited = stream.wait_sleeping();
+        let stalled = buffer.host.as_slice()[flag_at..flag_at + 4] != [0; 4];
+        if let Err(e) = queued.and(waited) {
+            self.pinned.give_back(buffer);
+            return Err(e);
+        }
+        if stalled {
+            self.pinned.give_back(buffer);
+            return Err(op_error(OP, format!("the forward published no progress for {MARK_TIMEOUT:?} (it failed or stalled)")));
+        }
+        Ok(Box::new(PinnedFrame { buffer: Some(buffer), len, pool: self.pinned.clone() }))
+    }
+
+    /// Queues on `stream` the wait for `ready_mark` (its failure flag right after the
+    /// frame's bytes at `into`) and the gather of `layers` of `blocks` into `into`.
+    fn queue_read(&self, stream: &OwnedStream, blocks: &[u32], layers: Range<usize>, ready_mark: Option<u32>, into: CUdeviceptr, block_bytes: u64) -> Result<()> {
+        let len = (layers.len() * 2 * blocks.len()) as u64 * block_bytes;
         if let Some(mark) = ready_mark {
             // Marks are published in layer order: the last layer's covers the frame.
             let args = vec![
@@ -80,25 +99,21 @@ impl DeviceKvReader {
                 Arg::I32(layers.end as i32 - 1),
                 Arg::U32(mark),
                 Arg::U64(MARK_TIMEOUT.as_nanos() as u64),
-                Arg::Ptr(buffer.device + flag_at as u64),
+                Arg::Ptr(into + len.next_multiple_of(16)),
             ];
             launch(OP, self.wait_progress, stream.0, &Launch::new((1, 1, 1), 1), args)?;
         }
         let caches: Vec<(CUdeviceptr, CUdeviceptr)> = self.kv.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect();
-        let chunks = chunked(staging_segments(&layer_buffers(&caches, layers), blocks, block_bytes, buffer.device, true));
+        let chunks = chunked(staging_segments(&layer_buffers(&caches, layers), blocks, block_bytes, into, true));
         check_aligned(OP, &chunks)?;
         // SAFETY: stream-ordered allocation, upload, use and free, all on `stream`; the
         // upload is from pageable memory, so the driver stages it before returning.
         let table = unsafe { result::malloc_async(stream.0, (chunks.len() * 24).max(24)) }.op(OP)?;
         unsafe { result::memcpy_htod_async(table, chunks.as_flattened(), stream.0) }.op(OP)?;
         let grid = self.ctas.min(chunks.len().max(1) as u32);
-        launch(OP, self.copy_chunks, stream.0, &Launch::new((grid, 1, 1), COPY_THREADS), vec![Arg::Ptr(table), Arg::I32(chunks.len() as i32)])?;
+        let launched = launch(OP, self.copy_chunks, stream.0, &Launch::new((grid, 1, 1), COPY_THREADS), vec![Arg::Ptr(table), Arg::I32(chunks.len() as i32)]);
         unsafe { result::free_async(table, stream.0) }.op(OP)?;
-        stream.wait_sleeping()?;
-        if buffer.host.as_slice()[flag_at..flag_at + 4] != [0; 4] {
-            return Err(op_error(OP, format!("the forward published no progress for {MARK_TIMEOUT:?} (it failed or stalled)")));
-        }
-        Ok(Box::new(PinnedFrame { buffer: Some(buffer), len, pool: self.pinned.clone() }))
+        launched
     }
 }
 
