@@ -76,6 +76,10 @@ def test_split_answers_equal_an_aggregated_engines(cluster):
     assert metric(router.url, "dlengine_router_pd_prefill_finished_total") == 1
     assert metric(router.url, "dlengine_router_pd_retries_total") == 0
     wait_until("prefill released every lease", lambda: metric(prefill.url, "dlengine_kv_leases") == 0, timeout=10)
+    # Two answers came from decode, their KV over TCP (CPU engines).
+    assert metric(decode.url, 'dlengine_kv_imports{transport="tcp",outcome="done"}') == 2
+    assert metric(decode.url, 'dlengine_kv_imports{transport="tcp",outcome="failed"}') == 0
+    assert metric(decode.url, 'dlengine_kv_import_bytes{transport="tcp"}') > 0
 
 
 def split_cluster(cluster, prefill_extra=(), decode_extra=()):
@@ -138,6 +142,7 @@ def test_an_unclaimed_lease_expires_and_a_late_pull_fails_cleanly(cluster):
     wait_until("the lease expired", lambda: no_blocks_held(prefill, decode), timeout=10)
     status, error = http("POST", f"{decode.url}/v1/completions", dict(body, kv_transfer_params=answer["kv_transfer_params"]))
     assert status == 503 and error["error"]["code"] == "kv_transfer_failed", error
+    assert metric(decode.url, 'dlengine_kv_imports{transport="tcp",outcome="failed"}') == 1
     assert "unknown or expired KV lease" in error["error"]["message"]
 
 

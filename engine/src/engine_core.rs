@@ -20,7 +20,7 @@ use crate::sampler::{child_seed, splitmix64, SampledToken, SamplingRow};
 use crate::sampling_params::SamplingParams;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use crate::sequence::{SeqId, Sequence};
-use crate::stats::EngineStats;
+use crate::stats::{EngineStats, KvImportsByTransport};
 use crate::step_input_builder::build_step_input;
 use crate::weights::Weights;
 use kv_handoff::{Importing, PendingImport};
@@ -88,6 +88,8 @@ pub struct EngineCore {
     importing: Vec<Importing>,
     /// Blocks of dropped imports whose copy may still write into them.
     orphaned_copies: Vec<(kv_handoff::KvCopy, Vec<BlockId>)>,
+    /// Imports ended since start, by transport.
+    kv_imports: KvImportsByTransport,
 }
 
 fn config_error(message: String) -> EngineError {
@@ -173,6 +175,7 @@ impl EngineCore {
             pending_imports: VecDeque::new(),
             importing: Vec::new(),
             orphaned_copies: Vec::new(),
+            kv_imports: KvImportsByTransport::default(),
         }
     }
 
@@ -222,6 +225,7 @@ impl EngineCore {
             kv_leases: self.leases.len(),
             kv_blocks_leased: self.leases.num_blocks(),
             pending_kv_imports: self.pending_imports.len() + self.importing.len(),
+            kv_imports: self.kv_imports,
             ..EngineStats::default()
         }
     }

@@ -23,6 +23,49 @@ pub struct EngineStats {
     pub kv_blocks_leased: usize,
     /// Decode: requests whose KV arrived, waiting for room.
     pub pending_kv_imports: usize,
+    /// Decode: imports ended since start, by transport.
+    pub kv_imports: KvImportsByTransport,
+}
+
+/// Decode: the imports of one transport that ended since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct KvImports {
+    /// Imports whose KV and first token arrived; the bytes copied (not blocks this
+    /// engine had cached); the seconds from admission until then (an early descriptor's
+    /// include waiting for prefill's forward).
+    pub done: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Imports that failed (transport, missing first token, no room); aborted ones are
+    /// not counted.
+    pub failed: u64,
+}
+
+/// [`KvImports`] of each transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct KvImportsByTransport {
+    pub tcp: KvImports,
+    pub cuda_ipc: KvImports,
+    pub rdma: KvImports,
+    /// Bytes handed to the engine whole (tests, tools).
+    pub other: KvImports,
+}
+
+impl KvImportsByTransport {
+    /// The counts of `transport`, as sources name it ("tcp", "cuda-ipc", "rdma").
+    pub fn of_mut(&mut self, transport: &str) -> &mut KvImports {
+        match transport {
+            "tcp" => &mut self.tcp,
+            "cuda-ipc" => &mut self.cuda_ipc,
+            "rdma" => &mut self.rdma,
+            _ => &mut self.other,
+        }
+    }
+
+    /// Each serving transport's name and counts (not `other`).
+    pub fn all(&self) -> [(&'static str, KvImports); 3] {
+        [("tcp", self.tcp), ("cuda-ipc", self.cuda_ipc), ("rdma", self.rdma)]
+    }
 }
 
 impl EngineStats {

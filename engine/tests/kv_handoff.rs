@@ -162,7 +162,7 @@ fn admit_streamed(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u
     prefill.add_request(1, request(prompt, params, KvTransfer::Export));
     let (first, _, handoff) = drive(prefill, 1);
     let handoff = handoff.expect("handed off");
-    let stream = Arc::new(StreamedKv::new(handoff.blocks.len(), "test"));
+    let stream = Arc::new(StreamedKv::new(handoff.blocks.len(), "tcp"));
     let first_token = Some(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
     let import = ImportedKv { first_token, source: KvSource::Streamed(stream.clone()) };
     decode.add_request(2, request(prompt, params, KvTransfer::Import(import)));
@@ -196,6 +196,11 @@ fn streamed_frames_are_written_one_per_step_in_any_order_and_continue_exactly() 
     got.extend(drive(&mut decode, 2).0);
     assert_eq!(got, expected);
     assert_eq!(decode.stats().kv_blocks_used, 0);
+    let imports = decode.stats().kv_imports;
+    let blocks = prompt.len().div_ceil(decode.info().kv_layout.block_size);
+    assert_eq!((imports.tcp.done, imports.tcp.failed), (1, 0), "{imports:?}");
+    assert_eq!(imports.tcp.bytes as usize, blocks * decode.info().kv_layout.bytes_per_block());
+    assert!(imports.tcp.seconds > 0.0 && imports.other == Default::default());
 }
 
 #[test]
@@ -224,7 +229,7 @@ fn a_failed_transport_fails_a_streamed_import_admitted_or_not_and_frees_its_bloc
     assert!(stream.is_closed() && !stream.push(layer_frame(&mut prefill, lease_id, 1)), "later frames are refused");
     assert_eq!(decode.stats().kv_blocks_used, 0);
     // Failed before admission: no block is taken at all.
-    let queued = Arc::new(StreamedKv::new(2, "test"));
+    let queued = Arc::new(StreamedKv::new(2, "tcp"));
     queued.fail("prefill refused the pull".into());
     let import = ImportedKv { first_token: None, source: KvSource::Streamed(queued.clone()) };
     decode.add_request(3, request(&[1, 2, 3, 4, 5], &greedy(4), KvTransfer::Import(import)));
@@ -234,6 +239,8 @@ fn a_failed_transport_fails_a_streamed_import_admitted_or_not_and_frees_its_bloc
     assert!(queued.is_closed());
     assert!(!decode.has_work());
     assert_eq!(decode.stats().kv_blocks_used, 0);
+    let tcp = decode.stats().kv_imports.tcp;
+    assert_eq!((tcp.done, tcp.failed, tcp.bytes), (0, 2, 0), "both failures counted, admitted or not");
 }
 
 #[test]

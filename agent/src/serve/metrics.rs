@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dlengine_engine::stats::EngineStats;
+use dlengine_engine::stats::{EngineStats, KvImportsByTransport};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,6 +22,48 @@ pub struct RequestLabels {
 
 type RatioGauge = Gauge<f64, AtomicU64>;
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImportLabels {
+    transport: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: &'static str,
+}
+
+/// Decode: KV imports by transport, cumulative (set from the engine's counts).
+#[derive(Default)]
+struct ImportGauges {
+    imports: Family<ImportLabels, Gauge>,
+    bytes: Family<TransportLabels, Gauge>,
+    seconds: Family<TransportLabels, RatioGauge>,
+}
+
+impl ImportGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let g = Self::default();
+        registry.register("kv_imports", "Decode: KV imports ended since start, by transport and outcome (done, failed)", g.imports.clone());
+        registry.register("kv_import_bytes", "Decode: KV bytes imported since start (blocks already cached not counted)", g.bytes.clone());
+        registry.register(
+            "kv_import_seconds",
+            "Decode: admission to KV and first token in hand, summed over done imports since start",
+            g.seconds.clone(),
+        );
+        g
+    }
+
+    fn set(&self, by_transport: &KvImportsByTransport) {
+        for (transport, counts) in by_transport.all() {
+            self.imports.get_or_create(&ImportLabels { transport, outcome: "done" }).set(counts.done as i64);
+            self.imports.get_or_create(&ImportLabels { transport, outcome: "failed" }).set(counts.failed as i64);
+            self.bytes.get_or_create(&TransportLabels { transport }).set(counts.bytes as i64);
+            self.seconds.get_or_create(&TransportLabels { transport }).set(counts.seconds);
+        }
+    }
+}
+
 struct EngineGauges {
     waiting: Gauge,
     running: Gauge,
@@ -34,6 +76,7 @@ struct EngineGauges {
     kv_leases: Gauge,
     kv_blocks_leased: Gauge,
     pending_kv_imports: Gauge,
+    kv_imports: ImportGauges,
 }
 
 pub struct Metrics {
@@ -97,6 +140,7 @@ impl EngineGauges {
             kv_leases: Gauge::default(),
             kv_blocks_leased: Gauge::default(),
             pending_kv_imports: Gauge::default(),
+            kv_imports: ImportGauges::register(registry),
         };
         registry.register("kv_leases", "Prefill: handed-off KV waiting for a decode engine to pull it", g.kv_leases.clone());
         registry.register("kv_blocks_leased", "Prefill: KV blocks held by leases", g.kv_blocks_leased.clone());
@@ -123,6 +167,7 @@ impl EngineGauges {
         self.kv_leases.set(s.kv_leases as i64);
         self.kv_blocks_leased.set(s.kv_blocks_leased as i64);
         self.pending_kv_imports.set(s.pending_kv_imports as i64);
+        self.kv_imports.set(&s.kv_imports);
     }
 }
 

@@ -172,7 +172,7 @@ impl EngineCore {
         for pending in lost {
             let why = pending.why_lost().expect("partitioned on it");
             close_stream_of(&pending.source);
-            self.fail_import(pending.key, why, events);
+            self.fail_import(pending.key, transport_of(&pending.source), why, events);
         }
     }
 
@@ -182,15 +182,11 @@ impl EngineCore {
             req.started = true;
         }
         events.push(StepEvent::Started { key, cached_tokens: 0 });
+        let via = transport_of(&source);
         let Some((blocks, cached_blocks)) = self.scheduler.allocate_import(&mut seq) else {
-            return self.fail_import(key, "no free KV blocks".into(), events);
+            return self.fail_import(key, via, "no free KV blocks".into(), events);
         };
         let started = Instant::now();
-        let via = match &source {
-            KvSource::Streamed(stream) => stream.transport(),
-            KvSource::CudaIpc { .. } => "cuda-ipc",
-            KvSource::Remote { reader, .. } => reader.transport(),
-        };
         match self.start_copy(&source, &blocks, cached_blocks) {
             Ok(copy) => {
                 seq.block_table = blocks;
@@ -198,7 +194,7 @@ impl EngineCore {
             }
             Err(e) => {
                 self.scheduler.release_detached(&blocks);
-                self.fail_import(key, format!("importing the prompt's KV cache failed: {e}"), events);
+                self.fail_import(key, via, format!("importing the prompt's KV cache failed: {e}"), events);
             }
         }
     }
@@ -308,7 +304,7 @@ impl EngineCore {
             Outcome::Run(token) => token,
             Outcome::Fail(message) => {
                 self.release_import_blocks(copy, seq.block_table);
-                return self.fail_import(key, message, events);
+                return self.fail_import(key, via, message, events);
             }
         };
         let prompt_len = seq.len();
@@ -318,6 +314,8 @@ impl EngineCore {
         // for prefill's forward, so gb_per_s is a bandwidth only for a late one.
         let (ms, gb_per_s) = (seconds * 1e3, bytes as f64 / seconds / 1e9);
         tracing::info!(tokens = prompt_len, cached_blocks, bytes, ms, gb_per_s, via, "imported KV");
+        let counts = self.kv_imports.of_mut(via);
+        (counts.done, counts.bytes, counts.seconds) = (counts.done + 1, counts.bytes + bytes as u64, counts.seconds + seconds);
         let seq_id = seq.id;
         seq.num_computed_tokens = prompt_len;
         self.scheduler.register_prompt_blocks(&mut seq);
@@ -327,7 +325,8 @@ impl EngineCore {
         self.emit_token(seq_id, 0, token, events);
     }
 
-    fn fail_import(&mut self, key: RequestKey, message: String, events: &mut Vec<StepEvent>) {
+    fn fail_import(&mut self, key: RequestKey, via: &'static str, message: String, events: &mut Vec<StepEvent>) {
+        self.kv_imports.of_mut(via).failed += 1;
         self.abort(key);
         events.push(StepEvent::Failed { key, message, was_queued: false });
     }
@@ -501,6 +500,15 @@ impl EngineCore {
     /// CUDA IPC handles of the KV cache (None on backends without them).
     pub fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>, EngineError> {
         Ok(self.executor.kv_io().export_kv_ipc()?)
+    }
+}
+
+/// The transport an import's KV comes by, as its source names it.
+fn transport_of(source: &KvSource) -> &'static str {
+    match source {
+        KvSource::Streamed(stream) => stream.transport(),
+        KvSource::CudaIpc { .. } => "cuda-ipc",
+        KvSource::Remote { reader, .. } => reader.transport(),
     }
 }
 
