@@ -26,8 +26,9 @@ const OP: &str = "reading KV blocks to the host";
 /// How long a layer waits for its progress mark: a prompt's last forward takes far less;
 /// past this the forward is taken to have failed.
 const MARK_TIMEOUT: Duration = Duration::from_secs(10);
-/// What the pinned pool keeps at most: a few frames in flight per connection.
-const MAX_POOLED_BUFFERS: usize = 16;
+/// What the pinned pool keeps at most: up to three frames are in flight per connection
+/// (one read, one queued, one sending), for several pulls at once.
+const MAX_POOLED_BUFFERS: usize = 64;
 const MAX_POOLED_BYTES: usize = 2 << 30;
 /// Pinned buffers are allocated in multiples of this (frames vary with prompt length).
 const PINNED_GRANULE: usize = 8 << 20;

@@ -5,8 +5,8 @@
 
 use super::buffer_pool::BufferPool;
 
-/// Enough for a few frames in flight per transfer.
-static POOL: BufferPool<Vec<u8>> = BufferPool::new(16, 2 << 30);
+/// Enough for a few frames in flight per connection, for several pulls at once.
+static POOL: BufferPool<Vec<u8>> = BufferPool::new(64, 2 << 30);
 
 /// An empty buffer with room for `bytes`: a pooled one if one is large enough.
 pub fn frame_buffer(bytes: usize) -> Vec<u8> {
