@@ -11,16 +11,16 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
+use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
 use dlengine_engine::backend::KvBlockIo;
 use dlengine_engine::kv_transfer::{frame_buffer, CudaIpcKv, HostKvReader, KvMemory};
 
 use crate::backend::CudaBackend;
+use crate::copy_kernels::CopyKernels;
 use crate::error::{op_error, OpContext, Result};
 use crate::kernels::Module;
 use crate::kv_progress::KvProgress;
-use crate::kv_reader::{DeviceKvReader, ReaderKernels};
-use crate::launch::{launch, Arg, Launch};
+use crate::kv_reader::DeviceKvReader;
 use crate::memory::{DeviceBuffer, PinnedBuffer};
 use crate::peer_copy::{CopyStage, PeerCopies};
 
@@ -52,8 +52,7 @@ impl Drop for PeerCache {
 /// under way; this cache's progress marks.
 pub(crate) struct KvIo {
     peers: HashMap<(String, u32, String), PeerCache>,
-    copy_chunks: CUfunction,
-    wait_progress: CUfunction,
+    kernels: CopyKernels,
     chunk_table: Option<DeviceBuffer>,
     staging: Option<(PinnedBuffer, CUdeviceptr)>,
     peer_copies: PeerCopies,
@@ -64,9 +63,7 @@ pub(crate) struct KvIo {
 /// (Qwen3-0.6B: ~900 chunks), large enough that the table stays small (its 16K-token
 /// prompt: ~14K chunks, 350 KB, whose upload is host time before the copy starts).
 const CHUNK_BYTES: u64 = 128 << 10;
-/// Threads per CTA and CTAs per SM of the copy kernel: 2048 threads per SM, each with four
-/// 16-byte loads in flight, hide NVLink's and PCIe's latency.
-pub(crate) const COPY_THREADS: u32 = 512;
+/// CTAs per SM of a copy launch (with 512 threads each, 2048 threads per SM).
 const COPY_CTAS_PER_SM: u32 = 4;
 /// Host staging is filled this many bytes at a time (at least one layer): a long prompt's
 /// KV is gigabytes, more than is worth pinning.
@@ -76,11 +73,10 @@ impl KvIo {
     pub(crate) fn new(kv_transfer: &Module) -> Result<Self> {
         Ok(Self {
             peers: HashMap::new(),
-            copy_chunks: kv_transfer.function("copy_chunks")?,
-            wait_progress: kv_transfer.function("wait_progress")?,
+            kernels: CopyKernels::load(kv_transfer)?,
             chunk_table: None,
             staging: None,
-            peer_copies: PeerCopies::new(kv_transfer)?,
+            peer_copies: PeerCopies::new(CopyKernels::load(kv_transfer)?),
             progress: KvProgress::new(kv_transfer)?,
         })
     }
@@ -229,6 +225,11 @@ fn open_handle(hex: &str) -> Result<CUdeviceptr> {
 }
 
 impl CudaBackend {
+    /// CTAs of a copy launch: enough to fill every SM.
+    fn copy_ctas(&self) -> u32 {
+        self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM
+    }
+
     fn block_bytes(&self) -> Result<usize> {
         let kv = self.kv_cache("KV block I/O")?;
         let l = kv.layout;
@@ -262,8 +263,7 @@ impl CudaBackend {
         let stream = self.device.stream;
         // SAFETY: the table holds `chunks`; the host slice outlives the synchronisation below.
         unsafe { result::memcpy_htod_async(table, chunks.as_flattened(), stream) }.op(op)?;
-        let ctas = (self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM).min(chunks.len() as u32);
-        launch(op, self.kv_io.copy_chunks, stream, &Launch::new((ctas, 1, 1), COPY_THREADS), vec![Arg::Ptr(table), Arg::I32(chunks.len() as i32)])?;
+        self.kv_io.kernels.queue_copy(op, stream, table, chunks.len(), self.copy_ctas())?;
         // SAFETY: plain stream synchronisation: callers free or reuse the memory next.
         unsafe { result::stream::synchronize(stream) }.op(op)
     }
@@ -339,9 +339,7 @@ impl KvBlockIo for CudaBackend {
         self.device.bind()?;
         let kv = self.shared_kv_cache("host_reader")?;
         let marks = self.kv_io.progress.marks(kv.layers.len())?;
-        let kernels = ReaderKernels { copy_chunks: self.kv_io.copy_chunks, wait_progress: self.kv_io.wait_progress };
-        let ctas = self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM;
-        Ok(Some(Arc::new(DeviceKvReader::new(self.device.ctx.clone(), kv, marks, kernels, ctas))))
+        Ok(Some(Arc::new(DeviceKvReader::new(self.device.ctx.clone(), kv, marks, self.kv_io.kernels, self.copy_ctas()))))
     }
 
     fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>> {
@@ -376,7 +374,7 @@ impl KvBlockIo for CudaBackend {
         }
         let block_bytes = self.block_bytes()? as u64;
         let local = self.kv_buffers("copy_kv_from_peer")?;
-        let ctas = self.device.info.multiprocessors as u32 * COPY_CTAS_PER_SM;
+        let ctas = self.copy_ctas();
         let mapped = self.map_peer(peer)?;
         let (stream, remote, progress) = (mapped.stream, mapped.layers.clone(), mapped.progress);
         let layers: Vec<[(CUdeviceptr, CUdeviceptr); 2]> =

@@ -10,22 +10,18 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
 
-use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUstream};
+use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 use cudarc::driver::{result, CudaContext};
 use dlengine_engine::kv_transfer::{BufferPool, HostBytes, HostFrame, HostKvReader};
 
 use crate::backend::KvCache;
+use crate::copy_kernels::{CopyKernels, MARK_TIMEOUT};
 use crate::error::{op_error, OpContext, Result};
-use crate::kv_io::{check_aligned, chunked, layer_buffers, staging_segments, COPY_THREADS};
-use crate::launch::{launch, Arg, Launch};
+use crate::kv_io::{check_aligned, chunked, layer_buffers, staging_segments};
 use crate::memory::{DeviceBuffer, PinnedBuffer};
 
 const OP: &str = "reading KV blocks to the host";
-/// How long a layer waits for its progress mark: a prompt's last forward takes far less;
-/// past this the forward is taken to have failed.
-const MARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the pinned pool keeps at most: up to three frames are in flight per connection
 /// (one read, one queued, one sending), for several pulls at once.
 const MAX_POOLED_BUFFERS: usize = 64;
@@ -37,28 +33,16 @@ pub(crate) struct DeviceKvReader {
     kv: Arc<KvCache>,
     marks: Arc<DeviceBuffer>,
     pinned: Arc<PinnedPool>,
-    copy_chunks: CUfunction,
-    wait_progress: CUfunction,
+    kernels: CopyKernels,
     ctas: u32,
     /// Last, so the context outlives what is freed in it.
     ctx: Arc<CudaContext>,
 }
 
-// SAFETY: function handles are immutable driver handles of `ctx`, which every read binds
-// to its thread first; launching from several threads at once is allowed.
-unsafe impl Send for DeviceKvReader {}
-unsafe impl Sync for DeviceKvReader {}
-
-/// The kernels a reader launches.
-pub(crate) struct ReaderKernels {
-    pub copy_chunks: CUfunction,
-    pub wait_progress: CUfunction,
-}
-
 impl DeviceKvReader {
-    pub(crate) fn new(ctx: Arc<CudaContext>, kv: Arc<KvCache>, marks: Arc<DeviceBuffer>, kernels: ReaderKernels, ctas: u32) -> Self {
+    pub(crate) fn new(ctx: Arc<CudaContext>, kv: Arc<KvCache>, marks: Arc<DeviceBuffer>, kernels: CopyKernels, ctas: u32) -> Self {
         let pinned = Arc::new(PinnedPool::new(ctx.clone()));
-        Self { kv, marks, pinned, copy_chunks: kernels.copy_chunks, wait_progress: kernels.wait_progress, ctas, ctx }
+        Self { kv, marks, pinned, kernels, ctas, ctx }
     }
 
     fn read_frame(&self, blocks: &[u32], layers: Range<usize>, ready_mark: Option<u32>) -> Result<HostFrame> {
@@ -95,14 +79,7 @@ impl DeviceKvReader {
         let len = (layers.len() * 2 * blocks.len()) as u64 * block_bytes;
         if let Some(mark) = ready_mark {
             // Marks are published in layer order: the last layer's covers the frame.
-            let args = vec![
-                Arg::Ptr(self.marks.ptr()),
-                Arg::I32(layers.end as i32 - 1),
-                Arg::U32(mark),
-                Arg::U64(MARK_TIMEOUT.as_nanos() as u64),
-                Arg::Ptr(into + len.next_multiple_of(16)),
-            ];
-            launch(OP, self.wait_progress, stream.0, &Launch::new((1, 1, 1), 1), args)?;
+            self.kernels.queue_wait(OP, stream.0, self.marks.ptr(), layers.end - 1, mark, into + len.next_multiple_of(16))?;
         }
         let caches: Vec<(CUdeviceptr, CUdeviceptr)> = self.kv.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect();
         let chunks = chunked(staging_segments(&layer_buffers(&caches, layers), blocks, block_bytes, into, true));
@@ -111,8 +88,7 @@ impl DeviceKvReader {
         // upload is from pageable memory, so the driver stages it before returning.
         let table = unsafe { result::malloc_async(stream.0, (chunks.len() * 24).max(24)) }.op(OP)?;
         unsafe { result::memcpy_htod_async(table, chunks.as_flattened(), stream.0) }.op(OP)?;
-        let grid = self.ctas.min(chunks.len().max(1) as u32);
-        let launched = launch(OP, self.copy_chunks, stream.0, &Launch::new((grid, 1, 1), COPY_THREADS), vec![Arg::Ptr(table), Arg::I32(chunks.len() as i32)]);
+        let launched = self.kernels.queue_copy(OP, stream.0, table, chunks.len(), self.ctas);
         unsafe { result::free_async(table, stream.0) }.op(OP)?;
         launched
     }

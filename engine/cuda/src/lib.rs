@@ -12,6 +12,7 @@ mod attention;
 mod backend;
 mod bandwidth;
 mod batch;
+mod copy_kernels;
 mod device;
 mod error;
 mod gemm;

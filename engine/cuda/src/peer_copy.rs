@@ -15,20 +15,15 @@
 //! copied, while prefill is still computing the layers after it.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUfunction, CUstream};
+use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUstream};
 
+use crate::copy_kernels::{CopyKernels, MARK_TIMEOUT};
 use crate::error::{op_error, OpContext, Result};
-use crate::kernels::Module;
-use crate::kv_io::{check_aligned, COPY_THREADS};
-use crate::launch::{launch, Arg, Launch};
+use crate::kv_io::check_aligned;
 use crate::memory::PinnedBuffer;
 
-/// How long a layer waits for the peer's mark: a prompt's last forward takes far less;
-/// past this the peer is taken to have died or stalled.
-const MARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failure flags in mapped pinned memory, one per ticket modulo this.
 const FAILURE_SLOTS: usize = 1024;
 
@@ -61,22 +56,15 @@ struct InFlight {
 }
 
 pub(crate) struct PeerCopies {
-    copy_chunks: CUfunction,
-    wait_progress: CUfunction,
+    kernels: CopyKernels,
     in_flight: HashMap<u64, InFlight>,
     next_ticket: u64,
     failures: Option<(PinnedBuffer, CUdeviceptr)>,
 }
 
 impl PeerCopies {
-    pub(crate) fn new(kv_transfer: &Module) -> Result<Self> {
-        Ok(Self {
-            copy_chunks: kv_transfer.function("copy_chunks")?,
-            wait_progress: kv_transfer.function("wait_progress")?,
-            in_flight: HashMap::new(),
-            next_ticket: 1,
-            failures: None,
-        })
+    pub(crate) fn new(kernels: CopyKernels) -> Self {
+        Self { kernels, in_flight: HashMap::new(), next_ticket: 1, failures: None }
     }
 
     /// Queues `stages` on `stream` (a peer's copy stream), `ctas` CTAs per copy launch;
@@ -100,19 +88,10 @@ impl PeerCopies {
         let mut at = 0u64;
         for stage in stages {
             if let (Some(layer), Some((marks, mark))) = (stage.wait_for_layer, progress) {
-                let args = vec![
-                    Arg::Ptr(marks),
-                    Arg::I32(layer as i32),
-                    Arg::U32(mark),
-                    Arg::U64(MARK_TIMEOUT.as_nanos() as u64),
-                    Arg::Ptr(failed),
-                ];
-                launch(OP, self.wait_progress, stream, &Launch::new((1, 1, 1), 1), args)?;
+                self.kernels.queue_wait(OP, stream, marks, layer, mark, failed)?;
             }
-            let count = stage.chunks.len() as u32;
-            let args = vec![Arg::Ptr(table + at * 24), Arg::I32(count as i32)];
-            launch(OP, self.copy_chunks, stream, &Launch::new((ctas.min(count), 1, 1), COPY_THREADS), args)?;
-            at += count as u64;
+            self.kernels.queue_copy(OP, stream, table + at * 24, stage.chunks.len(), ctas)?;
+            at += stage.chunks.len() as u64;
         }
         unsafe { result::free_async(table, stream) }.op(OP)?;
         let done = timing_event(stream)?;
