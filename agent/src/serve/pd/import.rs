@@ -5,8 +5,9 @@
 //!
 //! An early descriptor comes before prefill has sampled the first token. Over CUDA IPC
 //! the copy follows prefill layer by layer and the token is fetched alongside; over TCP
-//! prefill sends the token, then the KV, once the token is sampled. Over RDMA the token
-//! is fetched first (the READs may start only once the lease's blocks are complete).
+//! the pull brings the token among the layers (which prefill sends as its forward writes
+//! them, on a GPU). Over RDMA the token is fetched first (the READs may start only once
+//! the lease's blocks are complete).
 
 use std::sync::Arc;
 
@@ -24,33 +25,38 @@ use crate::openai::ApiError;
 /// A decode request's import, to follow once the request is submitted.
 pub struct DecodeImport {
     lease: LeaseRelease,
-    /// Early descriptor over CUDA IPC or TCP: where the first token is fetched from (a TCP
-    /// pull brings it instead).
-    pending_first_token: Option<(reqwest::Client, String, String)>,
-    /// TCP: the pull that feeds the engine's frames.
-    pending_pull: Option<(PullPlan, Arc<StreamedKv>)>,
+    then: FollowUp,
+}
+
+/// What the engine will wait for once the request is in.
+enum FollowUp {
+    Nothing,
+    /// Early descriptor over CUDA IPC: prefill's first token, fetched from this URL.
+    FetchFirstToken { client: reqwest::Client, url: String, lease_id: String },
+    /// TCP: the pull that feeds the engine's frames, and the first token too if the
+    /// descriptor came early.
+    Pull { plan: PullPlan, frames: Arc<StreamedKv>, brings_first_token: bool },
 }
 
 impl DecodeImport {
-    /// Starts what the engine waits for (the first token if it is still to come, a TCP
-    /// pull); returns the lease to hold until the engine's first event for `stream`.
+    /// Starts what the engine waits for; returns the lease to hold until the engine's
+    /// first event for `stream`.
     pub fn follow(self, stream: &RequestStream) -> LeaseRelease {
-        let first_token = self.pending_first_token.map(|fetch| (fetch, stream.first_token_sink()));
-        match (self.pending_pull, first_token) {
-            // A TCP pull brings the token with the KV.
-            (Some((plan, frames)), first_token) => {
-                tokio::spawn(tcp::pull(plan, frames, first_token.map(|(_, sink)| sink), PULL_TIMEOUT));
-            }
-            (None, Some(((client, url, lease_id), sink))) => {
+        match self.then {
+            FollowUp::Nothing => {}
+            FollowUp::FetchFirstToken { client, url, lease_id } => {
+                let sink = stream.first_token_sink();
                 tokio::spawn(async move { sink.provide(first_token::fetch(&client, &url, &lease_id).await) });
             }
-            (None, None) => {}
+            FollowUp::Pull { plan, frames, brings_first_token } => {
+                let sink = brings_first_token.then(|| stream.first_token_sink());
+                tokio::spawn(tcp::pull(plan, frames, sink, PULL_TIMEOUT));
+            }
         }
         self.lease
     }
 }
 
-#[derive(Clone, Copy)]
 enum Transport<'a> {
     CudaIpc(&'a CudaIpcKv),
     Rdma(&'a str),
@@ -69,28 +75,27 @@ pub async fn import_kv(
     let lease = LeaseRelease::new(pd.client.clone(), descriptor.free_url.clone(), descriptor.lease_id.clone());
     let transport = choose(pd, engine, descriptor)?;
     let mut first_token = descriptor.first_token.clone();
-    let (mut pending_first_token, mut pending_pull) = (None, None);
-    if first_token.is_none() {
-        match transport {
-            // The copy follows prefill layer by layer (the token is fetched alongside), or
-            // prefill sends the token, then the KV, once the token is sampled.
-            Transport::CudaIpc(_) | Transport::Tcp(_) => {
-                pending_first_token = Some((pd.client.clone(), descriptor.first_token_url.clone(), descriptor.lease_id.clone()))
-            }
-            // The lease's blocks are complete only once the token is sampled.
-            Transport::Rdma(_) => first_token = Some(fetch_first_token(pd, descriptor).await?),
-        }
-    }
-    let source = match transport {
+    let early = first_token.is_none();
+    let (source, then) = match transport {
         Transport::Rdma(connect_url) => {
+            // The lease's blocks are complete only once the token is sampled.
+            if early {
+                first_token = Some(fetch_first_token(pd, descriptor).await?);
+            }
             let rdma = pd.rdma.as_ref().expect("chosen only when this engine has RDMA");
             let reader = rdma.reader(&pd.client, &pd.endpoint.engine_id, &descriptor.engine_id, connect_url).await;
             let reader = reader.map_err(|e| transfer_failed(format!("connecting to prefill over RDMA: {e}")))?;
-            KvSource::Remote { reader: Arc::new(reader), remote_blocks: descriptor.blocks.clone() }
+            (KvSource::Remote { reader: Arc::new(reader), remote_blocks: descriptor.blocks.clone() }, FollowUp::Nothing)
         }
         Transport::CudaIpc(peer) => {
             let remote_blocks = descriptor.blocks.clone();
-            KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks, ready_mark: descriptor.ready_mark }
+            let source = KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks, ready_mark: descriptor.ready_mark };
+            let fetch = || FollowUp::FetchFirstToken {
+                client: pd.client.clone(),
+                url: descriptor.first_token_url.clone(),
+                lease_id: descriptor.lease_id.clone(),
+            };
+            (source, if early { fetch() } else { FollowUp::Nothing })
         }
         Transport::Tcp(addr) => {
             let blocks = descriptor.blocks.len();
@@ -99,12 +104,10 @@ pub async fn import_kv(
             // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry
             // would trust two clocks to agree and race an already-expired lease.
             let plan = PullPlan::new(addr, &descriptor.lease_id, &engine.info().kv_layout, blocks, pd.tcp_connections);
-            pending_pull = Some((plan, frames.clone()));
-            KvSource::Streamed(frames)
+            (KvSource::Streamed(frames.clone()), FollowUp::Pull { plan, frames, brings_first_token: early })
         }
     };
-    let import = DecodeImport { lease, pending_first_token, pending_pull };
-    Ok((KvTransfer::Import(ImportedKv { first_token, source }), import))
+    Ok((KvTransfer::Import(ImportedKv { first_token, source }), DecodeImport { lease, then }))
 }
 
 async fn fetch_first_token(pd: &Pd, descriptor: &MigrationDescriptor) -> Result<dlengine_engine::request::TokenLogprob, ApiError> {

@@ -41,9 +41,10 @@ const FRAME_TOKEN: u8 = 2;
 const MAX_REQUEST_LINE: usize = 4096;
 /// Longest error message a reader accepts.
 const MAX_ERROR_BYTES: u64 = 64 << 10;
-/// Layers per frame: one engine command reads (prefill) or writes (decode) a frame, so a
-/// frame bounds how long other requests wait for it (a layer of a 16K-token prompt of
-/// Qwen3-0.6B: 67 MB).
+/// Layers per frame: decode's engine thread writes a frame per step (and a CPU prefill's
+/// reads one between steps), so a frame bounds how long other requests wait for it (a
+/// layer of a 16K-token prompt of Qwen3-0.6B: 67 MB); an early lease's frame is sent once
+/// its last layer is written.
 const LAYERS_PER_FRAME: usize = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
