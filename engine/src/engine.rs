@@ -333,12 +333,17 @@ fn engine_loop(
                     streams.remove(&key);
                 }
                 Command::StopChoice { key, choice } => core.stop_choice(key, choice),
+                // Replies that free blocks go after the stats show it, as events do.
                 Command::ReadLease { lease_id, layers, reply } => {
-                    let _ = reply.send(core.read_lease(lease_id, layers));
+                    let read = core.read_lease(lease_id, layers);
+                    publish_stats(&mut core, &stats);
+                    let _ = reply.send(read);
                 }
                 Command::LeaseLayersRead { lease_id, layers } => core.lease_layers_read(lease_id, layers),
                 Command::FreeLease { lease_id, reply } => {
-                    let _ = reply.send(core.free_lease(lease_id));
+                    let freed = core.free_lease(lease_id);
+                    publish_stats(&mut core, &stats);
+                    let _ = reply.send(freed);
                 }
                 Command::AwaitFirstToken { lease_id, reply } => core.await_first_token(lease_id, reply),
                 Command::ProvideFirstToken { key, token } => core.provide_first_token(key, token),
