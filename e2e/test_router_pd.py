@@ -154,8 +154,12 @@ def test_a_descriptor_for_another_layout_or_prompt_is_refused(cluster):
     wrong_layout = dict(descriptor, kv_layout=dict(descriptor["kv_layout"], block_size=32))
     status, error = http("POST", f"{decode.url}/v1/completions", dict(body, kv_transfer_params=wrong_layout))
     assert status == 400 and error["error"]["code"] == "kv_layout_mismatch" and error["error"]["param"] == "kv_transfer_params"
-    status, error = http("POST", f"{decode.url}/v1/completions", dict(body, prompt="Another prompt", kv_transfer_params=descriptor))
-    assert status == 400 and "tokenized" in error["error"]["message"], error
+    longer = "Once upon a time there was a prompt much longer than the one prefill computed"
+    status, error = http("POST", f"{decode.url}/v1/completions", dict(body, prompt=longer, kv_transfer_params=descriptor))
+    assert status == 400 and "tokenized to" in error["error"]["message"], error
+    same_length = list(range(100, 100 + answer["usage"]["prompt_tokens"]))
+    status, error = http("POST", f"{decode.url}/v1/completions", dict(body, prompt=same_length, kv_transfer_params=descriptor))
+    assert status == 400 and "differ from those prefill computed" in error["error"]["message"], error
     http("POST", f"{prefill.url}/pd/free", {"lease_id": descriptor["lease_id"]})
     wait_until("no blocks held", lambda: no_blocks_held(prefill, decode), timeout=10)
 

@@ -20,7 +20,7 @@ use crate::config::{EngineConfig, ModelInfo};
 use crate::engine_core::{EngineCore, RequestKey, StepEvent};
 use crate::error::{EngineError, SubmitError};
 use crate::kv::LeaseDirectory;
-use crate::kv_transfer::{pooled_frame, CudaIpcKv, EarlyKv, FirstTokenResult, HostFrame, HostKvReader, KvMemory, KvTransfer, LeaseExtent};
+use crate::kv_transfer::{pooled_frame, CudaIpcKv, EarlyKv, FirstTokenResult, HostFrame, HostKvReader, HostKvWriter, KvMemory, KvTransfer, LeaseExtent, StreamedKv};
 use crate::output_processor::{OutputProcessor, TokenEvent};
 use crate::request::{ChoiceDelta, GenerateRequest, Usage};
 use crate::sampling_params::InvalidParam;
@@ -66,6 +66,8 @@ struct Shared {
     /// Leases and what of them may be read; the backend's reader off the engine thread.
     leases: LeaseDirectory,
     kv_reader: Option<Arc<dyn HostKvReader>>,
+    /// The backend's writer of imported frames off the engine thread.
+    kv_writer: Option<Arc<dyn HostKvWriter>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -73,6 +75,7 @@ struct Shared {
 struct KvSharing {
     ipc: Option<CudaIpcKv>,
     reader: Option<Arc<dyn HostKvReader>>,
+    writer: Option<Arc<dyn HostKvWriter>>,
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -99,6 +102,10 @@ impl Engine {
             tracing::warn!(error = %e, "KV blocks will be read to the host on the engine thread");
             None
         });
+        let kv_writer = core.host_kv_writer().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "imported KV frames will be written on the engine thread");
+            None
+        });
         let info = core.info().clone();
         tracing::info!(
             model = %model_dir.display(),
@@ -108,7 +115,7 @@ impl Engine {
             max_model_len = info.max_model_len,
             "engine ready"
         );
-        let kv = KvSharing { ipc: kv_ipc, reader: kv_reader };
+        let kv = KvSharing { ipc: kv_ipc, reader: kv_reader, writer: kv_writer };
         Ok(Self::spawn(core, tokenizer, config, info, kv))
     }
 
@@ -136,6 +143,7 @@ impl Engine {
                 kv_ipc: kv.ipc,
                 leases,
                 kv_reader: kv.reader,
+                kv_writer: kv.writer,
                 thread: Mutex::new(Some(thread)),
             }),
         }
@@ -160,6 +168,12 @@ impl Engine {
     /// CUDA IPC handles of this engine's KV cache (GPU backends).
     pub fn kv_ipc(&self) -> Option<&CudaIpcKv> {
         self.shared.kv_ipc.as_ref()
+    }
+
+    /// Where a transport puts the frames of an import of `num_blocks` blocks: written off
+    /// the engine thread where the backend has a writer.
+    pub fn streamed_kv(&self, num_blocks: usize, transport: &'static str) -> Arc<StreamedKv> {
+        Arc::new(StreamedKv::with_writer(num_blocks, transport, self.shared.kv_writer.clone()))
     }
 
     /// Reads a lease's KV blocks of `layers` to host memory: off the engine thread where

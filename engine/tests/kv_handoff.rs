@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use common::{core, greedy, model_dir, run_to_end};
@@ -14,7 +14,8 @@ use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine::Engine;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
 use dlengine_engine::kv_transfer::{
-    EarlyKv, ImportedKv, KvFrame, KvHandoff, KvLocation, KvMemory, KvSource, KvTransfer, RemoteCopy, RemoteKvReader, StreamedKv,
+    pooled_frame, EarlyKv, HostFrame, HostKvWriter, ImportedKv, KvFrame, KvHandoff, KvLocation, KvMemory, KvSource, KvTransfer, RemoteCopy,
+    RemoteKvReader, StreamedKv,
 };
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
@@ -158,11 +159,22 @@ fn a_payload_of_the_wrong_size_fails_the_request_and_frees_its_blocks() {
 /// Prefills `prompt` for a streamed handoff: decode's request 2 is submitted and admitted
 /// before any frame arrives. Returns the stream, prefill's lease and the aggregated output.
 fn admit_streamed(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u32], params: &SamplingParams) -> (Arc<StreamedKv>, u64, Vec<u32>) {
+    admit_streamed_to(prefill, decode, prompt, params, None)
+}
+
+/// As [`admit_streamed`], frames going to `writer` once the import has its blocks.
+fn admit_streamed_to(
+    prefill: &mut EngineCore,
+    decode: &mut EngineCore,
+    prompt: &[u32],
+    params: &SamplingParams,
+    writer: Option<Arc<dyn HostKvWriter>>,
+) -> (Arc<StreamedKv>, u64, Vec<u32>) {
     let expected = run_to_end(&mut core(MODEL, config()), vec![(prompt.to_vec(), params.clone())]).remove(0).remove(0);
     prefill.add_request(1, request(prompt, params, KvTransfer::Export));
     let (first, _, handoff) = drive(prefill, 1);
     let handoff = handoff.expect("handed off");
-    let stream = Arc::new(StreamedKv::new(handoff.blocks.len(), "tcp"));
+    let stream = Arc::new(StreamedKv::with_writer(handoff.blocks.len(), "tcp", writer));
     let first_token = Some(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
     let import = ImportedKv { first_token, source: KvSource::Streamed(stream.clone()) };
     decode.add_request(2, request(prompt, params, KvTransfer::Import(import)));
@@ -173,7 +185,7 @@ fn admit_streamed(prefill: &mut EngineCore, decode: &mut EngineCore, prompt: &[u
 }
 
 fn layer_frame(prefill: &mut EngineCore, lease_id: u64, layer: usize) -> KvFrame {
-    KvFrame { layers: layer..layer + 1, bytes: prefill.read_lease(lease_id, layer..layer + 1).unwrap() }
+    KvFrame { layers: layer..layer + 1, bytes: pooled_frame(prefill.read_lease(lease_id, layer..layer + 1).unwrap()) }
 }
 
 #[test]
@@ -249,7 +261,7 @@ fn an_aborted_streamed_import_frees_its_blocks_at_once_and_a_repeated_layer_fail
     let (stream, lease_id, _) = admit_streamed(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4));
     assert!(stream.push(layer_frame(&mut prefill, lease_id, 0)));
     decode.abort(2);
-    assert_eq!(decode.stats().kv_blocks_used, 0, "only the engine thread writes frames: nothing to wait for");
+    assert_eq!(decode.stats().kv_blocks_used, 0, "only the engine thread writes these frames: nothing to wait for");
     assert!(stream.is_closed());
     let (stream, lease_id, _) = admit_streamed(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 11], &greedy(4));
     for _ in 0..2 {
@@ -258,6 +270,106 @@ fn an_aborted_streamed_import_frees_its_blocks_at_once_and_a_repeated_layer_fail
     let mut events = decode.step();
     events.extend(decode.step());
     assert!(events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("already written"))), "{events:?}");
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+}
+
+/// A backend's writer off the engine thread as the engine sees one: each write waits for
+/// the test's go, then records what it was given (or fails). It writes no cache: these
+/// tests are about when an import is complete and when its blocks may be freed; the GPU
+/// tests check the bytes of the real one.
+struct GatedWriter {
+    go: Mutex<mpsc::Receiver<Result<(), String>>>,
+    writes: Mutex<Vec<(std::ops::Range<usize>, Vec<u32>, usize, usize)>>,
+}
+
+impl GatedWriter {
+    fn new() -> (Arc<Self>, mpsc::Sender<Result<(), String>>) {
+        let (go, rx) = mpsc::channel();
+        (Arc::new(Self { go: Mutex::new(rx), writes: Mutex::default() }), go)
+    }
+}
+
+impl HostKvWriter for GatedWriter {
+    fn buffer(&self, len: usize) -> Result<HostFrame, String> {
+        Ok(pooled_frame(vec![0; len]))
+    }
+
+    fn write(&self, frame: &[u8], layers: std::ops::Range<usize>, blocks: &[u32], skip: usize) -> Result<(), String> {
+        let outcome = self.go.lock().unwrap().recv().unwrap();
+        self.writes.lock().unwrap().push((layers, blocks.to_vec(), skip, frame.len()));
+        outcome
+    }
+}
+
+/// `frame` delivered on a thread of its own, as a transport's task would.
+fn deliver_on_a_thread(stream: &Arc<StreamedKv>, frame: KvFrame) -> std::thread::JoinHandle<bool> {
+    let stream = stream.clone();
+    std::thread::spawn(move || tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(stream.deliver(frame)))
+}
+
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[test]
+fn frames_after_admission_go_to_the_writer_off_the_engine_thread_and_queued_ones_through_it() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let (writer, go) = GatedWriter::new();
+    let prompt: Vec<u32> = (0..13).map(|i| i * 7 % 300 + 4).collect();
+    let (stream, lease_id, _) = admit_streamed_to(&mut prefill, &mut decode, &prompt, &greedy(4), Some(writer.clone()));
+    let layers = decode.info().kv_layout.num_layers;
+    let layout = decode.info().kv_layout.clone();
+    let frame_bytes = prompt.len().div_ceil(layout.block_size) * layout.bytes_per_block() / layers;
+    // Every layer but the first arrives after admission: written off the engine thread.
+    let delivering: Vec<_> = (1..layers).map(|l| deliver_on_a_thread(&stream, layer_frame(&mut prefill, lease_id, l))).collect();
+    wait_until("the writes are in flight", || stream.is_writing());
+    // The first layer came before admission (queued): the engine thread writes it, through
+    // the writer too.
+    assert!(stream.push(layer_frame(&mut prefill, lease_id, 0)));
+    for _ in 0..layers {
+        go.send(Ok(())).unwrap();
+    }
+    assert!(delivering.into_iter().all(|d| d.join().unwrap()), "the import still wants frames while some are missing");
+    let tokens = decode.step().into_iter().filter(|e| matches!(e, StepEvent::Token { .. })).count();
+    assert_eq!(tokens, 1, "the step that writes the queued frame completes the import: its first token");
+    let mut writes = writer.writes.lock().unwrap().clone();
+    writes.sort_by_key(|w| w.0.start);
+    let blocks = writes[0].1.clone();
+    assert_eq!(blocks.len(), prompt.len().div_ceil(4));
+    assert_eq!(writes, (0..layers).map(|l| (l..l + 1, blocks.clone(), 0, frame_bytes)).collect::<Vec<_>>());
+    decode.abort(2);
+    assert_eq!(decode.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn an_import_dropped_while_a_frame_is_written_off_the_engine_thread_keeps_its_blocks_until_the_write_ends() {
+    let (mut prefill, mut decode) = (core(MODEL, config()), core(MODEL, config()));
+    let (writer, go) = GatedWriter::new();
+    let (stream, lease_id, _) = admit_streamed_to(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 10], &greedy(4), Some(writer));
+    let blocks = decode.stats().kv_blocks_used;
+    let delivering = deliver_on_a_thread(&stream, layer_frame(&mut prefill, lease_id, 0));
+    wait_until("the write is in flight", || stream.is_writing());
+    decode.abort(2);
+    decode.step();
+    assert_eq!(decode.stats().kv_blocks_used, blocks, "a write may still land in them: not given to another request");
+    go.send(Ok(())).unwrap();
+    assert!(!delivering.join().unwrap(), "the import ended: the transport stops");
+    decode.step();
+    assert_eq!(decode.stats().kv_blocks_used, 0, "freed once the write is over");
+    assert!(!decode.has_work());
+    // A write that fails fails its import, whose blocks go once nothing writes them.
+    let (writer, go) = GatedWriter::new();
+    let (stream, lease_id, _) = admit_streamed_to(&mut prefill, &mut decode, &[5, 6, 7, 8, 9, 11], &greedy(4), Some(writer));
+    go.send(Err("the device fell off the bus".into())).unwrap();
+    assert!(!deliver_on_a_thread(&stream, layer_frame(&mut prefill, lease_id, 0)).join().unwrap());
+    let events = decode.step();
+    assert!(events.iter().any(|e| matches!(e, StepEvent::Failed { message, .. } if message.contains("fell off the bus"))), "{events:?}");
     assert_eq!(decode.stats().kv_blocks_used, 0);
 }
 
@@ -405,7 +517,7 @@ impl RemoteKvReader for MemcpyReader {
         "memcpy"
     }
 
-    fn start(&self, pairs: Vec<(u32, u32)>) -> RemoteCopy {
+    fn start(&self, pairs: Vec<(u32, u32)>, _ready_mark: Option<u32>) -> RemoteCopy {
         let copy = RemoteCopy::default();
         self.started.lock().unwrap().push((pairs, copy.clone()));
         copy
@@ -419,7 +531,7 @@ fn hand_over_remote(prefill: &mut EngineCore, decode: &mut EngineCore, reader: &
     let (first, logprobs, handoff) = drive(prefill, 1);
     let handoff = handoff?;
     let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
-    let source = KvSource::Remote { reader: reader.clone(), remote_blocks: handoff.blocks.clone() };
+    let source = KvSource::Remote { reader: reader.clone(), remote_blocks: handoff.blocks.clone(), ready_mark: None };
     decode.add_request(2, request(prompt, params, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
     Some(handoff)
 }
@@ -504,7 +616,7 @@ fn an_engine_with_only_a_copy_in_flight_polls_it_instead_of_stepping_back_to_bac
     prefill.add_request(1, request(&prompt, &greedy(4), KvTransfer::Export));
     let (first, logprobs, handoff) = drive(&mut prefill, 1);
     let first_token = logprobs.first().cloned().unwrap_or(TokenLogprob { token_id: first[0], logprob: 0.0, top: Vec::new() });
-    let source = KvSource::Remote { reader: reader.clone(), remote_blocks: handoff.expect("handed off").blocks };
+    let source = KvSource::Remote { reader: reader.clone(), remote_blocks: handoff.expect("handed off").blocks, ready_mark: None };
     let mut stream = decode.submit(request(&prompt, &greedy(4), KvTransfer::Import(ImportedKv { first_token: Some(first_token), source }))).unwrap();
     while reader.started.lock().unwrap().is_empty() {
         std::thread::yield_now();

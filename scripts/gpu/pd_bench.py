@@ -14,7 +14,12 @@ set against loopback TCP measured here (threads moving the same bytes through so
 is driven here the way the router drives it: prefill's first line (the descriptor) goes to
 decode at once, and prefill's second line is read after decode's first chunk.
 
-usage: pd_bench.py MODEL_DIR DLENGINE_BIN OUT_JSON
+Beside each transport it measures what a late 16K-token import costs the requests
+already decoding on decode: the inter-token gaps of a stream running there while the
+import lands, against its median gap. With BEFORE_BIN (an older build) the TCP flow is
+run a second time with decode from that build, for a comparison inside one run.
+
+usage: pd_bench.py MODEL_DIR DLENGINE_BIN OUT_JSON [BEFORE_BIN]
 """
 
 import http.client
@@ -30,6 +35,7 @@ import time
 import urllib.request
 
 MODEL, BIN, OUT = sys.argv[1:4]
+BEFORE_BIN = sys.argv[4] if len(sys.argv) > 4 else None
 LOG_DIR = os.path.dirname(OUT)
 LENGTHS = [1024, 4096, 16384]
 REPEATS = 5
@@ -69,9 +75,9 @@ def first_chunk_seconds(port, body):
     raise RuntimeError("no data chunk")
 
 
-def start(name, port, extra):
+def start(name, port, extra, binary=BIN):
     log = open(os.path.join(LOG_DIR, f"pd-{name}.log"), "w")
-    argv = [BIN, "serve", MODEL, "--device", "cuda", "--host", "127.0.0.1", "--port", str(port),
+    argv = [binary, "serve", MODEL, "--device", "cuda", "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", "m", "--max-model-len", "20000", "--max-num-batched-tokens", "16384",
             "--gpu-memory-utilization", "0.8", *extra]
     p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -134,6 +140,45 @@ def pd_ttft(pp, dp, body, early):
     elapsed = time.perf_counter() - start + first_chunk_seconds(dp, dict(body, kv_transfer_params=descriptor))
     rest.read()
     return elapsed
+
+
+def decode_gaps_during_import(pp, dp):
+    """Inter-token gaps of a stream decoding on decode while a late 16K-token import lands
+    beside it: the largest during the import, the largest before it, the median, and the
+    sum of the excess over the median during the import (time the import took from it)."""
+    times = []
+
+    def stream():
+        conn = http.client.HTTPConnection("127.0.0.1", dp, timeout=300)
+        body = dict(greedy(fresh_prompt(16), 3000), stream=True)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        r = conn.getresponse()
+        while line := r.readline():
+            if line.startswith(b"data: {"):
+                times.append(time.perf_counter())
+            if len(times) and done.is_set():
+                break
+        conn.close()
+
+    done = threading.Event()
+    t = threading.Thread(target=stream)
+    t.start()
+    while len(times) < 100:
+        time.sleep(0.01)
+    body = greedy(fresh_prompt(LENGTHS[-1]), 2)
+    pre = post_json(pp, dict(body, kv_transfer_params=LATE))
+    begin = time.perf_counter()  # prefill is done: what follows is decode's import
+    post_json(dp, dict(body, kv_transfer_params=pre["kv_transfer_params"]))
+    end = time.perf_counter()
+    time.sleep(0.1)
+    done.set()
+    t.join()
+    gaps = [(b - a, b) for a, b in zip(times, times[1:])]
+    median = statistics.median(g for g, _ in gaps)
+    during = [g for g, at in gaps if begin <= at <= end]
+    before = [g for g, at in gaps if at < begin]
+    return {"median_gap_ms": 1e3 * median, "max_gap_before_ms": 1e3 * max(before), "max_gap_during_import_ms": 1e3 * max(during, default=0),
+            "import_ms": 1e3 * (end - begin), "excess_during_import_ms": 1e3 * sum(max(0, g - median) for g in during)}
 
 
 def median_of(f):
@@ -221,15 +266,19 @@ DECODE_FLAGS = {
     "tcp": ["--kv-transport", "tcp", "--kv-tcp-connections", "4"],
     "tcp-1": ["--kv-transport", "tcp", "--kv-tcp-connections", "1"],
 }
+DECODE_BIN = {transport: BIN for transport in DECODE_FLAGS}
+if BEFORE_BIN:
+    DECODE_FLAGS["tcp-before"], DECODE_BIN["tcp-before"] = DECODE_FLAGS["tcp"], BEFORE_BIN
 for transport, flags in DECODE_FLAGS.items():
     pre = start(f"prefill-{transport}", 8202, ["--cuda-device", "0", "--mode", "prefill"])
-    dec = start(f"decode-{transport}", 8203, ["--cuda-device", "1", "--mode", "decode"] + flags)
+    dec = start(f"decode-{transport}", 8203, ["--cuda-device", "1", "--mode", "decode"] + flags, DECODE_BIN[transport])
     r = {}
     for flow, early in [("late", False), ("early", True)]:
         got = [pd_generate(8202, 8203, greedy(p, m), early)["choices"][0]["text"] for p, m in checks[flow]]
         r[flow] = {"outputs_equal": got == reference[flow], "mismatches": sum(a != b for a, b in zip(got, reference[flow]))}
         r[flow]["ttft_ms"] = {n: 1e3 * median_of(lambda: pd_ttft(8202, 8203, greedy(fresh_prompt(n), 2), early)) for n in LENGTHS}
         r[flow]["added_ttft_ms"] = {n: r[flow]["ttft_ms"][n] - result["aggregated_ttft_ms"][n] for n in LENGTHS}
+    r["decode_gaps"] = decode_gaps_during_import(8202, 8203)
     pd_generate(8202, 8203, greedy(fresh_prompt(LENGTHS[-1]), 2), False)  # a late import: its log line is a bandwidth
     r["imports"] = log_figures(f"pd-decode-{transport}.log", "imported KV")[-1:]
     r["device_copies"] = log_figures(f"pd-decode-{transport}.log", "peer copy done")[-1:]

@@ -42,6 +42,6 @@ case "$stage" in
   pd)
     m=$1; shift
     python3 scripts/gpu/make_models.py "$MODELS" "$m" 2>&1 | grep -v Warning
-    python3 scripts/gpu/pd_bench.py "$MODELS/$m" .carry/dlengine "$OUT/pd-$m.json" ;;
+    python3 scripts/gpu/pd_bench.py "$MODELS/$m" .carry/dlengine "$OUT/pd-$m.json" ${BEFORE_BIN:-} ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -257,11 +257,21 @@ pub struct KvRdmaAdvert {
     pub layout: KvMemoryLayout,
     /// Indexed by the layout's region numbers.
     pub regions: Vec<RemoteRegion>,
+    /// The per-layer progress marks (a little-endian u32 per layer, in layer order) the
+    /// source's forward writes once a layer's KV is written, where it publishes them: a
+    /// reader READs them to read each layer as soon as it is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<RemoteRegion>,
 }
 
 impl KvRdmaAdvert {
     pub fn new(endpoint: EndpointInfo, layout: KvMemoryLayout, regions: Vec<RemoteRegion>) -> Self {
-        Self { version: META_VERSION, endpoint, layout, regions }
+        Self { version: META_VERSION, endpoint, layout, regions, progress: None }
+    }
+
+    /// The same, with progress marks at `progress`.
+    pub fn with_progress(self, progress: Option<RemoteRegion>) -> Self {
+        Self { progress, ..self }
     }
 
     pub fn validate(&self) -> Result<(), MetaError> {
@@ -269,6 +279,12 @@ impl KvRdmaAdvert {
         self.endpoint.validate()?;
         for r in &self.regions {
             r.validate()?;
+        }
+        if let Some(marks) = &self.progress {
+            marks.validate()?;
+            if marks.len < self.layout.shape.layers as u64 * 4 {
+                return Err(MetaError::invalid("progress.len", format!("{} bytes for {} layers' marks", marks.len, self.layout.shape.layers)));
+            }
         }
         self.layout.validate()?;
         let lens: Vec<u64> = self.regions.iter().map(|r| r.len).collect();
@@ -438,6 +454,9 @@ mod tests {
         assert_eq!(v["endpoint"]["mtu"], 4096);
         assert_eq!(v["endpoint"]["link_layer"], "ethernet");
         assert_eq!(v["regions"][1]["rkey"], 0x1235);
+        assert!(v.get("progress").is_none(), "no marks, no field: older readers see what they know");
+        let marked = advert().with_progress(Some(RemoteRegion { addr: 0x9000, rkey: 0x77, len: 8 }));
+        assert_eq!(KvRdmaAdvert::from_json(&marked.to_json()).unwrap(), marked);
     }
 
     #[test]
@@ -519,6 +538,8 @@ mod tests {
             ("stride too small", mutate_advert(|v| v["layout"]["block_stride"] = 1.into())),
             ("zero heads", mutate_advert(|v| v["layout"]["shape"]["kv_heads"] = 0.into())),
             ("version 0", mutate_advert(|v| v["version"] = 0.into())),
+            ("marks short of a layer", mutate_advert(|v| v["progress"] = serde_json::json!({"addr": 4096, "rkey": 1, "len": 4}))),
+            ("marks wrap", mutate_advert(|v| v["progress"] = serde_json::json!({"addr": u64::MAX, "rkey": 1, "len": 8}))),
             (
                 "ib without lid or gid",
                 mutate_advert(|v| {

@@ -84,10 +84,20 @@ impl CompletionTracker {
     /// The requests to post next on `qp`: at most `max_batch`, keeping at most
     /// `max_outstanding` posted but not completed (the send queue depth).
     pub fn next_batch(&self, qp: usize, max_outstanding: usize, max_batch: usize) -> Range<usize> {
+        self.next_batch_below(qp, max_outstanding, max_batch, u32::MAX)
+    }
+
+    /// As [`next_batch`](Self::next_batch), of the requests of layers below
+    /// `layers_ready` only (the source has written no further yet: a layer-wise
+    /// transfer while the peer's forward runs).
+    pub fn next_batch_below(&self, qp: usize, max_outstanding: usize, max_batch: usize, layers_ready: u32) -> Range<usize> {
         let Some(layers) = self.qp_layers.get(qp) else { return 0..0 };
         let start = self.posted[qp];
         let room = max_outstanding.saturating_sub(start - self.completed[qp]);
-        start..(start + room.min(max_batch)).min(layers.len())
+        let end = (start + room.min(max_batch)).min(layers.len());
+        // Each QP's requests are in layer order: the ready ones come first.
+        let ready = layers[start..end].partition_point(|&l| l < layers_ready);
+        start..start + ready
     }
 
     pub fn on_posted(&mut self, qp: usize, count: usize) -> Result<(), TrackError> {
@@ -232,6 +242,19 @@ mod tests {
         assert_eq!(t.outstanding(0), 1);
         assert_eq!(t.next_batch(0, 4, 3), 4..7);
         assert_eq!(t.unposted(0), 6);
+    }
+
+    #[test]
+    fn a_batch_holds_only_requests_of_layers_the_source_has_written() {
+        let p = plan(&[&[0, 0, 1, 2, 2], &[1, 2]], 3);
+        let mut t = CompletionTracker::new(&p, 1);
+        assert_eq!(t.next_batch_below(0, 16, 16, 0), 0..0, "nothing is ready");
+        assert_eq!(t.next_batch_below(0, 16, 16, 1), 0..2);
+        assert_eq!(t.next_batch_below(1, 16, 16, 1), 0..0, "QP1 starts at layer 1");
+        t.on_posted(0, 2).unwrap();
+        assert_eq!(t.next_batch_below(0, 16, 16, 2), 2..3);
+        assert_eq!(t.next_batch_below(0, 16, 2, 3), 2..4, "the batch limit still holds");
+        assert_eq!(t.next_batch_below(0, 16, 16, 3), t.next_batch(0, 16, 16), "every layer ready: as ungated");
     }
 
     #[test]

@@ -154,6 +154,9 @@ impl<'a> ReadTransfer<'a> {
     pub fn progress(&mut self) -> Result<Range<u32>> {
         match self.never {}
     }
+    pub fn progress_below(&mut self, _layers_ready: u32) -> Result<Range<u32>> {
+        match self.never {}
+    }
     pub fn layers_complete(&self) -> u32 {
         match self.never {}
     }
@@ -161,6 +164,9 @@ impl<'a> ReadTransfer<'a> {
         match self.never {}
     }
     pub fn wait(self, _on_layers: impl FnMut(Range<u32>)) -> Result<TransferStats> {
+        match self.never {}
+    }
+    pub fn wait_gated(self, _layers_ready: impl FnMut() -> Result<u32>, _on_layers: impl FnMut(Range<u32>)) -> Result<TransferStats> {
         match self.never {}
     }
 }

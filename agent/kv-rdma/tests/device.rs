@@ -191,6 +191,39 @@ fn loopback_read_four_qps_small_messages_layer_by_layer() {
 
 #[test]
 #[ignore = "needs an RDMA device"]
+fn loopback_read_gated_posts_each_layer_only_once_the_source_says_it_is_written() {
+    let shape = KvShape { layers: 4, kv_heads: 2, head_dim: 64, block_size: 16, elem_bytes: 2 };
+    let layout = KvMemoryLayout::separate_regions(shape, 8);
+    let (_device, ep, pd) = device();
+    let lens = layout.required_region_lens().unwrap();
+    let (remote_bufs, local_bufs): (Vec<HostBuf>, Vec<HostBuf>) =
+        (lens.iter().map(|&len| HostBuf::new(len as usize)).collect(), lens.iter().map(|&len| HostBuf::new(len as usize)).collect());
+    let remote_mrs: Vec<MemoryRegion> = remote_bufs.iter().map(|b| b.register(&pd, Access::REMOTE_READ)).collect();
+    let local_mrs: Vec<MemoryRegion> = local_bufs.iter().map(|b| b.register(&pd, Access::LOCAL_WRITE)).collect();
+    let remote = remote_mrs.iter().map(MemoryRegion::remote_region).collect();
+    let local = local_mrs.iter().map(MemoryRegion::local_region).collect();
+    let options = PlanOptions { num_qps: 2, ..PlanOptions::default() };
+    let plan = ReadPlanner::new(layout.clone(), remote, layout, local, options).unwrap().plan(&[(0, 1), (3, 4), (4, 5)]).unwrap();
+    let (mut readers, _responders) = loopback_pairs(&pd, &ep, 2);
+    // The source "writes" one more layer every 50 rounds.
+    let (ready, mut rounds, mut landed) = (std::cell::Cell::new(0u32), 0, Vec::new());
+    let layers_ready = || {
+        rounds += 1;
+        if rounds % 50 == 0 {
+            ready.set((ready.get() + 1).min(shape.layers));
+        }
+        Ok(ready.get())
+    };
+    ReadTransfer::start(&mut readers, &plan, ReadOptions::default())
+        .unwrap()
+        .wait_gated(layers_ready, |layers| landed.extend(layers.map(|l| (l, ready.get()))))
+        .unwrap();
+    assert_eq!(landed.iter().map(|&(l, _)| l).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert!(landed.iter().all(|&(layer, written)| layer < written), "a layer landed before the source wrote it: {landed:?}");
+}
+
+#[test]
+#[ignore = "needs an RDMA device"]
 fn loopback_second_transfer_on_the_same_qps() {
     let (_device, ep, pd) = device();
     let src = HostBuf::new(1 << 16);

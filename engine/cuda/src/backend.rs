@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::CUfunction;
+use cudarc::driver::sys::{CUdeviceptr, CUfunction};
 use dlengine_engine::backend::{
     Backend, DType, DeviceTimeReport, HostTensor, KvCacheLayout, QkvLayout, StepInput, StepLimits,
 };
@@ -73,6 +73,19 @@ pub(crate) struct KvCache {
     pub(crate) layout: KvCacheLayout,
     /// Per layer (K, V).
     pub(crate) layers: Vec<(DeviceBuffer, DeviceBuffer)>,
+}
+
+impl KvCache {
+    /// Bytes of one block of one layer's K (or V).
+    pub(crate) fn block_bytes(&self) -> usize {
+        let l = self.layout;
+        l.block_size * l.kv_heads * l.head_dim * l.dtype.size_in_bytes()
+    }
+
+    /// The (K, V) base of every layer.
+    pub(crate) fn buffers(&self) -> Vec<(CUdeviceptr, CUdeviceptr)> {
+        self.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect()
+    }
 }
 
 pub struct CudaBackend {

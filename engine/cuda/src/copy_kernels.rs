@@ -1,14 +1,15 @@
 //! The two kernels every KV block copy is made of (`kernels/kv_transfer.cu`): the chunk
 //! copy, and the one-thread wait for a layer's progress mark that holds a stream until a
 //! forward has written that layer. Shared by the engine thread's host staging
-//! ([`crate::kv_io`]), peer copies ([`crate::peer_copy`]) and reads off the engine thread
-//! ([`crate::kv_reader`]).
+//! ([`crate::kv_io`]), peer copies ([`crate::peer_copy`]), and reads and writes off the engine
+//! thread ([`crate::kv_reader`], [`crate::kv_writer`]).
 
 use std::time::Duration;
 
+use cudarc::driver::result;
 use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUstream};
 
-use crate::error::Result;
+use crate::error::{OpContext, Result};
 use crate::kernels::Module;
 use crate::launch::{launch, Arg, Launch};
 
@@ -40,6 +41,19 @@ impl CopyKernels {
     pub(crate) fn queue_copy(&self, op: &'static str, stream: CUstream, table: CUdeviceptr, count: usize, ctas: u32) -> Result<()> {
         let grid = ctas.min(count.max(1) as u32);
         launch(op, self.copy_chunks, stream, &Launch::new((grid, 1, 1), COPY_THREADS), vec![Arg::Ptr(table), Arg::I32(count as i32)])
+    }
+
+    /// Queues the copy of `chunks` on `stream`, their table uploaded into memory allocated
+    /// and freed in stream order: for copies off the engine thread, which share no
+    /// buffer with it.
+    pub(crate) fn queue_chunks(&self, op: &'static str, stream: CUstream, chunks: &[[u64; 3]], ctas: u32) -> Result<()> {
+        // SAFETY: stream-ordered allocation, upload, use and free, all on `stream`; the
+        // upload is from pageable memory, so the driver stages it before returning.
+        let table = unsafe { result::malloc_async(stream, (chunks.len() * 24).max(24)) }.op(op)?;
+        unsafe { result::memcpy_htod_async(table, chunks.as_flattened(), stream) }.op(op)?;
+        let launched = self.queue_copy(op, stream, table, chunks.len(), ctas);
+        unsafe { result::free_async(table, stream) }.op(op)?;
+        launched
     }
 
     /// Holds `stream` until `marks[layer]` reaches `mark`; past [`MARK_TIMEOUT`] it sets the

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags_enum, CUstream};
 use dlengine_engine::backend::KvBlockIo;
-use dlengine_engine::kv_transfer::{frame_buffer, CudaIpcKv, HostKvReader, KvMemory};
+use dlengine_engine::kv_transfer::{frame_buffer, CudaIpcKv, HostKvReader, HostKvWriter, KvMemory};
 
 use crate::backend::CudaBackend;
 use crate::copy_kernels::CopyKernels;
@@ -21,6 +21,7 @@ use crate::error::{op_error, OpContext, Result};
 use crate::kernels::Module;
 use crate::kv_progress::KvProgress;
 use crate::kv_reader::DeviceKvReader;
+use crate::kv_writer::DeviceKvWriter;
 use crate::memory::{DeviceBuffer, PinnedBuffer};
 use crate::peer_copy::{CopyStage, PeerCopies};
 
@@ -65,6 +66,12 @@ pub(crate) struct KvIo {
 const CHUNK_BYTES: u64 = 128 << 10;
 /// CTAs per SM of a copy launch (with 512 threads each, 2048 threads per SM).
 const COPY_CTAS_PER_SM: u32 = 4;
+/// CTAs of a copy between the cache and host memory off the engine thread, which runs
+/// beside the engine's forward: 4 (128 KB of loads in flight) still keep up with 4 TCP
+/// connections and leave the other SMs to the forward. A stream decoding beside a
+/// 16K-token TCP import lost 51 ms to the import's writes on every SM, 34 ms on 16 CTAs,
+/// 19 ms on 4 (docs/benchmarks.md).
+const HOST_COPY_CTAS: u32 = 4;
 /// Host staging is filled this many bytes at a time (at least one layer): a long prompt's
 /// KV is gigabytes, more than is worth pinning.
 const STAGING_BYTES: usize = 64 << 20;
@@ -113,11 +120,6 @@ fn runs(pairs: &[(u32, u32)]) -> Vec<(u32, u32, u32)> {
     out
 }
 
-/// Runs of consecutive blocks, as (first, first, length).
-fn block_runs(blocks: &[u32]) -> Vec<(u32, u32, u32)> {
-    runs(&blocks.iter().map(|&b| (b, b)).collect::<Vec<_>>())
-}
-
 /// (source, destination, bytes) segments split into chunks of at most CHUNK_BYTES.
 pub(crate) fn chunked(segments: impl IntoIterator<Item = [u64; 3]>) -> Vec<[u64; 3]> {
     chunked_by(segments, CHUNK_BYTES)
@@ -157,16 +159,18 @@ fn block_segments(buffers: &[(CUdeviceptr, CUdeviceptr)], runs: &[(u32, u32, u32
 }
 
 /// Segments between the blocks of `buffers` (in order) and a packed staging area at
-/// `staging`; `to_staging` says which way.
-pub(crate) fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], block_bytes: u64, staging: u64, to_staging: bool) -> Vec<[u64; 3]> {
-    let runs = block_runs(blocks);
-    let mut at = staging;
+/// `staging` holding each buffer's rows of every block in turn, except the rows of the
+/// first `skip` blocks, which are left alone; `to_staging` says which way.
+pub(crate) fn staging_segments(buffers: &[CUdeviceptr], blocks: &[u32], skip: usize, block_bytes: u64, staging: u64, to_staging: bool) -> Vec<[u64; 3]> {
+    // Runs of (index in the staging area, block).
+    let indexed: Vec<(u32, u32)> = blocks.iter().enumerate().skip(skip).map(|(i, &b)| (i as u32, b)).collect();
+    let runs = runs(&indexed);
     let mut out = Vec::with_capacity(buffers.len() * runs.len());
-    for &base in buffers {
-        for &(block, _, n) in &runs {
-            let (cache, len) = (base + block as u64 * block_bytes, n as u64 * block_bytes);
-            out.push(if to_staging { [cache, at, len] } else { [at, cache, len] });
-            at += len;
+    for (j, &base) in buffers.iter().enumerate() {
+        let part = staging + (j * blocks.len()) as u64 * block_bytes;
+        for &(at, block, n) in &runs {
+            let (packed, cache, len) = (part + at as u64 * block_bytes, base + block as u64 * block_bytes, n as u64 * block_bytes);
+            out.push(if to_staging { [cache, packed, len] } else { [packed, cache, len] });
         }
     }
     out
@@ -180,7 +184,7 @@ pub(crate) fn layer_buffers(buffers: &[(CUdeviceptr, CUdeviceptr)], layers: Rang
 /// Copies `src` into `dst` on up to 8 threads, one per 8 MiB: a decode engine's thread
 /// waits while a TCP frame (67 MB a layer at 16K tokens) goes into pinned staging, and
 /// one thread wrote ~4.6 GB/s, so decode's writes trailed the network.
-fn copy_on_threads(dst: &mut [u8], src: &[u8]) {
+pub(crate) fn copy_on_threads(dst: &mut [u8], src: &[u8]) {
     const PER_THREAD: usize = 8 << 20;
     let threads = (src.len() / PER_THREAD).clamp(1, 8);
     if threads == 1 {
@@ -231,9 +235,7 @@ impl CudaBackend {
     }
 
     fn block_bytes(&self) -> Result<usize> {
-        let kv = self.kv_cache("KV block I/O")?;
-        let l = kv.layout;
-        Ok(l.block_size * l.kv_heads * l.head_dim * l.dtype.size_in_bytes())
+        Ok(self.kv_cache("KV block I/O")?.block_bytes())
     }
 
     fn pci_bus_id(&self) -> Result<String> {
@@ -248,7 +250,7 @@ impl CudaBackend {
 
     /// The (K, V) base of every layer of this engine's KV cache.
     fn kv_buffers(&self, op: &'static str) -> Result<Vec<(CUdeviceptr, CUdeviceptr)>> {
-        Ok(self.kv_cache(op)?.layers.iter().map(|(k, v)| (k.ptr(), v.ptr())).collect())
+        Ok(self.kv_cache(op)?.buffers())
     }
 
     /// Copies `segments` with one launch of the chunk-copy kernel on the engine's stream
@@ -308,7 +310,7 @@ impl KvBlockIo for CudaBackend {
         for round in rounds(layers, layers_per_round(blocks.len(), block_bytes)) {
             let len = round.len() * 2 * blocks.len() * block_bytes;
             let (_, staging) = self.kv_io.staging(len)?;
-            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, block_bytes as u64, staging, true);
+            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, 0, block_bytes as u64, staging, true);
             self.copy_segments("copying KV blocks to the host", segments)?;
             out.extend_from_slice(&self.kv_io.staging(len)?.0.as_slice()[..len]);
         }
@@ -329,7 +331,7 @@ impl KvBlockIo for CudaBackend {
             let (host, staging) = self.kv_io.staging(len)?;
             copy_on_threads(&mut host.as_mut_slice()[..len], &bytes[at..at + len]);
             at += len;
-            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, block_bytes as u64, staging, false);
+            let segments = staging_segments(&layer_buffers(&buffers, round), blocks, 0, block_bytes as u64, staging, false);
             self.copy_segments("copying KV blocks from the host", segments)?;
         }
         Ok(())
@@ -339,7 +341,13 @@ impl KvBlockIo for CudaBackend {
         self.device.bind()?;
         let kv = self.shared_kv_cache("host_reader")?;
         let marks = self.kv_io.progress.marks(kv.layers.len())?;
-        Ok(Some(Arc::new(DeviceKvReader::new(self.device.ctx.clone(), kv, marks, self.kv_io.kernels, self.copy_ctas()))))
+        Ok(Some(Arc::new(DeviceKvReader::new(self.device.ctx.clone(), kv, marks, self.kv_io.kernels, HOST_COPY_CTAS))))
+    }
+
+    fn host_writer(&mut self) -> Result<Option<Arc<dyn HostKvWriter>>> {
+        self.device.bind()?;
+        let kv = self.shared_kv_cache("host_writer")?;
+        Ok(Some(Arc::new(DeviceKvWriter::new(self.device.ctx.clone(), kv, self.kv_io.kernels, HOST_COPY_CTAS))))
     }
 
     fn export_kv_ipc(&mut self) -> Result<Option<CudaIpcKv>> {
@@ -434,12 +442,26 @@ mod tests {
     #[test]
     fn staging_packs_layers_then_runs_back_to_back_both_ways() {
         let block = 1024;
-        let out = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], block, 7 << 40, true);
+        let out = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], 0, block, 7 << 40, true);
         let expected = [[(1 << 30) + 3 * block, 7 << 40, 2 * block], [(1 << 30) + 8 * block, (7 << 40) + 2 * block, block]];
         assert_eq!(out[..2], expected);
         assert_eq!(out[2], [(2 << 30) + 3 * block, (7 << 40) + 3 * block, 2 * block]);
-        let back = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], block, 7 << 40, false);
+        let back = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], 0, block, 7 << 40, false);
         assert!(out.iter().zip(&back).all(|(a, b)| a[0] == b[1] && a[1] == b[0] && a[2] == b[2]));
+    }
+
+    #[test]
+    fn skipped_blocks_keep_their_place_in_the_staging_area_and_are_not_copied() {
+        let block = 1024;
+        let out = staging_segments(&[1 << 30, 2 << 30], &[3, 4, 8], 1, block, 7 << 40, false);
+        let expected = vec![
+            [(7 << 40) + block, (1 << 30) + 4 * block, block],
+            [(7 << 40) + 2 * block, (1 << 30) + 8 * block, block],
+            [(7 << 40) + 4 * block, (2 << 30) + 4 * block, block],
+            [(7 << 40) + 5 * block, (2 << 30) + 8 * block, block],
+        ];
+        assert_eq!(out, expected);
+        assert!(staging_segments(&[1 << 30], &[3, 4], 2, block, 7 << 40, false).is_empty());
     }
 
     #[test]

@@ -17,6 +17,9 @@ use crate::kernels::Module;
 use crate::launch::{launch, Arg, Launch};
 use crate::memory::DeviceBuffer;
 
+/// Bytes allocated for the marks: the driver's large-allocation granule.
+const MARKS_ALLOCATION: usize = 2 << 20;
+
 pub(crate) struct KvProgress {
     publish: CUfunction,
     /// One u32 mark per layer, zeroed at allocation; exported over CUDA IPC, shared with
@@ -36,7 +39,9 @@ impl KvProgress {
     /// The marks buffer (allocated and zeroed on first use), for export.
     pub(crate) fn marks(&mut self, num_layers: usize) -> Result<Arc<DeviceBuffer>> {
         if self.marks.is_none() {
-            let buffer = DeviceBuffer::new(num_layers.max(1) * 4)?;
+            // An allocation of its own granule (2 MiB), page-aligned, so that it can be
+            // exported as a dma-buf for a NIC too.
+            let buffer = DeviceBuffer::new((num_layers.max(1) * 4).max(MARKS_ALLOCATION))?;
             // SAFETY: the buffer holds at least `num_layers` u32s.
             unsafe { result::memset_d8_sync(buffer.ptr(), 0, num_layers * 4) }.op("zeroing KV progress marks")?;
             self.marks = Some(Arc::new(buffer));

@@ -22,11 +22,14 @@ mod kv_io;
 mod kv_memory;
 mod kv_progress;
 mod kv_reader;
+mod kv_writer;
 mod launch;
 mod memory;
 mod peer_bandwidth;
 mod peer_copy;
+mod pinned_pool;
 mod sampling;
+mod side_stream;
 mod tensor;
 mod timing;
 

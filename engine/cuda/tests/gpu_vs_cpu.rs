@@ -17,7 +17,7 @@ use dlengine_engine::config::EngineConfig;
 use dlengine_engine::engine_core::{EngineCore, StepEvent};
 use std::sync::Arc;
 
-use dlengine_engine::kv_transfer::{ImportedKv, KvLocation, KvSource, KvTransfer, RemoteCopy, RemoteKvReader, StreamedKv};
+use dlengine_engine::kv_transfer::{pooled_frame, ImportedKv, KvFrame, KvLocation, KvSource, KvTransfer, RemoteCopy, RemoteKvReader, StreamedKv};
 use dlengine_engine::request::{GenerateRequest, TokenLogprob};
 use dlengine_engine::sampling_params::SamplingParams;
 
@@ -291,7 +291,7 @@ impl RemoteKvReader for DeviceCopyReader {
         "device copy"
     }
 
-    fn start(&self, pairs: Vec<(u32, u32)>) -> RemoteCopy {
+    fn start(&self, pairs: Vec<(u32, u32)>, _ready_mark: Option<u32>) -> RemoteCopy {
         let copy = RemoteCopy::default();
         for (remote, local) in pairs {
             for &(src, dst) in &self.buffers {
@@ -340,7 +340,7 @@ fn the_cache_described_for_a_nic_takes_a_remote_copy_and_continues_as_one_engine
     let (first_token, handoff) = handoff.expect("prefilled");
     let buffers = remote.regions.iter().zip(&local.regions).map(|(r, l)| (r.addr, l.addr)).collect();
     let reader = Arc::new(DeviceCopyReader { buffers, block_bytes });
-    let source = KvSource::Remote { reader, remote_blocks: handoff.blocks.clone() };
+    let source = KvSource::Remote { reader, remote_blocks: handoff.blocks.clone(), ready_mark: None };
     decode.add_request(0, request(KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
     let mut got = Vec::new();
     while decode.has_work() {
@@ -392,4 +392,71 @@ fn kv_read_off_the_engine_thread_while_the_forward_runs_equals_the_engine_thread
     let stalled = reader.read(&[0], 0..1, Some(u32::MAX / 2)).err().expect("no forward publishes that mark");
     assert!(stalled.contains("published no progress"), "{stalled}");
     assert_eq!(prefill.stats().kv_blocks_used, 0, "blocks leaked");
+}
+
+#[test]
+fn kv_frames_written_off_the_engine_thread_continue_as_one_engine_would() {
+    if !gpu_available() {
+        return;
+    }
+    let name = "qwen3-tiny";
+    let config = EngineConfig { block_size: 4, ..fixed_pool() };
+    let p = prompts(name);
+    let baseline = greedy_with_margins(&mut cuda_core(name, config.clone(), true), &p);
+    let (mut prefill, mut decode) = (cuda_core(name, config.clone(), true), cuda_core(name, config, true));
+    let writer = decode.host_kv_writer().unwrap().expect("the CUDA backend writes off the engine thread");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let layers = decode.info().kv_layout.num_layers;
+    let params = SamplingParams { temperature: 0.0, max_tokens: STEPS, ignore_eos: true, logprobs: Some(2), ..Default::default() };
+    let request = |i: usize, kv_transfer| GenerateRequest { request_id: i.to_string(), prompt_token_ids: p[i].clone(), params: params.clone(), kv_transfer };
+    // The first prompt comes again last: decode's prefix cache then holds all its blocks
+    // but the last, whose rows in each frame the writer skips.
+    for (key, i) in (0..p.len()).chain([0]).enumerate() {
+        let key = key as u64;
+        prefill.add_request(key, request(i, KvTransfer::Export));
+        let mut handed_off = None;
+        while handed_off.is_none() {
+            for e in prefill.step() {
+                if let StepEvent::Token { event, .. } = e {
+                    handed_off = Some((event.logprobs[0].clone(), event.handoff.expect("handed off after the first token")));
+                }
+            }
+        }
+        let (first_token, handoff) = handed_off.expect("prefilled");
+        let stream = Arc::new(StreamedKv::with_writer(handoff.blocks.len(), "tcp", Some(writer.clone())));
+        let source = KvSource::Streamed(stream.clone());
+        decode.add_request(key, request(i, KvTransfer::Import(ImportedKv { first_token: Some(first_token), source })));
+        assert!(decode.step().iter().all(|e| matches!(e, StepEvent::Started { .. })), "admitted: its blocks are allocated");
+        for layer in 0..layers {
+            let bytes = prefill.read_lease(handoff.lease_id, layer..layer + 1).unwrap();
+            // Received into the writer's pinned memory (read where it lies) or into
+            // pageable memory (staged first), in turn.
+            let frame = if layer % 2 == 0 {
+                let mut frame = writer.buffer(bytes.len()).unwrap();
+                frame.bytes_mut().copy_from_slice(&bytes);
+                frame
+            } else {
+                pooled_frame(bytes)
+            };
+            assert!(runtime.block_on(stream.deliver(KvFrame { layers: layer..layer + 1, bytes: frame })), "written");
+        }
+        let mut got = Vec::new();
+        while decode.has_work() {
+            for e in decode.step() {
+                match e {
+                    StepEvent::Token { event, .. } => got.extend(event.tokens),
+                    StepEvent::Failed { message, .. } => panic!("{message}"),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(got.len(), STEPS, "prompt {i}");
+        agree_where_margins_allow(&format!("{name} prompt {i} written off the engine thread"), &baseline[i], &got).unwrap();
+    }
+    let tcp = decode.stats().kv_imports.tcp;
+    let block_bytes = decode.info().kv_layout.bytes_per_block() as u64;
+    let all_blocks: usize = p.iter().chain([&p[0]]).map(|q| q.len().div_ceil(4)).sum();
+    assert_eq!(tcp.done as usize, p.len() + 1);
+    assert_eq!(tcp.bytes, (all_blocks - (p[0].len() - 1) / 4) as u64 * block_bytes, "the repeated prompt's cached blocks were skipped");
+    assert_eq!(prefill.stats().kv_blocks_used + decode.stats().kv_blocks_used, 0, "blocks leaked");
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::Result;
 use crate::error::BackendError;
-use crate::kv_transfer::{CudaIpcKv, HostKvReader, KvMemory};
+use crate::kv_transfer::{CudaIpcKv, HostKvReader, HostKvWriter, KvMemory};
 
 pub trait KvBlockIo {
     /// Copies whole blocks of `layers` to the host: per layer the K of each block in
@@ -25,6 +25,12 @@ pub trait KvBlockIo {
     /// A reader of this cache's blocks that works from other threads, without the
     /// engine's; None where only [`read_kv_blocks`](Self::read_kv_blocks) can.
     fn host_reader(&mut self) -> Result<Option<Arc<dyn HostKvReader>>> {
+        Ok(None)
+    }
+
+    /// A writer of frames into this cache's blocks that works from other threads, without
+    /// the engine's; None where only [`write_kv_blocks`](Self::write_kv_blocks) can.
+    fn host_writer(&mut self) -> Result<Option<Arc<dyn HostKvWriter>>> {
         Ok(None)
     }
 

@@ -16,7 +16,7 @@ use super::{EngineCore, Export, RequestKey, StepEvent};
 use crate::error::EngineError;
 use crate::kv::{BlockId, FirstTokenReply, LeaseDirectory};
 use crate::kv_transfer::{
-    recycle_frame_buffer, CudaIpcKv, EarlyKv, FirstTokenResult, HostKvReader, ImportedKv, KvFrame, KvHandoff, KvMemory, KvSource, LeaseExtent,
+    CudaIpcKv, EarlyKv, FirstTokenResult, HostKvReader, HostKvWriter, ImportedKv, KvFrame, KvHandoff, KvMemory, KvSource, LeaseExtent,
     RemoteCopy, StreamedKv,
 };
 use crate::request::TokenLogprob;
@@ -69,18 +69,8 @@ pub(super) enum KvCopy {
     Device(u64),
     /// One carried out outside the engine (RDMA).
     Remote(RemoteCopy),
-    /// Frames the engine writes itself as they arrive (TCP).
-    Streamed(StreamWrite),
-}
-
-/// A streamed import's progress.
-#[derive(Clone)]
-pub(super) struct StreamWrite {
-    stream: Arc<StreamedKv>,
-    /// Per layer: written yet?
-    written: Vec<bool>,
-    /// Leading blocks this engine had cached: their bytes in each frame are skipped.
-    cached_blocks: usize,
+    /// Frames written as they arrive (TCP): by the engine thread, or off it.
+    Streamed(Arc<StreamedKv>),
 }
 
 /// A decode request whose blocks are allocated and whose copy has started.
@@ -212,24 +202,26 @@ impl EngineCore {
         let pairs = |remote: &[BlockId]| -> Vec<(BlockId, BlockId)> { remote.iter().copied().zip(blocks.iter().copied()).skip(cached).collect() };
         match source {
             KvSource::Streamed(stream) => {
-                let written = vec![false; self.info.kv_layout.num_layers];
-                Ok(Some(KvCopy::Streamed(StreamWrite { stream: stream.clone(), written, cached_blocks: cached })))
+                let layout = &self.info.kv_layout;
+                let layer_bytes = blocks.len() * layout.bytes_per_block() / layout.num_layers;
+                stream.admit(blocks.to_vec(), cached, layout.num_layers, layer_bytes);
+                Ok(Some(KvCopy::Streamed(stream.clone())))
             }
             KvSource::CudaIpc { peer, remote_blocks, ready_mark } => {
                 let ticket =
                     self.executor.kv_io().start_copy_from_peer(peer, &pairs(remote_blocks), *ready_mark).map_err(|e| e.to_string())?;
                 Ok(Some(KvCopy::Device(ticket)))
             }
-            KvSource::Remote { reader, remote_blocks } => Ok(Some(KvCopy::Remote(reader.start(pairs(remote_blocks))))),
+            KvSource::Remote { reader, remote_blocks, ready_mark } => Ok(Some(KvCopy::Remote(reader.start(pairs(remote_blocks), *ready_mark)))),
         }
     }
 
-    /// Whether `copy` into `blocks` is over; an error ends it too. A remote copy's
-    /// writes are made visible to the device's next work before it counts as over; a
-    /// streamed one writes its next frame, if one came.
-    fn copy_done(&mut self, copy: &mut KvCopy, blocks: &[BlockId]) -> Result<bool, String> {
+    /// Whether `copy` is over; an error ends it too. A remote copy's writes are made
+    /// visible to the device's next work before it counts as over; a streamed one writes
+    /// its next queued frame, if one came.
+    fn copy_done(&mut self, copy: &KvCopy) -> Result<bool, String> {
         match copy {
-            KvCopy::Streamed(write) => self.write_next_frame(write, blocks),
+            KvCopy::Streamed(stream) => self.write_next_frame(stream),
             KvCopy::Device(ticket) => self.executor.kv_io().copy_finished(*ticket).map_err(|e| e.to_string()),
             KvCopy::Remote(remote) => match remote.poll() {
                 None => Ok(false),
@@ -239,38 +231,32 @@ impl EngineCore {
         }
     }
 
-    /// Writes one frame of a streamed import, if one is queued (one per step bounds the
-    /// time other requests wait for it); true once every layer is written. Done or
+    /// Writes one queued frame of a streamed import, if there is one (one per step bounds
+    /// the time other requests wait for it); true once every layer is written. Done or
     /// failed, the stream is closed: its transport can stop.
-    fn write_next_frame(&mut self, write: &mut StreamWrite, blocks: &[BlockId]) -> Result<bool, String> {
-        let written = self.write_queued_frame(write, blocks);
+    fn write_next_frame(&mut self, stream: &StreamedKv) -> Result<bool, String> {
+        let written = self.write_queued_frame(stream).and_then(|()| stream.all_written());
         if !matches!(written, Ok(false)) {
-            write.stream.close();
+            stream.close();
         }
         written
     }
 
-    fn write_queued_frame(&mut self, write: &mut StreamWrite, blocks: &[BlockId]) -> Result<bool, String> {
-        if let Some(KvFrame { layers, bytes }) = write.stream.next_frame()? {
-            // K, then V, of one layer of one block.
-            let row_bytes = self.info.kv_layout.bytes_per_block() / self.info.kv_layout.num_layers / 2;
-            if layers.is_empty() || layers.end > write.written.len() || write.written[layers.clone()].iter().any(|&w| w) {
-                return Err(format!("a frame of layers {layers:?}: out of range or already written"));
+    fn write_queued_frame(&mut self, stream: &StreamedKv) -> Result<(), String> {
+        let Some((KvFrame { layers, bytes }, to)) = stream.next_frame()? else { return Ok(()) };
+        let written = match stream.writer() {
+            Some(writer) => writer.write(bytes.bytes(), layers, &to.blocks, to.skip),
+            None => {
+                // K, then V, of one layer of one block.
+                let row_bytes = self.info.kv_layout.bytes_per_block() / self.info.kv_layout.num_layers / 2;
+                let rows = match to.skip {
+                    0 => Cow::Borrowed(bytes.bytes()),
+                    cached => Cow::Owned(skip_leading_rows(bytes.bytes(), to.blocks.len(), cached, row_bytes)),
+                };
+                self.executor.kv_io().write_kv_blocks(&to.blocks[to.skip..], layers, &rows).map_err(|e| e.to_string())
             }
-            let expected = layers.len() * 2 * row_bytes * blocks.len();
-            if bytes.len() != expected {
-                return Err(format!("a frame of layers {layers:?} holds {} bytes, expected {expected}", bytes.len()));
-            }
-            let rows = match write.cached_blocks {
-                0 => Cow::Borrowed(&bytes[..]),
-                cached => Cow::Owned(skip_leading_rows(&bytes, blocks.len(), cached, row_bytes)),
-            };
-            self.executor.kv_io().write_kv_blocks(&blocks[write.cached_blocks..], layers.clone(), &rows).map_err(|e| e.to_string())?;
-            drop(rows);
-            write.written[layers].fill(true);
-            recycle_frame_buffer(bytes);
-        }
-        Ok(write.written.iter().all(|&w| w))
+        };
+        written.inspect_err(|why| stream.fail(why.clone()))
     }
 
     /// Polls import `i`: None while its copy runs or its first token is awaited.
@@ -280,16 +266,11 @@ impl EngineCore {
         if let Some(Err(why)) = &self.importing[i].first_token {
             return Some(Outcome::Fail(first_token_missing(why)));
         }
-        if let Some(mut copy) = self.importing[i].copy.take() {
-            let blocks = std::mem::take(&mut self.importing[i].seq.block_table);
-            let done = self.copy_done(&mut copy, &blocks);
-            self.importing[i].seq.block_table = blocks;
-            match done {
-                Ok(false) => {
-                    self.importing[i].copy = Some(copy);
-                    return None;
-                }
-                Ok(true) => {}
+        if let Some(copy) = self.importing[i].copy.clone() {
+            match self.copy_done(&copy) {
+                Ok(false) => return None,
+                Ok(true) => self.importing[i].copy = None,
+                // Kept: `finish_import` frees the blocks once nothing writes them.
                 Err(e) => return Some(Outcome::Fail(copy_failed(&e))),
             }
         }
@@ -354,25 +335,31 @@ impl EngineCore {
 
     /// Frees an ended import's blocks, or, while `copy` may still write into them, leaves
     /// them to [`Self::reap_orphaned_copies`]: given to another request now, they could
-    /// be overwritten. (Only this thread writes streamed frames: their blocks go at once.)
+    /// be overwritten.
     fn release_import_blocks(&mut self, copy: Option<KvCopy>, blocks: Vec<BlockId>) {
+        if let Some(KvCopy::Streamed(stream)) = &copy {
+            stream.close(); // no write starts after this
+        }
         match copy {
-            Some(copy @ (KvCopy::Device(_) | KvCopy::Remote(_))) => self.orphaned_copies.push((copy, blocks)),
-            Some(KvCopy::Streamed(write)) => {
-                write.stream.close();
-                self.scheduler.release_detached(&blocks);
-            }
-            None => self.scheduler.release_detached(&blocks),
+            Some(copy) if !self.copy_over(&copy) => self.orphaned_copies.push((copy, blocks)),
+            _ => self.scheduler.release_detached(&blocks),
+        }
+    }
+
+    /// Whether an ended import's copy can no longer write into its blocks (a failed one is
+    /// over too).
+    fn copy_over(&mut self, copy: &KvCopy) -> bool {
+        match copy {
+            KvCopy::Streamed(stream) => !stream.is_writing(),
+            other => self.copy_done(other).unwrap_or(true),
         }
     }
 
     fn reap_orphaned_copies(&mut self) {
         let mut i = 0;
         while i < self.orphaned_copies.len() {
-            let mut copy = self.orphaned_copies[i].0.clone();
-            // A failed copy is over too: its blocks can go. (Never a streamed copy, whose
-            // blocks are freed at once: no block list is needed to poll.)
-            if self.copy_done(&mut copy, &[]).unwrap_or(true) {
+            let copy = self.orphaned_copies[i].0.clone();
+            if self.copy_over(&copy) {
                 let (_, blocks) = self.orphaned_copies.swap_remove(i);
                 self.scheduler.release_detached(&blocks);
             } else {
@@ -470,6 +457,11 @@ impl EngineCore {
     /// The backend's reader of KV blocks off this thread, if it has one.
     pub fn host_kv_reader(&mut self) -> Result<Option<Arc<dyn HostKvReader>>, EngineError> {
         Ok(self.executor.kv_io().host_reader()?)
+    }
+
+    /// The backend's writer of imported frames off the engine thread, if it has one.
+    pub fn host_kv_writer(&mut self) -> Result<Option<Arc<dyn HostKvWriter>>, EngineError> {
+        Ok(self.executor.kv_io().host_writer()?)
     }
 
     /// Ends a lease early (the decode engine pulled the KV, or the router gave up on the

@@ -7,36 +7,8 @@
 
 use std::ops::Range;
 
-use super::frame_pool::recycle_frame_buffer;
+use super::HostFrame;
 use crate::kv::BlockId;
-
-/// Bytes of one frame in host memory, layer-major as in [`super::KvFrame`]; their buffer
-/// goes back to its pool when dropped.
-pub trait HostBytes: Send {
-    fn bytes(&self) -> &[u8];
-}
-
-pub type HostFrame = Box<dyn HostBytes>;
-
-/// A frame read into a pooled buffer of this process ([`super::frame_buffer`]).
-struct PooledFrame(Vec<u8>);
-
-impl HostBytes for PooledFrame {
-    fn bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for PooledFrame {
-    fn drop(&mut self) {
-        recycle_frame_buffer(std::mem::take(&mut self.0));
-    }
-}
-
-/// `bytes` (from [`super::frame_buffer`]) as a frame that recycles its buffer.
-pub fn pooled_frame(bytes: Vec<u8>) -> HostFrame {
-    Box::new(PooledFrame(bytes))
-}
 
 /// What a reader needs to read a lease: its blocks and, while the forward computing them
 /// may still run (an early handoff), the progress mark each layer must reach first.

@@ -9,6 +9,10 @@ use std::os::fd::OwnedFd;
 pub struct KvMemory {
     /// Regions in layer order, K before V: region `2l` is layer `l`'s K, `2l + 1` its V.
     pub regions: Vec<KvRegion>,
+    /// The per-layer progress marks (a u32 per layer) the forward writes once a layer's KV
+    /// is written, where the backend publishes them: a NIC reading them lets a peer read
+    /// each layer of an early handoff as soon as it is complete.
+    pub progress: Option<KvRegion>,
     pub location: KvLocation,
 }
 

@@ -6,7 +6,9 @@
 
 mod buffer_pool;
 mod frame_pool;
+mod host_frame;
 mod host_read;
+mod host_write;
 mod memory;
 mod remote;
 mod streamed;
@@ -21,7 +23,9 @@ use crate::request::TokenLogprob;
 
 pub use buffer_pool::BufferPool;
 pub use frame_pool::{frame_buffer, recycle_frame_buffer};
-pub use host_read::{pooled_frame, HostBytes, HostFrame, HostKvReader, LeaseExtent};
+pub use host_frame::{pooled_frame, HostBytes, HostFrame};
+pub use host_read::{HostKvReader, LeaseExtent};
+pub use host_write::HostKvWriter;
 pub use memory::{KvLocation, KvMemory, KvRegion};
 pub use remote::{RemoteCopy, RemoteKvReader};
 pub use streamed::{KvFrame, StreamedKv};
@@ -60,14 +64,15 @@ pub struct ImportedKv {
 #[derive(Debug, Clone)]
 pub enum KvSource {
     /// Bytes that reach this host in frames of whole layers (TCP), written into the
-    /// blocks by the engine as they come.
+    /// blocks as they come.
     Streamed(Arc<StreamedKv>),
     /// Blocks of a peer process on this node, read device to device. With `ready_mark`
     /// (an early descriptor) each layer is read once the peer's progress mark for that
     /// layer reached it, i.e. while prefill is still computing later layers.
     CudaIpc { peer: Arc<CudaIpcKv>, remote_blocks: Vec<BlockId>, ready_mark: Option<u32> },
-    /// Blocks of a peer that `reader` copies straight into this engine's cache (RDMA).
-    Remote { reader: Arc<dyn RemoteKvReader>, remote_blocks: Vec<BlockId> },
+    /// Blocks of a peer that `reader` copies straight into this engine's cache (RDMA),
+    /// with `ready_mark` layer by layer as the peer's forward writes them.
+    Remote { reader: Arc<dyn RemoteKvReader>, remote_blocks: Vec<BlockId>, ready_mark: Option<u32> },
 }
 
 /// What a decode engine needs to map a peer's KV cache over CUDA IPC: one handle per

@@ -11,9 +11,12 @@ pub trait RemoteKvReader: Send + Sync + std::fmt::Debug {
     /// For logs: the transport's name.
     fn transport(&self) -> &'static str;
 
-    /// Starts copying; `pairs` are (peer block, local block). The local blocks stay
-    /// untouched by the engine until the returned copy has finished, failed included.
-    fn start(&self, pairs: Vec<(BlockId, BlockId)>) -> RemoteCopy;
+    /// Starts copying; `pairs` are (peer block, local block). With `ready_mark` (an early
+    /// descriptor) each layer is read once the peer's progress mark for it reached that
+    /// mark, where the reader can see the peer's marks (else the caller starts the copy
+    /// only once the peer's forward is over). The local blocks stay untouched by the
+    /// engine until the returned copy has finished, failed included.
+    fn start(&self, pairs: Vec<(BlockId, BlockId)>, ready_mark: Option<u32>) -> RemoteCopy;
 }
 
 /// The completion of one remote copy, shared by who carries it out and the engine.

@@ -87,11 +87,17 @@ impl<'a> ReadTransfer<'a> {
     /// Posts whatever fits in the send queues, polls each queue pair once, and returns the
     /// layers that completed since the last call (in order; often empty).
     pub fn progress(&mut self) -> Result<Range<u32>> {
+        self.progress_below(u32::MAX)
+    }
+
+    /// As [`progress`](Self::progress), posting only READs of layers below `layers_ready`
+    /// (those the source has written: a layer-wise transfer while its forward runs).
+    pub fn progress_below(&mut self, layers_ready: u32) -> Result<Range<u32>> {
         if self.failed {
             return Err(RdmaError::InvalidArgument("the transfer already failed".into()));
         }
         for q in 0..self.plan.qps.len() {
-            let batch = self.tracker.next_batch(q, self.qps[q].max_send_wr() as usize, self.options.max_batch);
+            let batch = self.tracker.next_batch_below(q, self.qps[q].max_send_wr() as usize, self.options.max_batch, layers_ready);
             if !batch.is_empty() {
                 self.post(q, batch)?;
             }
@@ -116,10 +122,19 @@ impl<'a> ReadTransfer<'a> {
     /// Runs the transfer to the end, calling `on_layers` with each range of layers as it
     /// lands (layer-wise completion: decode may start layer `i` once it is reported).
     /// Spins on the CQs (yielding now and then): run it on a thread meant for it.
-    pub fn wait(mut self, mut on_layers: impl FnMut(Range<u32>)) -> Result<TransferStats> {
-        let mut idle = 0u32;
+    pub fn wait(self, on_layers: impl FnMut(Range<u32>)) -> Result<TransferStats> {
+        self.wait_gated(|| Ok(u32::MAX), on_layers)
+    }
+
+    /// As [`wait`](Self::wait), posting each layer's READs only once `layers_ready` (asked
+    /// again on every round until it covers the plan) says the source has written it.
+    pub fn wait_gated(mut self, mut layers_ready: impl FnMut() -> Result<u32>, mut on_layers: impl FnMut(Range<u32>)) -> Result<TransferStats> {
+        let (mut idle, mut ready) = (0u32, 0u32);
         loop {
-            let layers = self.progress()?;
+            if ready < self.plan.layers {
+                ready = layers_ready().inspect_err(|_| self.abort("waiting for the source's layers failed"))?;
+            }
+            let layers = self.progress_below(ready)?;
             if !layers.is_empty() {
                 on_layers(layers);
                 idle = 0;

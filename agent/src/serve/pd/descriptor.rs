@@ -124,11 +124,17 @@ impl MigrationDescriptor {
         if self.kv_layout != local {
             return Err(mismatch(format!("prefill's KV layout {:?} differs from this engine's {local:?}", self.kv_layout)));
         }
-        if self.prompt_tokens != prompt.len() || self.prompt_hash != prompt_hash(prompt) {
+        if self.prompt_tokens != prompt.len() {
             return Err(mismatch(format!(
                 "the prompt tokenized to {} tokens here but prefill computed {} (different tokenizer or chat template)",
                 prompt.len(),
                 self.prompt_tokens
+            )));
+        }
+        if self.prompt_hash != prompt_hash(prompt) {
+            return Err(mismatch(format!(
+                "the prompt's {} tokens here differ from those prefill computed (another prompt, tokenizer or chat template)",
+                prompt.len()
             )));
         }
         if self.blocks.len() != prompt.len().div_ceil(local.block_size) {

@@ -31,11 +31,19 @@ pub struct DecodeImport {
 /// What the engine will wait for once the request is in.
 enum FollowUp {
     Nothing,
-    /// Early descriptor over CUDA IPC: prefill's first token, fetched from this URL.
+    /// Early descriptor over CUDA IPC or layer-wise RDMA: prefill's first token, fetched
+    /// from this URL.
     FetchFirstToken { client: reqwest::Client, url: String, lease_id: String },
     /// TCP: the pull that feeds the engine's frames, and the first token too if the
     /// descriptor came early.
     Pull { plan: PullPlan, frames: Arc<StreamedKv>, brings_first_token: bool },
+}
+
+impl FollowUp {
+    /// Fetching prefill's first token of `descriptor`'s lease while the KV is copied.
+    fn fetch_first_token(pd: &Pd, descriptor: &MigrationDescriptor) -> Self {
+        Self::FetchFirstToken { client: pd.client.clone(), url: descriptor.first_token_url.clone(), lease_id: descriptor.lease_id.clone() }
+    }
 }
 
 impl DecodeImport {
@@ -78,28 +86,31 @@ pub async fn import_kv(
     let early = first_token.is_none();
     let (source, then) = match transport {
         Transport::Rdma(connect_url) => {
-            // The lease's blocks are complete only once the token is sampled.
-            if early {
-                first_token = Some(fetch_first_token(pd, descriptor).await?);
-            }
             let rdma = pd.rdma.as_ref().expect("chosen only when this engine has RDMA");
             let reader = rdma.reader(&pd.client, &pd.endpoint.engine_id, &descriptor.engine_id, connect_url).await;
             let reader = reader.map_err(|e| transfer_failed(format!("connecting to prefill over RDMA: {e}")))?;
-            (KvSource::Remote { reader: Arc::new(reader), remote_blocks: descriptor.blocks.clone() }, FollowUp::Nothing)
+            // Early: READ each layer as prefill's marks say it is written, the token
+            // fetched meanwhile; where prefill publishes no marks, the lease's blocks are
+            // complete only once the token is sampled.
+            let ready_mark = descriptor.ready_mark.filter(|_| early && reader.follows_progress());
+            let then = match ready_mark {
+                Some(_) => FollowUp::fetch_first_token(pd, descriptor),
+                None if early => {
+                    first_token = Some(fetch_first_token(pd, descriptor).await?);
+                    FollowUp::Nothing
+                }
+                None => FollowUp::Nothing,
+            };
+            (KvSource::Remote { reader: Arc::new(reader), remote_blocks: descriptor.blocks.clone(), ready_mark }, then)
         }
         Transport::CudaIpc(peer) => {
             let remote_blocks = descriptor.blocks.clone();
             let source = KvSource::CudaIpc { peer: Arc::new(peer.clone()), remote_blocks, ready_mark: descriptor.ready_mark };
-            let fetch = || FollowUp::FetchFirstToken {
-                client: pd.client.clone(),
-                url: descriptor.first_token_url.clone(),
-                lease_id: descriptor.lease_id.clone(),
-            };
-            (source, if early { fetch() } else { FollowUp::Nothing })
+            (source, if early { FollowUp::fetch_first_token(pd, descriptor) } else { FollowUp::Nothing })
         }
         Transport::Tcp(addr) => {
             let blocks = descriptor.blocks.len();
-            let frames = Arc::new(StreamedKv::new(blocks, "tcp"));
+            let frames = engine.streamed_kv(blocks, "tcp");
             // Prefill's own clock decides whether the lease is still valid (it answers
             // "unknown or expired KV lease"); a timeout derived from the descriptor's expiry
             // would trust two clocks to agree and race an already-expired lease.

@@ -3,8 +3,9 @@
 //! listener, each naming a lease and a range of layers, and receives that range a frame
 //! of layers at a time. Prefill reads the next frame while the previous one is on the
 //! wire: on a GPU off the engine thread, and for an early lease layer by layer as its
-//! forward writes them ([`Engine::read_lease`]); decode's engine thread writes each frame
-//! into the request's blocks as it arrives ([`StreamedKv`]), so the write overlaps the
+//! forward writes them ([`Engine::read_lease`]); decode writes each frame into the
+//! request's blocks as it arrives ([`StreamedKv`]; on a GPU straight out of the pinned
+//! memory it was received into, off the engine thread), so the write overlaps the
 //! transfer. Several connections keep more than one socket's worth of bytes in flight.
 //!
 //! Wire format. Request: one line of JSON
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dlengine_engine::backend::KvCacheLayout;
 use dlengine_engine::engine::{Engine, FirstTokenSink};
-use dlengine_engine::kv_transfer::{frame_buffer, FirstTokenResult, KvFrame, StreamedKv};
+use dlengine_engine::kv_transfer::{frame_buffer, pooled_frame, FirstTokenResult, HostFrame, KvFrame, StreamedKv};
 use dlengine_engine::request::TokenLogprob;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -41,10 +42,10 @@ const FRAME_TOKEN: u8 = 2;
 const MAX_REQUEST_LINE: usize = 4096;
 /// Longest error message a reader accepts.
 const MAX_ERROR_BYTES: u64 = 64 << 10;
-/// Layers per frame: decode's engine thread writes a frame per step (and a CPU prefill's
-/// reads one between steps), so a frame bounds how long other requests wait for it (a
-/// layer of a 16K-token prompt of Qwen3-0.6B: 67 MB); an early lease's frame is sent once
-/// its last layer is written.
+/// Layers per frame: where an engine thread writes or reads frames (CPU; a GPU decode's
+/// frames that came before the import had its blocks), one per step, a frame bounds how
+/// long other requests wait for it (a layer of a 16K-token prompt of Qwen3-0.6B: 67 MB);
+/// an early lease's frame is sent once its last layer is written.
 const LAYERS_PER_FRAME: usize = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -221,15 +222,16 @@ pub async fn pull(plan: PullPlan, stream: Arc<StreamedKv>, first_token: Option<F
         connections.spawn(async move { pull_range(&plan, layers, &stream, sink).await });
     }
     let all = async {
+        let mut whole = true;
         while let Some(done) = connections.join_next().await {
-            done.context("a KV pull connection panicked")??;
+            whole &= done.context("a KV pull connection panicked")??;
         }
-        anyhow::Ok(())
+        anyhow::Ok(whole)
     };
     let pulled = tokio::time::timeout(timeout, all).await;
     match pulled.unwrap_or_else(|_| Err(anyhow::anyhow!("pulling KV from {} took longer than {timeout:?}", plan.addr))) {
-        Ok(_) if stream.is_closed() => {}
-        Ok(_) => {
+        Ok(false) => {} // the import ended first
+        Ok(true) => {
             let (bytes, seconds) = (plan.num_layers * plan.layer_bytes, started.elapsed().as_secs_f64());
             tracing::info!(addr = %plan.addr, bytes, connections = plan.connections, ms = seconds * 1e3, gb_per_s = bytes as f64 / seconds / 1e9, "pulled KV over TCP");
         }
@@ -245,7 +247,7 @@ fn split_layers(num_layers: usize, parts: usize) -> Vec<Range<usize>> {
 
 /// One connection's pull of `layers` and of the first token, which goes to `first_token`
 /// (or, if the connection fails first, why it will not come).
-async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, mut first_token: Option<FirstTokenSink>) -> anyhow::Result<()> {
+async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &Arc<StreamedKv>, mut first_token: Option<FirstTokenSink>) -> anyhow::Result<bool> {
     let pulled = pull_range_into(plan, layers, stream, &mut first_token).await;
     if let (Err(e), Some(sink)) = (&pulled, first_token) {
         sink.provide(Err(format!("{e:#}")));
@@ -253,7 +255,8 @@ async fn pull_range(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, 
     pulled
 }
 
-async fn pull_range_into(plan: &PullPlan, layers: Range<usize>, stream: &StreamedKv, first_token: &mut Option<FirstTokenSink>) -> anyhow::Result<()> {
+/// True once every frame was received; false if the import ended first.
+async fn pull_range_into(plan: &PullPlan, layers: Range<usize>, stream: &Arc<StreamedKv>, first_token: &mut Option<FirstTokenSink>) -> anyhow::Result<bool> {
     let mut socket = TcpStream::connect(&plan.addr).await.with_context(|| format!("connecting to prefill's KV listener {}", plan.addr))?;
     socket.set_nodelay(true)?;
     let request = PullRequest { lease_id: plan.lease_id.clone(), layers: [layers.start, layers.end], layers_per_frame: LAYERS_PER_FRAME };
@@ -278,16 +281,16 @@ async fn pull_range_into(plan: &PullPlan, layers: Range<usize>, stream: &Streame
                 if first != next || frame.end > layers.end || count == 0 || len != (count * plan.layer_bytes) as u64 {
                     bail!("prefill sent a frame of layers {frame:?} and {len} bytes; expected layers from {next} to {} of {} bytes each", layers.end, plan.layer_bytes);
                 }
-                let bytes = read_bytes(&mut socket, len as usize, frame_buffer(len as usize)).await?;
-                if !stream.push(KvFrame { layers: frame.clone(), bytes }) {
-                    return Ok(()); // the import ended: nothing more is wanted
+                let bytes = receive_frame(&mut socket, len as usize, stream).await?;
+                if !stream.deliver(KvFrame { layers: frame.clone(), bytes }).await {
+                    return Ok(false); // the import ended: nothing more is wanted
                 }
                 next = frame.end;
             }
             _ => return Err(refusal(&mut socket, status, len).await),
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// What prefill said instead of the frame expected.
@@ -308,6 +311,17 @@ async fn read_header(socket: &mut BufReader<TcpStream>) -> anyhow::Result<(u8, u
     Ok((header[0], word(1), word(5), u64::from_le_bytes(header[9..17].try_into().expect("8 bytes"))))
 }
 
+/// Receives a frame of `len` bytes into memory the import's writer reads without a copy
+/// (on a GPU: pinned memory the device maps) where it has one, else into a pooled buffer.
+async fn receive_frame(socket: &mut BufReader<TcpStream>, len: usize, stream: &StreamedKv) -> anyhow::Result<HostFrame> {
+    let Some(buffer) = stream.receive_buffer(len) else {
+        return Ok(pooled_frame(read_bytes(socket, len, frame_buffer(len)).await?));
+    };
+    let mut frame = buffer.map_err(|e| anyhow::anyhow!("a buffer for a KV frame: {e}"))?;
+    socket.read_exact(frame.bytes_mut()).await.context("reading KV bytes")?;
+    Ok(frame)
+}
+
 /// Reads exactly `len` bytes, appended to `into` (empty, with room reserved: no zero-filling
 /// of what is about to be overwritten).
 async fn read_bytes(socket: &mut BufReader<TcpStream>, len: usize, mut into: Vec<u8>) -> anyhow::Result<Vec<u8>> {
@@ -321,13 +335,12 @@ async fn read_bytes(socket: &mut BufReader<TcpStream>, len: usize, mut into: Vec
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use dlengine_engine::backend::cpu::CpuBackend;
     use dlengine_engine::config::EngineConfig;
     use dlengine_engine::engine::{Engine, RequestStream};
-    use dlengine_engine::kv_transfer::{ImportedKv, KvSource, KvTransfer, StreamedKv};
+    use dlengine_engine::kv_transfer::{ImportedKv, KvSource, KvTransfer};
     use dlengine_engine::request::{GenerateRequest, TokenLogprob};
     use dlengine_engine::sampling_params::SamplingParams;
 
@@ -361,7 +374,7 @@ mod tests {
     /// `connections`), with prefill's first token if known; its tokens, or why it failed.
     async fn import(decode: &Engine, addr: &str, prompt: &[u32], lease: (&str, usize, Option<u32>), connections: usize) -> Result<Vec<u32>, String> {
         let (lease_id, blocks, first) = lease;
-        let frames = Arc::new(StreamedKv::new(blocks, "tcp"));
+        let frames = decode.streamed_kv(blocks, "tcp");
         let plan = PullPlan::new(addr, lease_id, &decode.info().kv_layout, blocks, connections);
         // Over two connections the token is left to the pull, as for an early descriptor.
         let token_from_pull = connections == 2 || first.is_none();

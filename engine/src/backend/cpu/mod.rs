@@ -69,7 +69,7 @@ impl KvBlockIo for CpuBackend {
 
     fn kv_memory(&mut self, _dmabuf: bool) -> Result<Option<KvMemory>> {
         let regions = self.kv("kv_memory")?.regions().into_iter().map(|(addr, len)| KvRegion { addr, len, dmabuf: None }).collect();
-        Ok(Some(KvMemory { regions, location: KvLocation::Host }))
+        Ok(Some(KvMemory { regions, progress: None, location: KvLocation::Host }))
     }
 }
 

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use super::super::super::json_body::{parse_request, RawBody};
 use super::super::super::state::AppState;
 use super::super::peer_call::call;
+use super::progress::RemoteProgress;
 use super::reader::PeerLink;
 use super::RdmaKv;
 use crate::openai::ApiError;
@@ -80,9 +81,10 @@ impl RdmaKv {
         Ok(ours)
     }
 
-    /// Decode side: connects to the prefill engine behind `url`.
+    /// Decode side: connects to the prefill engine behind `url`: `--rdma-qps` queue pairs
+    /// for the data, and one to read prefill's progress marks if it publishes them.
     pub(super) async fn connect(&self, client: &reqwest::Client, url: &str, self_id: &str) -> Result<PeerLink, String> {
-        let mut qps = (0..self.qps_per_peer)
+        let mut qps = (0..self.qps_per_peer + 1)
             .map(|_| self.pd.create_qp(&self.endpoint, &QpConfig::default()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
@@ -96,12 +98,19 @@ impl RdmaKv {
         for (qp, remote) in qps.iter_mut().zip(&theirs.qps) {
             qp.connect(&theirs.endpoint, remote).map_err(|e| e.to_string())?;
         }
+        let progress = match advert.progress {
+            Some(marks) => Some(RemoteProgress::new(&self.pd, marks, advert.layout.shape.layers)?),
+            None => {
+                qps.pop(); // prefill publishes no marks: nothing to read them with
+                None
+            }
+        };
+        let data_qps = qps.len() - usize::from(progress.is_some());
         let max_message_bytes = qps.iter().map(|qp| qp.max_message_bytes() as u64).min().unwrap_or(u64::MAX);
         let defaults = PlanOptions::default();
-        let options =
-            PlanOptions { num_qps: qps.len(), max_message_bytes: defaults.max_message_bytes.min(max_message_bytes), ..defaults };
+        let options = PlanOptions { num_qps: data_qps, max_message_bytes: defaults.max_message_bytes.min(max_message_bytes), ..defaults };
         let planner = ReadPlanner::new(advert.layout, advert.regions, self.layout.clone(), self.local_regions(), options)
             .map_err(|e| format!("prefill's KV cache cannot be read into ours: {e}"))?;
-        Ok(PeerLink::new(qps, planner))
+        Ok(PeerLink::new(qps, planner, progress))
     }
 }

@@ -8,6 +8,7 @@
 
 mod connect;
 mod layout;
+mod progress;
 mod reader;
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use dlengine_cli::TransferArgs;
 use dlengine_engine::engine::Engine;
-use dlengine_engine::kv_transfer::{KvLocation, KvMemory};
+use dlengine_engine::kv_transfer::{KvLocation, KvMemory, KvRegion};
 use dlengine_kv_rdma::{
     Access, Device, EndpointInfo, GidSelector, KvMemoryLayout, KvRdmaAdvert, LocalRegion, MemoryRegion, ProtectionDomain,
 };
@@ -31,6 +32,8 @@ pub struct RdmaKv {
     /// The cache's registrations, region `2l` layer `l`'s K and `2l + 1` its V. The engine
     /// allocates its cache once and keeps it for the life of the process.
     regions: Vec<MemoryRegion>,
+    /// The registration of the per-layer progress marks, where the backend publishes them.
+    progress: Option<MemoryRegion>,
     layout: KvMemoryLayout,
     qps_per_peer: usize,
     /// Prefill side: queue pairs connected to decode engines (their HCA answers READs).
@@ -52,13 +55,15 @@ impl RdmaKv {
         let memory = engine.kv_memory(true).await.map_err(|e| e.to_string())?.ok_or("this backend cannot expose its KV cache")?;
         let info = engine.info();
         let layout = layout::kv_memory_layout(&info.kv_layout, info.num_kv_blocks, &memory)?;
-        let regions = register(&pd, memory)?;
-        tracing::info!(device = %endpoint.device, port = endpoint.port, gid = %endpoint.gid, regions = regions.len(), "RDMA KV transfer ready");
+        let (regions, progress) = register(&pd, memory)?;
+        let layer_wise = progress.is_some();
+        tracing::info!(device = %endpoint.device, port = endpoint.port, gid = %endpoint.gid, regions = regions.len(), layer_wise, "RDMA KV transfer ready");
         let qps_per_peer = args.rdma_qps as usize;
         Ok(RdmaKv {
             pd,
             endpoint,
             regions,
+            progress,
             layout,
             qps_per_peer,
             accepted: Mutex::default(),
@@ -70,6 +75,7 @@ impl RdmaKv {
     /// What a decode engine plans its READs against.
     fn advert(&self) -> KvRdmaAdvert {
         KvRdmaAdvert::new(self.endpoint.clone(), self.layout.clone(), self.regions.iter().map(MemoryRegion::remote_region).collect())
+            .with_progress(self.progress.as_ref().map(MemoryRegion::remote_region))
     }
 
     fn local_regions(&self) -> Vec<LocalRegion> {
@@ -82,26 +88,25 @@ impl RdmaKv {
     }
 }
 
-/// Registers every buffer of the cache for local writes (decode) and remote reads (prefill).
-fn register(pd: &ProtectionDomain, memory: KvMemory) -> Result<Vec<MemoryRegion>, String> {
-    let access = Access::LOCAL_WRITE | Access::REMOTE_READ;
+/// Registers every buffer of the cache for local writes (decode) and remote reads
+/// (prefill), and its progress marks for remote reads.
+fn register(pd: &ProtectionDomain, memory: KvMemory) -> Result<(Vec<MemoryRegion>, Option<MemoryRegion>), String> {
     let on_gpu = matches!(memory.location, KvLocation::CudaDevice(_));
-    let mut regions = Vec::with_capacity(memory.regions.len());
-    for region in memory.regions {
-        let registered = match &region.dmabuf {
-            // SAFETY: the engine keeps its cache allocated for the life of the process.
-            Some(fd) => unsafe { pd.register_dmabuf(std::os::fd::AsFd::as_fd(fd), 0, region.len as usize, region.addr, access) },
-            // SAFETY: as above; a device pointer registers only with nvidia-peermem loaded.
-            None => unsafe { pd.register_host(region.addr as *mut u8, region.len as usize, access) },
-        };
-        regions.push(registered.map_err(|e| {
-            let hint = if on_gpu && region.dmabuf.is_none() {
-                " (the GPU exports no dma-buf: load nvidia-peermem for GPUDirect RDMA)"
-            } else {
-                ""
-            };
-            format!("registering the KV cache with the RDMA device: {e}{hint}")
-        })?);
-    }
-    Ok(regions)
+    let access = Access::LOCAL_WRITE | Access::REMOTE_READ;
+    let regions = memory.regions.iter().map(|region| register_region(pd, region, access, on_gpu)).collect::<Result<Vec<_>, _>>()?;
+    let progress = memory.progress.as_ref().map(|marks| register_region(pd, marks, Access::REMOTE_READ, on_gpu)).transpose()?;
+    Ok((regions, progress))
+}
+
+fn register_region(pd: &ProtectionDomain, region: &KvRegion, access: Access, on_gpu: bool) -> Result<MemoryRegion, String> {
+    let registered = match &region.dmabuf {
+        // SAFETY: the engine keeps its cache and marks allocated for the life of the process.
+        Some(fd) => unsafe { pd.register_dmabuf(std::os::fd::AsFd::as_fd(fd), 0, region.len as usize, region.addr, access) },
+        // SAFETY: as above; a device pointer registers only with nvidia-peermem loaded.
+        None => unsafe { pd.register_host(region.addr as *mut u8, region.len as usize, access) },
+    };
+    registered.map_err(|e| {
+        let hint = if on_gpu && region.dmabuf.is_none() { " (the GPU exports no dma-buf: load nvidia-peermem for GPUDirect RDMA)" } else { "" };
+        format!("registering the KV cache with the RDMA device: {e}{hint}")
+    })
 }

@@ -7,18 +7,28 @@ use std::time::Instant;
 
 use dlengine_engine::kv::BlockId;
 use dlengine_engine::kv_transfer::{RemoteCopy, RemoteKvReader};
-use dlengine_kv_rdma::{read_blocks, QueuePair, ReadOptions, ReadPlanner};
+use dlengine_kv_rdma::{read_blocks, QueuePair, ReadOptions, ReadPlanner, ReadTransfer};
 
+use super::progress::RemoteProgress;
 use super::RdmaKv;
 
 pub(super) struct PeerLink {
+    /// The data's queue pairs, then (with `progress`) one for reading prefill's marks.
     qps: Mutex<Vec<QueuePair>>,
     planner: ReadPlanner,
+    /// Prefill's progress marks, where it publishes them.
+    progress: Option<RemoteProgress>,
 }
 
 impl PeerLink {
-    pub(super) fn new(qps: Vec<QueuePair>, planner: ReadPlanner) -> Self {
-        Self { qps: Mutex::new(qps), planner }
+    /// A link over `qps`, the last of which reads the marks when there is `progress`.
+    pub(super) fn new(qps: Vec<QueuePair>, planner: ReadPlanner, progress: Option<RemoteProgress>) -> Self {
+        Self { qps: Mutex::new(qps), planner, progress }
+    }
+
+    /// Whether an early descriptor's READs can follow prefill's forward layer by layer.
+    pub(super) fn follows_progress(&self) -> bool {
+        self.progress.is_some()
     }
 
     /// False once a failed transfer left a queue pair in the error state. A link in use
@@ -27,11 +37,20 @@ impl PeerLink {
         self.qps.try_lock().map_or(true, |qps| qps.iter().all(|qp| qp.unusable_reason().is_none()))
     }
 
-    fn read(&self, pairs: &[(BlockId, BlockId)]) -> Result<(), String> {
+    /// Copies the blocks of `pairs`; with `ready_mark` and prefill's marks, each layer once
+    /// prefill's forward has written it.
+    fn read(&self, pairs: &[(BlockId, BlockId)], ready_mark: Option<u32>) -> Result<(), String> {
         let plan = self.planner.plan(pairs).map_err(|e| format!("planning the RDMA READs: {e}"))?;
         let mut qps = self.qps.lock().unwrap_or_else(|e| e.into_inner());
+        let data_qps = qps.len() - usize::from(self.progress.is_some());
+        let (data, marks_qp) = qps.split_at_mut(data_qps);
         let started = Instant::now();
-        let stats = read_blocks(&mut qps, &plan, ReadOptions::default()).map_err(|e| format!("RDMA READ: {e}"))?;
+        let read = match (ready_mark, &self.progress, marks_qp.first_mut()) {
+            (Some(mark), Some(progress), Some(marks_qp)) => ReadTransfer::start(data, &plan, ReadOptions::default())
+                .and_then(|transfer| transfer.wait_gated(|| progress.layers_ready(marks_qp, mark, started), |_| {})),
+            _ => read_blocks(data, &plan, ReadOptions::default()),
+        };
+        let stats = read.map_err(|e| format!("RDMA READ: {e}"))?;
         let seconds = started.elapsed().as_secs_f64();
         tracing::debug!(bytes = stats.bytes, requests = stats.requests, ms = seconds * 1e3, gb_per_s = stats.bytes as f64 / seconds / 1e9, "RDMA READ done");
         Ok(())
@@ -55,11 +74,19 @@ impl RemoteKvReader for RdmaReader {
         "rdma"
     }
 
-    fn start(&self, pairs: Vec<(BlockId, BlockId)>) -> RemoteCopy {
+    fn start(&self, pairs: Vec<(BlockId, BlockId)>, ready_mark: Option<u32>) -> RemoteCopy {
         let copy = RemoteCopy::default();
         let (done, link) = (copy.clone(), self.link.clone());
-        self.runtime.spawn_blocking(move || done.finish(link.read(&pairs)));
+        self.runtime.spawn_blocking(move || done.finish(link.read(&pairs, ready_mark)));
         copy
+    }
+}
+
+impl RdmaReader {
+    /// Whether an early descriptor's READs can follow prefill's forward layer by layer
+    /// (prefill published its progress marks); else they wait for its first token.
+    pub fn follows_progress(&self) -> bool {
+        self.link.follows_progress()
     }
 }
 
