@@ -142,6 +142,10 @@ pub enum RdmaError {
          {layers_complete} of {layers} layers complete"
     )]
     Timeout { waited: Duration, outstanding: usize, layers_complete: u32, layers: u32 },
+    /// A layer-wise transfer's source published no more layers (its forward died or
+    /// stalled).
+    #[error("the source wrote {layers_ready} of {layers} layers and no more for {waited:?} (its forward failed or stalled)")]
+    SourceStalled { waited: Duration, layers_ready: u32, layers: u32 },
     #[error("queue pair {qp_num} on {device} is unusable ({reason}); create and connect a new one")]
     QpUnusable { device: String, qp_num: u32, reason: String },
     #[error("invalid argument: {0}")]
@@ -174,6 +178,12 @@ mod tests {
         assert_eq!(plain, "no RDMA device found; use --kv-transport tcp or cuda-ipc");
         let detailed = RdmaError::NoDevice { detail: "kernel has no RDMA support".into() }.to_string();
         assert!(detailed.starts_with("no RDMA device found; use --kv-transport tcp or cuda-ipc ("), "{detailed}");
+    }
+
+    #[test]
+    fn a_stalled_source_says_how_far_it_got() {
+        let msg = RdmaError::SourceStalled { waited: Duration::from_secs(10), layers_ready: 3, layers: 28 }.to_string();
+        assert_eq!(msg, "the source wrote 3 of 28 layers and no more for 10s (its forward failed or stalled)");
     }
 
     #[test]

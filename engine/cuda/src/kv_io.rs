@@ -78,12 +78,13 @@ const STAGING_BYTES: usize = 64 << 20;
 
 impl KvIo {
     pub(crate) fn new(kv_transfer: &Module) -> Result<Self> {
+        let kernels = CopyKernels::load(kv_transfer)?;
         Ok(Self {
             peers: HashMap::new(),
-            kernels: CopyKernels::load(kv_transfer)?,
+            kernels,
             chunk_table: None,
             staging: None,
-            peer_copies: PeerCopies::new(CopyKernels::load(kv_transfer)?),
+            peer_copies: PeerCopies::new(kernels),
             progress: KvProgress::new(kv_transfer)?,
         })
     }
@@ -181,9 +182,10 @@ pub(crate) fn layer_buffers(buffers: &[(CUdeviceptr, CUdeviceptr)], layers: Rang
     buffers[layers].iter().flat_map(|&(k, v)| [k, v]).collect()
 }
 
-/// Copies `src` into `dst` on up to 8 threads, one per 8 MiB: a decode engine's thread
-/// waits while a TCP frame (67 MB a layer at 16K tokens) goes into pinned staging, and
-/// one thread wrote ~4.6 GB/s, so decode's writes trailed the network.
+/// Copies `src` into `dst` on up to 8 threads, one per 8 MiB, for KV bytes that reach a
+/// copy in pageable memory and must be staged into pinned memory first (TCP frames are
+/// received into pinned memory; whole handoffs are not): one thread wrote ~4.6 GB/s, so a
+/// 67 MB layer held the caller ~14 ms.
 pub(crate) fn copy_on_threads(dst: &mut [u8], src: &[u8]) {
     const PER_THREAD: usize = 8 << 20;
     let threads = (src.len() / PER_THREAD).clamp(1, 8);

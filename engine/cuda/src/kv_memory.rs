@@ -17,13 +17,13 @@ impl CudaBackend {
     pub(crate) fn describe_kv_memory(&mut self, dmabuf: bool) -> Result<KvMemory> {
         self.device.bind()?;
         let supported = dmabuf && self.device.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED).op("dma-buf support")? == 1;
-        let buffers: Vec<(CUdeviceptr, u64)> =
-            self.kv_cache("kv_memory")?.layers.iter().flat_map(|(k, v)| [(k.ptr(), k.bytes() as u64), (v.ptr(), v.bytes() as u64)]).collect();
+        let kv = self.shared_kv_cache("kv_memory")?;
+        let buffers = kv.layers.iter().flat_map(|(k, v)| [(k.ptr(), k.bytes() as u64), (v.ptr(), v.bytes() as u64)]);
         let region = |(addr, len): (CUdeviceptr, u64)| -> Result<KvRegion> {
             Ok(KvRegion { addr, len, dmabuf: if supported { Some(export_dmabuf(addr, len)?) } else { None } })
         };
-        let regions = buffers.into_iter().map(region).collect::<Result<Vec<_>>>()?;
-        let marks = self.kv_io.progress.marks(regions.len() / 2)?;
+        let regions = buffers.map(region).collect::<Result<Vec<_>>>()?;
+        let marks = self.kv_io.progress.marks(kv.layers.len())?;
         let progress = Some(region((marks.ptr(), marks.bytes() as u64))?);
         Ok(KvMemory { regions, progress, location: KvLocation::CudaDevice(self.device.ctx.ordinal()) })
     }

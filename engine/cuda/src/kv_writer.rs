@@ -51,11 +51,13 @@ impl DeviceKvWriter {
         }
         // A frame received into one of our buffers is read where it lies; other bytes
         // are staged into one first.
-        let staged = match mapped_address(frame) {
-            Some(_) => None,
-            None => Some(self.staged(frame)?),
+        let (from, staged) = match mapped_address(frame) {
+            Some(at) => (at, None),
+            None => {
+                let buffer = self.staged(frame)?;
+                (buffer.device, Some(buffer))
+            }
         };
-        let from = staged.as_ref().map_or_else(|| mapped_address(frame).expect("checked"), |b| b.device);
         let stream = SideStream::new(OP)?;
         let chunks = chunked(staging_segments(&layer_buffers(&self.kv.buffers(), layers), blocks, skip, block_bytes, from, false));
         let queued = check_aligned(OP, &chunks).and_then(|()| self.kernels.queue_chunks(OP, stream.0, &chunks, self.ctas));

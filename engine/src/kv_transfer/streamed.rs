@@ -125,7 +125,8 @@ impl StreamedKv {
     /// and the import has its blocks; else queued for the engine thread. False once the
     /// import has ended or failed (stop sending).
     pub async fn deliver(self: &Arc<Self>, frame: KvFrame) -> bool {
-        let (Some(writer), Some(destination)) = (self.writer.clone(), self.claim_for_writer(&frame)) else {
+        let destination = self.writer.as_ref().and_then(|_| self.claim_for_writer(&frame));
+        let (Some(writer), Some(destination)) = (self.writer.clone(), destination) else {
             return self.push(frame) && self.failure().is_none();
         };
         let stream = self.clone();
@@ -142,7 +143,7 @@ impl StreamedKv {
     /// taken and a write counted in flight; None to queue it (or if the import is over).
     fn claim_for_writer(&self, frame: &KvFrame) -> Option<Arc<Destination>> {
         let mut state = self.lock();
-        let destination = state.destination.clone().filter(|_| self.writer.is_some() && !state.closed && state.failed.is_none())?;
+        let destination = state.destination.clone().filter(|_| !state.closed && state.failed.is_none())?;
         match state.claim(frame, &destination) {
             Ok(()) => {
                 state.writing += 1;

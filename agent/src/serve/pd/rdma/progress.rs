@@ -43,10 +43,10 @@ impl RemoteProgress {
     pub(super) fn layers_ready(&self, qp: &mut QueuePair, ready_mark: u32, since: Instant) -> Result<u32, RdmaError> {
         read_blocks(std::slice::from_mut(qp), &self.plan, ReadOptions { timeout: MARK_READ_TIMEOUT, ..ReadOptions::default() })?;
         // SAFETY: the READ completed: the NIC wrote these bytes and writes no more.
-        let marks: Vec<u32> = (0..self.landing.len()).map(|l| unsafe { std::ptr::read_volatile(self.landing.as_ptr().add(l)) }).collect();
-        let ready = leading_layers_reached(&marks, ready_mark);
-        if ready < marks.len() as u32 && since.elapsed() > MARK_TIMEOUT {
-            return Err(RdmaError::Timeout { waited: since.elapsed(), outstanding: 0, layers_complete: ready, layers: marks.len() as u32 });
+        let marks = (0..self.landing.len()).map(|l| unsafe { std::ptr::read_volatile(self.landing.as_ptr().add(l)) });
+        let (ready, layers) = (leading_layers_reached(marks, ready_mark), self.landing.len() as u32);
+        if ready < layers && since.elapsed() > MARK_TIMEOUT {
+            return Err(RdmaError::SourceStalled { waited: since.elapsed(), layers_ready: ready, layers });
         }
         Ok(ready)
     }
@@ -54,8 +54,8 @@ impl RemoteProgress {
 
 /// Leading layers whose mark reached `ready_mark`, compared modulo 2^32 as prefill's
 /// device does (marks are step counters that may wrap).
-fn leading_layers_reached(marks: &[u32], ready_mark: u32) -> u32 {
-    marks.iter().take_while(|&&m| m.wrapping_sub(ready_mark) as i32 >= 0).count() as u32
+fn leading_layers_reached(marks: impl Iterator<Item = u32>, ready_mark: u32) -> u32 {
+    marks.take_while(|&m| m.wrapping_sub(ready_mark) as i32 >= 0).count() as u32
 }
 
 #[cfg(test)]
@@ -64,10 +64,11 @@ mod tests {
 
     #[test]
     fn a_layer_is_ready_once_its_mark_and_every_earlier_ones_reached_the_ready_mark() {
-        assert_eq!(leading_layers_reached(&[7, 7, 6, 7], 7), 2, "layer 2 is not written yet, whatever layer 3 says");
-        assert_eq!(leading_layers_reached(&[8, 9, 7], 7), 3, "later steps count too");
-        assert_eq!(leading_layers_reached(&[0, 0], 7), 0);
-        assert_eq!(leading_layers_reached(&[3, 1], u32::MAX - 1), 2, "marks wrap");
-        assert_eq!(leading_layers_reached(&[u32::MAX, 5], 5), 0, "a mark just before the wrap is earlier");
+        let reached = |marks: &[u32], ready_mark| leading_layers_reached(marks.iter().copied(), ready_mark);
+        assert_eq!(reached(&[7, 7, 6, 7], 7), 2, "layer 2 is not written yet, whatever layer 3 says");
+        assert_eq!(reached(&[8, 9, 7], 7), 3, "later steps count too");
+        assert_eq!(reached(&[0, 0], 7), 0);
+        assert_eq!(reached(&[3, 1], u32::MAX - 1), 2, "marks wrap");
+        assert_eq!(reached(&[u32::MAX, 5], 5), 0, "a mark just before the wrap is earlier");
     }
 }
